@@ -1,0 +1,220 @@
+"""Frontend: a model object to an aten-level torch.fx graph with weights as named inputs.
+
+`torch.export` (non-strict) traces the model with `use_cache=False` and dynamic batch and sequence
+dimensions; `run_decompositions({})` inlines higher-order wrappers while keeping high-level ops
+(linear, layer_norm, scaled_dot_product_attention) that recognition passes look for. Every weight
+becomes a placeholder whose `meta["dsc_weight"]` is its qualified name; every node has
+`meta["val"]`. Failures are reported as `TraceError` naming the op and the model source line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+
+from dsc.errors import TraceError
+
+__all__ = ["TracedModel", "ModelInfo", "trace", "USER_INPUTS"]
+
+# The user inputs a traced graph can take, in placeholder order.
+USER_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+_EXAMPLE_BATCH, _EXAMPLE_SEQ = 2, 5
+
+
+@dataclass
+class ModelInfo:
+    """What the runtime and later passes need to know about the model, read from its config."""
+
+    output: str  # "logits" or "last_hidden_state"
+    vocab_size: int | None
+    num_heads: int | None
+    num_kv_heads: int | None
+    num_layers: int | None
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    max_positions: int | None = None
+    name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TracedModel:
+    gm: fx.GraphModule
+    weights: dict[str, torch.Tensor]
+    inputs: list[str]
+    info: ModelInfo
+
+
+class _Forward(torch.nn.Module):
+    """Calls the model the way dsc serves it: keyword inputs, no HF cache, one output tensor."""
+
+    def __init__(self, model: torch.nn.Module, inputs: list[str], output: str, extra: dict):
+        super().__init__()
+        self.model = model
+        self.input_names = inputs
+        self.output = output
+        self.extra = extra
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        out = self.model(**dict(zip(self.input_names, args)), **self.extra)
+        return out[self.output] if isinstance(out, dict) else getattr(out, self.output)
+
+
+def _config_int(config: Any, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _model_info(model: torch.nn.Module) -> ModelInfo:
+    config = getattr(model, "config", None)
+    output = "logits" if hasattr(model, "get_output_embeddings") and (
+        model.get_output_embeddings() is not None
+    ) else "last_hidden_state"
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None and config is not None:
+        eos = getattr(config, "eos_token_id", None)
+    eos_list = [eos] if isinstance(eos, int) else list(eos or [])
+    heads = _config_int(config, "num_attention_heads", "n_head")
+    return ModelInfo(
+        output=output,
+        vocab_size=_config_int(config, "vocab_size"),
+        num_heads=heads,
+        num_kv_heads=_config_int(config, "num_key_value_heads") or heads,
+        num_layers=_config_int(config, "num_hidden_layers", "n_layer"),
+        eos_token_id=eos_list,
+        pad_token_id=_config_int(config, "pad_token_id"),
+        max_positions=_config_int(config, "max_position_embeddings", "n_positions"),
+        name=type(model).__name__,
+    )
+
+
+@contextlib.contextmanager
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Temporarily give the model's floating weights `dtype`; the originals come back untouched."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    tensors = list(model.parameters()) + list(model.buffers())
+    try:
+        if dtype is not None:
+            for t in tensors:
+                if t.is_floating_point() and t.dtype != dtype:
+                    saved.append((t, t.data))
+                    t.data = t.data.to(dtype)
+        yield
+    finally:
+        for t, data in saved:
+            t.data = data
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch and dsc: the model's own source line."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    text = "".join(traceback.format_exception(exc))
+    ours = [f for f in frames if "/torch/" not in f.filename and "/dsc/" not in f.filename]
+    if ours:
+        f = ours[-1]
+        return f"{f.filename}:{f.lineno} ({f.line})"
+    match = re.findall(r'File "([^"]+)", line (\d+)', text)
+    return ":".join(match[-1]) if match else "unknown location"
+
+
+def _op_name(exc: BaseException) -> str:
+    match = re.search(r"(aten\.\w+(?:\.\w+)?|torch\.\w+(?:\.\w+)*|Could not guard on[^\n]*)", str(exc))
+    return match.group(1) if match else type(exc).__name__
+
+
+def trace(
+    model: torch.nn.Module,
+    *,
+    dtype: torch.dtype | None = None,
+    max_batch: int = 64,
+    max_seq_len: int = 4096,
+) -> TracedModel:
+    """Export `model` to an aten graph with dynamic batch and sequence dimensions."""
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"dsc.compile needs a torch.nn.Module, got {type(model).__name__}.")
+    params = inspect.signature(model.forward).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if "input_ids" not in params:
+        raise TraceError(
+            f"{type(model).__name__}.forward has no `input_ids` argument; dsc compiles token models "
+            "(HF transformers causal LMs and encoders)."
+        )
+    inputs = [name for name in USER_INPUTS if name in params]
+    extra: dict[str, Any] = {"return_dict": True} if "return_dict" in params or takes_kwargs else {}
+    if "use_cache" in params or takes_kwargs:
+        extra["use_cache"] = False
+    info = _model_info(model)
+    wrapper = _Forward(model, inputs, info.output, extra).eval()
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    seq = min(_EXAMPLE_SEQ, max_seq_len)
+    example = {
+        "input_ids": torch.randint(0, max(2, (info.vocab_size or 2) - 1), (_EXAMPLE_BATCH, seq)),
+        "attention_mask": torch.ones(_EXAMPLE_BATCH, seq, dtype=torch.long),
+        "position_ids": torch.arange(seq).expand(_EXAMPLE_BATCH, seq).contiguous(),
+    }
+    args = tuple(example[name].to(device) for name in inputs)
+    batch_dim = torch.export.Dim("batch", min=1, max=max(max_batch, _EXAMPLE_BATCH))
+    max_seq = max(max_seq_len, seq + 1)
+    if info.max_positions:
+        max_seq = min(max_seq, info.max_positions)
+    seq_dim = torch.export.Dim("seq", min=1, max=max(max_seq, seq + 1))
+    dynamic = tuple({0: batch_dim, 1: seq_dim} for _ in inputs)
+    try:
+        with _cast_parameters(model, dtype), torch.no_grad():
+            exported = torch.export.export(wrapper, args, dynamic_shapes=(dynamic,), strict=False)
+            exported = exported.run_decompositions({})
+    except Exception as exc:  # export raises many types; all mean "cannot trace"
+        raise TraceError(
+            f"could not trace {type(model).__name__}: {_op_name(exc)} at {_user_frame(exc)}.\n"
+            f"torch.export said: {str(exc).strip().splitlines()[0][:500]}"
+        ) from exc
+    gm, weights = _lift_weights(exported, inputs, dtype)
+    return TracedModel(gm=gm, weights=weights, inputs=inputs, info=info)
+
+
+def _lift_weights(
+    exported: torch.export.ExportedProgram, inputs: list[str], dtype: torch.dtype | None
+) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
+    """Turn the exported program into a plain GraphModule with one placeholder per weight."""
+    from torch.export.graph_signature import InputKind
+
+    gm = exported.graph_module
+    state = dict(exported.state_dict)
+    state.update(exported.constants)
+    weights: dict[str, torch.Tensor] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    user_inputs = iter(inputs)
+    for node, spec in zip(placeholders, exported.graph_signature.input_specs):
+        if spec.kind == InputKind.USER_INPUT:
+            node.meta["dsc_input"] = next(user_inputs)
+            continue
+        tensor = state[spec.target]
+        name = spec.target.removeprefix("model.")
+        if dtype is not None and tensor.is_floating_point() and spec.kind == InputKind.PARAMETER:
+            tensor = tensor.to(dtype)
+        weights[name] = tensor.detach()
+        node.meta["dsc_weight"] = name
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in (
+            torch.ops.aten._assert_tensor_metadata.default,
+            torch.ops.aten._assert_scalar.default,
+        ):
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    new = fx.GraphModule(torch.nn.Module(), gm.graph)
+    new.recompile()
+    return new, weights

@@ -1,0 +1,303 @@
+"""Small-batch GEMM (SBI-GeMM): `out = x @ weight^T + bias` for a handful of rows.
+
+At decode time x has 1 to 32 rows while the weight has millions of elements, so the product does
+almost no arithmetic per byte: its time is the time to stream the weight once through device
+memory. The kernel is built around that stream:
+
+* each program owns a block of BLOCK_N weight rows (output columns) and walks K in BLOCK_K steps,
+  loading [BLOCK_N, BLOCK_K] tiles with 16-byte accesses along K, several tiles in flight
+  (`num_stages`), marked evict-first so the stream does not push reused data out of L2;
+* the x block is tiny and stays in L1/L2, so it is re-read freely;
+* with two or more rows the tile product goes through `tl.dot` with the operands swapped
+  (weight rows play the role of M, the batch the role of N), which keeps the tensor cores, not the
+  CUDA cores, on the arithmetic; a single row uses plain multiply-adds into a 2-D accumulator that
+  is reduced once at the end;
+* when there are too few column blocks to fill the GPU, K is split across programs ("split-K"):
+  each writes an fp32 partial and a second small kernel sums them, adds the bias and casts.
+
+The launcher picks block sizes from a small table keyed on the shape and the number of SMs (no
+autotuning, so a first call never stalls and the interpreter runs the same code path).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["SmallBatchConfig", "linear_small_batch", "pick_config"]
+
+
+@dataclass(frozen=True)
+class SmallBatchConfig:
+    """Launch parameters of the small-batch GEMM kernel.
+
+    block_m: rows of x per program (1 selects the multiply-add path, otherwise a power of two
+        >= 16 for `tl.dot`); block_n: weight rows per program; block_k: K step;
+    split_k: programs sharing one column block's K range (1 = no second reduction kernel).
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+@triton.jit
+def _small_batch_gemm_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    out_ptr,
+    part_ptr,
+    M,
+    N,
+    K,
+    k_per_split,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_om,
+    stride_on,
+    HAS_BIAS: tl.constexpr,
+    IS_SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Wrap out-of-range rows onto valid ones so the hot loop needs no row mask; their results
+    # are never stored.
+    rows_w = (offs_n % N).to(tl.int64)
+    rows_x = offs_m % M
+
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    w_ptrs = w_ptr + rows_w[:, None] * stride_wn + (k_lo + offs_k)[None, :] * stride_wk
+
+    if BLOCK_M == 1:
+        x_ptrs = x_ptr + rows_x * stride_xm + (k_lo + offs_k) * stride_xk
+        acc2d = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        x_ptrs = x_ptr + rows_x[None, :] * stride_xm + (k_lo + offs_k)[:, None] * stride_xk
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        # Stream one weight tile; it is read exactly once, so keep it from displacing L2 lines.
+        if EVEN_K:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            k_ok = (k0 + offs_k) < k_hi
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        if BLOCK_M == 1:
+            # One activation row, broadcast over the tile; reduced across K once, after the loop.
+            if EVEN_K:
+                xv = tl.load(x_ptrs)
+            else:
+                xv = tl.load(x_ptrs, mask=k_ok, other=0.0)
+            acc2d += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+        else:
+            # The x^T tile [BLOCK_K, BLOCK_M] is small and L1/L2 resident.
+            if EVEN_K:
+                xt = tl.load(x_ptrs)
+            else:
+                xt = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
+        w_ptrs += BLOCK_K * stride_wk
+        x_ptrs += BLOCK_K * stride_xk
+
+    if BLOCK_M == 1:
+        acc = tl.sum(acc2d, axis=1)[:, None]
+
+    # acc is out^T for this block: [BLOCK_N columns, BLOCK_M rows].
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    if IS_SPLIT:
+        # Partial sums go to an fp32 workspace [split, M, N]; the reduce kernel finishes them.
+        part_ptrs = part_ptr + pid_k * M * N + offs_m[None, :] * N + offs_n[:, None]
+        tl.store(part_ptrs, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+            acc += bias.to(tl.float32)[:, None]
+        out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    part_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    stride_om,
+    stride_on,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    # Sum the split-K partials of these outputs (the workspace is contiguous [split, M, N]).
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
+    row = offs // N
+    col = offs % N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + col, mask=mask, other=0.0).to(tl.float32)
+    # Write the finished outputs in the caller's dtype.
+    tl.store(out_ptr + row * stride_om + col * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: few programs keep tests fast
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def pick_config(m: int, n: int, k: int, sm_count: int) -> SmallBatchConfig:
+    """Choose launch parameters for an [m, k] x [n, k]^T product on a GPU with sm_count SMs.
+
+    The aim is enough resident programs to keep several weight tiles in flight on every SM while
+    each still streams a long contiguous run of K.
+    """
+    block_m = 1 if m == 1 else max(16, min(64, triton.next_power_of_2(m)))
+    block_k = 256 if block_m == 1 else 128
+    # Prefer the widest column block that still gives every SM at least two programs.
+    block_n = 16
+    for candidate in (64, 32):
+        if triton.cdiv(n, candidate) >= 2 * sm_count:
+            block_n = candidate
+            break
+    tiles = triton.cdiv(n, block_n)
+    split_k = 1
+    if tiles < sm_count:
+        # Too few column blocks: share K between programs, keeping >= 4 K steps per program.
+        split_k = max(1, min(triton.cdiv(2 * sm_count, tiles), k // (4 * block_k)))
+    return SmallBatchConfig(block_m, block_n, block_k, split_k, num_warps=4, num_stages=4)
+
+
+def _check_device(*tensors: Tensor) -> None:
+    device = tensors[0].device
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"all tensors must be on one device; got {t.device} and {device}")
+    if device.type != "cuda" and not triton.knobs.runtime.interpret:
+        raise ValueError(
+            f"tensors are on {device}, but this kernel needs CUDA tensors "
+            "(or TRITON_INTERPRET=1 to run it on the CPU interpreter)"
+        )
+
+
+def _validate(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K]; got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K]; got shape {tuple(weight.shape)}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"K mismatch: x is {tuple(x.shape)} but weight is {tuple(weight.shape)} (weight is [N, K])"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must be [N={weight.shape[0]}]; got shape {tuple(bias.shape)}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor; got {t.dtype}")
+    if x.shape[0] == 0 or weight.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"empty operands: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    _check_device(*(t for t in (x, weight, bias) if t is not None))
+
+
+def linear_small_batch(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    config: SmallBatchConfig | None = None,
+) -> Tensor:
+    """x @ weight^T (+ bias) for small M, streaming the weight once.
+
+    x: [M, K]; weight: [N, K] (nn.Linear layout, any strides); bias: [N] or None.
+    Returns [M, N] in x.dtype, accumulated in fp32. Correct for any M; fastest for M <= 32 (past
+    64 rows each program re-reads the weight once per 64 rows: use `gemm.linear_fused` there).
+    `config` overrides the heuristic (tests and tuning use it).
+    """
+    _validate(x, weight, bias)
+    m, k = x.shape
+    n = weight.shape[0]
+    cfg = config or pick_config(m, n, k, _sm_count(x.device))
+    if cfg.block_m != 1 and (cfg.block_m < 16 or cfg.block_m & (cfg.block_m - 1)):
+        raise ValueError(f"block_m must be 1 or a power of two >= 16; got {cfg.block_m}")
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+
+    # Each split covers a whole number of K steps, so only the last split can be ragged.
+    k_steps = triton.cdiv(k, cfg.block_k)
+    split_k = max(1, min(cfg.split_k, k_steps))
+    k_per_split = triton.cdiv(k_steps, split_k) * cfg.block_k
+    split_k = triton.cdiv(k, k_per_split)
+    even_k = k % cfg.block_k == 0
+
+    part = out  # placeholder pointer when there is no split
+    if split_k > 1:
+        part = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, cfg.block_n), split_k, triton.cdiv(m, cfg.block_m))
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    _small_batch_gemm_kernel[grid](
+        x,
+        weight,
+        bias if bias is not None else out,
+        out,
+        part,
+        m,
+        n,
+        k,
+        k_per_split,
+        x.stride(0),
+        x.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HAS_BIAS=bias is not None,
+        IS_SPLIT=split_k > 1,
+        EVEN_K=even_k,
+        DOT_PRECISION=precision,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if split_k > 1:
+        block = 1024
+        _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
+            part,
+            bias if bias is not None else out,
+            out,
+            m,
+            n,
+            out.stride(0),
+            out.stride(1),
+            SPLIT_K=split_k,
+            HAS_BIAS=bias is not None,
+            BLOCK=block,
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,86 @@
+"""Attention ops: `dsc::attention` (no cache) and `dsc::cached_attention` (compiler-owned KV cache).
+
+One masking rule serves both. Keys live in slots 0..T-1; the S queries sit at slots
+start..start+S-1. Query i of sequence b may attend slot j iff
+    j < start + S  and  valid[b, j]  and  (not causal or j <= start + i).
+A query with no slot it may attend (a padding token at the left edge) gets zeros, never NaN.
+Grouped-query attention: query head h reads key/value head h // (Hq // Hkv).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["attention", "cached_attention", "masked_attention_reference"]
+
+
+def masked_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, start: int, causal: bool, scale: float
+) -> Tensor:
+    """The masking rule above in plain torch, fp32 softmax. q [B,Hq,S,D]; k, v [B,Hkv,T,D]."""
+    batch, q_heads, seq, _ = q.shape
+    kv_heads, slots = k.shape[1], k.shape[2]
+    if q_heads % kv_heads:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of key/value heads ({kv_heads})")
+    group = q_heads // kv_heads
+    k = k.repeat_interleave(group, dim=1).float()
+    v = v.repeat_interleave(group, dim=1).float()
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
+    key_slot = torch.arange(slots, device=q.device)
+    query_slot = start + torch.arange(seq, device=q.device)
+    allowed = (key_slot[None, :] < start + seq).expand(seq, slots)
+    if causal:
+        allowed = allowed & (key_slot[None, :] <= query_slot[:, None])
+    allowed = allowed[None, None].expand(batch, 1, seq, slots)
+    if valid is not None:
+        allowed = allowed & valid[:, None, None, :slots].bool()
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.matmul(probs, v).to(q.dtype)
+
+
+@torch.library.custom_op("dsc::attention", mutates_args=())
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, causal: bool, scale: float
+) -> Tensor:
+    """Attention of q [B,Hq,S,D] over k, v [B,Hkv,S,D]; key_valid [B,S] bool marks real tokens."""
+    return masked_attention_reference(q, k, v, key_valid, 0, causal, scale)
+
+
+@attention.register_fake
+def _(q, k, v, key_valid, causal, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("dsc::cached_attention", mutates_args=("k_cache", "v_cache"))
+def cached_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    valid: Tensor,
+    start: Tensor,
+    causal: bool,
+    scale: float,
+) -> Tensor:
+    """Write k, v [B,Hkv,S,D] into the cache at slots start..start+S-1, then attend over it.
+
+    k_cache, v_cache: [max_batch, Hkv, max_seq, D]; the first B rows are used. valid: [B, max_seq]
+    bool; start: int64 tensor of shape [1] (device memory, so CUDA-graph replays can move it).
+    """
+    batch, _, seq, _ = k.shape
+    first = int(start.item())
+    k_cache[:batch, :, first : first + seq] = k.to(k_cache.dtype)
+    v_cache[:batch, :, first : first + seq] = v.to(v_cache.dtype)
+    live = first + seq
+    return masked_attention_reference(
+        q, k_cache[:batch, :, :live], v_cache[:batch, :, :live], valid[:, :live], first, causal,
+        scale,
+    )
+
+
+@cached_attention.register_fake
+def _(q, k, v, k_cache, v_cache, valid, start, causal, scale):
+    return torch.empty_like(q)

@@ -1,0 +1,49 @@
+"""Collective ops as graph nodes: `dsc::all_reduce`, `dsc::all_gather`.
+
+They run on the default torch.distributed process group (NCCL on GPUs, gloo on CPU). In a single
+process they are identities, so a partitioned graph can still be checked on one rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["all_reduce", "all_gather"]
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.library.custom_op("dsc::all_reduce", mutates_args=())
+def all_reduce(x: Tensor) -> Tensor:
+    """Sum of x over all ranks."""
+    out = x.clone()
+    if _world() > 1:
+        dist.all_reduce(out)
+    return out
+
+
+@all_reduce.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("dsc::all_gather", mutates_args=())
+def all_gather(x: Tensor, dim: int) -> Tensor:
+    """Concatenation of every rank's x along dim, in rank order."""
+    world = _world()
+    if world == 1:
+        return x.clone()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=dim)
+
+
+@all_gather.register_fake
+def _(x, dim):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] * _world()
+    return x.new_empty(shape)

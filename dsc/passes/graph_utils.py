@@ -1,0 +1,101 @@
+"""Small helpers passes share: fake-value propagation, node matching, weight placeholders."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+__all__ = [
+    "is_op",
+    "only_user",
+    "set_meta",
+    "fake_mode_of",
+    "weight_name",
+    "tensor_meta",
+    "replace_with",
+    "call",
+    "ancestors",
+]
+
+
+def is_op(node: Any, *targets: Any) -> bool:
+    """True when `node` is a call_function node of one of the given ops (overloads or packets)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    for target in targets:
+        if node.target is target:
+            return True
+        packet = getattr(node.target, "overloadpacket", None)
+        if packet is not None and packet is target:
+            return True
+    return False
+
+
+def only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def tensor_meta(node: Any) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def fake_mode_of(gm: fx.GraphModule):
+    vals = [n.meta.get("val") for n in gm.graph.nodes if "val" in n.meta]
+    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+
+def _to_fake(arg: Any) -> Any:
+    if isinstance(arg, fx.Node):
+        return arg.meta["val"]
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(_to_fake(a) for a in arg)
+    return arg
+
+
+def set_meta(node: fx.Node, mode=None) -> fx.Node:
+    """Compute node.meta['val'] by running its op on the fake values of its inputs."""
+    args = _to_fake(node.args)
+    kwargs = {k: _to_fake(v) for k, v in node.kwargs.items()}
+    if mode is None:
+        flat = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        mode = detect_fake_mode(flat)
+    with mode:
+        node.meta["val"] = node.target(*args, **kwargs)
+    return node
+
+
+def call(graph: fx.Graph, target: Callable, args: tuple, kwargs: dict | None = None,
+         like: fx.Node | None = None) -> fx.Node:
+    """Create a call_function node and give it meta['val'] (and `like`'s stack trace)."""
+    node = graph.call_function(target, args, kwargs or {})
+    if like is not None and "stack_trace" in like.meta:
+        node.meta["stack_trace"] = like.meta["stack_trace"]
+    return set_meta(node)
+
+
+def replace_with(old: fx.Node, new: fx.Node) -> None:
+    old.replace_all_uses_with(new)
+
+
+def weight_name(node: Any) -> str | None:
+    """The qualified weight name when `node` is a weight placeholder, else None."""
+    if isinstance(node, fx.Node) and node.op == "placeholder":
+        return node.meta.get("dsc_weight")
+    return None
+
+
+def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen

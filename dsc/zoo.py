@@ -1,0 +1,127 @@
+"""Named model configurations: tiny ones for tests and demos, real shapes for benchmarks.
+
+Models are built from transformers configs with random weights (nothing is downloaded). The tiny
+ones can draw their weights wide (`init_std`), so greedy decoding produces varied tokens instead of
+repeating one — a test that compares token streams needs that to prove anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["MODELS", "build", "names"]
+
+
+def _tiny(arch: str) -> tuple[str, dict[str, Any]]:
+    common = dict(vocab_size=211, max_position_embeddings=256)
+    if arch == "llama":
+        return "LlamaForCausalLM", dict(
+            common, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+        )
+    if arch == "mistral":
+        return "MistralForCausalLM", dict(
+            common, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=8, num_key_value_heads=2, sliding_window=None,
+        )
+    if arch == "mixtral":
+        return "MixtralForCausalLM", dict(
+            common, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+            num_experts_per_tok=2, sliding_window=None,
+        )
+    if arch == "gpt2":
+        return "GPT2LMHeadModel", dict(
+            vocab_size=211, n_positions=256, n_embd=64, n_layer=2, n_head=4,
+        )
+    if arch == "opt":
+        return "OPTForCausalLM", dict(
+            common, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=64,
+        )
+    if arch == "bert":
+        return "BertModel", dict(
+            vocab_size=211, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=256,
+        )
+    raise KeyError(arch)
+
+
+def _real(name: str) -> tuple[str, dict[str, Any]]:
+    shapes = {
+        "llama-7b": ("LlamaForCausalLM", dict(
+            vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+        )),
+        "llama-1.1b": ("LlamaForCausalLM", dict(
+            vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+            num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096,
+        )),
+        "llama-70b": ("LlamaForCausalLM", dict(
+            vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+            num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096,
+        )),
+        "gpt2-xl": ("GPT2LMHeadModel", dict(
+            vocab_size=50257, n_positions=1024, n_embd=1600, n_layer=48, n_head=25,
+        )),
+        "opt-1.3b": ("OPTForCausalLM", dict(
+            vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24,
+            num_attention_heads=32, max_position_embeddings=2048, word_embed_proj_dim=2048,
+        )),
+    }
+    return shapes[name]
+
+
+MODELS: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {
+    **{f"tiny-{a}": (lambda a=a: _tiny(a)) for a in
+       ("llama", "mistral", "mixtral", "gpt2", "opt", "bert")},
+    **{n: (lambda n=n: _real(n)) for n in
+       ("llama-7b", "llama-1.1b", "llama-70b", "gpt2-xl", "opt-1.3b")},
+}
+
+
+def names() -> list[str]:
+    return sorted(MODELS)
+
+
+def build(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    init_std: float | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> torch.nn.Module:
+    """Build a named model with random weights, in eval mode.
+
+    init_std: draw every weight matrix from N(0, init_std) (norm weights stay near 1), so that tiny
+    models produce varied greedy tokens.
+    """
+    import transformers
+
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(names())}")
+    class_name, config_kwargs = MODELS[name]()
+    config_kwargs = {**config_kwargs, **overrides}
+    model_cls = getattr(transformers, class_name)
+    config_cls = model_cls.config_class
+    config = config_cls(**config_kwargs)
+    if init_std is not None:
+        config.initializer_range = init_std
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = model_cls._from_config(config, dtype=dtype)
+    if init_std is not None:
+        with torch.no_grad():
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            for pname, param in model.named_parameters():
+                if param.dim() >= 2:
+                    param.copy_(torch.randn(param.shape, generator=generator) * init_std)
+                elif "bias" in pname:
+                    param.copy_(torch.randn(param.shape, generator=generator) * init_std)
+                else:
+                    param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+    return model.eval()

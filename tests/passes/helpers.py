@@ -1,0 +1,70 @@
+"""Helpers for pass tests: trace a small function to an aten graph and compare graph structure."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.fx as fx
+
+import dsc.ops  # noqa: F401  (registers the dsc ops)
+from dsc.frontend import ModelInfo
+from dsc.passes.context import PassContext
+from dsc.target import Target
+
+
+def export_fn(fn, *example: torch.Tensor, weights: dict[str, torch.Tensor] | None = None):
+    """Export `fn(*inputs, *weights)` to a graph whose weight placeholders carry dsc_weight meta."""
+    weights = weights or {}
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, w in weights.items():
+                self.register_buffer(name, w)
+
+        def forward(self, *xs):
+            return fn(*xs, *[getattr(self, n) for n in weights])
+
+    ep = torch.export.export(M(), tuple(example), strict=False).run_decompositions({})
+    from torch.export.graph_signature import InputKind
+
+    gm = ep.graph_module
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = iter(f"x{i}" for i in range(len(example)))
+    for node, spec in zip(placeholders, ep.graph_signature.input_specs):
+        if spec.kind == InputKind.USER_INPUT:
+            node.meta["dsc_input"] = next(inputs)
+        else:
+            node.meta["dsc_weight"] = spec.target
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target == torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+    gm = fx.GraphModule(torch.nn.Module(), gm.graph)
+    return gm, dict(weights)
+
+
+def context(weights: dict[str, torch.Tensor] | None = None, **target) -> PassContext:
+    info = ModelInfo(output="logits", vocab_size=None, num_heads=None, num_kv_heads=None,
+                     num_layers=None)
+    return PassContext(target=Target(**target), weights=dict(weights or {}), info=info, inputs=[])
+
+
+def ops(gm: fx.GraphModule) -> Counter:
+    """Counter of call_function targets by short name ('rms_norm', 'mul', ...)."""
+    out = Counter()
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            t = n.target
+            out[getattr(t, "_opname", getattr(t, "__name__", str(t)))] += 1
+    return out
+
+
+def run(gm: fx.GraphModule, weights: dict[str, torch.Tensor], *inputs: torch.Tensor):
+    """Execute a graph: weights by placeholder meta, inputs in order."""
+    args, it = [], iter(inputs)
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            args.append(weights[n.meta["dsc_weight"]] if "dsc_weight" in n.meta else next(it))
+    gm.recompile()
+    return gm(*args)
