@@ -151,6 +151,10 @@ def attention_reference(
         allowed = allowed & (key[None, :] <= query_pos[:, None])
     allowed = allowed[None, None] & kv_valid.bool()[:, None, None, :]  # [B, 1, S, T]
 
+    # Slots past the live length or marked padding may hold anything (NaN too): zero their V rows
+    # so a zero probability cannot meet a NaN value.
+    key_ok = (key[None, :] < first + s) & kv_valid.bool()  # [B, T]
+    v = v.masked_fill(~key_ok[:, None, :, None], 0.0)
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     # softmax of an all -inf row is NaN; such a row attends nothing and must read as zeros.

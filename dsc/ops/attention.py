@@ -37,7 +37,10 @@ def masked_attention_reference(
         allowed = allowed & valid[:, None, None, :slots].bool()
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return torch.matmul(probs, v).to(q.dtype)
+    out = torch.matmul(probs, v).to(q.dtype)
+    # Lay the result out as [B, S, H, D] like F.scaled_dot_product_attention does: traced graphs
+    # view the transposed output without a copy and rely on those strides.
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @torch.library.custom_op("dsc::attention", mutates_args=())
@@ -50,7 +53,7 @@ def attention(
 
 @attention.register_fake
 def _(q, k, v, key_valid, causal, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
 
 
 @torch.library.custom_op("dsc::cached_attention", mutates_args=("k_cache", "v_cache"))
@@ -83,4 +86,4 @@ def cached_attention(
 
 @cached_attention.register_fake
 def _(q, k, v, k_cache, v_cache, valid, start, causal, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)

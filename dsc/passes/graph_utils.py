@@ -79,7 +79,9 @@ def call(graph: fx.Graph, target: Callable, args: tuple, kwargs: dict | None = N
 
 
 def replace_with(old: fx.Node, new: fx.Node) -> None:
+    """Route old's users to new and erase old (DCE alone keeps ops torch marks impure, e.g. sdpa)."""
     old.replace_all_uses_with(new)
+    old.graph.erase_node(old)
 
 
 def weight_name(node: Any) -> str | None:

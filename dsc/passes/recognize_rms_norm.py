@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from dsc.passes import register
 from dsc.passes.context import PassContext
-from dsc.passes.graph_utils import call, is_op, only_user, tensor_meta
+from dsc.passes.graph_utils import call, is_op, replace_with, only_user, tensor_meta
 
 __all__ = ["recognize_rms_norm"]
 
@@ -85,6 +85,6 @@ def recognize_rms_norm(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 gm.graph, torch.ops.dsc.rms_norm.default,
                 (x, weight, eps, tensor_meta(last).dtype), like=last,
             )
-        last.replace_all_uses_with(new)
+        replace_with(last, new)
     gm.graph.eliminate_dead_code()
     return gm

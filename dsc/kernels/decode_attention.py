@@ -1,0 +1,413 @@
+"""Decode attention over a KV cache: flash-decoding with GQA-aware programs.
+
+At decode time each sequence brings one (or a few) new query tokens and attends to thousands of
+cached keys. The work is reading the cache: for every (sequence, kv head) the K and V rows of the
+live prefix must come through device memory once. The kernel is arranged around that:
+
+* one program serves all query heads that share a kv head (GQA group) and all S query tokens:
+  their G*S query rows form one [BLOCK_R, D] block, so each K/V tile is loaded once and used for
+  the whole group through `tl.dot`;
+* the key sequence is cut into `num_splits` chunks, one program each ("split-K" over keys), so a
+  batch of one still puts hundreds of programs on the GPU. Each program runs an online softmax over
+  its chunk and writes an unnormalised partial (acc, running max m, running sum l); a second small
+  kernel merges the partials of each query row. With one split the first kernel writes the output
+  directly and the merge kernel is skipped;
+* the cache position `start` is read from device memory and the grid is sized from the cache
+  capacity T, never from start, so a captured CUDA graph stays valid as the sequence grows:
+  programs whose chunk lies beyond the live length run an empty loop and store nothing.
+
+Semantics (shared with `flash_attention`): query i of sequence b sits at slot start + i and may
+attend key slot j iff j < start + S, kv_valid[b, j], and (not causal or j <= start + i). A query
+with no key to attend gets zeros. Masked K/V slots may hold anything, NaN included: V rows that are
+not attended are zeroed on load so they cannot poison the sums.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["DecodeConfig", "check_attention_inputs", "decode_attention", "pick_decode_config"]
+
+_LOG2E = 1.4426950408889634
+_MAX_HEAD_DIM = 256
+_MAX_ROWS = 128  # G * S query rows one program can hold
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters: keys per tile, number of key splits, warps and pipeline depth."""
+
+    block_n: int = 64
+    num_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    valid_ptr,
+    start_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_mb,
+    stride_mt,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_od,
+    S,
+    T,
+    HKV,
+    keys_per_split,
+    num_splits,
+    scale_log2e,
+    GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IS_SPLIT: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_split = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    kvh = pid_bh % HKV
+
+    # The live length comes from device memory (CUDA-graph replay changes it between runs).
+    start = tl.load(start_ptr).to(tl.int32)
+    live = tl.minimum(start + S, T)
+    n_lo = pid_split * keys_per_split
+    n_hi = tl.minimum(n_lo + keys_per_split, live)
+
+    # Row r of the block is query token s = r % S of query head kvh * GROUP + r // S.
+    r = tl.arange(0, BLOCK_R)
+    row_ok = r < GROUP * S
+    head = kvh * GROUP + r // S
+    s = r % S
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_D
+    b64 = b.to(tl.int64)
+
+    # Load the group's query rows once.
+    q_ptrs = (
+        q_ptr
+        + b64 * stride_qb
+        + head[:, None] * stride_qh
+        + s[:, None] * stride_qs
+        + d[None, :] * stride_qd
+    )
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    k_base = k_ptr + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = v_ptr + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
+    valid_base = valid_ptr + b64 * stride_mb
+    last_allowed = start + s  # causal limit of each row
+
+    m_i = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        in_range = n < n_hi
+        # Which slots hold real tokens (one byte per slot).
+        ok = tl.load(valid_base + n * stride_mt, mask=in_range, other=0) != 0
+        ok = ok & in_range
+        # K tile [BLOCK_N, D]: one pass over these cache rows for every query row of the group.
+        k = tl.load(
+            k_base + n[:, None] * stride_kt + d[None, :] * stride_kd,
+            mask=in_range[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+        allowed = ok[None, :]
+        if CAUSAL:
+            allowed = allowed & (n[None, :] <= last_allowed[:, None])
+        qk = tl.where(allowed, qk, float("-inf"))
+
+        # Online softmax in base 2; a row that has seen only masked keys keeps m = -inf, so the
+        # exponent offset falls back to 0 to avoid inf - inf.
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        # V tile: slots nobody may attend are zeroed so garbage there cannot reach the sums.
+        v = tl.load(
+            v_base + n[:, None] * stride_vt + d[None, :] * stride_vd,
+            mask=ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if IS_SPLIT:
+        # Unnormalised partials of this chunk, merged by the combine kernel.
+        row_id = (b * (HKV * GROUP) + head) * S + s
+        slot = row_id.to(tl.int64) * num_splits + pid_split
+        store_ok = row_ok & (n_lo < live)
+        tl.store(
+            part_acc_ptr + slot[:, None] * BLOCK_D + d[None, :],
+            acc,
+            mask=store_ok[:, None] & d_ok[None, :],
+        )
+        tl.store(part_ml_ptr + slot * 2, m_i, mask=store_ok)
+        tl.store(part_ml_ptr + slot * 2 + 1, l_i, mask=store_ok)
+    else:
+        # The whole key range was ours: normalise and write; rows with no key get zeros.
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        out_ptrs = (
+            out_ptr
+            + b64 * stride_ob
+            + head[:, None] * stride_oh
+            + s[:, None] * stride_os
+            + d[None, :] * stride_od
+        )
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_combine_kernel(
+    part_acc_ptr,
+    part_ml_ptr,
+    start_ptr,
+    out_ptr,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_od,
+    S,
+    T,
+    HQ,
+    keys_per_split,
+    num_splits,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+):
+    row = tl.program_id(0)  # (b * HQ + h) * S + s
+    b = row // (HQ * S)
+    h = (row // S) % HQ
+    s = row % S
+    start = tl.load(start_ptr).to(tl.int32)
+    live = tl.minimum(start + S, T)
+
+    # Only splits whose chunk starts inside the live length wrote partials.
+    sp = tl.arange(0, SPLITS_P2)
+    sp_ok = (sp < num_splits) & (sp * keys_per_split < live)
+    slot = row.to(tl.int64) * num_splits + sp
+    m = tl.load(part_ml_ptr + slot * 2, mask=sp_ok, other=float("-inf"))
+    l = tl.load(part_ml_ptr + slot * 2 + 1, mask=sp_ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_safe)
+    l_sum = tl.sum(w * l, axis=0)
+
+    # Weighted sum of the partial accumulators.
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_D
+    acc = tl.load(
+        part_acc_ptr + slot[:, None] * BLOCK_D + d[None, :],
+        mask=sp_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    o = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0.0, l_sum, 1.0)
+    out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + s * stride_os + d * stride_od
+    tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def _check_device(*tensors: Tensor) -> None:
+    device = tensors[0].device
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"all tensors must be on one device; got {t.device} and {device}")
+    if device.type != "cuda" and not triton.knobs.runtime.interpret:
+        raise ValueError(
+            f"tensors are on {device}, but this kernel needs CUDA tensors "
+            "(or TRITON_INTERPRET=1 to run it on the CPU interpreter)"
+        )
+
+
+def check_attention_inputs(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_valid: Tensor, start: Tensor, scale: float
+) -> None:
+    """Raise ValueError naming the first problem with the inputs of the attention op."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D [B, Hq, S, D]; got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be 4-D [B, Hkv, T, D]; got shape {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"v_cache shape {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}"
+        )
+    batch, hq, s, d = q.shape
+    kb, hkv, t, kd = k_cache.shape
+    if kb != batch:
+        raise ValueError(f"batch mismatch: q has {batch} sequences, the cache {kb}")
+    if kd != d:
+        raise ValueError(f"head dim mismatch: q has D={d}, the cache D={kd}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"Hq={hq} query heads is not a multiple of Hkv={hkv} kv heads")
+    if 0 in q.shape:
+        raise ValueError(f"q is empty: shape {tuple(q.shape)}")
+    if d > _MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={d} is above the supported {_MAX_HEAD_DIM}")
+    if s > t:
+        raise ValueError(f"S={s} new tokens do not fit a cache of T={t} slots")
+    if tuple(kv_valid.shape) != (batch, t):
+        raise ValueError(f"kv_valid must be [B, T] = [{batch}, {t}]; got {tuple(kv_valid.shape)}")
+    if kv_valid.dtype != torch.bool:
+        raise ValueError(f"kv_valid must be a bool tensor; got {kv_valid.dtype}")
+    if not isinstance(start, Tensor):
+        raise ValueError(
+            f"start must be an int64 tensor of shape [1] on the device (got {type(start).__name__}):"
+            " CUDA-graph replay needs the position in device memory"
+        )
+    if start.numel() != 1 or start.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"start must be an int64 tensor of shape [1]; got {start.dtype} {tuple(start.shape)}"
+        )
+    if not q.is_floating_point() or q.dtype != k_cache.dtype or q.dtype != v_cache.dtype:
+        raise ValueError(
+            f"q, k_cache and v_cache must share one floating dtype; got {q.dtype}, "
+            f"{k_cache.dtype}, {v_cache.dtype}"
+        )
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float; got {scale!r}")
+    _check_device(q, k_cache, v_cache, kv_valid, start)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def pick_decode_config(batch: int, hkv: int, t: int, sm_count: int) -> DecodeConfig:
+    """Enough key splits that every SM gets about two programs, each still a long K/V stream."""
+    block_n = 64
+    pairs = batch * hkv
+    blocks = triton.cdiv(t, block_n)
+    splits = max(1, min(blocks, triton.cdiv(2 * sm_count, pairs)))
+    return DecodeConfig(block_n=block_n, num_splits=splits, num_warps=4, num_stages=3)
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    kv_valid: Tensor,
+    start: Tensor,
+    causal: bool,
+    scale: float,
+    *,
+    config: DecodeConfig | None = None,
+) -> Tensor:
+    """Attention of S (small) new query tokens over a KV cache; see the module docstring.
+
+    q [B, Hq, S, D]; k_cache, v_cache [B, Hkv, T, D] (Hq a multiple of Hkv); kv_valid [B, T] bool;
+    start: int64 tensor [1] on the device; returns [B, Hq, S, D] in q.dtype. Any strides.
+    Needs (Hq // Hkv) * S <= 128 query rows per kv head; longer prompts go to `flash_attention`.
+    """
+    check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
+    batch, hq, s, d = q.shape
+    hkv, t = k_cache.shape[1], k_cache.shape[2]
+    group = hq // hkv
+    if group * s > _MAX_ROWS:
+        raise ValueError(
+            f"decode_attention holds (Hq/Hkv)*S = {group * s} query rows per kv head, above "
+            f"{_MAX_ROWS}; use flash_attention for S={s}"
+        )
+    cfg = config or pick_decode_config(batch, hkv, t, _sm_count(q.device))
+
+    block_d = max(16, triton.next_power_of_2(d))
+    block_r = max(16, triton.next_power_of_2(group * s))
+    blocks = triton.cdiv(t, cfg.block_n)
+    splits = max(1, min(cfg.num_splits, blocks))
+    keys_per_split = triton.cdiv(blocks, splits) * cfg.block_n
+    splits = triton.cdiv(t, keys_per_split)
+
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    if splits > 1:
+        rows = batch * hq * s
+        part_acc = torch.empty((rows, splits, block_d), device=q.device, dtype=torch.float32)
+        part_ml = torch.empty((rows, splits, 2), device=q.device, dtype=torch.float32)
+    else:
+        part_acc = part_ml = out
+    valid = kv_valid.view(torch.uint8)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    _decode_split_kernel[(splits, batch * hkv)](
+        q,
+        k_cache,
+        v_cache,
+        valid,
+        start,
+        out,
+        part_acc,
+        part_ml,
+        *q.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *valid.stride(),
+        *out.stride(),
+        s,
+        t,
+        hkv,
+        keys_per_split,
+        splits,
+        float(scale) * _LOG2E,
+        GROUP=group,
+        CAUSAL=bool(causal),
+        IS_SPLIT=splits > 1,
+        HEAD_D=d,
+        BLOCK_R=block_r,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=block_d,
+        DOT_PRECISION=precision,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        _decode_combine_kernel[(batch * hq * s,)](
+            part_acc,
+            part_ml,
+            start,
+            out,
+            *out.stride(),
+            s,
+            t,
+            hq,
+            keys_per_split,
+            splits,
+            HEAD_D=d,
+            BLOCK_D=block_d,
+            SPLITS_P2=triton.next_power_of_2(splits),
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,271 @@
+"""Prefill attention over a KV cache: a flash-attention forward kernel, and the `attention` entry.
+
+Program (i, b*Hq + h) owns BLOCK_M query rows of one head and walks the keys in BLOCK_N blocks
+with an online softmax (running max m, running sum l, fp32 accumulator), so the [S, T] score
+matrix never exists in memory. GQA costs nothing extra: the program simply reads kv head
+h // (Hq // Hkv); programs of heads sharing it run close together and find its tiles in L2.
+
+The key loop has two parts. Blocks that every query row of the program may see in full (below the
+causal diagonal, or inside the live length when not causal) need only the padding mask; the last
+few blocks, which the diagonal or the live length cuts, also apply the position masks. Key blocks
+entirely above the diagonal are never loaded, which halves the work of a causal prefill.
+
+Semantics (shared with `decode_attention`): query i of sequence b sits at slot start + i and may
+attend key slot j iff j < start + S, kv_valid[b, j], and (not causal or j <= start + i). A query
+with no key to attend gets zeros. `start` lives in device memory (an int64 tensor [1]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from dsc.kernels.decode_attention import _MAX_ROWS, check_attention_inputs, decode_attention
+
+__all__ = ["FlashConfig", "attention", "flash_attention"]
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class FlashConfig:
+    """Tile shape and pipelining of the prefill kernel."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+@triton.jit
+def _attend_block(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    valid_base,
+    n0,
+    live,
+    query_pos,
+    d,
+    d_ok,
+    stride_kt,
+    stride_kd,
+    stride_vt,
+    stride_vd,
+    stride_mt,
+    scale_log2e,
+    CAUSAL: tl.constexpr,
+    POSITION_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    n = n0 + tl.arange(0, BLOCK_N)
+    in_range = n < live
+    # Padding mask of these slots (one byte each).
+    ok = tl.load(valid_base + n * stride_mt, mask=in_range, other=0) != 0
+    # K tile [BLOCK_N, D].
+    k = tl.load(
+        k_base + n[:, None] * stride_kt + d[None, :] * stride_kd,
+        mask=in_range[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+    allowed = ok[None, :]
+    if POSITION_MASK:
+        allowed = allowed & in_range[None, :]
+        if CAUSAL:
+            allowed = allowed & (n[None, :] <= query_pos[:, None])
+    qk = tl.where(allowed, qk, float("-inf"))
+
+    # Online softmax in base 2; rows that have seen only masked keys keep m = -inf, and their
+    # exponent offset falls back to 0 so no inf - inf appears.
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    # V tile [BLOCK_N, D]; unattendable slots are zeroed so whatever they hold cannot leak in.
+    v = tl.load(
+        v_base + n[:, None] * stride_vt + d[None, :] * stride_vd,
+        mask=(ok & in_range)[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _flash_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    valid_ptr,
+    start_ptr,
+    out_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_mb,
+    stride_mt,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_od,
+    S,
+    T,
+    HQ,
+    scale_log2e,
+    GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = pid_bh % HQ
+    kvh = (h // GROUP).to(tl.int64)
+
+    start = tl.load(start_ptr).to(tl.int32)
+    live = tl.minimum(start + S, T)
+    i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = i < S
+    query_pos = start + i
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_D
+
+    # This program's query rows, loaded once.
+    q_ptrs = q_ptr + b * stride_qb + h * stride_qh + i[:, None] * stride_qs + d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    valid_base = valid_ptr + b * stride_mb
+
+    # Keys [0, full_end) are visible to every row of the block up to padding; [full_end, hi)
+    # needs the position masks; keys from hi on are visible to no row and are skipped.
+    if CAUSAL:
+        first_row_pos = start + pid_m * BLOCK_M
+        full_end = tl.minimum((first_row_pos + 1) // BLOCK_N, live // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(start + tl.minimum(pid_m * BLOCK_M + BLOCK_M, S), live)
+    else:
+        full_end = (live // BLOCK_N) * BLOCK_N
+        hi = live
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok,
+            stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
+            CAUSAL, False, BLOCK_N, DOT_PRECISION,
+        )  # fmt: skip
+    for n0 in range(full_end, hi, BLOCK_N):
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok,
+            stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
+            CAUSAL, True, BLOCK_N, DOT_PRECISION,
+        )  # fmt: skip
+
+    # Normalise; rows that attended nothing have l = 0 and get zeros.
+    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    out_ptrs = (
+        out_ptr + b * stride_ob + h * stride_oh + i[:, None] * stride_os + d[None, :] * stride_od
+    )
+    tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def flash_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    kv_valid: Tensor,
+    start: Tensor,
+    causal: bool,
+    scale: float,
+    *,
+    config: FlashConfig | None = None,
+) -> Tensor:
+    """Attention of S query tokens over a KV cache (prefill); see the module docstring.
+
+    q [B, Hq, S, D]; k_cache, v_cache [B, Hkv, T, D] (Hq a multiple of Hkv); kv_valid [B, T] bool;
+    start: int64 tensor [1] on the device; returns [B, Hq, S, D] in q.dtype. Any strides.
+    """
+    check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
+    batch, hq, s, d = q.shape
+    hkv, t = k_cache.shape[1], k_cache.shape[2]
+    cfg = config or FlashConfig()
+    if d > 128 and config is None:
+        cfg = FlashConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    valid = kv_valid.view(torch.uint8)
+    grid = (triton.cdiv(s, cfg.block_m), batch * hq)
+    _flash_attention_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        valid,
+        start,
+        out,
+        *q.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *valid.stride(),
+        *out.stride(),
+        s,
+        t,
+        hq,
+        float(scale) * _LOG2E,
+        GROUP=hq // hkv,
+        CAUSAL=bool(causal),
+        HEAD_D=d,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    kv_valid: Tensor,
+    start: Tensor,
+    causal: bool,
+    scale: float,
+) -> Tensor:
+    """The KV-cache attention op of dsc: decode kernel for a few new tokens, flash otherwise.
+
+    A few query rows per kv head cannot fill flash tiles, and their cost is reading the cache,
+    which the split-key decode kernel spreads over the whole GPU.
+    """
+    check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
+    group = q.shape[1] // k_cache.shape[1]
+    if q.shape[2] <= 16 and group * q.shape[2] <= _MAX_ROWS:
+        return decode_attention(q, k_cache, v_cache, kv_valid, start, causal, scale)
+    return flash_attention(q, k_cache, v_cache, kv_valid, start, causal, scale)

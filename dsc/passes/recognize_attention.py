@@ -1,0 +1,155 @@
+"""recognize_attention: attention subgraphs become one `dsc::attention` node.
+
+Matches, form 1 (what export keeps of F.scaled_dot_product_attention):
+
+    k_rep = reshape(expand(unsqueeze(k, 2), [B, Hkv, n, S, D]), [B, Hkv*n, S, D])   # GQA, optional
+    out   = scaled_dot_product_attention(q, k_rep, v_rep, mask, scale=s)
+
+Matches, form 2 (eager attention; casts optional, scale by mul or div):
+
+    p   = softmax(add(mul(matmul(q, transpose(k, -2, -1)), s), mask), -1)
+    out = matmul(p, v)
+
+Rewrite to:
+
+    valid = ne(attention_mask, 0)                      # once per graph, when the mask uses padding
+    out   = dsc.attention(q, k, v, valid | None, causal, s)
+
+The mask is classified by `mask_probe.classify_mask` (evaluated, not pattern-matched): causal or
+bidirectional, with or without padding. Does not match: a mask of another kind (sliding window,
+ALiBi or other additive bias), dropout > 0. Ordering: after canonicalize; before kv_cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from dsc.passes import register
+from dsc.passes.context import PassContext
+from dsc.passes.graph_utils import call, is_op, replace_with, tensor_meta
+from dsc.passes.mask_probe import MaskKind, classify_mask
+
+__all__ = ["recognize_attention", "key_valid_node"]
+
+aten = torch.ops.aten
+
+
+def _strip_repeat_kv(node: fx.Node) -> fx.Node:
+    """k when node is the repeat_kv expansion of k along the head dimension, else node."""
+    if is_op(node, aten.reshape, aten.view, aten._unsafe_view):
+        expand = node.args[0]
+        if is_op(expand, aten.expand) and is_op(expand.args[0], aten.unsqueeze):
+            unsq = expand.args[0]
+            base = unsq.args[0]
+            val = tensor_meta(base)
+            if unsq.args[1] == 2 and val is not None and val.dim() == 4:
+                return base
+    if is_op(node, aten.repeat_interleave) and node.kwargs.get("dim", None) in (1,):
+        return node.args[0]
+    return node
+
+
+def key_valid_node(gm: fx.GraphModule) -> fx.Node | None:
+    """The graph's bool view of the `attention_mask` input, created on first use."""
+    for node in gm.graph.nodes:
+        if node.meta.get("dsc_key_valid"):
+            return node
+    mask = next((n for n in gm.graph.nodes if n.meta.get("dsc_input") == "attention_mask"), None)
+    if mask is None:
+        return None
+    last_placeholder = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last_placeholder):
+        valid = call(gm.graph, aten.ne.Scalar, (mask, 0))
+    valid.meta["dsc_key_valid"] = True
+    return valid
+
+
+def _kind(mask, is_causal: bool, ctx: PassContext) -> MaskKind | None:
+    if mask is None:
+        return MaskKind(causal=bool(is_causal), uses_padding=False)
+    if is_causal:
+        return None  # both a mask and is_causal: unusual, leave it to torch
+    return classify_mask(mask, ctx)
+
+
+def _rewrite(gm, ctx, node, q, k, v, mask, is_causal, scale) -> bool:
+    kind = _kind(mask, is_causal, ctx)
+    if kind is None:
+        return False
+    k, v = _strip_repeat_kv(k), _strip_repeat_kv(v)
+    qv, kv = tensor_meta(q), tensor_meta(k)
+    if qv is None or kv is None or qv.dim() != 4 or kv.dim() != 4:
+        return False
+    valid = key_valid_node(gm) if kind.uses_padding else None
+    if kind.uses_padding and valid is None:
+        return False
+    if scale is None:
+        scale = 1.0 / math.sqrt(qv.shape[-1])
+    with gm.graph.inserting_after(node):
+        new = call(
+            gm.graph, torch.ops.dsc.attention.default,
+            (q, k, v, valid, kind.causal, float(scale)), like=node,
+        )
+    replace_with(node, new)
+    return True
+
+
+def _sdpa(gm: fx.GraphModule, ctx: PassContext, node: fx.Node) -> bool:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    if bound.get("dropout_p", 0.0) not in (0, 0.0):
+        return False
+    return _rewrite(
+        gm, ctx, node, bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
+        bound.get("is_causal", False), bound.get("scale"),
+    )
+
+
+def _strip_casts(node):
+    while is_op(node, aten._to_copy) and set(node.kwargs) <= {"dtype"}:
+        node = node.args[0]
+    return node
+
+
+def _softmax_form(gm: fx.GraphModule, ctx: PassContext, out: fx.Node) -> bool:
+    """out = matmul(softmax(scores), v) with scores = q kᵀ · s (+ mask)."""
+    if not is_op(out, aten.matmul):
+        return False
+    probs, v = out.args
+    soft = _strip_casts(probs)
+    if not is_op(soft, aten.softmax, aten._softmax) or soft.args[1] not in (-1, 3):
+        return False
+    scores = _strip_casts(soft.args[0])
+    mask = None
+    if is_op(scores, aten.add) and isinstance(scores.args[1], fx.Node):
+        scores, mask = scores.args
+    scale = 1.0
+    if is_op(scores, aten.mul) and isinstance(scores.args[1], (int, float)):
+        scale, scores = float(scores.args[1]), scores.args[0]
+    elif is_op(scores, aten.div) and isinstance(scores.args[1], (int, float)):
+        scale, scores = 1.0 / float(scores.args[1]), scores.args[0]
+    if not is_op(scores, aten.matmul):
+        return False
+    q, kt = scores.args
+    if not is_op(kt, aten.transpose) or sorted(kt.args[1:]) not in ([-2, -1], [2, 3]):
+        return False
+    if mask is not None:
+        mask_val = tensor_meta(mask)
+        if mask_val is None or mask_val.dim() != 4:
+            return False
+    return _rewrite(gm, ctx, out, q, kt.args[0], v, mask, False, scale)
+
+
+@register("recognize_attention")
+def recognize_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    for node in list(gm.graph.nodes):
+        if is_op(node, aten.scaled_dot_product_attention):
+            _sdpa(gm, ctx, node)
+        elif is_op(node, aten.matmul):
+            _softmax_form(gm, ctx, node)
+    gm.graph.eliminate_dead_code()
+    return gm
