@@ -141,8 +141,14 @@ def trace(
     dtype: torch.dtype | None = None,
     max_batch: int = 64,
     max_seq_len: int = 4096,
+    position_ids: bool = False,
 ) -> TracedModel:
-    """Export `model` to an aten graph with dynamic batch and sequence dimensions."""
+    """Export `model` to an aten graph with dynamic batch and sequence dimensions.
+
+    position_ids: make positions a graph input (generation needs them: a decode step's position
+    is not its index). Without it the model computes its own default positions, as model(...)
+    does — which differs between architectures for padded batches.
+    """
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"dsc.compile needs a torch.nn.Module, got {type(model).__name__}.")
     params = inspect.signature(model.forward).parameters
@@ -153,6 +159,8 @@ def trace(
             "(HF transformers causal LMs and encoders)."
         )
     inputs = [name for name in USER_INPUTS if name in params]
+    if not position_ids:
+        inputs = [name for name in inputs if name != "position_ids"]
     extra: dict[str, Any] = {"return_dict": True} if "return_dict" in params or takes_kwargs else {}
     if "use_cache" in params or takes_kwargs:
         extra["use_cache"] = False
@@ -204,8 +212,8 @@ def _lift_weights(
             continue
         tensor = state[spec.target]
         name = spec.target.removeprefix("model.")
-        if dtype is not None and tensor.is_floating_point() and spec.kind == InputKind.PARAMETER:
-            tensor = tensor.to(dtype)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)  # as traced: _cast_parameters cast buffers too
         weights[name] = tensor.detach()
         node.meta["dsc_weight"] = name
     for node in list(gm.graph.nodes):

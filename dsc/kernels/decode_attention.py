@@ -252,10 +252,22 @@ def _check_device(*tensors: Tensor) -> None:
         )
 
 
+def _check_out(out: Tensor, shape: tuple[int, ...], like: Tensor, name: str = "out") -> None:
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(
+            f"{name} must be {tuple(shape)} {like.dtype} on {like.device}; "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+
+
 def check_attention_inputs(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_valid: Tensor, start: Tensor, scale: float
 ) -> None:
-    """Raise ValueError naming the first problem with the inputs of the attention op."""
+    """Raise ValueError naming the first problem with the inputs of the attention op.
+
+    The cache may hold more sequences than q (a cache sized for the largest batch): the first B
+    are used.
+    """
     if q.dim() != 4:
         raise ValueError(f"q must be 4-D [B, Hq, S, D]; got shape {tuple(q.shape)}")
     if k_cache.dim() != 4:
@@ -266,8 +278,8 @@ def check_attention_inputs(
         )
     batch, hq, s, d = q.shape
     kb, hkv, t, kd = k_cache.shape
-    if kb != batch:
-        raise ValueError(f"batch mismatch: q has {batch} sequences, the cache {kb}")
+    if kb < batch:
+        raise ValueError(f"batch mismatch: q has {batch} sequences, the cache only {kb}")
     if kd != d:
         raise ValueError(f"head dim mismatch: q has D={d}, the cache D={kd}")
     if hkv == 0 or hq % hkv:
@@ -282,14 +294,15 @@ def check_attention_inputs(
         raise ValueError(f"kv_valid must be [B, T] = [{batch}, {t}]; got {tuple(kv_valid.shape)}")
     if kv_valid.dtype != torch.bool:
         raise ValueError(f"kv_valid must be a bool tensor; got {kv_valid.dtype}")
-    if not isinstance(start, Tensor):
+    if not (
+        isinstance(start, Tensor)
+        and start.numel() == 1
+        and start.dtype in (torch.int64, torch.int32)
+    ):
+        got = f"{start.dtype} {tuple(start.shape)}" if isinstance(start, Tensor) else repr(start)
         raise ValueError(
-            f"start must be an int64 tensor of shape [1] on the device (got {type(start).__name__}):"
-            " CUDA-graph replay needs the position in device memory"
-        )
-    if start.numel() != 1 or start.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
-            f"start must be an int64 tensor of shape [1]; got {start.dtype} {tuple(start.shape)}"
+            "start must be an int64 tensor of shape [1] in device memory (CUDA-graph replay "
+            f"moves it between runs); got {got}"
         )
     if not q.is_floating_point() or q.dtype != k_cache.dtype or q.dtype != v_cache.dtype:
         raise ValueError(
@@ -326,6 +339,7 @@ def decode_attention(
     causal: bool,
     scale: float,
     *,
+    out: Tensor | None = None,
     config: DecodeConfig | None = None,
 ) -> Tensor:
     """Attention of S (small) new query tokens over a KV cache; see the module docstring.
@@ -333,6 +347,7 @@ def decode_attention(
     q [B, Hq, S, D]; k_cache, v_cache [B, Hkv, T, D] (Hq a multiple of Hkv); kv_valid [B, T] bool;
     start: int64 tensor [1] on the device; returns [B, Hq, S, D] in q.dtype. Any strides.
     Needs (Hq // Hkv) * S <= 128 query rows per kv head; longer prompts go to `flash_attention`.
+    `out` (q's shape and dtype, any strides) receives the result if given.
     """
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
     batch, hq, s, d = q.shape
@@ -352,7 +367,10 @@ def decode_attention(
     keys_per_split = triton.cdiv(blocks, splits) * cfg.block_n
     splits = triton.cdiv(t, keys_per_split)
 
-    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    if out is None:
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    else:
+        _check_out(out, tuple(q.shape), q)
     if splits > 1:
         rows = batch * hq * s
         part_acc = torch.empty((rows, splits, block_d), device=q.device, dtype=torch.float32)

@@ -24,7 +24,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dsc.kernels.decode_attention import _MAX_ROWS, check_attention_inputs, decode_attention
+from dsc.kernels.decode_attention import (
+    _MAX_ROWS,
+    _check_out,
+    check_attention_inputs,
+    decode_attention,
+)
 
 __all__ = ["FlashConfig", "attention", "flash_attention"]
 
@@ -204,12 +209,14 @@ def flash_attention(
     causal: bool,
     scale: float,
     *,
+    out: Tensor | None = None,
     config: FlashConfig | None = None,
 ) -> Tensor:
     """Attention of S query tokens over a KV cache (prefill); see the module docstring.
 
     q [B, Hq, S, D]; k_cache, v_cache [B, Hkv, T, D] (Hq a multiple of Hkv); kv_valid [B, T] bool;
     start: int64 tensor [1] on the device; returns [B, Hq, S, D] in q.dtype. Any strides.
+    `out` (q's shape and dtype, any strides) receives the result if given.
     """
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
     batch, hq, s, d = q.shape
@@ -218,7 +225,10 @@ def flash_attention(
     if d > 128 and config is None:
         cfg = FlashConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
 
-    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    if out is None:
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    else:
+        _check_out(out, tuple(q.shape), q)
     valid = kv_valid.view(torch.uint8)
     grid = (triton.cdiv(s, cfg.block_m), batch * hq)
     _flash_attention_kernel[grid](
@@ -258,6 +268,8 @@ def attention(
     start: Tensor,
     causal: bool,
     scale: float,
+    *,
+    out: Tensor | None = None,
 ) -> Tensor:
     """The KV-cache attention op of dsc: decode kernel for a few new tokens, flash otherwise.
 
@@ -267,5 +279,5 @@ def attention(
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
     group = q.shape[1] // k_cache.shape[1]
     if q.shape[2] <= 16 and group * q.shape[2] <= _MAX_ROWS:
-        return decode_attention(q, k_cache, v_cache, kv_valid, start, causal, scale)
-    return flash_attention(q, k_cache, v_cache, kv_valid, start, causal, scale)
+        return decode_attention(q, k_cache, v_cache, kv_valid, start, causal, scale, out=out)
+    return flash_attention(q, k_cache, v_cache, kv_valid, start, causal, scale, out=out)

@@ -49,9 +49,11 @@ def _apply_activation(x, ACTIVATION: tl.constexpr):
     elif ACTIVATION == "gelu":
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACTIVATION == "gelu_tanh":
-        # tanh(y) = 2 * sigmoid(2y) - 1 keeps to functions every backend provides.
+        # tanh from exp(-2|y|) <= 1: no overflow, and only functions every backend provides.
         y = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        x = 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * y) - 1.0))
+        e = tl.exp(-2.0 * tl.abs(y))
+        t = (1.0 - e) / (1.0 + e)
+        x = 0.5 * x * (1.0 + tl.where(y >= 0.0, t, -t))
     elif ACTIVATION == "relu":
         x = tl.maximum(x, 0.0)
     return x
@@ -199,6 +201,14 @@ def _check_device(*tensors: Tensor) -> None:
         )
 
 
+def _check_out(out: Tensor, shape: tuple[int, ...], like: Tensor, name: str = "out") -> None:
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(
+            f"{name} must be {tuple(shape)} {like.dtype} on {like.device}; "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+
+
 def _check_operands(x: Tensor, weight: Tensor) -> None:
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K]; got shape {tuple(x.shape)}")
@@ -233,12 +243,14 @@ def linear_fused(
     activation: str | None = None,
     residual: Tensor | None = None,
     *,
+    out: Tensor | None = None,
     config: GemmConfig | None = None,
 ) -> Tensor:
     """act(x @ weight^T + bias) + residual in one kernel.
 
     x: [M, K]; weight: [N, K] (nn.Linear layout); bias: [N] or None; activation: one of
     `ACTIVATIONS`; residual: [M, N] or None. Returns [M, N] in x.dtype; fp32 accumulation.
+    `out` ([M, N], any strides) receives the result if given; `config` overrides the tiles.
     """
     _check_operands(x, weight)
     _check_activation(activation)
@@ -251,7 +263,10 @@ def linear_fused(
     _check_device(*(t for t in (x, weight, bias, residual) if t is not None))
 
     cfg = config or _default_config(m, n)
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if out is None:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    else:
+        _check_out(out, (m, n), x)
     res = residual if residual is not None else out
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _linear_fused_kernel[grid](
@@ -290,12 +305,13 @@ def gated_linear(
     weight_gate_up: Tensor,
     activation: str | None = "silu",
     *,
+    out: Tensor | None = None,
     config: GemmConfig | None = None,
 ) -> Tensor:
     """act(x @ Wg^T) * (x @ Wu^T) in one kernel, the fused up-projection of a gated MLP.
 
     x: [M, K]; weight_gate_up: [2N, K], the N gate rows first, then the N up rows.
-    Returns [M, N] in x.dtype; fp32 accumulation.
+    Returns [M, N] in x.dtype; fp32 accumulation. `out` and `config` as in `linear_fused`.
     """
     _check_operands(x, weight_gate_up)
     _check_activation(activation)
@@ -312,7 +328,10 @@ def gated_linear(
     cfg = config or GemmConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3)
     if m <= 64 and config is None:
         cfg = GemmConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4)
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if out is None:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    else:
+        _check_out(out, (m, n), x)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _gated_linear_kernel[grid](
         x,

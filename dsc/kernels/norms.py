@@ -102,6 +102,19 @@ def _as_rows(t: Tensor, name: str) -> Tensor:
     return rows
 
 
+def _output(given: Tensor | None, x: Tensor, name: str) -> Tensor:
+    if given is None:
+        return torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    if given.shape != x.shape or given.dtype != x.dtype or given.device != x.device:
+        raise ValueError(
+            f"{name} must be {tuple(x.shape)} {x.dtype} on {x.device}; "
+            f"got {tuple(given.shape)} {given.dtype} on {given.device}"
+        )
+    if not given.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return given
+
+
 def _launch_params(n_rows: int, n_cols: int) -> tuple[int, int, int]:
     block_n = triton.next_power_of_2(n_cols)
     # Short rows: several per program, so each program still moves a few KB.
@@ -120,6 +133,8 @@ def _norm(
     eps: float,
     residual: Tensor | None,
     is_rms: bool,
+    out: Tensor | None,
+    residual_out: Tensor | None,
     num_warps: int | None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     kind = "rms_norm" if is_rms else "layer_norm"
@@ -141,11 +156,11 @@ def _norm(
 
     x2 = _as_rows(x, "x")
     n_rows = x2.shape[0]
-    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    out = _output(out, x, "out")
     out2 = out.view(-1, hidden)
     if residual is not None:
         r2 = _as_rows(residual, "residual")
-        h = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        h = _output(residual_out, x, "residual_out")
         h2 = h.view(-1, hidden)
     else:
         r2 = h2 = x2
@@ -184,14 +199,17 @@ def rms_norm(
     eps: float,
     residual: Tensor | None = None,
     *,
+    out: Tensor | None = None,
+    residual_out: Tensor | None = None,
     num_warps: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """RMSNorm over the last dim: weight * h / sqrt(mean(h^2) + eps), h = x (+ residual).
 
     x: [..., hidden]; weight: [hidden] or None; fp32 math, output in x.dtype. With a residual of
     x's shape, returns (normed, h) where h = x + residual (the fused add + norm of a decoder layer).
+    `out` / `residual_out` (contiguous, x's shape and dtype) receive normed / h if given.
     """
-    return _norm(x, weight, None, eps, residual, True, num_warps)
+    return _norm(x, weight, None, eps, residual, True, out, residual_out, num_warps)
 
 
 def layer_norm(
@@ -201,10 +219,13 @@ def layer_norm(
     eps: float,
     residual: Tensor | None = None,
     *,
+    out: Tensor | None = None,
+    residual_out: Tensor | None = None,
     num_warps: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """LayerNorm over the last dim of h = x (+ residual), fp32 math, output in x.dtype.
 
     weight and bias: [hidden] or None. With a residual, returns (normed, h).
+    `out` / `residual_out` as in `rms_norm`.
     """
-    return _norm(x, weight, bias, eps, residual, False, num_warps)
+    return _norm(x, weight, bias, eps, residual, False, out, residual_out, num_warps)

@@ -129,13 +129,15 @@ def attention_reference(
     """The KV-cache attention op of dsc, written out in full.
 
     q [B, Hq, S, D] holds S new query tokens that sit at cache slots start .. start+S-1;
-    k_cache, v_cache [B, Hkv, T, D]; query head h reads kv head h // (Hq // Hkv).
+    k_cache, v_cache [B, Hkv, T, D] (or more sequences, of which the first B are used); query head
+    h reads kv head h // (Hq // Hkv).
     Query i of sequence b may attend key slot j iff
         j < start + S  and  kv_valid[b, j]  and  (not causal or j <= start + i).
     A query with no key it may attend gets zeros. Returns [B, Hq, S, D] in q.dtype.
     """
     batch, hq, s, d = q.shape
     hkv, t = k_cache.shape[1], k_cache.shape[2]
+    k_cache, v_cache = k_cache[:batch], v_cache[:batch]  # a cache may be sized for more sequences
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     first = int(start.reshape(-1)[0])

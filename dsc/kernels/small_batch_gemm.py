@@ -162,7 +162,9 @@ def _split_k_reduce_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + col, mask=mask, other=0.0).to(tl.float32)
     # Write the finished outputs in the caller's dtype.
-    tl.store(out_ptr + row * stride_om + col * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + row * stride_om + col * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask
+    )
 
 
 @functools.cache
@@ -206,6 +208,14 @@ def _check_device(*tensors: Tensor) -> None:
         )
 
 
+def _check_out(out: Tensor, shape: tuple[int, ...], like: Tensor, name: str = "out") -> None:
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(
+            f"{name} must be {tuple(shape)} {like.dtype} on {like.device}; "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+
+
 def _validate(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K]; got shape {tuple(x.shape)}")
@@ -230,6 +240,7 @@ def linear_small_batch(
     weight: Tensor,
     bias: Tensor | None = None,
     *,
+    out: Tensor | None = None,
     config: SmallBatchConfig | None = None,
 ) -> Tensor:
     """x @ weight^T (+ bias) for small M, streaming the weight once.
@@ -237,7 +248,8 @@ def linear_small_batch(
     x: [M, K]; weight: [N, K] (nn.Linear layout, any strides); bias: [N] or None.
     Returns [M, N] in x.dtype, accumulated in fp32. Correct for any M; fastest for M <= 32 (past
     64 rows each program re-reads the weight once per 64 rows: use `gemm.linear_fused` there).
-    `config` overrides the heuristic (tests and tuning use it).
+    `out` ([M, N], any strides) receives the result if given; `config` overrides the heuristic
+    (tests and tuning use it).
     """
     _validate(x, weight, bias)
     m, k = x.shape
@@ -245,7 +257,10 @@ def linear_small_batch(
     cfg = config or pick_config(m, n, k, _sm_count(x.device))
     if cfg.block_m != 1 and (cfg.block_m < 16 or cfg.block_m & (cfg.block_m - 1)):
         raise ValueError(f"block_m must be 1 or a power of two >= 16; got {cfg.block_m}")
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if out is None:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    else:
+        _check_out(out, (m, n), x)
 
     # Each split covers a whole number of K steps, so only the last split can be ragged.
     k_steps = triton.cdiv(k, cfg.block_k)

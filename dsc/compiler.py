@@ -1,0 +1,75 @@
+"""`dsc.compile`: trace, run the pass pipeline, lower to a Plan, bind it to the runtime."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from dsc.errors import TraceError
+
+import dsc.ops  # noqa: F401  (registers the dsc op set)
+from dsc import passes as _passes  # noqa: F401
+from dsc.codegen.lower import lower
+from dsc.frontend import trace
+from dsc.passes.context import PassContext
+from dsc.passes.manager import PassManager
+from dsc.pipelines import cached, trunk
+from dsc.plan import Plan
+from dsc.runtime.model import CompiledModel
+from dsc.target import Target, as_target
+
+__all__ = ["compile"]
+
+
+def _load_passes() -> None:
+    """Import every pass module so its @register runs."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(_passes.__path__):
+        importlib.import_module(f"dsc.passes.{module.name}")
+
+
+def _is_decoder(gm: fx.GraphModule) -> bool:
+    """True when every recognised attention is causal: a model that generates."""
+    attentions = [n for n in gm.graph.nodes if n.target is torch.ops.dsc.attention.default]
+    return bool(attentions) and all(n.args[4] for n in attentions)
+
+
+def compile(model: torch.nn.Module, target: Target | str | dict[str, Any] = "cpu") -> CompiledModel:
+    """Compile a HF transformers model (or any token model) for `target`."""
+    _load_passes()
+    target = as_target(target)
+    target.check_machine()
+    limits = dict(dtype=target.torch_dtype, max_batch=target.max_batch,
+                  max_seq_len=target.max_seq_len)
+    traced = trace(model, **limits)
+    target.check_against(traced.info.num_heads, traced.info.num_kv_heads)
+    ctx = PassContext(target=target, weights=traced.weights, info=traced.info, inputs=traced.inputs)
+    manager = PassManager(ctx)
+    forward = manager.run(traced.gm, trunk(target), program="forward")
+    programs = {"forward": lower(forward, "forward")}
+    model_facts = traced.info.to_dict()
+    if _is_decoder(forward):
+        # Generation feeds positions explicitly (a decode step's position is not its index), so
+        # the cached entry points come from a trace that takes position_ids as an input.
+        generating = trace(model, **limits, position_ids=True)
+        if "position_ids" not in generating.inputs:
+            raise TraceError(
+                f"{traced.info.name}.forward takes no position_ids, so decode steps cannot be given "
+                "their positions; dsc cannot generate with this model (forward still works)."
+            )
+        ctx.weights.update({k: v for k, v in generating.weights.items() if k not in ctx.weights})
+        decoder = manager.run(generating.gm, trunk(target) + cached(target), program="decode")
+        model_facts["cache"] = ctx.notes["cache"]
+        programs["prefill"] = lower(decoder, "prefill")
+        programs["decode"] = lower(decoder, "decode")
+    device = torch.device(target.device)
+    weights = {k: v.to(device) for k, v in ctx.weights.items()}
+    plan = Plan(
+        target=target, programs=programs, weights=weights, model=model_facts,
+        history=[r.to_dict() for r in manager.history],
+    )
+    return CompiledModel(plan, history=manager.history)

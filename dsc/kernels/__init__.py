@@ -1,0 +1,18 @@
+"""Hand-written Triton kernels of dsc.
+
+Each module holds one kernel family: a `@triton.jit` kernel, a launcher that checks its inputs and
+computes the grid, and nothing else. Import the module you need; this package imports nothing.
+
+- `small_batch_gemm.linear_small_batch(x, weight, bias)`: decode-time GEMM (1 to 32 rows) that
+  streams the weight once at close to copy bandwidth (SBI-GeMM), split-K when N is small.
+- `gemm.linear_fused(x, weight, bias, activation, residual)`: tiled GEMM for prefill with bias,
+  activation and residual fused into the epilogue; `gemm.gated_linear(x, weight_gate_up, act)`:
+  the fused act(gate) * up projection of gated MLPs.
+- `norms.rms_norm(x, weight, eps, residual)`, `norms.layer_norm(x, weight, bias, eps, residual)`:
+  row norms, optionally fused with the residual add, returning (normed, x + residual).
+- `flash_attention.flash_attention(q, k_cache, v_cache, kv_valid, start, causal, scale)`: prefill
+  attention over a KV cache; `flash_attention.attention(...)` picks it or the decode kernel.
+- `decode_attention.decode_attention(...)`: flash-decoding for a few new tokens, GQA-aware,
+  graph-replay safe (the cache position is read from device memory).
+- `reference`: plain-torch definitions of all of the above, which the tests compare against.
+"""

@@ -1,0 +1,96 @@
+"""kv_cache: every causal `dsc::attention` reads and writes a KV cache owned by the runtime.
+
+Matches:
+
+    out = dsc.attention(q, k, v, valid, causal=True, scale)
+
+Rewrite to (new graph inputs: one K and one V cache per attention, the cache's slot validity and
+the slot of the first new token):
+
+    k_cache_i: [max_batch, Hkv, max_seq, D]    v_cache_i: same
+    kv_valid:  [B, max_seq] bool               cache_start: int64 [1]
+    out = dsc.cached_attention(q, k, v, k_cache_i, v_cache_i, kv_valid, cache_start, True, scale)
+
+The same graph serves both entry points: prefill (S prompt tokens at slots 0..S-1) and decode
+(one token per sequence at slot `cache_start`). Positions come from the `position_ids` input, so a
+left-padded sequence rotates by its own positions, not by the padded index.
+
+Does not match: bidirectional attention (encoders have no cache), attention the recognisers left
+as aten ops — the pass refuses those with an error naming the node.
+Ordering: after recognize_attention and recognize_rotary; before tensor_parallel and fuse.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from dsc.errors import UnsupportedOpError
+from dsc.passes import register
+from dsc.passes.context import PassContext
+from dsc.passes.graph_utils import call, fake_mode_of, is_op, replace_with, tensor_meta
+
+__all__ = ["kv_cache", "cache_spec"]
+
+aten = torch.ops.aten
+
+
+def _placeholder(gm: fx.GraphModule, after: fx.Node, name: str, fake) -> fx.Node:
+    with gm.graph.inserting_after(after):
+        node = gm.graph.placeholder(name.replace(".", "_"))
+    node.meta["dsc_input"] = name
+    node.meta["val"] = fake
+    return node
+
+
+def cache_spec(gm: fx.GraphModule) -> list[dict]:
+    """[{name, shape, dtype}] of the cache inputs a cached graph takes, in placeholder order."""
+    spec = []
+    for node in gm.graph.nodes:
+        name = node.meta.get("dsc_input", "") if node.op == "placeholder" else ""
+        if name.startswith("cache."):
+            val = node.meta["val"]
+            spec.append({"name": name, "shape": list(val.shape), "dtype": str(val.dtype)})
+    return spec
+
+
+@register("kv_cache")
+def kv_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    for node in gm.graph.nodes:
+        if is_op(node, aten.scaled_dot_product_attention):
+            raise UnsupportedOpError(
+                f"attention node {node.name} was not recognised (its mask is neither causal nor "
+                f"bidirectional padding), so it cannot use the KV cache; source: "
+                f"{node.meta.get('stack_trace', '?').strip().splitlines()[-1]}"
+            )
+    attentions = [n for n in gm.graph.nodes if is_op(n, torch.ops.dsc.attention)]
+    if not attentions or not all(n.args[4] for n in attentions):
+        return gm  # an encoder: no generation, no cache
+    mode = fake_mode_of(gm)
+    ids = next(n for n in gm.graph.nodes if n.meta.get("dsc_input") == "input_ids")
+    batch = ids.meta["val"].shape[0]
+    max_batch, max_seq = ctx.target.max_batch, ctx.target.max_seq_len
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with mode:
+        device = ids.meta["val"].device
+        valid_fake = torch.empty((batch, max_seq), dtype=torch.bool, device=device)
+        start_fake = torch.empty((1,), dtype=torch.int64, device=device)
+    valid = last = _placeholder(gm, last, "kv_valid", valid_fake)
+    start = last = _placeholder(gm, last, "cache_start", start_fake)
+    for layer, node in enumerate(attentions):
+        q, k, v, _, causal, scale = node.args
+        kv = tensor_meta(k)
+        with mode:
+            fake = torch.empty(
+                (max_batch, kv.shape[1], max_seq, kv.shape[3]), dtype=kv.dtype, device=kv.device
+            )
+        k_cache = last = _placeholder(gm, last, f"cache.{layer}.k", fake)
+        v_cache = last = _placeholder(gm, last, f"cache.{layer}.v", fake)
+        with gm.graph.inserting_after(node):
+            new = call(
+                gm.graph, torch.ops.dsc.cached_attention.default,
+                (q, k, v, k_cache, v_cache, valid, start, causal, scale), like=node,
+            )
+        replace_with(node, new)
+    ctx.notes["cache"] = cache_spec(gm)
+    return gm

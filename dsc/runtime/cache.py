@@ -1,0 +1,45 @@
+"""The KV cache the runtime owns: one K and one V tensor per attention layer, plus slot state."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["KVCache"]
+
+
+class KVCache:
+    """Static per-slot layout [max_batch, kv_heads, max_seq, head_dim], allocated once.
+
+    `valid[b, j]` says slot j of sequence b holds a real token (False for padding and for slots
+    not yet written); `start` holds the slot of the first token of the running step, in device
+    memory so a CUDA-graph replay reads the current value.
+    """
+
+    def __init__(self, spec: list[dict], device: torch.device, max_batch: int, max_seq: int):
+        self.spec = spec
+        self.tensors: dict[str, torch.Tensor] = {}
+        for entry in spec:
+            dtype = getattr(torch, entry["dtype"].removeprefix("torch."))
+            self.tensors[entry["name"]] = torch.zeros(entry["shape"], dtype=dtype, device=device)
+        self.valid = torch.zeros(max_batch, max_seq, dtype=torch.bool, device=device)
+        self.start = torch.zeros(1, dtype=torch.int64, device=device)
+        self.batch = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def reset(self, mask: torch.Tensor) -> None:
+        """Begin a batch: its prompt occupies slots 0..S-1, real where mask is 1."""
+        batch, seq = mask.shape
+        self.batch = batch
+        self.valid.zero_()
+        self.valid[:batch, :seq] = mask.bool()
+
+    def mark(self, slot: int) -> None:
+        """The running decode step writes slot `slot` of every sequence."""
+        self.valid[: self.batch, slot] = True
+
+    def inputs(self, batch: int, start: int) -> dict[str, torch.Tensor]:
+        self.start.fill_(start)
+        return {"kv_valid": self.valid[:batch], "cache_start": self.start, **self.tensors}

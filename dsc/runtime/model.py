@@ -1,0 +1,170 @@
+"""`CompiledModel`: the callable a compile or a load returns — forward, generate, stream, save."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from dsc.plan import Plan, load_plan, save_plan
+from dsc.runtime.cache import KVCache
+from dsc.runtime.executor import Executor
+from dsc.runtime.generate import GenerationRequest, check_prompt, generate_tokens
+
+__all__ = ["CompiledModel", "ModelOutput", "load"]
+
+
+@dataclass
+class ModelOutput:
+    """What `model(...)` returns with use_cache=False: `.logits` or `.last_hidden_state`."""
+
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return getattr(self, key)
+
+
+class CompiledModel:
+    """A Plan bound to a device: call it like the model, generate with it, save it."""
+
+    def __init__(self, plan: Plan, history: list | None = None):
+        self.plan = plan
+        self.target = plan.target
+        self.device = torch.device(plan.target.device)
+        self._history = history  # PassRecords when compiled in this process
+        self.weights = {k: v.to(self.device) for k, v in plan.weights.items()}
+        self.executors = {
+            name: Executor(program, self.weights, self.device)
+            for name, program in plan.programs.items()
+        }
+        self.info = plan.model
+        self.cache: KVCache | None = None
+        if "decode" in plan.programs:
+            self.cache = KVCache(plan.model["cache"], self.device, plan.target.max_batch,
+                                 plan.target.max_seq_len)
+
+    # ---- introspection -------------------------------------------------------------------
+    @property
+    def history(self) -> list:
+        from dsc.report import records
+
+        return self._history if self._history is not None else records(self.plan.history)
+
+    def report(self) -> str:
+        from dsc.report import report
+
+        return report(self.history, self.plan)
+
+    def visualize(self, path: str | os.PathLike) -> Path:
+        from dsc.report import visualize
+
+        return visualize(self.history, self.plan, path)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return save_plan(self.plan, path)
+
+    # ---- forward -------------------------------------------------------------------------
+    def _check(self, input_ids, attention_mask, new_tokens: int = 0) -> torch.Tensor:
+        return check_prompt(
+            input_ids, attention_mask, vocab_size=self.info.get("vocab_size"),
+            max_batch=self.target.max_batch, max_seq_len=self.target.max_seq_len,
+            new_tokens=new_tokens,
+        )
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                 ) -> ModelOutput:
+        mask = self._check(input_ids, attention_mask)
+        ids = input_ids.to(self.device, torch.long)
+        mask = mask.to(self.device, torch.long)
+        batch, seq = ids.shape
+        positions = torch.arange(seq, device=self.device).expand(batch, seq)
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        executor = self.executors["forward"]
+        (out,) = executor(**{k: feed[k] for k in executor.program.inputs})
+        return ModelOutput(**{self.info["output"]: out})
+
+    # ---- generation ----------------------------------------------------------------------
+    def _require_decoder(self) -> KVCache:
+        if self.cache is None:
+            raise TypeError(
+                f"{self.info.get('name', 'this model')} is not a causal LM (no KV cache was "
+                "compiled); generate() needs a decoder model"
+            )
+        return self.cache
+
+    def _prefill(self, ids, mask, positions) -> torch.Tensor:
+        cache = self._require_decoder()
+        cache.reset(mask)
+        program = self.executors["prefill"]
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                **cache.inputs(ids.shape[0], start=0)}
+        (logits,) = program(**{k: feed[k] for k in program.program.inputs})
+        return logits[:, -1]
+
+    def _decode(self, token, positions, slot: int) -> torch.Tensor:
+        cache = self._require_decoder()
+        cache.mark(slot)
+        program = self.executors["decode"]
+        feed = {"input_ids": token, "attention_mask": torch.ones_like(token),
+                "position_ids": positions, **cache.inputs(token.shape[0], start=slot)}
+        (logits,) = program(**{k: feed[k] for k in program.program.inputs})
+        return logits[:, -1]
+
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        seed: int | None = None,
+        callback: Callable[[torch.Tensor], Any] | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield each step's new tokens ([batch] tensor) as soon as it is chosen."""
+        self._require_decoder()
+        mask = self._check(input_ids, attention_mask, max_new_tokens)
+        if eos_token_id is None:
+            eos_token_id = self.info.get("eos_token_id") or []
+        request = GenerationRequest(max_new_tokens, do_sample, temperature, top_k, top_p,
+                                    eos_token_id, seed)
+        pad = self.info.get("pad_token_id")
+        if pad is None:
+            pad = request.eos[0] if request.eos else 0
+        ids = input_ids.to(self.device, torch.long)
+        with torch.no_grad():
+            for token in generate_tokens(self._prefill, self._decode, ids,
+                                         mask.to(self.device, torch.long), request, pad):
+                if callback is not None:
+                    callback(token)
+                yield token
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Prompt + new tokens, like HF generate (rows padded after their eos)."""
+        new = list(self.stream(input_ids, attention_mask, max_new_tokens, do_sample, temperature,
+                               top_k, top_p, eos_token_id, seed))
+        return torch.cat([input_ids.to(self.device, torch.long), torch.stack(new, dim=1)], dim=1)
+
+
+def load(path: str | os.PathLike, rank: int | None = None) -> CompiledModel:
+    """Load a saved plan (this process's rank under torchrun) and bind it to its device."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    return CompiledModel(load_plan(path, rank=rank))

@@ -1,0 +1,101 @@
+"""Generation: greedy tokens equal HF generate; padded batches; limits; sampling with a seed."""
+
+import pytest
+import torch
+
+import dsc
+from dsc import zoo
+
+DECODERS = ["tiny-gpt2", "tiny-opt", "tiny-llama", "tiny-mistral", "tiny-mixtral"]
+
+
+@pytest.fixture(scope="module", params=DECODERS)
+def pair(request):
+    model = zoo.build(request.param, init_std=0.3, seed=1)
+    return model, dsc.compile(model, target=dsc.Target(max_batch=4, max_seq_len=64))
+
+
+def test_greedy_equals_hf(pair):
+    model, compiled = pair
+    ids = torch.randint(3, 200, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)
+    out = compiled.generate(ids, max_new_tokens=24, eos_token_id=[])
+    assert len(set(out[0, 7:].tolist())) > 3, "tokens must vary for the comparison to mean anything"
+    assert torch.equal(out, ref)
+
+
+def test_left_padded_batch_equals_each_alone(pair):
+    _, compiled = pair
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 200, (n,), generator=gen) for n in (3, 8, 5)]
+    seq = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), seq, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, seq - len(p):] = p
+        mask[row, seq - len(p):] = 1
+    batch = compiled.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
+    for row, p in enumerate(prompts):
+        alone = compiled.generate(p[None], max_new_tokens=10, eos_token_id=[])
+        assert torch.equal(batch[row, seq:], alone[0, len(p):])
+
+
+def test_right_padding_is_handled(pair):
+    _, compiled = pair
+    p = torch.randint(3, 200, (4,), generator=torch.Generator().manual_seed(3))
+    ids = torch.zeros(1, 6, dtype=torch.long)
+    ids[0, :4] = p
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    right = compiled.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    alone = compiled.generate(p[None], max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(right[0, 6:], alone[0, 4:])
+
+
+def test_sampling_is_reproducible_with_seed(pair):
+    _, compiled = pair
+    ids = torch.randint(3, 200, (2, 5), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=7,
+              eos_token_id=[])
+    a, b = compiled.generate(ids, **kw), compiled.generate(ids, **kw)
+    assert torch.equal(a, b)
+    c = compiled.generate(ids, **{**kw, "seed": 8})
+    assert not torch.equal(a, c)
+
+
+def test_stream_yields_the_generated_tokens(pair):
+    _, compiled = pair
+    ids = torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(5))
+    streamed = [t.item() for t in compiled.stream(ids, max_new_tokens=6, eos_token_id=[])]
+    assert streamed == compiled.generate(ids, max_new_tokens=6, eos_token_id=[])[0, 5:].tolist()
+
+
+def test_eos_stops_and_pads_like_hf():
+    model = zoo.build("tiny-llama", init_std=0.3, seed=1)
+    compiled = dsc.compile(model, "cpu")
+    ids = torch.randint(3, 200, (1, 6), generator=torch.Generator().manual_seed(0))
+    free = compiled.generate(ids, max_new_tokens=10, eos_token_id=[])
+    eos = int(free[0, 9])  # the 4th new token becomes the stop token
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=eos,
+                             pad_token_id=0)
+    out = compiled.generate(ids, max_new_tokens=10, eos_token_id=eos)
+    assert out.shape[1] <= 16 and torch.equal(out[0, : ref.shape[1]], ref[0])
+
+
+def test_limits_are_refused_before_work():
+    compiled = dsc.compile(zoo.build("tiny-llama"), dsc.Target(max_batch=2, max_seq_len=16))
+    with pytest.raises(dsc.LimitError, match="max_seq_len=16"):
+        compiled.generate(torch.ones(1, 10, dtype=torch.long), max_new_tokens=10)
+    with pytest.raises(dsc.LimitError, match="max_batch=2"):
+        compiled.generate(torch.ones(3, 4, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match="empty prompt"):
+        compiled.generate(torch.ones(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        compiled.generate(torch.tensor([[5, 100000]]))
+
+
+def test_encoder_cannot_generate():
+    compiled = dsc.compile(zoo.build("tiny-bert"), "cpu")
+    with pytest.raises(TypeError, match="not a causal LM"):
+        compiled.generate(torch.ones(1, 4, dtype=torch.long))

@@ -1,0 +1,115 @@
+"""decode_attention (split-key flash-decoding) against the reference, on the Triton interpreter."""
+
+import pytest
+import torch
+
+from dsc.kernels.decode_attention import DecodeConfig, decode_attention, pick_decode_config
+from dsc.kernels.reference import attention_reference
+
+CONFIGS = {
+    "one-split": DecodeConfig(block_n=16, num_splits=1, num_warps=1, num_stages=1),
+    "three-splits": DecodeConfig(block_n=16, num_splits=3, num_warps=1, num_stages=1),
+}
+
+
+def make_inputs(b=2, hq=4, hkv=2, s=1, t=13, d=16, start=0, seed=0):
+    """Random q and cache with padding; slots nobody may attend hold NaN to prove they are unread."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, s, d, generator=g)
+    k = torch.randn(b, hkv, t, d, generator=g)
+    v = torch.randn(b, hkv, t, d, generator=g)
+    valid = torch.rand(b, t, generator=g) > 0.3
+    valid[:, start] = True
+    valid[0, : start + 1] = False  # sequence 0: its first query row sees no key at all
+    k[:, :, start + s :] = float("nan")
+    v[:, :, start + s :] = float("nan")
+    v.masked_fill_(~valid[:, None, :, None], float("nan"))
+    return q, k, v, valid, torch.tensor([start], dtype=torch.int64)
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("s,start", [(1, 0), (1, 9), (3, 0), (3, 6)])
+def test_matches_reference(s, start, causal, config, assert_close, poisoned):
+    q, k, v, valid, st = make_inputs(s=s, start=start, seed=s * 10 + start)
+    out = decode_attention(q, k, v, valid, st, causal, 0.3, out=poisoned(q.shape), config=config)
+    ref = attention_reference(q, k, v, valid, st, causal, 0.3)
+    assert_close(out, ref)
+    if causal or s == 1:
+        # Sequence 0, query 0 attends nothing: zeros, not NaN.
+        assert torch.equal(out[0, :, 0], torch.zeros_like(out[0, :, 0]))
+
+
+def test_multi_query_attention_and_odd_head_dim(assert_close):
+    # 8 query heads on one kv head (MQA), D = 20 (not a power of two).
+    q, k, v, valid, st = make_inputs(b=1, hq=8, hkv=1, s=2, t=21, d=20, start=4, seed=3)
+    out = decode_attention(q, k, v, valid, st, True, 0.25, config=CONFIGS["three-splits"])
+    assert_close(out, attention_reference(q, k, v, valid, st, True, 0.25))
+
+
+def test_strided_views_and_larger_cache_batch(assert_close, poisoned):
+    # q as a transposed view of [B, S, H, D]; caches sized for more sequences than q has.
+    q, k, v, valid, st = make_inputs(b=3, s=2, start=5, seed=4)
+    q = q[:2].transpose(1, 2).contiguous().transpose(1, 2)
+    valid = valid[:2]
+    out = poisoned((2, 2, 4, 16)).transpose(1, 2)
+    res = decode_attention(q, k, v, valid, st, True, 0.3, out=out, config=CONFIGS["one-split"])
+    assert res.data_ptr() == out.data_ptr()
+    assert_close(res, attention_reference(q, k, v, valid, st, True, 0.3))
+
+
+def test_same_launch_serves_every_start(assert_close):
+    # The grid depends on T only; the position is read on the device, so one launch shape
+    # (as a CUDA graph would replay it) is right for any start.
+    q, k, v, valid, _ = make_inputs(t=29, seed=5)
+    valid[:] = True
+    k.nan_to_num_(0.0)
+    v.nan_to_num_(0.0)
+    config = DecodeConfig(block_n=16, num_splits=2, num_warps=1, num_stages=1)
+    for start in (0, 15, 28):
+        st = torch.tensor([start])
+        out = decode_attention(q, k, v, valid, st, True, 0.3, config=config)
+        assert_close(out, attention_reference(q, k, v, valid, st, True, 0.3))
+
+
+def test_default_config():
+    cfg = pick_decode_config(batch=1, hkv=32, t=8192, sm_count=132)
+    assert cfg.num_splits > 1
+    assert pick_decode_config(batch=64, hkv=32, t=2048, sm_count=132).num_splits == 1
+
+
+def _bad(**changes):
+    q, k, v, valid, st = make_inputs()
+    args = dict(q=q, k_cache=k, v_cache=v, kv_valid=valid, start=st, causal=True, scale=0.3)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(q=torch.randn(4, 1, 16)), "q must be 4-D"),
+        (dict(q=torch.randn(2, 3, 1, 16)), "not a multiple of Hkv"),
+        (dict(q=torch.randn(2, 4, 1, 8)), "head dim mismatch"),
+        (dict(v_cache=torch.randn(2, 2, 12, 16)), "differs from k_cache"),
+        (dict(kv_valid=torch.ones(2, 13, dtype=torch.int64)), "bool"),
+        (dict(kv_valid=torch.ones(2, 12, dtype=torch.bool)), "kv_valid must be"),
+        (dict(start=3), "start must be an int64 tensor"),
+        (dict(start=torch.tensor([1.0])), "start must be an int64 tensor"),
+        (dict(q=torch.randn(3, 4, 1, 16)), "batch mismatch"),
+    ],
+)
+def test_bad_inputs_raise(changes, match):
+    with pytest.raises(ValueError, match=match):
+        decode_attention(**_bad(**changes))
+
+
+def test_too_many_rows_for_decode():
+    q, k, v, valid, st = make_inputs(hq=4, hkv=1, t=64, s=40)
+    with pytest.raises(ValueError, match="use flash_attention"):
+        decode_attention(q, k, v, valid, st, True, 0.3)
+
+
+def test_cpu_tensors_need_cuda(no_interpreter):
+    with pytest.raises(ValueError, match="needs CUDA"):
+        decode_attention(**_bad())

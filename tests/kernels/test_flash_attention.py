@@ -1,0 +1,85 @@
+"""flash_attention (prefill) and the `attention` entry against the reference, interpreted."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsc.kernels.flash_attention import FlashConfig, attention, flash_attention
+from dsc.kernels.reference import attention_reference
+
+SMALL = FlashConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
+
+
+def make_inputs(b=2, hq=4, hkv=2, s=5, t=13, d=16, start=0, seed=0):
+    """Random q and cache with padding; slots nobody may attend hold NaN to prove they are unread."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, s, d, generator=g)
+    k = torch.randn(b, hkv, t, d, generator=g)
+    v = torch.randn(b, hkv, t, d, generator=g)
+    valid = torch.rand(b, t, generator=g) > 0.3
+    valid[:, start + s - 1] = True
+    valid[0, : start + 1] = False  # sequence 0: its first query row sees no key when causal
+    k[:, :, start + s :] = float("nan")
+    v[:, :, start + s :] = float("nan")
+    v.masked_fill_(~valid[:, None, :, None], float("nan"))
+    return q, k, v, valid, torch.tensor([start], dtype=torch.int64)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    "s,t,start", [(5, 13, 0), (5, 13, 8), (35, 50, 0), (35, 50, 9)], ids=["5", "5@8", "35", "35@9"]
+)
+def test_matches_reference(s, t, start, causal, assert_close, poisoned):
+    q, k, v, valid, st = make_inputs(s=s, t=t, start=start, seed=s + t + start)
+    out = flash_attention(q, k, v, valid, st, causal, 0.3, out=poisoned(q.shape), config=SMALL)
+    assert_close(out, attention_reference(q, k, v, valid, st, causal, 0.3))
+    if causal:
+        assert torch.equal(out[0, :, 0], torch.zeros_like(out[0, :, 0]))
+
+
+def test_mqa_odd_head_dim_and_strided(assert_close):
+    # One kv head for 3 query heads; D = 20; q and out as transposed [B, S, H, D] views.
+    q, k, v, valid, st = make_inputs(b=1, hq=3, hkv=1, s=17, t=24, d=20, start=3, seed=1)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    out = torch.full((1, 17, 3, 20), float("nan")).transpose(1, 2)
+    flash_attention(q, k, v, valid, st, True, 0.2, out=out, config=SMALL)
+    assert_close(out, attention_reference(q, k, v, valid, st, True, 0.2))
+
+
+@pytest.mark.parametrize("s", [2, 20])
+def test_attention_dispatch(s, assert_close):
+    # S = 2 goes to the decode kernel, S = 20 to flash; both must agree with the reference.
+    q, k, v, valid, st = make_inputs(s=s, t=30, start=4, seed=s)
+    out = attention(q, k, v, valid, st, True, 0.3)
+    assert_close(out, attention_reference(q, k, v, valid, st, True, 0.3))
+
+
+def test_reference_matches_sdpa():
+    # The reference itself: a plain causal prefill with nothing masked is SDPA.
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=g) for _ in range(3))
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    ref = attention_reference(q, k, v, valid, torch.tensor([0]), True, 1 / math.sqrt(8))
+    torch.testing.assert_close(ref, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_bad_inputs_raise():
+    q, k, v, valid, st = make_inputs()
+    with pytest.raises(ValueError, match="not a multiple of Hkv"):
+        flash_attention(q[:, :3], k, v, valid, st, True, 0.3)
+    with pytest.raises(ValueError, match="k_cache must be 4-D"):
+        flash_attention(q, k[0], v[0], valid, st, True, 0.3)
+    with pytest.raises(ValueError, match="start must be"):
+        attention(q, k, v, valid, 0, True, 0.3)
+    with pytest.raises(ValueError, match="share one floating dtype"):
+        flash_attention(q.double(), k, v, valid, st, True, 0.3)
+    with pytest.raises(ValueError, match="do not fit"):
+        flash_attention(torch.randn(2, 4, 14, 16), k, v, valid, st, True, 0.3)
+
+
+def test_cpu_tensors_need_cuda(no_interpreter):
+    q, k, v, valid, st = make_inputs()
+    with pytest.raises(ValueError, match="needs CUDA"):
+        flash_attention(q, k, v, valid, st, True, 0.3)
