@@ -12,6 +12,7 @@ from dsc.errors import TraceError
 import dsc.ops  # noqa: F401  (registers the dsc op set)
 from dsc import passes as _passes  # noqa: F401
 from dsc.codegen.lower import lower
+from dsc.codegen.select import choose_kernels
 from dsc.frontend import trace
 from dsc.passes.context import PassContext
 from dsc.passes.manager import PassManager
@@ -50,7 +51,7 @@ def compile(model: torch.nn.Module, target: Target | str | dict[str, Any] = "cpu
     ctx = PassContext(target=target, weights=traced.weights, info=traced.info, inputs=traced.inputs)
     manager = PassManager(ctx)
     forward = manager.run(traced.gm, trunk(target), program="forward")
-    programs = {"forward": lower(forward, "forward")}
+    programs = {"forward": lower(forward, "forward", choose_kernels(forward, "forward", target))}
     model_facts = traced.info.to_dict()
     if _is_decoder(forward):
         # Generation feeds positions explicitly (a decode step's position is not its index), so
@@ -64,8 +65,8 @@ def compile(model: torch.nn.Module, target: Target | str | dict[str, Any] = "cpu
         ctx.weights.update({k: v for k, v in generating.weights.items() if k not in ctx.weights})
         decoder = manager.run(generating.gm, trunk(target) + cached(target), program="decode")
         model_facts["cache"] = ctx.notes["cache"]
-        programs["prefill"] = lower(decoder, "prefill")
-        programs["decode"] = lower(decoder, "decode")
+        for entry in ("prefill", "decode"):
+            programs[entry] = lower(decoder, entry, choose_kernels(decoder, entry, target))
     device = torch.device(target.device)
     weights = {k: v.to(device) for k, v in ctx.weights.items()}
     plan = Plan(

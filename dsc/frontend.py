@@ -183,7 +183,19 @@ def trace(
     dynamic = tuple({0: batch_dim, 1: seq_dim} for _ in inputs)
     try:
         with _cast_parameters(model, dtype), torch.no_grad():
-            exported = torch.export.export(wrapper, args, dynamic_shapes=(dynamic,), strict=False)
+            try:
+                exported = torch.export.export(wrapper, args, dynamic_shapes=(dynamic,),
+                                               strict=False)
+            except Exception as exc:
+                if "Constraints violated" not in str(exc):
+                    raise
+                # Some kernels' dispatch (CUDA sdpa pads masks to multiples of 8) adds guards
+                # the solver cannot prove for every length in range, though they hold; let
+                # export keep them as runtime checks instead of refusing the bounds.
+                auto = tuple({0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}
+                             for _ in inputs)
+                exported = torch.export.export(wrapper, args, dynamic_shapes=(auto,),
+                                               strict=False)
             exported = exported.run_decompositions({})
     except Exception as exc:  # export raises many types; all mean "cannot trace"
         raise TraceError(
@@ -191,6 +203,12 @@ def trace(
             f"torch.export said: {str(exc).strip().splitlines()[0][:500]}"
         ) from exc
     gm, weights = _lift_weights(exported, inputs, dtype)
+    ids_val = next(n.meta["val"] for n in gm.graph.nodes if n.meta.get("dsc_input") == "input_ids")
+    if not all(isinstance(d, torch.SymInt) for d in ids_val.shape):
+        raise TraceError(
+            f"{type(model).__name__} traced only for input shape {tuple(ids_val.shape)} (its code "
+            "branches on the batch or sequence length); dsc needs a shape-generic graph."
+        )
     return TracedModel(gm=gm, weights=weights, inputs=inputs, info=info)
 
 

@@ -110,7 +110,11 @@ def _decode_split_kernel(
     head = kvh * GROUP + r // S
     s = r % S
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_D
+    if HEAD_D == BLOCK_D:
+        # A constant-true mask folds away, leaving plain 16-byte loads along D.
+        d_ok = tl.full((BLOCK_D,), True, tl.int1)
+    else:
+        d_ok = d < HEAD_D
     b64 = b.to(tl.int64)
 
     # Load the group's query rows once.
@@ -229,7 +233,11 @@ def _decode_combine_kernel(
 
     # Weighted sum of the partial accumulators.
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_D
+    if HEAD_D == BLOCK_D:
+        # A constant-true mask folds away, leaving plain 16-byte loads along D.
+        d_ok = tl.full((BLOCK_D,), True, tl.int1)
+    else:
+        d_ok = d < HEAD_D
     acc = tl.load(
         part_acc_ptr + slot[:, None] * BLOCK_D + d[None, :],
         mask=sp_ok[:, None] & d_ok[None, :],

@@ -156,7 +156,11 @@ def _flash_attention_kernel(
     row_ok = i < S
     query_pos = start + i
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_D
+    if HEAD_D == BLOCK_D:
+        # A constant-true mask folds away, leaving plain 16-byte loads along D.
+        d_ok = tl.full((BLOCK_D,), True, tl.int1)
+    else:
+        d_ok = d < HEAD_D
 
     # This program's query rows, loaded once.
     q_ptrs = q_ptr + b * stride_qb + h * stride_qh + i[:, None] * stride_qs + d[None, :] * stride_qd

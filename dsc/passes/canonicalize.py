@@ -1,10 +1,11 @@
 """canonicalize: remove ops that do nothing at inference, so patterns see one spelling.
 
-Matches:   alias(x), clone(x) (contiguous format or none), detach(x), dropout(x, p, train=False),
+Matches:   alias(x), detach(x), dropout(x, p, train=False),
            _to_copy(x, dtype=x.dtype) with no other argument
 Rewrite to: x
 
-Does not match: a clone into another memory format, a cast that changes dtype or device.
+Does not match: clone(x) — a later view may rely on the copy being contiguous; a cast that
+changes dtype or device.
 Ordering: first in every pipeline.
 """
 
@@ -25,9 +26,6 @@ aten = torch.ops.aten
 def _is_noop(node: fx.Node) -> bool:
     if is_op(node, aten.alias, aten.detach, aten.lift_fresh_copy):
         return True
-    if is_op(node, aten.clone):
-        fmt = node.kwargs.get("memory_format")
-        return fmt in (None, torch.contiguous_format, torch.preserve_format)
     if is_op(node, aten.dropout):
         return node.args[2:3] == (False,) or node.kwargs.get("train") is False
     if is_op(node, aten._to_copy) and set(node.kwargs) <= {"dtype"}:

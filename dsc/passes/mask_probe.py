@@ -52,7 +52,7 @@ def evaluate_subgraph(node: fx.Node, ctx: PassContext, inputs: dict[str, torch.T
             if "dsc_input" in n.meta and n.meta["dsc_input"] in inputs:
                 env[n] = inputs[n.meta["dsc_input"]]
             elif "dsc_weight" in n.meta and n.meta["dsc_weight"] in ctx.weights:
-                env[n] = ctx.weights[n.meta["dsc_weight"]]
+                env[n] = ctx.weights[n.meta["dsc_weight"]].cpu()
             else:
                 return None
             continue

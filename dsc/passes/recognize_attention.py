@@ -41,6 +41,8 @@ def _strip_repeat_kv(node: fx.Node) -> fx.Node:
     """k when node is the repeat_kv expansion of k along the head dimension, else node."""
     if is_op(node, aten.reshape, aten.view, aten._unsafe_view):
         expand = node.args[0]
+        if is_op(expand, aten.clone):
+            expand = expand.args[0]
         if is_op(expand, aten.expand) and is_op(expand.args[0], aten.unsqueeze):
             unsq = expand.args[0]
             base = unsq.args[0]

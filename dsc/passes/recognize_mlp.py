@@ -44,7 +44,7 @@ from dsc.passes.graph_utils import call, is_op, tensor_meta
 __all__ = ["recognize_mlp"]
 
 aten = torch.ops.aten
-dsc = torch.ops.dsc
+dsc_ops = torch.ops.dsc
 
 _TOL = 1e-6  # how far a written-out constant may be from the formula's
 _MAX_DEPTH = 8  # arithmetic trees of an activation are shallow; deeper means something else
@@ -231,7 +231,12 @@ def _half(node) -> tuple[fx.Node, int] | None:
 def _gated(gate, up) -> bool:
     """True when gate and up are two projections of one input, or two halves of one projection."""
     gate_val, up_val = tensor_meta(gate), tensor_meta(up)
-    if gate_val is None or up_val is None or gate_val.shape != up_val.shape:
+    # Sizes compare as expressions: == on symbolic sizes would add guards to the shape env.
+    if (
+        gate_val is None
+        or up_val is None
+        or list(map(str, gate_val.shape)) != list(map(str, up_val.shape))
+    ):
         return False
     a, b = _strip_views(gate), _strip_views(up)
     if a is not b:
@@ -258,7 +263,7 @@ def recognize_mlp(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         x, kind, last = found
         with graph.inserting_after(last):
-            new = call(graph, dsc.activation.default, (x, kind), like=last)
+            new = call(graph, dsc_ops.activation.default, (x, kind), like=last)
         last.replace_all_uses_with(new)
     graph.eliminate_dead_code()
 
@@ -266,11 +271,11 @@ def recognize_mlp(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if not is_op(node, aten.mul) or len(node.args) != 2:
             continue
         for act, up in (node.args, node.args[::-1]):
-            if is_op(act, dsc.activation) and _gated(act.args[0], up):
+            if is_op(act, dsc_ops.activation) and _gated(act.args[0], up):
                 with graph.inserting_after(node):
                     new = call(
                         graph,
-                        dsc.gated_activation.default,
+                        dsc_ops.gated_activation.default,
                         (act.args[0], up, act.args[1]),
                         like=node,
                     )

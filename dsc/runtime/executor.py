@@ -39,6 +39,10 @@ def resolve_op(name: str) -> Callable:
     namespace, _, rest = name.partition("::")
     if namespace == "py":
         return _PY[rest]
+    if namespace == "cuda":
+        from dsc.runtime.cuda_impls import resolve
+
+        return resolve(rest)
     if namespace in _KERNEL_RESOLVERS:
         return _KERNEL_RESOLVERS[namespace](rest)
     opname, _, overload = rest.partition(".")

@@ -11,6 +11,7 @@ import torch
 
 from dsc.plan import Plan, load_plan, save_plan
 from dsc.runtime.cache import KVCache
+from dsc.runtime.cuda_graphs import GraphedProgram
 from dsc.runtime.executor import Executor
 from dsc.runtime.generate import GenerationRequest, check_prompt, generate_tokens
 
@@ -43,6 +44,7 @@ class CompiledModel:
         }
         self.info = plan.model
         self.cache: KVCache | None = None
+        self._graphs: dict[int, GraphedProgram] = {}  # decode step per batch size
         if "decode" in plan.programs:
             self.cache = KVCache(plan.model["cache"], self.device, plan.target.max_batch,
                                  plan.target.max_seq_len)
@@ -111,7 +113,14 @@ class CompiledModel:
         program = self.executors["decode"]
         feed = {"input_ids": token, "attention_mask": torch.ones_like(token),
                 "position_ids": positions, **cache.inputs(token.shape[0], start=slot)}
-        (logits,) = program(**{k: feed[k] for k in program.program.inputs})
+        feed = {k: feed[k] for k in program.program.inputs}
+        if self.device.type == "cuda" and self.target.cuda_graphs:
+            batch = token.shape[0]
+            if batch not in self._graphs:
+                self._graphs[batch] = GraphedProgram(program, feed)
+            (logits,) = self._graphs[batch](feed)
+        else:
+            (logits,) = program(**feed)
         return logits[:, -1]
 
     def stream(

@@ -33,12 +33,12 @@ def test_left_padded_batch_equals_each_alone(pair):
     ids = torch.zeros(len(prompts), seq, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
-        ids[row, seq - len(p):] = p
-        mask[row, seq - len(p):] = 1
+        ids[row, seq - len(p) :] = p
+        mask[row, seq - len(p) :] = 1
     batch = compiled.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
     for row, p in enumerate(prompts):
         alone = compiled.generate(p[None], max_new_tokens=10, eos_token_id=[])
-        assert torch.equal(batch[row, seq:], alone[0, len(p):])
+        assert torch.equal(batch[row, seq:], alone[0, len(p) :])
 
 
 def test_right_padding_is_handled(pair):
@@ -55,8 +55,15 @@ def test_right_padding_is_handled(pair):
 def test_sampling_is_reproducible_with_seed(pair):
     _, compiled = pair
     ids = torch.randint(3, 200, (2, 5), generator=torch.Generator().manual_seed(4))
-    kw = dict(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=7,
-              eos_token_id=[])
+    kw = dict(
+        max_new_tokens=8,
+        do_sample=True,
+        temperature=0.8,
+        top_k=20,
+        top_p=0.9,
+        seed=7,
+        eos_token_id=[],
+    )
     a, b = compiled.generate(ids, **kw), compiled.generate(ids, **kw)
     assert torch.equal(a, b)
     c = compiled.generate(ids, **{**kw, "seed": 8})
@@ -77,8 +84,9 @@ def test_eos_stops_and_pads_like_hf():
     free = compiled.generate(ids, max_new_tokens=10, eos_token_id=[])
     eos = int(free[0, 9])  # the 4th new token becomes the stop token
     with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=eos,
-                             pad_token_id=0)
+        ref = model.generate(
+            ids, max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=0
+        )
     out = compiled.generate(ids, max_new_tokens=10, eos_token_id=eos)
     assert out.shape[1] <= 16 and torch.equal(out[0, : ref.shape[1]], ref[0])
 

@@ -1,0 +1,210 @@
+"""End-to-end decode benchmark on one GPU: dsc vs HF eager vs HF static cache + torch.compile.
+
+Random weights at real shapes; prompt 128 tokens, 64 new tokens, greedy; decode time per token =
+(time for N new tokens - time for 1) / (N - 1), median of 3. The floor is the model's weight bytes
+over the device copy bandwidth measured in this run. Prints a table; writes JSON lines.
+
+    python bench/e2e.py --models llama-7b:1,llama-7b:16 --out bench/results/e2e.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dsc  # noqa: E402
+from dsc import zoo  # noqa: E402
+
+DTYPES = {
+    "llama-7b": torch.bfloat16,
+    "llama-1.1b": torch.bfloat16,
+    "gpt2-xl": torch.float16,
+    "opt-1.3b": torch.float16,
+    "llama-70b": torch.bfloat16,
+}
+PROMPT, NEW = 128, 64
+
+
+def copy_bandwidth() -> float:
+    """Device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() / statistics.median(times)
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def per_token(generate, reps: int = 3) -> float:
+    """(t(NEW tokens) - t(1 token)) / (NEW - 1), median over reps, in seconds."""
+    generate(2)  # warm
+    full = statistics.median(timed(lambda: generate(NEW)) for _ in range(reps))
+    one = statistics.median(timed(lambda: generate(1)) for _ in range(reps))
+    return (full - one) / (NEW - 1)
+
+
+def hf_generate(model, ids):
+    def run(n):
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    return run
+
+
+def bench_model(name: str, batch: int, bandwidth: float, with_compile: bool, prefill: bool) -> dict:
+    dtype = DTYPES[name]
+    model = zoo.build(name, dtype=dtype, device="cuda")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    floor = weight_bytes / bandwidth
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, PROMPT), device="cuda", generator=gen)
+    row = {
+        "model": name,
+        "batch": batch,
+        "dtype": str(dtype).removeprefix("torch."),
+        "gpu": torch.cuda.get_device_name(),
+        "weight_gb": weight_bytes / 1e9,
+        "copy_gbps": bandwidth / 1e9,
+        "floor_ms": floor * 1e3,
+    }
+
+    with torch.no_grad():
+        row["hf_eager_ms"] = per_token(hf_generate(model, ids)) * 1e3
+
+        t0 = time.perf_counter()
+        target = dsc.Target(
+            device="cuda",
+            dtype=row["dtype"],
+            max_batch=max(batch, 1),
+            max_seq_len=PROMPT + NEW + 8 if not prefill else 2048 + 8,
+        )
+        compiled = dsc.compile(model, target)
+        compiled.generate(ids, max_new_tokens=1, eos_token_id=[])
+        torch.cuda.synchronize()
+        row["dsc_compile_to_first_token_s"] = time.perf_counter() - t0
+
+        def dsc_run(n):
+            compiled.generate(ids, max_new_tokens=n, eos_token_id=[])
+
+        row["dsc_ms"] = per_token(dsc_run) * 1e3
+        row["dsc_over_floor"] = row["dsc_ms"] / row["floor_ms"]
+
+        # Correctness on the GPU: first-step logits against HF in the same dtype.
+        ref = model(ids[:1, :32]).logits[:, -1].float()
+        mine = compiled(ids[:1, :32]).logits[:, -1].float()
+        row["first_logits_rel_err"] = float((mine - ref).norm() / ref.norm())
+        hf_tokens = model.generate(ids[:1], max_new_tokens=16, do_sample=False, pad_token_id=0)
+        row["greedy_agree_16"] = int(
+            (compiled.generate(ids[:1], max_new_tokens=16, eos_token_id=[]) == hf_tokens)
+            .all(0)
+            .long()
+            .cumprod(0)
+            .sum()
+            - PROMPT
+        )
+
+        if prefill:
+            long_ids = torch.randint(0, vocab, (1, 2048), device="cuda", generator=gen)
+            compiled.generate(long_ids, max_new_tokens=1, eos_token_id=[])
+            row["dsc_prefill_2048_ms"] = (
+                statistics.median(
+                    timed(lambda: compiled.generate(long_ids, max_new_tokens=1, eos_token_id=[]))
+                    for _ in range(3)
+                )
+                * 1e3
+            )
+            model(long_ids)
+            row["hf_eager_prefill_2048_ms"] = (
+                statistics.median(timed(lambda: model(long_ids, use_cache=False)) for _ in range(3))
+                * 1e3
+            )
+        del compiled
+        torch.cuda.empty_cache()
+
+        if with_compile:
+            model.generation_config.cache_implementation = "static"
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+            torch.cuda.synchronize()
+            row["hf_compile_warmup_s"] = time.perf_counter() - t0
+            row["hf_compile_ms"] = per_token(hf_generate(model, ids)) * 1e3
+            if prefill:
+                long_ids = long_ids
+                model.generate(long_ids, max_new_tokens=1, pad_token_id=0)
+                row["hf_compile_prefill_2048_ms"] = (
+                    statistics.median(
+                        timed(lambda: model.generate(long_ids, max_new_tokens=1, pad_token_id=0))
+                        for _ in range(3)
+                    )
+                    * 1e3
+                )
+    del model
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--models", default="llama-7b:1,llama-7b:16,llama-1.1b:1,gpt2-xl:1,opt-1.3b:1"
+    )
+    parser.add_argument("--no-compile", action="store_true", help="skip HF + torch.compile")
+    parser.add_argument(
+        "--prefill", default="llama-7b", help="models that also time 2048-token prefill"
+    )
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    gpu = torch.cuda.get_device_name().replace(" ", "-")
+    out = Path(args.out or f"bench/results/e2e-{gpu}-{time.strftime('%Y-%m-%d')}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for spec in args.models.split(","):
+        name, batch = spec.split(":")
+        first_of_model = name in args.prefill.split(",") and int(batch) == 1
+        row = bench_model(name, int(batch), bandwidth, not args.no_compile, first_of_model)
+        rows.append(row)
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    print(
+        f"\n{'model':<12}{'b':>3}{'floor':>8}{'dsc':>8}{'x floor':>8}{'HF eager':>10}"
+        f"{'HF compile':>11}{'compile s':>10}{'logit err':>10}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:<12}{r['batch']:>3}{r['floor_ms']:>8.2f}{r['dsc_ms']:>8.2f}"
+            f"{r['dsc_over_floor']:>8.2f}{r['hf_eager_ms']:>10.2f}"
+            f"{r.get('hf_compile_ms', float('nan')):>11.2f}"
+            f"{r['dsc_compile_to_first_token_s']:>10.1f}{r['first_logits_rel_err']:>10.4f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,649 @@
+"""Benchmark dsc's Triton kernels against torch on one GPU, in one run.
+
+    PYTHONPATH=. python bench/kernels.py [--out PATH] [--sweep]
+
+First the two ceilings of this card, measured now: device copy bandwidth (a large `copy_`, bytes
+read + written) and the bf16 GEMM rate (8192^3 `torch.matmul`). Then every kernel on its target
+shapes, next to the torch op that does the same job. Each kernel is checked against an fp32
+reference before it is timed.
+
+Timing: the calls are captured in a CUDA graph, R of them over R different copies of the inputs
+(weights, caches, activations), and `triton.testing.do_bench` takes the median time of a replay;
+a call's time is that over R. Rotating copies keep the L2 cache from serving re-reads, the graph
+removes Python launch overhead (dsc replays decode steps as graphs, so this is how the kernels run),
+and R is chosen so that a replay moves about 1 GB: do_bench zeroes a 256 MB buffer before every
+replay, which leaves L2 full of dirty lines whose write-back the first call pays for, and a large
+replay dilutes that. A second, event-timed median of back-to-back replays without that flush is
+kept in the JSON (`ms_no_flush`).
+
+`--sweep` also times a grid of launch configurations per kernel (the data behind the launchers'
+heuristic tables) and writes them as `"kind": "sweep"` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from dsc.kernels.decode_attention import DecodeConfig, decode_attention, pick_decode_config
+from dsc.kernels.flash_attention import FlashConfig, flash_attention
+from dsc.kernels.gemm import GemmConfig, gated_linear, linear_fused
+from dsc.kernels.norms import layer_norm, rms_norm
+from dsc.kernels.reference import (
+    attention_reference,
+    gated_linear_reference,
+    layer_norm_reference,
+    linear_reference,
+    rms_norm_reference,
+)
+from dsc.kernels.small_batch_gemm import SmallBatchConfig, linear_small_batch, pick_config
+
+DTYPE = torch.bfloat16
+REPLAY_BYTES = 1 << 30  # data one graph replay should move
+
+# Llama-7B projections as (N, K) of an nn.Linear weight [N, K].
+LLAMA7B_PROJECTIONS = {
+    "q/k/v/o 4096x4096": (4096, 4096),
+    "qkv fused 12288x4096": (12288, 4096),
+    "up/gate 11008x4096": (11008, 4096),
+    "gate+up fused 22016x4096": (22016, 4096),
+    "down 4096x11008": (4096, 11008),
+}
+
+
+@dataclass
+class Result:
+    """One line of the table (and of the JSONL file)."""
+
+    kernel: str
+    shape: str
+    ms: float
+    rate: float  # GB/s or TFLOP/s, see unit
+    unit: str
+    pct_ceiling: float
+    torch_ms: float | None
+    target: str
+    met: bool | None
+    rel_err: float
+    ms_no_flush: float | None = None
+    torch_ms_no_flush: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float | None:
+        return None if self.torch_ms is None else self.torch_ms / self.ms
+
+
+# ----------------------------------------------------------------------------------- timing
+
+
+def _capture(calls: list[Callable[[], object]]) -> torch.cuda.CUDAGraph:
+    for call in calls:  # compile / pick cuBLAS algorithms outside the capture
+        call()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    torch.cuda.synchronize()
+    return graph
+
+
+def _events_median(fn: Callable[[], object], reps: int = 30) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_calls(calls: list[Callable[[], object]], rep_ms: int = 60) -> tuple[float, float]:
+    """Median ms per call of a graph replaying `calls` (do_bench; and without L2 flush)."""
+    graph = _capture(calls)
+    ms = do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median")
+    ms_no_flush = _events_median(graph.replay)
+    del graph
+    return ms / len(calls), ms_no_flush / len(calls)
+
+
+def copies_for(bytes_per_call: int, lo: int = 4, hi: int = 48) -> int:
+    return max(lo, min(hi, math.ceil(REPLAY_BYTES / max(1, bytes_per_call))))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    scale = ref.norm().item()
+    return (out.double() - ref).norm().item() / (scale if scale > 0 else 1.0)
+
+
+# --------------------------------------------------------------------------------- ceilings
+
+
+def measure_copy_bandwidth() -> float:
+    n = 1 << 30  # bytes per buffer
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(partial(dst.copy_, src), warmup=20, rep=200, return_mode="median")
+    return 2 * n / ms / 1e6  # GB/s
+
+
+def measure_gemm_rate() -> float:
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=DTYPE)
+    b = torch.randn(n, n, device="cuda", dtype=DTYPE)
+    ms = do_bench(partial(torch.matmul, a, b), warmup=50, rep=300, return_mode="median")
+    return 2 * n**3 / ms / 1e9  # TFLOP/s
+
+
+# ---------------------------------------------------------------------------------- kernels
+
+
+def _rms_mine(x, res, w):
+    return rms_norm(x, w, 1e-6, res)
+
+
+def _rms_torch(x, res, w):
+    return F.rms_norm(x if res is None else x + res, (x.shape[-1],), w, 1e-6)
+
+
+def _ln_mine(x, res, w, b):
+    return layer_norm(x, w, b, 1e-5, res)
+
+
+def _ln_torch(x, res, w, b):
+    return F.layer_norm(x if res is None else x + res, (x.shape[-1],), w, b, 1e-5)
+
+
+def _sdpa_decode(q, k, v, scale, gqa):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+
+
+def _sdpa_causal(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _torch_linear_silu_res(x, w, bias, res):
+    return F.silu(F.linear(x, w, bias)) + res
+
+
+def _torch_gated(x, w):
+    gate, up = F.linear(x, w).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def bench_small_batch_gemm(copy_bw: float, sm: int, sizes: list[int]) -> list[Result]:
+    results = []
+    for name, (n, k) in LLAMA7B_PROJECTIONS.items():
+        w_bytes = n * k * 2
+        ws = [torch.randn(n, k, device="cuda", dtype=DTYPE) for _ in range(copies_for(w_bytes))]
+        for m in sizes:
+            x = torch.randn(m, k, device="cuda", dtype=DTYPE)
+            err = rel_err(linear_small_batch(x, ws[0]), linear_reference(x, ws[0]))
+            mine, mine_nf = time_calls([partial(linear_small_batch, x, w) for w in ws])
+            ref, ref_nf = time_calls([partial(F.linear, x, w) for w in ws])
+            gbps = (w_bytes + 2 * m * (k + n)) / mine / 1e6
+            pct = 100 * gbps / copy_bw
+            results.append(
+                Result(
+                    kernel="linear_small_batch",
+                    shape=f"M={m} {name}",
+                    ms=mine,
+                    rate=gbps,
+                    unit="GB/s",
+                    pct_ceiling=pct,
+                    torch_ms=ref,
+                    target=">=85% copy BW, >= F.linear",
+                    met=err <= 1e-2 and pct >= 85 and mine <= ref * 1.02,
+                    rel_err=err,
+                    ms_no_flush=mine_nf,
+                    torch_ms_no_flush=ref_nf,
+                    extra=asdict(pick_config(m, n, k, sm)),
+                )
+            )
+        del ws
+    return results
+
+
+def bench_norms(copy_bw: float) -> list[Result]:
+    results = []
+    hidden = 4096
+    w = torch.randn(hidden, device="cuda", dtype=DTYPE)
+    b = torch.randn(hidden, device="cuda", dtype=DTYPE)
+    cases = (
+        ("rms_norm", False, partial(_rms_mine, w=w), partial(_rms_torch, w=w)),
+        ("rms_norm +residual", True, partial(_rms_mine, w=w), partial(_rms_torch, w=w)),
+        ("layer_norm +residual", True, partial(_ln_mine, w=w, b=b), partial(_ln_torch, w=w, b=b)),
+    )
+    for rows in (16, 128, 2048):
+        for label, with_res, mine, theirs in cases:
+            nbytes = rows * hidden * 2
+            r = copies_for(nbytes * 4, hi=16)
+            xs = [torch.randn(rows, hidden, device="cuda", dtype=DTYPE) for _ in range(r)]
+            rs = [torch.randn_like(x) if with_res else None for x in xs]
+            got = mine(xs[0], rs[0])
+            if label.startswith("rms"):
+                want = rms_norm_reference(xs[0], w, 1e-6, rs[0])
+            else:
+                want = layer_norm_reference(xs[0], w, b, 1e-5, rs[0])
+            if with_res:
+                err = max(rel_err(got[0], want[0]), rel_err(got[1], want[1]))
+            else:
+                err = rel_err(got, want)
+            t_mine, t_mine_nf = time_calls([partial(mine, x, res) for x, res in zip(xs, rs)])
+            t_ref, t_ref_nf = time_calls([partial(theirs, x, res) for x, res in zip(xs, rs)])
+            gbps = (nbytes * (4 if with_res else 2) + hidden * 2) / t_mine / 1e6
+            pct = 100 * gbps / copy_bw
+            results.append(
+                Result(
+                    kernel=label,
+                    shape=f"{rows}x{hidden}",
+                    ms=t_mine,
+                    rate=gbps,
+                    unit="GB/s",
+                    pct_ceiling=pct,
+                    torch_ms=t_ref,
+                    target=">=85% copy BW",
+                    met=err <= 1e-2 and pct >= 85,
+                    rel_err=err,
+                    ms_no_flush=t_mine_nf,
+                    torch_ms_no_flush=t_ref_nf,
+                )
+            )
+            del xs, rs
+    return results
+
+
+def _cache(b, hq, hkv, t, d, live, dtype=DTYPE):
+    q = torch.randn(b, hq, 1, d, device="cuda", dtype=dtype)
+    k = torch.randn(b, hkv, t, d, device="cuda", dtype=dtype)
+    v = torch.randn(b, hkv, t, d, device="cuda", dtype=dtype)
+    valid = torch.ones(b, t, device="cuda", dtype=torch.bool)
+    start = torch.tensor([live - 1], device="cuda", dtype=torch.int64)
+    return q, k, v, valid, start
+
+
+DECODE_CASES = {
+    "B=16 H=32 D=128 T=2048": (16, 32, 32, 2048, 128),
+    "B=1 H=32 D=128 T=8192": (1, 32, 32, 8192, 128),
+    "B=1 Hq=32 Hkv=8 D=128 T=8192": (1, 32, 8, 8192, 128),
+}
+
+
+def bench_decode(
+    copy_bw: float,
+    sm: int,
+    configs_for: Callable[[int], dict[str, DecodeConfig | None]],
+) -> list[Result]:
+    results = []
+    for name, (b, hq, hkv, t, d) in DECODE_CASES.items():
+        cache_bytes = 2 * b * hkv * t * d * 2
+        sets = [_cache(b, hq, hkv, t, d, live=t) for _ in range(copies_for(cache_bytes, 2, 8))]
+        scale = 1 / math.sqrt(d)
+        want = attention_reference(*sets[0], True, scale)
+        t_ref, t_ref_nf = time_calls(
+            [partial(_sdpa_decode, s[0], s[1], s[2], scale, hq != hkv) for s in sets]
+        )
+        for label, cfg in configs_for(b * hkv).items():
+            err = rel_err(decode_attention(*sets[0], True, scale, config=cfg), want)
+            t_mine, t_mine_nf = time_calls(
+                [partial(decode_attention, *s, True, scale, config=cfg) for s in sets]
+            )
+            gbps = (cache_bytes + 4 * sets[0][0].numel()) / t_mine / 1e6
+            pct = 100 * gbps / copy_bw
+            results.append(
+                Result(
+                    kernel="decode_attention" + ("" if cfg is None else f" [{label}]"),
+                    shape=name,
+                    ms=t_mine,
+                    rate=gbps,
+                    unit="GB/s",
+                    pct_ceiling=pct,
+                    torch_ms=t_ref,
+                    target=">=75% copy BW",
+                    met=err <= 1e-2 and pct >= 75,
+                    rel_err=err,
+                    ms_no_flush=t_mine_nf,
+                    torch_ms_no_flush=t_ref_nf,
+                    extra=asdict(cfg or pick_decode_config(b, hkv, t, sm)),
+                )
+            )
+        del sets
+    return results
+
+
+def bench_flash(gemm_rate: float, configs: dict[str, FlashConfig | None]) -> list[Result]:
+    results = []
+    b, h, s, d = 1, 32, 2048, 128
+    scale = 1 / math.sqrt(d)
+    sets = []
+    for _ in range(4):
+        q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=DTYPE) for _ in range(3))
+        valid = torch.ones(b, s, device="cuda", dtype=torch.bool)
+        start = torch.zeros(1, device="cuda", dtype=torch.int64)
+        sets.append((q, k, v, valid, start))
+    want = attention_reference(*sets[0], True, scale)
+    flops = 4 * b * h * d * (s * (s + 1) // 2)  # causal: only the attended (i, j) pairs
+    t_ref, t_ref_nf = time_calls([partial(_sdpa_causal, *x[:3]) for x in sets])
+    for label, cfg in configs.items():
+        err = rel_err(flash_attention(*sets[0], True, scale, config=cfg), want)
+        t_mine, t_mine_nf = time_calls(
+            [partial(flash_attention, *x, True, scale, config=cfg) for x in sets]
+        )
+        tflops = flops / t_mine / 1e9
+        pct = 100 * tflops / gemm_rate
+        results.append(
+            Result(
+                kernel="flash_attention" + ("" if cfg is None else f" [{label}]"),
+                shape=f"B={b} H={h} S={s} D={d} causal",
+                ms=t_mine,
+                rate=tflops,
+                unit="TFLOP/s",
+                pct_ceiling=pct,
+                torch_ms=t_ref,
+                target=">=60% GEMM rate",
+                met=err <= 1e-2 and pct >= 60,
+                rel_err=err,
+                ms_no_flush=t_mine_nf,
+                torch_ms_no_flush=t_ref_nf,
+                extra=asdict(cfg or FlashConfig()),
+            )
+        )
+    return results
+
+
+def bench_gemm(gemm_rate: float, configs: dict[str, GemmConfig | None]) -> list[Result]:
+    results = []
+    m, k = 2048, 4096
+    x = torch.randn(m, k, device="cuda", dtype=DTYPE)
+    for n, gated in ((4096, False), (11008, True)):
+        w_rows = 2 * n if gated else n
+        ws = [torch.randn(w_rows, k, device="cuda", dtype=DTYPE) / 64 for _ in range(4)]
+        bias = torch.randn(n, device="cuda", dtype=DTYPE)
+        res = torch.randn(m, n, device="cuda", dtype=DTYPE)
+        if gated:
+            want = gated_linear_reference(x, ws[0], "silu")
+            theirs = [partial(_torch_gated, x, w) for w in ws]
+        else:
+            want = linear_reference(x, ws[0], bias, "silu", res)
+            theirs = [partial(_torch_linear_silu_res, x, w, bias, res) for w in ws]
+        t_ref, t_ref_nf = time_calls(theirs)
+        for label, cfg in configs.items():
+            if gated:
+                calls = [partial(gated_linear, x, w, "silu", config=cfg) for w in ws]
+            else:
+                calls = [partial(linear_fused, x, w, bias, "silu", res, config=cfg) for w in ws]
+            err = rel_err(calls[0](), want)
+            t_mine, t_mine_nf = time_calls(calls)
+            tflops = 2 * m * k * w_rows / t_mine / 1e9
+            kernel = "gated_linear silu" if gated else "linear_fused bias+silu+res"
+            results.append(
+                Result(
+                    kernel=kernel + ("" if cfg is None else f" [{label}]"),
+                    shape=f"M={m} N={n} K={k}",
+                    ms=t_mine,
+                    rate=tflops,
+                    unit="TFLOP/s",
+                    pct_ceiling=100 * tflops / gemm_rate,
+                    torch_ms=t_ref,
+                    target="(no target)",
+                    met=None if err <= 1e-2 else False,
+                    rel_err=err,
+                    ms_no_flush=t_mine_nf,
+                    torch_ms_no_flush=t_ref_nf,
+                    extra=asdict(cfg) if cfg else {},
+                )
+            )
+        del ws
+    return results
+
+
+# ------------------------------------------------------------------------------------ sweep
+
+
+def _small_batch_candidates(n: int, k: int, m: int, sm: int) -> list[SmallBatchConfig]:
+    candidates = []
+    if m == 1:
+        fma = ((8, 512, 4, 1), (8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3), (32, 256, 8, 3))
+        fma += ((4, 1024, 4, 3), (16, 512, 4, 1))
+        candidates += [SmallBatchConfig(1, bn, bk, 1, warps, st) for bn, bk, warps, st in fma]
+    for bn in (16, 32, 64, 128):
+        tiles = triton.cdiv(n, bn)
+        for mult in (1, 2, 4):
+            split = max(1, min(triton.cdiv(mult * sm, tiles), k // 512))
+            if mult > 1 and split == 1:
+                continue
+            for bk, stages in ((128, 4), (128, 6), (256, 3)):
+                candidates.append(SmallBatchConfig(16, bn, bk, split, 4, stages))
+    return list(dict.fromkeys(candidates))
+
+
+def sweep_small_batch_gemm(copy_bw: float, sm: int) -> list[dict]:
+    """GB/s of each launch configuration on three projection shapes at M = 1 and 16."""
+    lines = []
+    for name in ("q/k/v/o 4096x4096", "up/gate 11008x4096", "down 4096x11008"):
+        n, k = LLAMA7B_PROJECTIONS[name]
+        ws = [torch.randn(n, k, device="cuda", dtype=DTYPE) for _ in range(copies_for(n * k * 2))]
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda", dtype=DTYPE)
+            ref = linear_reference(x, ws[0])
+            for cfg in _small_batch_candidates(n, k, m, sm):
+                line = {"kernel": "sbgemm", "shape": name, "m": m, "cfg": asdict(cfg)}
+                try:
+                    err = rel_err(linear_small_batch(x, ws[0], config=cfg), ref)
+                    calls = [partial(linear_small_batch, x, w, config=cfg) for w in ws]
+                    t, t_nf = time_calls(calls, rep_ms=30)
+                except (RuntimeError, ValueError) as exc:  # a config the compiler rejects
+                    lines.append({**line, "error": str(exc)[:200]})
+                    continue
+                gbps = n * k * 2 / t / 1e6
+                pct = 100 * gbps / copy_bw
+                lines.append({**line, "ms": t, "ms_no_flush": t_nf, "pct": pct, "err": err})
+        del ws
+    return lines
+
+
+def sweep_norms(copy_bw: float) -> list[dict]:
+    lines = []
+    hidden = 4096
+    w = torch.randn(hidden, device="cuda", dtype=DTYPE)
+    for rows in (128, 2048):
+        r = copies_for(rows * hidden * 8, hi=16)
+        xs = [torch.randn(rows, hidden, device="cuda", dtype=DTYPE) for _ in range(r)]
+        rs = [torch.randn_like(x) for x in xs]
+        for warps in (2, 4, 8, 16):
+            calls = [partial(rms_norm, x, w, 1e-6, res, num_warps=warps) for x, res in zip(xs, rs)]
+            t, t_nf = time_calls(calls)
+            pct = 100 * rows * hidden * 8 / t / 1e6 / copy_bw
+            line = {"kernel": "rms_norm+res", "shape": f"{rows}x{hidden}", "m": None}
+            lines.append({**line, "cfg": {"num_warps": warps}, "ms": t, "ms_no_flush": t_nf})
+            lines[-1]["pct"] = pct
+    return lines
+
+
+def decode_sweep_configs(pairs: int, sm: int) -> dict[str, DecodeConfig | None]:
+    """Key-tile sizes, pipelining, and splits that put 1 to 8 programs on each SM."""
+    configs: dict[str, DecodeConfig | None] = {}
+    splits_options = sorted({triton.cdiv(c * sm, pairs) for c in (1, 2, 4, 8)})
+    for bn in (32, 64, 128):
+        for splits in splits_options:
+            for warps, stages in ((4, 2), (4, 3), (8, 3)):
+                label = f"bn{bn} s{splits} w{warps} st{stages}"
+                configs[label] = DecodeConfig(bn, splits, warps, stages)
+    return configs
+
+
+FLASH_SWEEP = {
+    "128x64 w8 s3": FlashConfig(128, 64, 8, 3),
+    "128x128 w8 s3": FlashConfig(128, 128, 8, 3),
+    "128x64 w4 s3": FlashConfig(128, 64, 4, 3),
+    "128x32 w4 s4": FlashConfig(128, 32, 4, 4),
+    "64x64 w4 s3": FlashConfig(64, 64, 4, 3),
+    "128x128 w8 s2": FlashConfig(128, 128, 8, 2),
+    "128x64 w8 s4": FlashConfig(128, 64, 8, 4),
+}
+
+GEMM_SWEEP = {
+    "128x128x64 w8 s3": GemmConfig(128, 128, 64, 8, 8, 3),
+    "128x128x64 w4 s4": GemmConfig(128, 128, 64, 8, 4, 4),
+    "128x256x64 w8 s3": GemmConfig(128, 256, 64, 8, 8, 3),
+    "128x64x64 w4 s4": GemmConfig(128, 64, 64, 8, 4, 4),
+    "64x128x64 w4 s4": GemmConfig(64, 128, 64, 8, 4, 4),
+}
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(results: list[Result], gpu: str, copy_bw: float, gemm_rate: float) -> None:
+    print(f"\n{gpu}: copy {copy_bw:.0f} GB/s (read+write), bf16 GEMM {gemm_rate:.0f} TFLOP/s")
+    header = (
+        f"{'kernel':34} {'shape':32} {'ms':>9} {'rate':>15} {'%ceil':>6} {'torch ms':>9} "
+        f"{'speedup':>7} {'rel err':>8}  target"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        met = {True: "MET", False: "missed", None: ""}[r.met]
+        print(
+            f"{r.kernel[:34]:34} {r.shape[:32]:32} {r.ms:9.4f} {r.rate:9.1f} {r.unit:>5} "
+            f"{r.pct_ceiling:6.1f} {_fmt(r.torch_ms, '9.4f'):>9} {_fmt(r.speedup, '7.2f'):>7} "
+            f"{r.rel_err:8.1e}  {r.target} {met}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="JSONL output path")
+    parser.add_argument("--sweep", action="store_true", help="also sweep launch configurations")
+    parser.add_argument("--only", default="", help="comma list: sbgemm,norms,decode,flash,gemm")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+
+    props = torch.cuda.get_device_properties(0)
+    gpu = props.name
+    sm = props.multi_processor_count
+    out = args.out or Path(
+        f"bench/results/kernels-{gpu.replace(' ', '_')}-{datetime.date.today():%Y-%m-%d}.jsonl"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    only = set(filter(None, args.only.split(",")))
+
+    torch.manual_seed(0)
+    copy_bw = measure_copy_bandwidth()
+    gemm_rate = measure_gemm_rate()
+    print(
+        f"{gpu}: {sm} SMs, copy {copy_bw:.0f} GB/s, bf16 GEMM {gemm_rate:.0f} TFLOP/s", flush=True
+    )
+    meta = {
+        "kind": "ceilings",
+        "gpu": gpu,
+        "sms": sm,
+        "copy_gbps": copy_bw,
+        "gemm_tflops": gemm_rate,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    with out.open("w") as f:
+        f.write(json.dumps(meta) + "\n")
+
+    results: list[Result] = []
+
+    def record(batch: list[Result], kind: str = "result") -> None:
+        with out.open("a") as f:
+            for r in batch:
+                f.write(json.dumps({"kind": kind, **asdict(r), "speedup": r.speedup}) + "\n")
+        if kind == "result":
+            results.extend(batch)
+            print_table(batch, gpu, copy_bw, gemm_rate)
+        else:
+            # Sweeps: the three fastest configurations of each shape.
+            for shape in dict.fromkeys(r.shape for r in batch):
+                best = sorted((r for r in batch if r.shape == shape), key=lambda r: r.ms)[:3]
+                for r in best:
+                    print(f"  sweep {r.kernel:44} {shape:30} {r.ms:8.4f} ms {r.pct_ceiling:5.1f}%")
+        sys.stdout.flush()
+
+    def section(name: str, run: Callable[[], object]) -> None:
+        if only and name.split(":")[0] not in only:
+            return
+        began = time.perf_counter()
+        run()
+        print(f"[{name}: {time.perf_counter() - began:.0f} s]", flush=True)
+
+    def record_sweep(lines: list[dict]) -> None:
+        with out.open("a") as f:
+            for line in lines:
+                f.write(json.dumps({"kind": "sweep", **line}) + "\n")
+        _print_sweep_summary(lines)
+
+    section("sbgemm", lambda: record(bench_small_batch_gemm(copy_bw, sm, sizes=[1, 4, 16, 32])))
+    section("norms", lambda: record(bench_norms(copy_bw)))
+    section("decode", lambda: record(bench_decode(copy_bw, sm, lambda _pairs: {"default": None})))
+    section("flash", lambda: record(bench_flash(gemm_rate, {"default": None})))
+    section("gemm", lambda: record(bench_gemm(gemm_rate, {"default": None})))
+    if args.sweep:
+        section("sbgemm:sweep", lambda: record_sweep(sweep_small_batch_gemm(copy_bw, sm)))
+        sweep_decode = partial(decode_sweep_configs, sm=sm)
+        section("decode:sweep", lambda: record(bench_decode(copy_bw, sm, sweep_decode), "sweep"))
+        section("flash:sweep", lambda: record(bench_flash(gemm_rate, FLASH_SWEEP), "sweep"))
+        section("norms:sweep", lambda: record_sweep(sweep_norms(copy_bw)))
+        section("gemm:sweep", lambda: record(bench_gemm(gemm_rate, GEMM_SWEEP), "sweep"))
+
+    print_table(results, gpu, copy_bw, gemm_rate)
+    print(f"\nwrote {out}")
+    return 0
+
+
+def _print_sweep_summary(lines: list[dict]) -> None:
+    """Best configuration per (kernel, shape, m), and the spread, for the heuristic tables."""
+    groups: dict[tuple, list[dict]] = {}
+    for line in lines:
+        if "ms" in line:
+            groups.setdefault((line["kernel"], line["shape"], line.get("m")), []).append(line)
+    print("\nsweep: best and worst configuration per case")
+    for key, entries in groups.items():
+        entries.sort(key=lambda e: e["ms"])
+        best, worst = entries[0], entries[-1]
+        cfg = best.get("cfg", best.get("warps"))
+        print(
+            f"  {key[0]:14} {key[1]:26} m={key[2]!s:4} best {best['pct']:5.1f}% {cfg}  "
+            f"worst {worst['pct']:5.1f}%"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Kernel selection: each dsc/aten op has candidate implementations, each with a checker.
+
+The first candidate whose checker accepts the node (dtype, shapes, device, entry point) is chosen;
+when none applies the op runs as itself (torch). The choice per node is kept in the Program and
+shown by `report()` and `dsc inspect`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from dsc.target import Target
+
+__all__ = ["Candidate", "CANDIDATES", "choose_kernels"]
+
+aten = torch.ops.aten
+_GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    impl: str  # the step op the runtime calls
+    op: object  # the op overload it implements
+    applies: Callable[[fx.Node, str, Target], bool]  # (node, entry point, target)
+
+
+def _val(node) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _on_gpu(node: fx.Node, target: Target) -> bool:
+    val = _val(node)
+    return target.device == "cuda" and val is not None and val.dtype in _GPU_DTYPES
+
+
+def _small_batch_linear(node: fx.Node, program: str, target: Target) -> bool:
+    # Decode steps multiply a few rows by each weight: a bandwidth-bound GEMV the small-batch
+    # kernel streams at copy speed; prefill rows go to cuBLAS.
+    x, weight = _val(node.args[0]), _val(node.args[1])
+    return (
+        program == "decode" and _on_gpu(node, target) and weight is not None and x is not None
+        and weight.dim() == 2 and x.dtype == weight.dtype
+    )
+
+
+def _norm(node: fx.Node, program: str, target: Target) -> bool:
+    x = _val(node.args[0])
+    out = _val(node)
+    weight = _val(node.args[1])
+    return _on_gpu(node, target) and x is not None and out is not None and x.dtype == out.dtype and (
+        weight is None or weight.dtype == x.dtype
+    )
+
+
+def _attention(node: fx.Node, program: str, target: Target) -> bool:
+    q = _val(node.args[0])
+    return _on_gpu(node, target) and q is not None and q.shape[-1] <= 256
+
+
+CANDIDATES: list[Candidate] = [
+    Candidate("cuda::linear_small_batch", aten.linear.default, _small_batch_linear),
+    Candidate("cuda::rms_norm", torch.ops.dsc.rms_norm.default, _norm),
+    Candidate("cuda::layer_norm", torch.ops.dsc.layer_norm.default, _norm),
+    Candidate("cuda::cached_attention", torch.ops.dsc.cached_attention.default, _attention),
+    Candidate("cuda::attention", torch.ops.dsc.attention.default, _attention),
+]
+
+
+def choose_kernels(gm: fx.GraphModule, program: str, target: Target) -> dict[str, str]:
+    """node name -> implementation, for every node a candidate accepts."""
+    chosen: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        for cand in CANDIDATES:
+            if node.target is cand.op and cand.applies(node, program, target):
+                chosen[node.name] = cand.impl
+                break
+    return chosen

@@ -1,0 +1,452 @@
+"""recognize_moe: a mixture-of-experts block becomes one `dsc::moe` node, checked by probing.
+
+Matches (found structurally, then verified numerically):
+
+    logits = linear(x, router_weight)                      # [T, E]
+    w, idx = topk(softmax(logits, -1), k)                  # or softmax(topk(logits, k).values)
+    ...    any expert computation reading x, w, idx and 3-D expert weights ...
+    out    = first node after topk that every path from topk passes through, with x's size
+             and last dimension (Mixtral in transformers 5: sort/histc/cumsum, grouped_mm x2,
+             masked_fill, index_put/index, sum)
+
+Rewrite to (when it computes the same values):
+
+    out = dsc.moe(x, router_weight, gate_up, down, k, normalize, kind)
+
+The region between x and out is copied into a small graph and run on random x with the real
+weights; each reading of the block that the shapes allow is run through `dsc.moe`'s reference:
+normalize True/False, kind silu/gelu/gelu_tanh/relu (those the region computes first), expert
+weights as stored, transposed, with gate and up halves swapped or interleaved, or separate gate and
+up tensors concatenated. The first that matches within 1e-4 (relative to the output's size; 3e-2
+in half precision) is used; when none does, the block is left alone. A layout other than dsc's
+([E, 2F, H] gate rows then up rows; [E, H, F]) is copied once into a new weight
+`<name>.dsc_gate_up` / `<name>.dsc_down`, and an original no node reads any more is dropped.
+
+Does not match: a top-k that is not an MoE router (no 3-D expert weights behind it); a router with a
+bias or other weights in the block (a shared expert added inside it); experts that dsc.moe cannot
+express (another activation, a routing scale); a block that reads a tensor other than x.
+Ordering: after canonicalize and recognize_rms_norm; before recognize_mlp (which would otherwise
+see the experts' activation) and recognize_residual (which counts dsc.moe as a projection).
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import sympy
+import torch
+from torch import fx
+
+from dsc.ops.mlp import ACTIVATIONS
+from dsc.ops.moe import moe_reference
+from dsc.passes import register
+from dsc.passes.context import PassContext
+from dsc.passes.graph_utils import call, fake_mode_of, is_op, tensor_meta, weight_name
+
+__all__ = ["recognize_moe"]
+
+aten = torch.ops.aten
+dsc_ops = torch.ops.dsc
+
+_VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.clone, aten.alias)
+_SCALARS = (int, torch.SymInt)
+_PROBE_SIZES = (2, 5, 3, 4)  # values for the block's symbolic sizes: tokens 2*5 = 10
+_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}
+_HALF_TOLERANCE = 3e-2  # bf16/fp16: both sides round; a wrong reading is off by O(1)
+
+# What an activation op inside the block says about `kind`; tried before the other kinds.
+_KIND_HINTS: dict[object, Callable[[fx.Node], str | None]] = {
+    aten.silu: lambda n: "silu",
+    aten.sigmoid: lambda n: "silu",
+    aten.relu: lambda n: "relu",
+    aten.tanh: lambda n: "gelu_tanh",
+    aten.erf: lambda n: "gelu",
+    aten.gelu: lambda n: "gelu_tanh" if n.kwargs.get("approximate") == "tanh" else "gelu",
+    dsc_ops.activation: lambda n: n.args[1],
+    dsc_ops.gated_activation: lambda n: n.args[2],
+}
+
+
+@dataclass
+class _Block:
+    topk: fx.Node
+    top_k: int
+    x: fx.Node  # the router's input
+    root: fx.Node  # x with views stripped: the region's only tensor input
+    moe_input: fx.Node  # x or a view of it with out's shape
+    router: fx.Node  # router weight placeholder
+    out: fx.Node
+    region: list[fx.Node]  # topological order
+    externals: list[fx.Node]  # root, weight placeholders, symbolic sizes
+    experts: list[fx.Node]  # 3-D weight placeholders
+
+
+@dataclass
+class _Reading:
+    """One way to read the expert weights as dsc.moe's gate_up [E, 2F, H] and down [E, H, F]."""
+
+    gate_up: Callable[[dict[fx.Node, torch.Tensor]], torch.Tensor]
+    down: Callable[[dict[fx.Node, torch.Tensor]], torch.Tensor]
+    gate_up_as_is: fx.Node | None  # the placeholder when gate_up is a stored weight unchanged
+    down_as_is: fx.Node | None
+    gate_up_from: fx.Node  # the placeholder a new gate_up weight is named after
+    down_from: fx.Node
+
+
+def _strip(node, ops) -> fx.Node:
+    while is_op(node, *ops):
+        node = node.args[0]
+    return node
+
+
+def _strip_cast(node):
+    if is_op(node, aten._to_copy) and set(node.kwargs) <= {"dtype"}:
+        return node.args[0]
+    return node
+
+
+def _router(topk: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(router linear, top_k) for softmax -> topk or topk -> softmax over a linear's output."""
+    if len(topk.args) < 2 or not isinstance(topk.args[1], int):
+        return None
+    dim = topk.kwargs.get("dim", topk.args[2] if len(topk.args) > 2 else -1)
+    largest = topk.kwargs.get("largest", topk.args[3] if len(topk.args) > 3 else True)
+    scores_val = tensor_meta(topk.args[0])
+    if scores_val is None or dim not in (-1, scores_val.dim() - 1) or not largest:
+        return None
+    scores = _strip_cast(topk.args[0])
+    if is_op(scores, aten.softmax, aten._softmax):
+        scores = _strip_cast(scores.args[0])
+    else:
+        values = [u for u in topk.users if is_op(u, operator.getitem) and u.args[1] == 0]
+        if not any(is_op(_strip_cast(v), aten.softmax) for u in values for v in u.users):
+            return None
+    if not is_op(scores, aten.linear) or len(scores.args) != 2:
+        return None
+    weight = scores.args[1]
+    val = tensor_meta(weight)
+    if weight_name(weight) is None or val is None or val.dim() != 2:
+        return None
+    return scores, topk.args[1]
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return [str(d) for d in a.shape] == [str(d) for d in b.shape]
+
+
+def _block_output(topk: fx.Node, x_val: torch.Tensor) -> fx.Node | None:
+    """The first node after topk that all paths from topk pass through, of x's size."""
+    open_users: dict[fx.Node, int] = {}  # nodes reached from topk -> users not yet visited
+    started = False
+    for node in topk.graph.nodes:
+        if node is topk:
+            started = True
+            open_users[node] = len(node.users)
+            continue
+        if not started:
+            continue
+        reached = [a for a in node.all_input_nodes if a in open_users]
+        if not reached:
+            continue
+        for a in reached:
+            open_users[a] -= 1
+            if open_users[a] == 0:
+                del open_users[a]
+        if node.users:
+            open_users[node] = len(node.users)
+        if list(open_users) == [node]:
+            val = tensor_meta(node)
+            if (
+                val is not None
+                and val.dim() >= 1
+                and str(val.numel()) == str(x_val.numel())
+                and str(val.shape[-1]) == str(x_val.shape[-1])
+            ):
+                return node
+        if not open_users:
+            return None
+    return None
+
+
+def _region(out: fx.Node, root: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
+    """(nodes computing out from root, their inputs) or None if out reads another tensor.
+
+    The inputs may be root, weight placeholders and sizes computed before root (sym_size of the
+    user inputs); anything else computed before root is a tensor the block should not read.
+    """
+    order = {n: i for i, n in enumerate(out.graph.nodes)}
+    region: set[fx.Node] = set()
+    externals: set[fx.Node] = set()
+    stack = [out]
+    while stack:
+        node = stack.pop()
+        if node in region or node in externals:
+            continue
+        if node is root or weight_name(node) is not None:
+            externals.add(node)
+            continue
+        if node.op != "call_function":
+            return None
+        if order[node] < order[root]:
+            if not isinstance(node.meta.get("val"), _SCALARS):
+                return None
+            externals.add(node)
+            continue
+        region.add(node)
+        stack.extend(node.all_input_nodes)
+    return sorted(region, key=order.__getitem__), sorted(externals, key=order.__getitem__)
+
+
+def _find_block(topk: fx.Node) -> _Block | None:
+    found = _router(topk)
+    if found is None:
+        return None
+    linear, top_k = found
+    x, router = linear.args
+    x_val = tensor_meta(x)
+    if x_val is None or x_val.dim() < 1:
+        return None
+    out = _block_output(topk, x_val)
+    if out is None:
+        return None
+    root = _strip(x, _VIEWS)
+    chain = [x]
+    while chain[-1] is not root:
+        chain.append(chain[-1].args[0])
+    moe_input = next((n for n in chain if _same_shape(tensor_meta(n), tensor_meta(out))), None)
+    if moe_input is None:
+        return None
+    found_region = _region(out, root)
+    if found_region is None:
+        return None
+    region, externals = found_region
+    weights = [n for n in externals if weight_name(n) is not None]
+    experts = [n for n in weights if n is not router]
+    if router not in weights or not experts:
+        return None
+    n_experts = tensor_meta(router).shape[0]
+    if any(tensor_meta(w).dim() != 3 or tensor_meta(w).shape[0] != n_experts for w in experts):
+        return None
+    return _Block(topk, top_k, x, root, moe_input, router, out, region, externals, experts)
+
+
+def _oriented(w: fx.Node, last: int) -> Iterator[tuple[bool, int]]:
+    """(transposed, rows) for each way to read 3-D weight w as [E, rows, last]."""
+    _, a, b = tensor_meta(w).shape
+    if b == last:
+        yield False, a
+    if a == last:
+        yield True, b
+
+
+def _view(w: fx.Node, transposed: bool) -> Callable[[dict], torch.Tensor]:
+    return lambda t: t[w].transpose(1, 2) if transposed else t[w]
+
+
+# How gate and up rows can sit in a [E, 2F, H] weight, each mapped to dsc's gate-then-up order.
+_HALVES = (
+    None,  # gate rows then up rows: dsc's order already
+    lambda g, f: torch.cat([g[:, f:], g[:, :f]], 1),  # up rows then gate rows
+    lambda g, f: torch.cat([g[:, 0::2], g[:, 1::2]], 1),  # interleaved: gate, up, gate, up, ...
+)
+
+
+def _readings(experts: list[fx.Node], hidden: int) -> Iterator[_Reading]:
+    """Every reading of the expert weights as dsc.moe's layout that their shapes allow."""
+    if len(experts) == 2:
+        for gu, dn in itertools.permutations(experts):
+            for gu_t, rows in _oriented(gu, hidden):
+                if rows % 2:
+                    continue
+                ffn = rows // 2
+                for dn_t, dn_rows in _oriented(dn, ffn):
+                    if dn_rows != hidden:
+                        continue
+                    for reorder in _HALVES:
+                        base = _view(gu, gu_t)
+
+                        def gate_up(t, base=base, reorder=reorder, ffn=ffn):
+                            return base(t) if reorder is None else reorder(base(t), ffn)
+
+                        as_is = gu if (reorder is None and not gu_t) else None
+                        yield _Reading(
+                            gate_up, _view(dn, dn_t), as_is, dn if not dn_t else None, gu, dn
+                        )
+    elif len(experts) == 3:
+        for g, u, dn in itertools.permutations(experts):
+            for (g_t, g_rows), (u_t, u_rows) in itertools.product(
+                _oriented(g, hidden), _oriented(u, hidden)
+            ):
+                if g_rows != u_rows:
+                    continue
+                for dn_t, dn_rows in _oriented(dn, g_rows):
+                    if dn_rows != hidden:
+                        continue
+                    gv, uv = _view(g, g_t), _view(u, u_t)
+
+                    def gate_up(t, gv=gv, uv=uv):
+                        return torch.cat([gv(t), uv(t)], 1)
+
+                    yield _Reading(gate_up, _view(dn, dn_t), None, dn if not dn_t else None, g, dn)
+
+
+def _kinds(region: list[fx.Node]) -> list[str]:
+    hinted = []
+    for node in region:
+        for op, hint in _KIND_HINTS.items():
+            if is_op(node, op) and (kind := hint(node)) in ACTIVATIONS and kind not in hinted:
+                hinted.append(kind)
+    return hinted + [k for k in ACTIVATIONS if k not in hinted]
+
+
+def _concrete(value, sizes: dict) -> int:
+    if isinstance(value, torch.SymInt):
+        expr = value.node.expr.xreplace(sizes)
+        if expr.free_symbols:
+            raise ValueError(f"size {value} depends on {expr.free_symbols}")
+        return int(expr)
+    return int(value)
+
+
+def _probe_sizes(block: _Block) -> dict:
+    """A value for each symbolic size the block's inputs use, inside the range export allows."""
+    values = [*tensor_meta(block.root).shape, *(n.meta["val"] for n in block.externals)]
+    symbolic = [v for v in values if isinstance(v, torch.SymInt)]
+    syms: list = []
+    for v in symbolic:
+        syms += sorted(v.node.expr.free_symbols - set(syms), key=str)
+    sizes = {}
+    for i, sym in enumerate(syms):
+        want = _PROBE_SIZES[i % len(_PROBE_SIZES)]
+        bounds = symbolic[0].node.shape_env.var_to_range.get(sym)
+        if bounds is not None:
+            want = max(want, int(bounds.lower))
+            if bounds.upper.is_finite:
+                want = min(want, int(bounds.upper))
+        sizes[sym] = sympy.Integer(want)
+    return sizes
+
+
+def _region_module(block: _Block) -> fx.GraphModule:
+    graph = fx.Graph()
+    env = {n: graph.placeholder(n.name) for n in block.externals}
+    for node in block.region:
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(env[block.out])
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def _probe(block: _Block, ctx: PassContext) -> tuple[_Reading, bool, str] | None:
+    """The first reading of the block as dsc.moe that computes what the block computes."""
+    tensors = {n: ctx.weights[weight_name(n)] for n in block.externals if weight_name(n)}
+    router = tensors[block.router]
+    root_val = tensor_meta(block.root)
+    try:
+        sizes = _probe_sizes(block)
+        shape = [_concrete(d, sizes) for d in root_val.shape]
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=generator).to(router.device, root_val.dtype)
+        args = [
+            x
+            if n is block.root
+            else tensors[n]
+            if n in tensors
+            else _concrete(n.meta["val"], sizes)
+            for n in block.externals
+        ]
+        with torch.no_grad():
+            expected = _region_module(block)(*args)
+    # A region that cannot run on its own (an op without a CPU kernel, a size it cannot take)
+    # is left alone.
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, NotImplementedError):
+        return None
+    expected = expected.reshape(-1, shape[-1]).float()
+    if not torch.isfinite(expected).all():
+        return None
+    scale = max(1.0, float(expected.abs().max()))
+    tolerance = _TOLERANCE.get(root_val.dtype, _HALF_TOLERANCE) * scale
+    kinds = _kinds(block.region)
+    with torch.no_grad():
+        for reading in _readings(block.experts, shape[-1]):
+            gate_up, down = reading.gate_up(tensors), reading.down(tensors)
+            for normalize, kind in itertools.product((True, False), kinds):
+                got = moe_reference(x, router, gate_up, down, block.top_k, normalize, kind)
+                if (got.reshape(-1, shape[-1]).float() - expected).abs().max() <= tolerance:
+                    return reading, normalize, kind
+    return None
+
+
+def _weight_node(
+    gm: fx.GraphModule,
+    ctx: PassContext,
+    as_is: fx.Node | None,
+    source: fx.Node,
+    suffix: str,
+    make: Callable[[], torch.Tensor],
+) -> fx.Node:
+    """The stored placeholder, or a new one holding `make()` as `<source name>.<suffix>`."""
+    if as_is is not None:
+        return as_is
+    name = f"{weight_name(source)}.{suffix}"
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and weight_name(node) == name:
+            return node
+    ctx.weights[name] = make().contiguous()
+    # Next to the weight it is made from, so weights stay grouped ahead of the user inputs.
+    with gm.graph.inserting_after(source):
+        node = gm.graph.placeholder(name.replace(".", "_"))
+    node.meta["dsc_weight"] = name
+    node.meta["val"] = fake_mode_of(gm).from_tensor(ctx.weights[name], static_shapes=True)
+    return node
+
+
+def _rewrite(gm: fx.GraphModule, ctx: PassContext, block: _Block, choice) -> None:
+    reading, normalize, kind = choice
+    tensors = {n: ctx.weights[weight_name(n)] for n in block.experts}
+    with torch.no_grad():
+        gate_up = _weight_node(
+            gm,
+            ctx,
+            reading.gate_up_as_is,
+            reading.gate_up_from,
+            "dsc_gate_up",
+            lambda: reading.gate_up(tensors),
+        )
+        down = _weight_node(
+            gm,
+            ctx,
+            reading.down_as_is,
+            reading.down_from,
+            "dsc_down",
+            lambda: reading.down(tensors),
+        )
+    args = (block.moe_input, block.router, gate_up, down, block.top_k, normalize, kind)
+    with gm.graph.inserting_after(block.out):
+        new = call(gm.graph, dsc_ops.moe.default, args, like=block.out)
+    block.out.replace_all_uses_with(new)
+
+
+@register("recognize_moe")
+def recognize_moe(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    replaced: set[fx.Node] = set()
+    for topk in [n for n in gm.graph.nodes if is_op(n, aten.topk)]:
+        if topk not in set(gm.graph.nodes):
+            continue  # part of a block already rewritten
+        block = _find_block(topk)
+        if block is None:
+            continue
+        choice = _probe(block, ctx)
+        if choice is None:
+            continue
+        _rewrite(gm, ctx, block, choice)
+        replaced.update(block.experts)
+        gm.graph.eliminate_dead_code()
+    # Weights stored in another layout were copied; the originals go when nothing reads them.
+    for node in replaced:
+        if not node.users:
+            del ctx.weights[weight_name(node)]
+            gm.graph.erase_node(node)
+    return gm

@@ -1,0 +1,37 @@
+"""Replay a program as a CUDA graph: one capture per batch size, no Python per kernel after it.
+
+The cache, its validity mask and the start slot already live at fixed addresses; only the step's
+token ids, mask and positions change, so they are copied into static buffers before each replay.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsc.runtime.executor import Executor
+
+__all__ = ["GraphedProgram"]
+
+_STEP_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+class GraphedProgram:
+    def __init__(self, executor: Executor, feed: dict[str, torch.Tensor], warmup: int = 2):
+        self.executor = executor
+        self.static = {k: feed[k].clone() for k in _STEP_INPUTS if k in feed}
+        self.feed = {**feed, **self.static}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # compile kernels and create handles outside the capture
+            for _ in range(warmup):
+                executor(**self.feed)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = executor(**self.feed)
+
+    def __call__(self, feed: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        for name, buf in self.static.items():
+            buf.copy_(feed[name])
+        self.graph.replay()
+        return self.outputs

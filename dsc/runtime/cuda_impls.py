@@ -1,0 +1,79 @@
+"""CUDA implementations of dsc ops, called by plan steps named `cuda::<name>`.
+
+Each wraps a hand-written Triton kernel from `dsc.kernels` with the op's calling convention
+(leading dimensions flattened, cache written in place). Everything here is safe to capture in a
+CUDA graph: no host synchronisation, positions read from device memory.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["IMPLEMENTATIONS", "resolve"]
+
+
+def linear_small_batch(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    from dsc.kernels.small_batch_gemm import linear_small_batch as kernel
+
+    rows = x.reshape(-1, x.shape[-1])
+    return kernel(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float, out_dtype: torch.dtype) -> Tensor:
+    from dsc.kernels.norms import rms_norm as kernel
+
+    return kernel(x.contiguous(), weight, eps)
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    from dsc.kernels.norms import layer_norm as kernel
+
+    return kernel(x.contiguous(), weight, bias, eps)
+
+
+def cached_attention(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor,
+    start: Tensor, causal: bool, scale: float,
+) -> Tensor:
+    """Write the new keys/values at slots start.. (device index), then attend over the cache."""
+    from dsc.kernels.flash_attention import attention as kernel
+
+    batch, _, seq, _ = k.shape
+    slots = start + torch.arange(seq, device=k.device)
+    k_cache[:batch].index_copy_(2, slots, k.to(k_cache.dtype))
+    v_cache[:batch].index_copy_(2, slots, v.to(v_cache.dtype))
+    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device,
+                      dtype=q.dtype).transpose(1, 2)
+    return kernel(q, k_cache[:batch], v_cache[:batch], valid, start, causal, scale, out=out)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, causal: bool,
+              scale: float) -> Tensor:
+    from dsc.kernels.flash_attention import attention as kernel
+
+    batch, _, seq, _ = k.shape
+    if key_valid is None:
+        key_valid = torch.ones(batch, seq, dtype=torch.bool, device=q.device)
+    start = torch.zeros(1, dtype=torch.int64, device=q.device)
+    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device,
+                      dtype=q.dtype).transpose(1, 2)
+    return kernel(q, k, v, key_valid, start, causal, scale, out=out)
+
+
+IMPLEMENTATIONS: dict[str, Callable] = {
+    "linear_small_batch": linear_small_batch,
+    "rms_norm": rms_norm,
+    "layer_norm": layer_norm,
+    "cached_attention": cached_attention,
+    "attention": attention,
+}
+
+
+def resolve(name: str) -> Callable:
+    try:
+        return IMPLEMENTATIONS[name]
+    except KeyError as exc:
+        raise KeyError(f"unknown CUDA implementation {name!r}; known: {sorted(IMPLEMENTATIONS)}") from exc

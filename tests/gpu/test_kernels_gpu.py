@@ -1,0 +1,209 @@
+"""The Triton kernels compiled for a real GPU: real shapes, bf16 and fp16, against fp32 references.
+
+Skipped without CUDA, and under TRITON_INTERPRET=1 (the interpreter's bf16 `tl.dot` is wrong).
+Run apart from tests/kernels, whose conftest turns the interpreter on.
+"""
+
+import math
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs a CUDA GPU and compiled (not interpreted) Triton",
+)
+
+from dsc.kernels.decode_attention import DecodeConfig, decode_attention
+from dsc.kernels.flash_attention import attention, flash_attention
+from dsc.kernels.gemm import gated_linear, linear_fused
+from dsc.kernels.norms import layer_norm, rms_norm
+from dsc.kernels.reference import (
+    attention_reference,
+    gated_linear_reference,
+    layer_norm_reference,
+    linear_reference,
+    rms_norm_reference,
+)
+from dsc.kernels.small_batch_gemm import SmallBatchConfig, linear_small_batch
+
+DTYPES = [torch.bfloat16, torch.float16]
+TOL = 1e-2
+
+
+def close(out: torch.Tensor, ref: torch.Tensor, tol: float = TOL) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.isfinite(out).all(), "NaN/inf in the output"
+    scale = ref.double().norm().item()
+    err = (out.double() - ref.double()).norm().item() / (scale if scale > 0 else 1.0)
+    assert err <= tol, f"relative error {err:.3g} > {tol}"
+
+
+def nan_like(shape, dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), device="cuda", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 16, 32])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008), (1000, 999)])
+def test_linear_small_batch(m, n, k, dtype):
+    torch.manual_seed(m + n + k)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) / math.sqrt(k)
+    bias = torch.randn(n, device="cuda", dtype=dtype) if n == 1000 else None
+    out = linear_small_batch(x, w, bias, out=nan_like((m, n), dtype))
+    close(out, linear_reference(x, w, bias))
+
+
+@pytest.mark.parametrize(
+    "config", [SmallBatchConfig(1, 16, 256, 4), SmallBatchConfig(16, 32, 128, 3)]
+)
+def test_linear_small_batch_split_k(config):
+    torch.manual_seed(0)
+    m = 1 if config.block_m == 1 else 5
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(256, 2048, device="cuda", dtype=torch.bfloat16) / 45
+    bias = torch.randn(256, device="cuda", dtype=torch.bfloat16)
+    close(linear_small_batch(x, w, bias, config=config), linear_reference(x, w, bias))
+
+
+# Every activation in bf16, one in fp16: each (dtype, activation) is a separate compile.
+DTYPE_ACTIVATIONS = [(torch.bfloat16, a) for a in (None, "silu", "gelu", "gelu_tanh", "relu")]
+DTYPE_ACTIVATIONS.append((torch.float16, "silu"))
+
+
+@pytest.mark.parametrize("dtype,activation", DTYPE_ACTIVATIONS)
+@pytest.mark.parametrize("m,n,k", [(512, 4096, 4096), (300, 777, 1000), (40, 512, 256)])
+def test_linear_fused(m, n, k, activation, dtype):
+    torch.manual_seed(m + n)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) / math.sqrt(k)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    res = torch.randn(m, n, device="cuda", dtype=dtype)
+    out = linear_fused(x, w, bias, activation, res, out=nan_like((m, n), dtype))
+    close(out, linear_reference(x, w, bias, activation, res))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("m,n,k", [(256, 11008, 4096), (33, 100, 96)])
+def test_gated_linear(m, n, k, activation, dtype):
+    torch.manual_seed(n)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(2 * n, k, device="cuda", dtype=dtype) / math.sqrt(k)
+    out = gated_linear(x, w, activation, out=nan_like((m, n), dtype))
+    close(out, gated_linear_reference(x, w, activation))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(16, 4096), (2048, 4096), (2, 7, 1000), (3, 16384)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_norms(shape, with_residual, dtype):
+    torch.manual_seed(shape[-1])
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    res = torch.randn(shape, device="cuda", dtype=dtype) if with_residual else None
+    w = torch.randn(shape[-1], device="cuda", dtype=dtype)
+    b = torch.randn(shape[-1], device="cuda", dtype=dtype)
+    got = rms_norm(x, w, 1e-6, res, out=nan_like(shape, dtype))
+    want = rms_norm_reference(x, w, 1e-6, res)
+    for g, r in zip(*((got, want) if with_residual else ((got,), (want,)))):
+        close(g, r)
+    got = layer_norm(x, w, b, 1e-5, res)
+    want = layer_norm_reference(x, w, b, 1e-5, res)
+    for g, r in zip(*((got, want) if with_residual else ((got,), (want,)))):
+        close(g, r)
+
+
+def make_cache(b, hq, hkv, s, t, d, start, dtype, pad=True, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(b, hq, s, d, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(b, hkv, t, d, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(b, hkv, t, d, device="cuda", dtype=dtype, generator=g)
+    valid = torch.ones(b, t, device="cuda", dtype=torch.bool)
+    if pad:
+        # Left padding of different lengths, and slots past the live length filled with NaN.
+        for i in range(b):
+            valid[i, : (7 * i) % max(1, start + 1)] = False
+        k[:, :, start + s :] = float("nan")
+        v[:, :, start + s :] = float("nan")
+        v.masked_fill_(~valid[:, None, :, None], float("nan"))
+    return q, k, v, valid, torch.tensor([start], device="cuda", dtype=torch.int64)
+
+
+DECODE_CASES = [
+    # b, hq, hkv, s, t, d, start
+    (16, 32, 32, 1, 2048, 128, 2047),
+    (1, 32, 32, 1, 8192, 128, 5000),
+    (2, 32, 8, 1, 4096, 128, 3000),
+    (3, 25, 25, 1, 1024, 64, 700),
+    (2, 32, 8, 4, 1024, 128, 500),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_decode_attention(case, dtype):
+    if dtype == torch.float16 and case is not DECODE_CASES[0]:
+        pytest.skip("fp16 is checked on the first shape only (compile time)")
+    b, hq, hkv, s, t, d, start = case
+    q, k, v, valid, st = make_cache(b, hq, hkv, s, t, d, start, dtype)
+    scale = 1 / math.sqrt(d)
+    out = decode_attention(q, k, v, valid, st, True, scale, out=nan_like(q.shape, dtype))
+    close(out, attention_reference(q, k, v, valid, st, True, scale))
+
+
+FLASH_CASES = [
+    # b, hq, hkv, s, t, d, start, causal
+    (1, 32, 32, 2048, 2048, 128, 0, True),
+    (2, 32, 8, 500, 1024, 128, 100, True),
+    (2, 32, 8, 500, 1024, 128, 100, False),
+    (1, 20, 4, 333, 700, 80, 17, True),
+    (2, 12, 12, 257, 257, 64, 0, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FLASH_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_flash_attention(case, dtype):
+    if dtype == torch.float16 and case is not FLASH_CASES[0]:
+        pytest.skip("fp16 is checked on the first shape only (compile time)")
+    b, hq, hkv, s, t, d, start, causal = case
+    q, k, v, valid, st = make_cache(b, hq, hkv, s, t, d, start, dtype, seed=s)
+    scale = 1 / math.sqrt(d)
+    out = flash_attention(q, k, v, valid, st, causal, scale, out=nan_like(q.shape, dtype))
+    close(out, attention_reference(q, k, v, valid, st, causal, scale))
+    close(attention(q, k, v, valid, st, causal, scale), out, tol=1e-3)
+
+
+def test_decode_attention_replays_in_a_cuda_graph():
+    # The position lives in device memory: one captured graph serves every decode step.
+    b, hq, hkv, t, d = 4, 32, 8, 4096, 128
+    q, k, v, valid, st = make_cache(b, hq, hkv, 1, t, d, 0, torch.bfloat16, pad=False)
+    scale = 1 / math.sqrt(d)
+    cfg = DecodeConfig(block_n=64, num_splits=8)
+    decode_attention(q, k, v, valid, st, True, scale, config=cfg)  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, valid, st, True, scale, config=cfg)
+    for start in (0, 63, 64, 1000, 4095):
+        st.fill_(start)
+        graph.replay()
+        close(out, attention_reference(q, k, v, valid, st, True, scale))
+
+
+def test_small_batch_gemm_replays_in_a_cuda_graph():
+    x = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    linear_small_batch(x, w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = linear_small_batch(x, w)
+    for _ in range(2):
+        x.normal_()
+        graph.replay()
+        close(out, linear_reference(x, w))
