@@ -16,7 +16,8 @@ from dsc.codegen.select import choose_kernels
 from dsc.frontend import trace
 from dsc.passes.context import PassContext
 from dsc.passes.manager import PassManager
-from dsc.pipelines import cached, trunk
+from dsc.passes.tensor_parallel import collective_kernels
+from dsc.pipelines import backend, cached, partition, trunk
 from dsc.plan import Plan
 from dsc.runtime.model import CompiledModel
 from dsc.target import Target, as_target
@@ -39,19 +40,36 @@ def _is_decoder(gm: fx.GraphModule) -> bool:
     return bool(attentions) and all(n.args[4] for n in attentions)
 
 
+def _rank(target: Target) -> int:
+    """This process's rank: 0 alone; for tp > 1 (one process per rank, under torchrun) the rank
+    in the default process group, which is created from torchrun's environment if needed."""
+    if target.world_size == 1:
+        return 0
+    from dsc.runtime.distributed import init
+
+    return init(target.device, target.world_size)
+
+
+def _kernels(gm: fx.GraphModule, program: str, target: Target) -> dict[str, str]:
+    return {**choose_kernels(gm, program, target), **collective_kernels(gm)}
+
+
 def compile(model: torch.nn.Module, target: Target | str | dict[str, Any] = "cpu") -> CompiledModel:
     """Compile a HF transformers model (or any token model) for `target`."""
     _load_passes()
     target = as_target(target)
     target.check_machine()
+    rank = _rank(target)
     limits = dict(dtype=target.torch_dtype, max_batch=target.max_batch,
                   max_seq_len=target.max_seq_len)
     traced = trace(model, **limits)
     target.check_against(traced.info.num_heads, traced.info.num_kv_heads)
-    ctx = PassContext(target=target, weights=traced.weights, info=traced.info, inputs=traced.inputs)
+    ctx = PassContext(target=target, weights=traced.weights, info=traced.info, inputs=traced.inputs,
+                      rank=rank)
     manager = PassManager(ctx)
-    forward = manager.run(traced.gm, trunk(target), program="forward")
-    programs = {"forward": lower(forward, "forward", choose_kernels(forward, "forward", target))}
+    forward = manager.run(traced.gm, trunk(target) + partition(target) + backend(target),
+                          program="forward")
+    programs = {"forward": lower(forward, "forward", _kernels(forward, "forward", target))}
     model_facts = traced.info.to_dict()
     if _is_decoder(forward):
         # Generation feeds positions explicitly (a decode step's position is not its index), so
@@ -63,14 +81,19 @@ def compile(model: torch.nn.Module, target: Target | str | dict[str, Any] = "cpu
                 "their positions; dsc cannot generate with this model (forward still works)."
             )
         ctx.weights.update({k: v for k, v in generating.weights.items() if k not in ctx.weights})
-        decoder = manager.run(generating.gm, trunk(target) + cached(target), program="decode")
+        decoder = manager.run(
+            generating.gm, trunk(target) + cached(target) + partition(target) + backend(target),
+            program="decode",
+        )
         model_facts["cache"] = ctx.notes["cache"]
         for entry in ("prefill", "decode"):
-            programs[entry] = lower(decoder, entry, choose_kernels(decoder, entry, target))
+            programs[entry] = lower(decoder, entry, _kernels(decoder, entry, target))
     device = torch.device(target.device)
-    weights = {k: v.to(device) for k, v in ctx.weights.items()}
+    used = {ref for program in programs.values() for ref in program.weight_refs()}
+    weights = {k: v.to(device) for k, v in ctx.weights.items() if k in used}
     plan = Plan(
         target=target, programs=programs, weights=weights, model=model_facts,
-        history=[r.to_dict() for r in manager.history],
+        history=[r.to_dict() for r in manager.history], rank=rank,
+        world_size=target.world_size,
     )
     return CompiledModel(plan, history=manager.history)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from dsc.target import Target
 
-__all__ = ["trunk", "cached"]
+__all__ = ["trunk", "cached", "partition", "backend"]
 
 # Recognition: aten subgraphs into dsc ops. Order matters only where a docstring says so.
 RECOGNISE = [
     "canonicalize",
     "recognize_rms_norm",
+    "recognize_layer_norm",
     "recognize_rotary",
     "recognize_attention",
+    "recognize_moe",  # before mlp: expert activations stay inside the MoE block
+    "recognize_mlp",
+    "recognize_residual",  # after moe: dsc.moe counts as a projection
 ]
 
 
@@ -23,3 +27,14 @@ def trunk(target: Target) -> list[str]:
 def cached(target: Target) -> list[str]:
     """Passes that turn the shared graph into the prefill/decode graph."""
     return ["kv_cache"]
+
+
+def partition(target: Target) -> list[str]:
+    """Passes that cut each program down to this rank's share: after kv_cache (the cache then
+    holds the rank's own KV heads), before backend (which sees the per-rank shapes)."""
+    return ["tensor_parallel"] if target.tp > 1 else []
+
+
+def backend(target: Target) -> list[str]:
+    """Passes that shape each program for its kernels, after partitioning."""
+    return ["merge_projections"]

@@ -7,6 +7,10 @@
       kernels/<name>.py      generated kernel sources
       history.json           the pass history (graphs after each pass), for report/visualize
 
+A plan for several ranks keeps one plan.json (every rank's part, written once by rank 0 after
+gathering the parts) and per-rank history-rank<r>.json and kernels/rank<r>/, since each rank
+writes its own concurrently.
+
 No pickle: JSON and safetensors only. Loading checks the schema version and every checksum.
 """
 
@@ -17,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -46,6 +50,26 @@ class Program:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def weight_refs(self) -> set[str]:
+        """Qualified names of the weights the steps read."""
+        found: set[str] = set()
+
+        def walk(value: Any) -> None:
+            if isinstance(value, dict) and "ref" in value:
+                if value["ref"].startswith("w:"):
+                    found.add(value["ref"][2:])
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    walk(v)
+            elif isinstance(value, dict):
+                for v in value.values():
+                    walk(v)
+
+        for step in self.steps:
+            walk(step["args"])
+            walk(step["kwargs"])
+        return found
 
 
 @dataclass
@@ -79,12 +103,25 @@ def _weights_file(rank: int) -> str:
     return f"weights-rank{rank}.safetensors"
 
 
-def save_plan(plan: Plan, path: str | os.PathLike, progress: bool = False) -> Path:
-    """Write `plan` (this rank's part) to a directory; returns the directory."""
+def save_plan(
+    plan: Plan,
+    path: str | os.PathLike,
+    progress: bool = False,
+    gather: Callable[[Any], list[Any] | None] | None = None,
+) -> Path:
+    """Write `plan` (this rank's part) to a directory; returns the directory.
+
+    gather: for ranks saving at the same time, a collective that returns every rank's object on
+    the rank that writes plan.json and None on the others (the runtime passes one). Without it,
+    this rank's part is merged into the plan.json already there.
+    """
     from safetensors.torch import save_file
 
     root = Path(path)
-    (root / "kernels").mkdir(parents=True, exist_ok=True)
+    several = plan.world_size > 1
+    kernel_dir = f"kernels/rank{plan.rank}" if several else "kernels"
+    history_name = f"history-rank{plan.rank}.json" if several else "history.json"
+    (root / kernel_dir).mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     # Tied weights share storage; safetensors refuses shared tensors, so each is written whole.
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in plan.weights.items()}
@@ -92,19 +129,27 @@ def save_plan(plan: Plan, path: str | os.PathLike, progress: bool = False) -> Pa
     save_file(tensors, str(root / weights_name), metadata={"format": "pt"})
     files[weights_name] = _sha256(root / weights_name)
     for name, source in plan.kernel_sources.items():
-        rel = f"kernels/{name}.py"
+        rel = f"{kernel_dir}/{name}.py"
         (root / rel).write_text(source)
         files[rel] = _sha256(root / rel)
-    (root / "history.json").write_text(json.dumps(plan.history))
-    files["history.json"] = _sha256(root / "history.json")
+    (root / history_name).write_text(json.dumps(plan.history))
+    files[history_name] = _sha256(root / history_name)
     manifest_path = root / "plan.json"
-    existing = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    ranks = existing.get("ranks", {}) if existing.get("schema_version") == SCHEMA_VERSION else {}
-    ranks[str(plan.rank)] = {
+    part = {
         "programs": {k: p.to_dict() for k, p in plan.programs.items()},
         "weights": plan.manifest(),
         "files": files,
     }
+    if gather is not None:
+        parts = gather((plan.rank, part))
+        if parts is None:
+            return root  # another rank writes plan.json
+        ranks = {str(r): p for r, p in parts}
+    else:
+        existing = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        schema = existing.get("schema_version") == SCHEMA_VERSION
+        ranks = existing.get("ranks", {}) if schema else {}
+        ranks[str(plan.rank)] = part
     doc = {
         "schema_version": SCHEMA_VERSION,
         "format": "dsc-plan",
@@ -168,7 +213,8 @@ def load_plan(path: str | os.PathLike, rank: int = 0, device: str | None = None)
         weights=weights,
         model=doc["model"],
         kernel_sources=kernel_sources,
-        history=json.loads((root / "history.json").read_text()),
+        history=json.loads((root / next(f for f in part["files"] if f.startswith("history")))
+                           .read_text()),
         rank=rank,
         world_size=doc.get("world_size", 1),
     )

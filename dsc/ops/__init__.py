@@ -5,6 +5,6 @@ fast kernel is tested against) and a fake implementation (shape propagation for 
 Importing this package registers them all; the runtime imports it, passes and codegen too.
 """
 
-from dsc.ops import attention, collectives, mlp, moe, norms, rotary  # noqa: F401  (registers)
+from dsc.ops import attention, collectives, mlp, moe, norms, residual, rotary  # noqa: F401
 
-__all__ = ["attention", "collectives", "mlp", "moe", "norms", "rotary"]
+__all__ = ["attention", "collectives", "mlp", "moe", "norms", "residual", "rotary"]

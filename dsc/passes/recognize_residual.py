@@ -60,10 +60,23 @@ def _strip_views(node):
     return node
 
 
+def _reads_first(node, value: fx.Node, depth: int) -> bool:
+    """True when following first arguments from `node` reaches `value` within `depth` steps."""
+    for _ in range(depth):
+        if not isinstance(node, fx.Node) or not node.args:
+            return False
+        node = node.args[0]
+        if node is value:
+            return True
+    return False
+
+
 def _is_written_out_norm(user: fx.Node, value: fx.Node) -> bool:
-    # RMSNorm: mul(x, rsqrt(...)); LayerNorm: sub(x, mean(x, ...)).
+    # RMSNorm: mul(x, rsqrt(add(mean(pow(x, 2)), eps))); LayerNorm: sub(x, mean(x, ...)).
     if is_op(user, aten.mul):
-        return any(is_op(a, aten.rsqrt) for a in user.args if a is not value)
+        return any(
+            is_op(a, aten.rsqrt) and _reads_first(a, value, 4) for a in user.args if a is not value
+        )
     if is_op(user, aten.sub) and user.args[0] is value:
         return is_op(user.args[1], aten.mean) and user.args[1].args[0] is value
     return False

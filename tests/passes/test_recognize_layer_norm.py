@@ -68,6 +68,17 @@ def test_written_out_layer_norm_before_expected(fn):
     torch.testing.assert_close(run(gm, weights, x)[0], expected, atol=1e-5, rtol=0)
 
 
+def test_written_out_bf16_keeps_cast_semantics():
+    x = (torch.randn(2, 3, 16) * 3 + 1).to(torch.bfloat16)
+    weights = {"w": torch.randn(16).to(torch.bfloat16), "b": torch.randn(16).to(torch.bfloat16)}
+    gm, weights = _run_pass(written_out_layer_norm, x, weights)
+    assert ops(gm) == {"layer_norm": 1}
+    out = run(gm, weights, x)[0]
+    assert out.dtype == torch.bfloat16
+    expected = written_out_layer_norm(x, weights["w"], weights["b"])
+    torch.testing.assert_close(out, expected, atol=3e-2, rtol=1e-2)
+
+
 def test_layer_norm_without_affine():
     def plain(x):
         d = x - x.mean(-1, keepdim=True)

@@ -1,0 +1,147 @@
+import torch
+import torch.nn.functional as F
+
+from dsc import frontend, zoo
+from dsc.passes.manager import PassManager
+from dsc.passes.recognize_moe import recognize_moe  # noqa: F401  (registers)
+from tests.passes.helpers import context, export_fn, ops, run
+
+E, H, FFN, K = 4, 8, 6, 2
+
+
+def _route(t, router, renormalise=True):
+    probs = torch.softmax(F.linear(t, router), dim=-1)
+    w, idx = torch.topk(probs, K)
+    if renormalise:
+        w = w / w.sum(-1, keepdim=True)
+    return torch.zeros(t.shape[0], E).scatter(1, idx, w)  # [T, E] routing weights
+
+
+def moe_h_2f(x, router, gate_up, down):
+    """Dense MoE, gate_up stored [E, H, 2F] (gate columns then up), down [E, F, H]."""
+    t = x.reshape(-1, H)
+    dense = _route(t, router)
+    gate, up = torch.einsum("th,ehf->etf", t, gate_up).chunk(2, dim=-1)
+    y = torch.einsum("etf,efh->eth", F.silu(gate) * up, down)
+    return torch.einsum("eth,te->th", y, dense).reshape(x.shape)
+
+
+def moe_separate_gelu(x, router, w_gate, w_up, w_down):
+    """Gate, up [E, F, H] and down [E, H, F] as three tensors; GeGLU; no renormalisation."""
+    t = x.reshape(-1, H)
+    dense = _route(t, router, renormalise=False)
+    gate = torch.einsum("th,efh->etf", t, w_gate)
+    up = torch.einsum("th,efh->etf", t, w_up)
+    y = torch.einsum("etf,ehf->eth", F.gelu(gate) * up, w_down)
+    return torch.einsum("eth,te->th", y, dense).reshape(x.shape)
+
+
+def moe_softmax_after_topk(x, router, gate_up, down):
+    """Softmax over the top-k logits (Mixtral's original spelling); dsc's own weight layout."""
+    t = x.reshape(-1, H)
+    w, idx = torch.topk(F.linear(t, router), K)
+    dense = torch.zeros(t.shape[0], E).scatter(1, idx, torch.softmax(w, dim=-1))
+    gate, up = torch.einsum("th,efh->etf", t, gate_up).chunk(2, dim=-1)
+    y = torch.einsum("etf,ehf->eth", F.silu(gate) * up, down)
+    return torch.einsum("eth,te->th", y, dense).reshape(x.shape)
+
+
+def _weights(**shapes):
+    gen = torch.Generator().manual_seed(1)
+    return {k: torch.randn(s, generator=gen) * 0.5 for k, s in shapes.items()}
+
+
+def _moe_nodes(gm):
+    return [n for n in gm.graph.nodes if n.target is torch.ops.dsc.moe.default]
+
+
+def _recognise(fn, weights):
+    x = torch.randn(2, 3, H)
+    gm, weights = export_fn(fn, x, weights=weights)
+    ctx = context(weights)
+    gm = PassManager(ctx).run(gm, ["recognize_moe"])
+    return gm, ctx, x
+
+
+def test_moe_other_layout_before_expected():
+    weights = _weights(router=(E, H), gate_up=(E, H, 2 * FFN), down=(E, FFN, H))
+    gm, ctx, x = _recognise(moe_h_2f, weights)
+    # Expected: view -> dsc.moe -> view; the expert weights re-laid out as dsc wants them.
+    assert ops(gm) == {"view": 2, "moe": 1}
+    (node,) = _moe_nodes(gm)
+    assert node.args[4:] == (K, True, "silu")
+    assert sorted(ctx.weights) == ["down.dsc_down", "gate_up.dsc_gate_up", "router"]
+    assert ctx.weights["gate_up.dsc_gate_up"].shape == (E, 2 * FFN, H)
+    assert ctx.weights["down.dsc_down"].shape == (E, H, FFN)
+    expected = moe_h_2f(x, *weights.values())
+    torch.testing.assert_close(run(gm, ctx.weights, x)[0], expected, atol=1e-5, rtol=0)
+
+
+def test_moe_separate_gate_up_gelu_no_renormalise():
+    weights = _weights(router=(E, H), w_gate=(E, FFN, H), w_up=(E, FFN, H), w_down=(E, H, FFN))
+    gm, ctx, x = _recognise(moe_separate_gelu, weights)
+    (node,) = _moe_nodes(gm)
+    assert node.args[4:] == (K, False, "gelu")
+    # gate and up were concatenated into one new weight; down was already in dsc's layout.
+    assert sorted(ctx.weights) == ["router", "w_down", "w_gate.dsc_gate_up"]
+    expected = moe_separate_gelu(x, *weights.values())
+    torch.testing.assert_close(run(gm, ctx.weights, x)[0], expected, atol=1e-5, rtol=0)
+
+
+def test_moe_softmax_after_topk_keeps_weights():
+    weights = _weights(router=(E, H), gate_up=(E, 2 * FFN, H), down=(E, H, FFN))
+    gm, ctx, x = _recognise(moe_softmax_after_topk, weights)
+    (node,) = _moe_nodes(gm)
+    # Softmax over the chosen logits is softmax-then-renormalise.
+    assert node.args[4:] == (K, True, "silu")
+    assert sorted(ctx.weights) == ["down", "gate_up", "router"]
+    expected = moe_softmax_after_topk(x, *weights.values())
+    torch.testing.assert_close(run(gm, ctx.weights, x)[0], expected, atol=1e-5, rtol=0)
+
+
+def test_topk_without_experts_does_not_match():
+    def top_k_pooling(x, router):
+        probs = torch.softmax(F.linear(x, router), dim=-1)
+        w, idx = torch.topk(probs, K)
+        return x * w.sum(-1, keepdim=True) + idx.sum(-1, keepdim=True)
+
+    gm, _, _ = _recognise(top_k_pooling, _weights(router=(E, H)))
+    assert not _moe_nodes(gm) and ops(gm)["topk"] == 1
+
+
+def test_experts_dsc_cannot_express_do_not_match():
+    def sigmoid_glu_moe(x, router, gate_up, down):
+        t = x.reshape(-1, H)
+        dense = _route(t, router)
+        gate, up = torch.einsum("th,efh->etf", t, gate_up).chunk(2, dim=-1)
+        y = torch.einsum("etf,ehf->eth", torch.sigmoid(gate) * up, down)
+        return torch.einsum("eth,te->th", y, dense).reshape(x.shape)
+
+    weights = _weights(router=(E, H), gate_up=(E, 2 * FFN, H), down=(E, H, FFN))
+    gm, ctx, x = _recognise(sigmoid_glu_moe, weights)
+    # The probe finds no reading of the block as dsc.moe: graph and weights are left as they were.
+    assert not _moe_nodes(gm) and ops(gm)["topk"] == 1
+    assert sorted(ctx.weights) == ["down", "gate_up", "router"]
+    torch.testing.assert_close(run(gm, ctx.weights, x)[0], sigmoid_glu_moe(x, *weights.values()))
+
+
+def test_zoo_mixtral():
+    t = frontend.trace(zoo.build("tiny-mixtral", init_std=0.3))
+    ids = torch.randint(0, t.info.vocab_size, (2, 7))
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "position_ids": torch.arange(7).expand(2, 7),
+    }
+    inputs = [feeds[n] for n in t.inputs]
+    expected = run(t.gm, t.weights, *inputs)[0]
+    ctx = context(t.weights)
+    gm = PassManager(ctx).run(t.gm, ["recognize_moe"])
+    found = _moe_nodes(gm)
+    # One MoE block per layer; no transformers:: op left; the stored layout is dsc's already.
+    assert len(found) == t.info.num_layers
+    assert {n.args[4:] for n in found} == {(2, True, "silu")}
+    assert not [n for n in gm.graph.nodes if "transformers" in str(n.target)]
+    assert not {"topk", "sort", "histc", "index_put"} & set(ops(gm))
+    assert sorted(ctx.weights) == sorted(t.weights)
+    torch.testing.assert_close(run(gm, ctx.weights, *inputs)[0], expected, atol=1e-4, rtol=1e-5)
