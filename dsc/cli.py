@@ -2,7 +2,7 @@
 
     dsc compile SOURCE -o PLAN_DIR [--target cpu|cuda|JSON] [--dtype D] [--max-batch N]
                                     [--max-seq-len N] [--init-std S]
-    dsc inspect PLAN_DIR_OR_SOURCE [--html passes.html]
+    dsc inspect PLAN_DIR_OR_SOURCE [--html passes.html] [--rank R]
     dsc run PLAN_DIR (--text "..." [--chat] | --ids 1,2,3) [--max-new-tokens N] [--tp N]
 
 SOURCE is a HF checkpoint directory, a `.gguf` file, a name from `dsc.zoo.names()` (random
@@ -18,10 +18,12 @@ import dataclasses
 import json
 import os
 import sys
+import textwrap
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -32,12 +34,19 @@ from dsc.target import Target, as_target
 __all__ = ["main"]
 
 _DTYPE_NAMES = {
-    "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
 }
-# Multi-GPU children never use NVLink multicast (see /work/shared/ENV.md).
-_CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-              "NVSHMEM_DISABLE_NVLS": "1"}
+# Processes started for several ranks never use NVLink multicast (unsafe on the GPU hosts used).
+_CHILD_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -49,7 +58,7 @@ class _Progress:
         from rich.console import Console
 
         self.quiet = quiet
-        self.console = Console(stderr=True, highlight=False)
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
 
     @contextlib.contextmanager
     def step(self, label: str) -> Iterator[None]:
@@ -129,16 +138,23 @@ def _load_tokenizer(plan_dir: Path) -> Any:
 
 
 # ---- compile -------------------------------------------------------------------------------
-def _cmd_compile(args: argparse.Namespace) -> int:
-    progress = _Progress()
+def _cmd_compile(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    world = _target(args).world_size
+    if world > 1 and not _under_torchrun():
+        # Each rank compiles and saves its own part, so compiling runs one process per rank too.
+        _Progress().note(f"launching {world} processes with torchrun (one per rank)")
+        return _torchrun(world, argv)
+    rank = int(os.environ.get("RANK", "0"))
+    progress = _Progress(quiet=rank != 0)
     compiled, tokenizer = _compile_source(args, progress)
     out = Path(args.output)
     with progress.step(f"Saving plan and weights to {out}"):
         compiled.save(out)
-        if tokenizer is not None:
+        if tokenizer is not None and rank == 0:
             tokenizer.save_pretrained(out / TOKENIZER_DIR)
-    print(compiled.report())
-    print(f"\nplan written to {out}" + (" (with tokenizer)" if tokenizer is not None else ""))
+    if rank == 0:
+        print(compiled.report())
+        print(f"\nplan written to {out}" + (" (with tokenizer)" if tokenizer is not None else ""))
     return 0
 
 
@@ -152,15 +168,23 @@ def _print_entry_points(plan: Any) -> None:
             ops[step["op"]] = ops.get(step["op"], 0) + 1
         cache = [i for i in program.inputs if i.startswith("cache.")]
         inputs = [i for i in program.inputs if not i.startswith("cache.")]
-        print(f"\n[{name}] inputs: {', '.join(inputs)}"
-              + (f" + {len(cache)} cache buffers" if cache else ""))
+        print(
+            f"\n[{name}] inputs: {', '.join(inputs)}"
+            + (f" + {len(cache)} cache buffers" if cache else "")
+        )
         print(f"[{name}] outputs: {', '.join(program.outputs)}; {len(program.steps)} steps")
         for op, count in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])):
             print(f"    {count:4d}  {op}")
         if program.kernels:
-            print(f"[{name}] kernel choices:")
+            print(f"[{name}] kernel choices (implementation, nodes):")
+            chosen: dict[str, list[str]] = {}
             for node, impl in program.kernels.items():
-                print(f"    {node:<32} -> {impl}")
+                chosen.setdefault(impl, []).append(node)
+            for impl, nodes in sorted(chosen.items()):
+                wrapped = textwrap.fill(
+                    ", ".join(nodes), width=100, initial_indent=" " * 8, subsequent_indent=" " * 8
+                )
+                print(f"    {impl} x{len(nodes)}\n{wrapped}")
         else:
             print(f"[{name}] kernel choices: none (every step runs its torch implementation)")
         used = [op.removeprefix("kernel::") for op in ops if op.startswith("kernel::")]
@@ -179,20 +203,33 @@ def _print_entry_points(plan: Any) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from dsc.plan import load_plan
+    from dsc.report import records, report, visualize
+
     progress = _Progress()
     path = Path(args.source)
     if (path / "plan.json").is_file():
-        compiled = _load_plan(path, progress)
+        # Read the plan without binding it to a device: a multi-rank plan needs no process group.
+        with progress.step(f"Loading plan {path}" + (f" (rank {args.rank})" if args.rank else "")):
+            plan = load_plan(path, rank=args.rank)
+        history = records(plan.history)
     else:
+        if _target(args).world_size > 1:
+            raise TargetError(
+                "inspect compiles in this one process; for several ranks run `dsc compile "
+                f"{args.source} --target ... -o PLAN_DIR`, then `dsc inspect PLAN_DIR`."
+            )
         compiled, _ = _compile_source(args, progress)
-    target = compiled.plan.target
-    print(f"target: {target.to_json()}")
-    print(f"model: {compiled.info.get('name', '?')} (output {compiled.info.get('output')})\n")
+        plan, history = compiled.plan, compiled.history
+    print(f"target: {plan.target.to_json()}")
+    if plan.world_size > 1:
+        print(f"rank {plan.rank} of {plan.world_size} (pick another with --rank)")
+    print(f"model: {plan.model.get('name', '?')} (output {plan.model.get('output')})\n")
     print("== pass pipeline ==")
-    print(compiled.report())
-    _print_entry_points(compiled.plan)
+    print(report(history, plan))
+    _print_entry_points(plan)
     if args.html:
-        written = compiled.visualize(args.html)
+        written = visualize(history, plan, args.html)
         print(f"\npass report written to {written}")
     return 0
 
@@ -202,30 +239,43 @@ def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--ids wants comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--ids wants comma-separated integers, got {text!r}"
+        ) from None
     if not ids:
         raise argparse.ArgumentTypeError("--ids is empty")
     return ids
 
 
-def _relaunch(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run this same command under torchrun with `args.tp` processes."""
+def _under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _leave_process_group() -> None:
+    """Tear the group down before exit: a gloo group left to interpreter shutdown aborts."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _torchrun(processes: int, argv: Sequence[str]) -> int:
+    """Run this same command under torchrun, one process per rank; the exit status is theirs."""
     import subprocess
 
     env = dict(os.environ, **_CHILD_ENV)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={args.tp}", "-m", "dsc.cli", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        "dsc.cli",
+        *argv,
+    ]
     return subprocess.call(cmd, env=env)
-
-
-def _init_distributed(device: str) -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
 
 
 class _TextStream:
@@ -241,11 +291,12 @@ class _TextStream:
         if self.tokenizer is None:
             sys.stdout.write(f"{token} ")
         else:
-            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True,
-                                         clean_up_tokenization_spaces=False)
+            text = self.tokenizer.decode(
+                self.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
             if text.endswith("\ufffd"):
                 return
-            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.write(text[len(self.shown) :])
             self.shown = text
         sys.stdout.flush()
 
@@ -254,15 +305,14 @@ def _prompt(args: argparse.Namespace, tokenizer: Any) -> tuple[torch.Tensor, tor
     if args.ids is not None:
         ids = torch.tensor([args.ids])
         return ids, torch.ones_like(ids)
-    if tokenizer is None:
-        raise DscError(
-            f"{args.plan} has no {TOKENIZER_DIR}/ folder, so --text cannot be tokenized; "
-            "pass token ids with --ids 1,2,3"
-        )
     if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DscError(f"{args.plan}'s tokenizer has no chat template; leave out --chat")
         enc = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.text}], add_generation_prompt=True,
-            return_tensors="pt", return_dict=True,
+            [{"role": "user", "content": args.text}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
         )
     else:
         enc = tokenizer(args.text, return_tensors="pt")
@@ -273,7 +323,6 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     plan_dir = Path(args.plan)
     header = _plan_header(plan_dir)
     plan_tp = int(header.get("target", {}).get("tp", 1))
-    under_torchrun = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
     if args.tp != plan_tp:
         raise TargetError(
             f"{plan_dir} was compiled for tp={plan_tp} but --tp {args.tp} was given; run it with "
@@ -285,22 +334,28 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f"{plan_dir} was compiled for tp={plan_tp} but holds the part of rank(s) "
             f"{', '.join(ranks)} only; it cannot run as {args.tp} processes."
         )
-    if args.tp > 1 and not under_torchrun:
-        _Progress().note(f"launching {args.tp} processes with torchrun")
-        return _relaunch(args, argv)
+    if args.text is not None and not (plan_dir / TOKENIZER_DIR).is_dir():
+        raise DscError(
+            f"{plan_dir} has no {TOKENIZER_DIR}/ folder, so --text cannot be tokenized; "
+            "pass token ids with --ids 1,2,3"
+        )
+    if args.tp > 1 and not _under_torchrun():
+        _Progress().note(f"launching {args.tp} processes with torchrun (one per rank)")
+        return _torchrun(args.tp, argv)
+    # Under torchrun, dsc.load joins the process group and picks this rank's part.
     rank = int(os.environ.get("RANK", "0"))
-    if args.tp > 1:
-        _init_distributed(header["target"].get("device", "cpu"))
     progress = _Progress(quiet=rank != 0)
-    compiled = _load_plan(plan_dir, progress)
     tokenizer = _load_tokenizer(plan_dir)
     ids, mask = _prompt(args, tokenizer)
+    compiled = _load_plan(plan_dir, progress)
     if "decode" not in compiled.plan.programs:
         out = compiled(ids, mask)
         name = compiled.info.get("output", "logits")
         value = out[name]
         if rank == 0:
-            print(f"{name}: shape {tuple(value.shape)}, dtype {str(value.dtype).removeprefix('torch.')}")
+            print(
+                f"{name}: shape {tuple(value.shape)}, dtype {str(value.dtype).removeprefix('torch.')}"
+            )
             print(f"{name}[0, 0, :8] = {[round(v, 4) for v in value[0, 0, :8].float().tolist()]}")
         return 0
     printer = _TextStream(tokenizer)
@@ -313,37 +368,48 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     seconds = time.perf_counter() - start
     if rank == 0:
         sys.stdout.write("\n")
-        progress.note(f"{count} tokens in {seconds:.2f} s ({count / seconds:.1f} tokens/s, "
-                      f"prompt {ids.shape[1]} tokens)")
+        progress.note(
+            f"{count} tokens in {seconds:.2f} s ({count / seconds:.1f} tokens/s; prompt of "
+            f"{ids.shape[1]} tokens, prefill and first-call warm-up included)"
+        )
     return 0
 
 
 # ---- argument parsing ----------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dsc", description="dsc: a compiler for transformer inference.",
+        prog="dsc",
+        description="dsc: a compiler for transformer inference.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     compile_opts = argparse.ArgumentParser(add_help=False)
     compile_opts.add_argument(
-        "--target", default="cpu",
+        "--target",
+        default="cpu",
         help="'cpu', 'cuda' or JSON of dsc.Target fields, e.g. '{\"device\": \"cuda\", \"tp\": 2}'",
     )
     compile_opts.add_argument("--dtype", choices=sorted(_DTYPE_NAMES), help="override the dtype")
     compile_opts.add_argument("--max-batch", type=int, help="largest batch the plan serves")
     compile_opts.add_argument("--max-seq-len", type=int, help="longest prompt + generation")
-    compile_opts.add_argument("--init-std", type=float, default=None,
-                              help="zoo models: draw random weights with this std")
+    compile_opts.add_argument(
+        "--init-std", type=float, default=None, help="zoo models: draw random weights with this std"
+    )
 
-    p = sub.add_parser("compile", parents=[compile_opts], help="compile a model to a plan directory")
+    p = sub.add_parser(
+        "compile", parents=[compile_opts], help="compile a model to a plan directory"
+    )
     p.add_argument("source", help="HF checkpoint dir, .gguf file, zoo name or alias")
     p.add_argument("-o", "--output", required=True, help="plan directory to write")
 
-    p = sub.add_parser("inspect", parents=[compile_opts],
-                       help="show passes, entry points and kernels of a plan (or a source)")
+    p = sub.add_parser(
+        "inspect",
+        parents=[compile_opts],
+        help="show passes, entry points and kernels of a plan (or a source)",
+    )
     p.add_argument("source", help="plan directory, or a source to compile first")
     p.add_argument("--html", help="write the pass-by-pass HTML report here")
+    p.add_argument("--rank", type=int, default=0, help="which rank's part of a plan to show")
 
     p = sub.add_parser("run", help="run a plan: generate (decoder) or a forward pass (encoder)")
     p.add_argument("plan", help="plan directory written by `dsc compile`")
@@ -363,10 +429,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
     try:
         if args.command == "compile":
-            return _cmd_compile(args)
-        if args.command == "inspect":
-            return _cmd_inspect(args)
-        return _cmd_run(args, argv)
+            status = _cmd_compile(args, argv)
+        elif args.command == "inspect":
+            status = _cmd_inspect(args)
+        else:
+            status = _cmd_run(args, argv)
+        if _under_torchrun():
+            _leave_process_group()
+        return status
     except DscError as exc:
         print(f"dsc: error: {exc}", file=sys.stderr)
         return 2

@@ -40,9 +40,9 @@ _LOG2E = 1.4426950408889634
 class FlashConfig:
     """Tile shape and pipelining of the prefill kernel."""
 
-    block_m: int = 128
-    block_n: int = 64
-    num_warps: int = 8
+    block_m: int = 64
+    block_n: int = 128
+    num_warps: int = 4
     num_stages: int = 3
 
 
@@ -73,24 +73,26 @@ def _attend_block(
 ):
     n = n0 + tl.arange(0, BLOCK_N)
     in_range = n < live
-    # Padding mask of these slots (one byte each).
+    # Padding mask of these slots (one byte each), as an additive bias: 0 or -inf.
     ok = tl.load(valid_base + n * stride_mt, mask=in_range, other=0) != 0
-    # K tile [BLOCK_N, D].
+    bias = tl.where(ok, 0.0, float("-inf"))
+    # K tile [BLOCK_N, D]; padding rows read as zeros (their scores get the -inf bias, and a
+    # NaN there would survive the addition).
     k = tl.load(
         k_base + n[:, None] * stride_kt + d[None, :] * stride_kd,
-        mask=in_range[:, None] & d_ok[None, :],
+        mask=(ok & in_range)[:, None] & d_ok[None, :],
         other=0.0,
     )
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
-    allowed = ok[None, :]
+    # Scores in base 2 with the padding bias folded into the same multiply-add.
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e + bias[None, :]
     if POSITION_MASK:
-        allowed = allowed & in_range[None, :]
+        allowed = in_range[None, :]
         if CAUSAL:
             allowed = allowed & (n[None, :] <= query_pos[:, None])
-    qk = tl.where(allowed, qk, float("-inf"))
+        qk = tl.where(allowed, qk, float("-inf"))
 
-    # Online softmax in base 2; rows that have seen only masked keys keep m = -inf, and their
-    # exponent offset falls back to 0 so no inf - inf appears.
+    # Online softmax; rows that have seen only masked keys keep m = -inf, and their exponent
+    # offset falls back to 0 so no inf - inf appears.
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(qk - m_safe[:, None])
@@ -102,7 +104,8 @@ def _attend_block(
         mask=(ok & in_range)[:, None] & d_ok[None, :],
         other=0.0,
     )
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    # Rescale, then let the tensor cores accumulate P @ V onto it.
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -144,7 +147,9 @@ def _flash_attention_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Causal blocks further down the sequence have more keys to visit: start them first so the
+    # short ones fill in the tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HQ).to(tl.int64)
     h = pid_bh % HQ

@@ -5,13 +5,15 @@ almost no arithmetic per byte: its time is the time to stream the weight once th
 memory. The kernel is built around that stream:
 
 * each program owns a block of BLOCK_N weight rows (output columns) and walks K in BLOCK_K steps,
-  loading [BLOCK_N, BLOCK_K] tiles with 16-byte accesses along K, several tiles in flight
-  (`num_stages`), marked evict-first so the stream does not push reused data out of L2;
+  loading [BLOCK_N, BLOCK_K] tiles with 16-byte accesses along K, `num_stages` tiles in flight
+  through shared memory (`tl.range` pipelining, which the multiply-add loop only gets when asked
+  for explicitly), marked evict-first so the stream does not push reused data out of L2;
 * the x block is tiny and stays in L1/L2, so it is re-read freely;
-* with two or more rows the tile product goes through `tl.dot` with the operands swapped
-  (weight rows play the role of M, the batch the role of N), which keeps the tensor cores, not the
-  CUDA cores, on the arithmetic; a single row uses plain multiply-adds into a 2-D accumulator that
-  is reduced once at the end;
+* a single row uses plain multiply-adds into an accumulator that keeps one lane per K position
+  and is reduced once at the end, so column blocks can be as narrow as 8 rows (many programs,
+  each a long stream); with more rows the tile product goes through `tl.dot` with the operands
+  swapped (weight rows play the role of M, the batch the role of N), keeping the tensor cores,
+  not the CUDA cores, on the arithmetic (a multiply-add path for 2 to 8 rows measured slower);
 * when there are too few column blocks to fill the GPU, K is split across programs ("split-K"):
   each writes an fp32 partial and a second small kernel sums them, adds the bias and casts.
 
@@ -36,8 +38,8 @@ __all__ = ["SmallBatchConfig", "linear_small_batch", "pick_config"]
 class SmallBatchConfig:
     """Launch parameters of the small-batch GEMM kernel.
 
-    block_m: rows of x per program (1 selects the multiply-add path, otherwise a power of two
-        >= 16 for `tl.dot`); block_n: weight rows per program; block_k: K step;
+    block_m: rows of x per program (1 selects the multiply-add path, a power of two >= 16 the
+        `tl.dot` path); block_n: weight rows per program; block_k: K step;
     split_k: programs sharing one column block's K range (1 = no second reduction kernel).
     """
 
@@ -68,11 +70,11 @@ def _small_batch_gemm_kernel(
     stride_on,
     HAS_BIAS: tl.constexpr,
     IS_SPLIT: tl.constexpr,
-    EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -86,45 +88,45 @@ def _small_batch_gemm_kernel(
     rows_w = (offs_n % N).to(tl.int64)
     rows_x = offs_m % M
 
+    # This program's K range; whole BLOCK_K steps run unmasked, a ragged end gets one masked step.
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
+    k_full = k_lo + ((k_hi - k_lo) // BLOCK_K) * BLOCK_K
     w_ptrs = w_ptr + rows_w[:, None] * stride_wn + (k_lo + offs_k)[None, :] * stride_wk
-
     if BLOCK_M == 1:
+        # One activation row; products stay per K lane and are reduced once, after the loop.
         x_ptrs = x_ptr + rows_x * stride_xm + (k_lo + offs_k) * stride_xk
-        acc2d = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
+        # x^T tile [BLOCK_K, BLOCK_M]: tiny, L1/L2 resident.
         x_ptrs = x_ptr + rows_x[None, :] * stride_xm + (k_lo + offs_k)[:, None] * stride_xk
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
 
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        # Stream one weight tile; it is read exactly once, so keep it from displacing L2 lines.
-        if EVEN_K:
-            w = tl.load(w_ptrs, eviction_policy="evict_first")
-        else:
-            k_ok = (k0 + offs_k) < k_hi
-            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+    # The weight stream: NUM_STAGES tiles in flight through shared memory (cp.async), each read
+    # once and marked evict-first so it does not push reused data out of L2.
+    for _ in tl.range(k_lo, k_full, BLOCK_K, num_stages=NUM_STAGES):
+        w = tl.load(w_ptrs, eviction_policy="evict_first")
         if BLOCK_M == 1:
-            # One activation row, broadcast over the tile; reduced across K once, after the loop.
-            if EVEN_K:
-                xv = tl.load(x_ptrs)
-            else:
-                xv = tl.load(x_ptrs, mask=k_ok, other=0.0)
-            acc2d += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+            acc += w.to(tl.float32) * tl.load(x_ptrs).to(tl.float32)[None, :]
         else:
-            # The x^T tile [BLOCK_K, BLOCK_M] is small and L1/L2 resident.
-            if EVEN_K:
-                xt = tl.load(x_ptrs)
-            else:
-                xt = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
-            acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(w, tl.load(x_ptrs), acc, input_precision=DOT_PRECISION)
         w_ptrs += BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
+    if k_full < k_hi:
+        # Ragged end of K: one masked step.
+        k_ok = (k_full + offs_k) < k_hi
+        w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        if BLOCK_M == 1:
+            xv = tl.load(x_ptrs, mask=k_ok, other=0.0)
+            acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+        else:
+            xt = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
 
+    # Bring the accumulator to out^T for this block: [BLOCK_N columns, BLOCK_M rows].
     if BLOCK_M == 1:
-        acc = tl.sum(acc2d, axis=1)[:, None]
+        acc = tl.sum(acc, axis=1)[:, None]
 
-    # acc is out^T for this block: [BLOCK_N columns, BLOCK_M rows].
     mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
     if IS_SPLIT:
         # Partial sums go to an fp32 workspace [split, M, N]; the reduce kernel finishes them.
@@ -177,23 +179,27 @@ def _sm_count(device: torch.device) -> int:
 def pick_config(m: int, n: int, k: int, sm_count: int) -> SmallBatchConfig:
     """Choose launch parameters for an [m, k] x [n, k]^T product on a GPU with sm_count SMs.
 
-    The aim is enough resident programs to keep several weight tiles in flight on every SM while
-    each still streams a long contiguous run of K.
+    The table comes from sweeps on an H100 (bench/kernels.py --sweep; bench/NOTES-kernels.md):
+    one row streams best through the multiply-add path with 8-row blocks (many programs, each a
+    long pipelined stream); more rows use `tl.dot` with 64-row blocks when that still gives
+    every SM a program, else narrower blocks, and split-K when K is long and blocks are few.
     """
-    block_m = 1 if m == 1 else max(16, min(64, triton.next_power_of_2(m)))
-    block_k = 256 if block_m == 1 else 128
-    # Prefer the widest column block that still gives every SM at least two programs.
-    block_n = 16
-    for candidate in (64, 32):
-        if triton.cdiv(n, candidate) >= 2 * sm_count:
-            block_n = candidate
-            break
+    if m == 1:
+        block_m, block_n, block_k, num_stages = 1, 8, 512, 4
+    else:
+        block_m = max(16, min(64, triton.next_power_of_2(m)))
+        if triton.cdiv(n, 64) >= sm_count:
+            block_n, block_k, num_stages = 64, 128, 4
+        elif k >= 2 * n:
+            block_n, block_k, num_stages = 32, 128, 4
+        else:
+            block_n, block_k, num_stages = 16, 128, 6
     tiles = triton.cdiv(n, block_n)
     split_k = 1
     if tiles < sm_count:
-        # Too few column blocks: share K between programs, keeping >= 4 K steps per program.
-        split_k = max(1, min(triton.cdiv(2 * sm_count, tiles), k // (4 * block_k)))
-    return SmallBatchConfig(block_m, block_n, block_k, split_k, num_warps=4, num_stages=4)
+        # Too few column blocks: share K between programs, keeping >= 2 K steps per program.
+        split_k = max(1, min(triton.cdiv(2 * sm_count, tiles), k // (2 * block_k)))
+    return SmallBatchConfig(block_m, block_n, block_k, split_k, 4, num_stages)
 
 
 def _check_device(*tensors: Tensor) -> None:
@@ -267,7 +273,6 @@ def linear_small_batch(
     split_k = max(1, min(cfg.split_k, k_steps))
     k_per_split = triton.cdiv(k_steps, split_k) * cfg.block_k
     split_k = triton.cdiv(k, k_per_split)
-    even_k = k % cfg.block_k == 0
 
     part = out  # placeholder pointer when there is no split
     if split_k > 1:
@@ -292,11 +297,11 @@ def linear_small_batch(
         out.stride(1),
         HAS_BIAS=bias is not None,
         IS_SPLIT=split_k > 1,
-        EVEN_K=even_k,
         DOT_PRECISION=precision,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
+        NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -36,39 +36,43 @@ each rank keeps the KV head its query heads read (replication); the KV cache hol
 heads, so cache placeholders shrink and `ctx.notes["cache"]` is rewritten.
 
 Does not match: a projection that feeds a norm, a reduction over the sharded dim or the output
-(it stays replicated); an op outside the rule tables inside a candidate region (replicated).
+(it stays replicated); an op outside the rule tables inside a candidate region, an operand that
+is neither in the region nor broadcast over the sharded dim, a weight another node also reads
+(replicated). The propagation rules are the table `_RULES`; attention may be dsc.attention,
+dsc.cached_attention or an unrecognised scaled_dot_product_attention.
 Raises TargetError when a dimension cannot be split: heads, KV heads, MLP features or experts'
 features not divisible by tp (KV heads may instead divide tp).
-`ctx.weights` ends up holding rank `ctx.rank`'s shards; weights cut by an earlier program of the
-same compile (forward, then decode) are recognised by name and not cut twice.
-Ordering: after recognition (attention, rotary, MoE, MLP, residual) and after kv_cache; last
-before kernel selection and fusion, which see the per-rank shapes.
+`ctx.weights` ends up holding rank `ctx.rank`'s shards (as `<name>.tp<rank>of<tp>`; the whole
+weights leave it) and the replicated weights; a later program of the same compile reuses them.
+Ordering: after recognition (attention, rotary, MoE, MLP, residual) and after kv_cache; before
+merge_projections, kernel selection and fusion, which see the per-rank shapes
+(`pipelines.partition`).
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import sympy
 import torch
-import torch.fx as fx
+from torch import fx
 
+import dsc.ops  # noqa: F401  (registers the dsc ops the rules name)
 from dsc.errors import TargetError
 from dsc.passes import register
 from dsc.passes.context import PassContext
 from dsc.passes.graph_utils import call, fake_mode_of, is_op, set_meta, tensor_meta, weight_name
 from dsc.passes.kv_cache import cache_spec
 
-__all__ = ["tensor_parallel", "Cut", "collective_kernels"]
+__all__ = ["Cut", "collective_kernels", "tensor_parallel"]
 
 aten = torch.ops.aten
-dsc = torch.ops.dsc
+dsc_ops = torch.ops.dsc
 
-_PROJECTIONS = (aten.linear, aten.addmm, aten.mm)
-_ATTENTION = (dsc.attention, dsc.cached_attention, aten.scaled_dot_product_attention)
+_ATTENTION = (dsc_ops.attention, dsc_ops.cached_attention, aten.scaled_dot_product_attention)
 _RESHAPES = (aten.view, aten.reshape, aten._unsafe_view)
 _SPLITS = (aten.split, aten.split_with_sizes)
 _ID_VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten._to_copy, aten.clone)
@@ -76,9 +80,25 @@ _ID_VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten._to_copy, aten.clo
 # Ops that act on each element (scalars and broadcast operands allowed): the sharded dim keeps
 # its place, counted from the right.
 _ELEMENTWISE = (
-    aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten.pow, aten.tanh, aten.sigmoid,
-    aten.silu, aten.gelu, aten.relu, aten.erf, aten.exp, aten._to_copy, aten.clone, aten.alias,
-    dsc.activation, dsc.gated_activation, dsc.rotary,
+    aten.add,
+    aten.sub,
+    aten.mul,
+    aten.div,
+    aten.neg,
+    aten.pow,
+    aten.tanh,
+    aten.sigmoid,
+    aten.silu,
+    aten.gelu,
+    aten.relu,
+    aten.erf,
+    aten.exp,
+    aten._to_copy,
+    aten.clone,
+    aten.alias,
+    dsc_ops.activation,
+    dsc_ops.gated_activation,
+    dsc_ops.rotary,
 )
 
 
@@ -169,10 +189,13 @@ def _elementwise(node, x, d):
     return d + tensor_meta(node).dim() - tensor_meta(x).dim()
 
 
+def _position(node: fx.Node, x: fx.Node) -> int | None:
+    return next((i for i, a in enumerate(node.args) if a is x), None)
+
+
 def _heads(node, x, d):
     """q, k, v [B, H, S, D]: the heads dim (1) passes to the output [B, H, S, D]."""
-    position = next(i for i, a in enumerate(node.args) if a is x)
-    return 1 if position < 3 and d == 1 else None
+    return 1 if _position(node, x) in (0, 1, 2) and d == 1 else None
 
 
 _RULES: list[tuple[tuple, Callable]] = [
@@ -218,6 +241,20 @@ def _activation_arg(node: fx.Node) -> fx.Node:
     return node.args[1] if is_op(node, aten.addmm) else node.args[0]
 
 
+def _bias_arg(node: fx.Node) -> fx.Node | None:
+    if is_op(node, aten.addmm):
+        return node.args[0]
+    if is_op(node, aten.linear) and len(node.args) > 2:
+        return node.args[2]
+    return None
+
+
+def _owns_weights(node: fx.Node) -> bool:
+    """The projection is the only reader of its weight and bias (a shared one stays whole)."""
+    params = [_weight_arg(node)[0], _bias_arg(node)]
+    return all(p is None or set(p.users) == {node} for p in params)
+
+
 def _is_row(user: fx.Node, x: fx.Node, d: int) -> bool:
     """user is a projection of x that contracts over x's sharded dim d."""
     if _weight_arg(user) is None or _activation_arg(user) is not x:
@@ -258,7 +295,7 @@ def _explore(piece: _Piece) -> bool:
             out = rule(user, value, d) if rule is not None else None
             if out is None or piece.dims.get(user, out) != out:
                 return False
-            if is_op(user, *_ATTENTION) and user.args.index(value) in (1, 2):
+            if is_op(user, *_ATTENTION) and _position(user, value) in (1, 2):
                 piece.kv = True
             if user not in piece.dims:
                 piece.dims[user] = out
@@ -281,10 +318,12 @@ def _chain(source: fx.Node) -> tuple[list[fx.Node], fx.Node | None]:
             chain.append(user)
             node = user
             continue
-        rank = tensor_meta(node).dim()
-        last = len(user.args) > 2 and _dim(user.args[2], rank) == rank - 1
-        if is_op(user, *_SPLITS) and last and all(is_op(u, operator.getitem) for u in user.users):
-            return chain, user
+        if is_op(user, *_SPLITS) and len(user.args) > 2:
+            rank = tensor_meta(node).dim()
+            if _dim(user.args[2], rank) == rank - 1 and all(
+                is_op(u, operator.getitem) for u in user.users
+            ):
+                return chain, user
         break
     return chain, None
 
@@ -388,6 +427,8 @@ def _find_regions(gm: fx.GraphModule) -> list[_Region]:
         region = _Region(pieces, dims, rows, {p.source: chains[p.source] for p in pieces})
         if not consistent or not all(_operands_ok(n, dims) for n in dims):
             continue
+        if not all(_owns_weights(n) for n in [*region.sources, *rows]):
+            continue
         # A projection is a column of one region or a row of another, never both (chained MLPs:
         # the first pair wins, in graph order).
         if set(region.sources) & rows_taken or rows & sources_taken or rows & set(region.sources):
@@ -418,33 +459,43 @@ class Cut:
             step = size // n
             parts.append(tensor.narrow(self.dim, start + index * step, step))
             start += size
-        return torch.cat(parts, self.dim).contiguous().clone()
+        return torch.cat(parts, self.dim)  # a new tensor: the whole one can be freed
 
 
 class _Weights:
-    """Cuts weights in ctx.weights once per compile and keeps placeholders' fake values in step."""
+    """Cuts weights for this rank and points placeholders at the shards.
+
+    A shard is stored as `<name>.tp<rank>of<tp>` and the whole weight leaves ctx.weights, so the
+    plan holds this rank's shards only. Passes that run before this one in a later program of
+    the same compile (the decode program after the forward one) see whole weights again: the
+    compiler adds back what its trace holds and ctx.weights lacks, and recognisers that probe
+    with weight values (recognize_moe) need them whole. The shard made once is reused.
+    """
 
     def __init__(self, gm: fx.GraphModule, ctx: PassContext):
         self.ctx = ctx
         self.mode = fake_mode_of(gm)
-        # name -> (cut, shape after it), shared by the programs of one compile
-        self.cuts: dict[str, tuple[Cut, tuple[int, ...]]] = ctx.notes.setdefault(
-            "tensor_parallel", {}
-        ).setdefault("cuts", {})
+        notes = ctx.notes.setdefault("tensor_parallel", {})
+        self.cuts: dict[str, Cut] = notes.setdefault("cuts", {})  # whole name -> its cut
+        self.shards: dict[str, str] = notes.setdefault("shards", {})  # shard name -> whole name
 
     def cut(self, node: fx.Node, cut: Cut) -> None:
         name = weight_name(node)
-        done, shape = self.cuts.get(name, (None, None))
+        whole = self.shards.get(name, name)  # a tied weight's placeholder may be cut already
+        done = self.cuts.get(whole)
         if done is not None and done != cut:
             raise TargetError(
-                f"weight {name!r} is used in two ways that need different tensor-parallel cuts "
+                f"weight {whole!r} is used in two ways that need different tensor-parallel cuts "
                 f"({done} and {cut}); compile with tp=1."
             )
-        # Cut unless an earlier program already did (a weight added back whole is cut again).
-        if done is None or tuple(self.ctx.weights[name].shape) != shape:
-            self.ctx.weights[name] = cut.apply(self.ctx.weights[name])
-            self.cuts[name] = (cut, tuple(self.ctx.weights[name].shape))
-        node.meta["val"] = self.mode.from_tensor(self.ctx.weights[name], static_shapes=True)
+        shard = f"{whole}.tp{self.ctx.rank}of{self.ctx.target.tp}"
+        if shard not in self.ctx.weights:
+            self.ctx.weights[shard] = cut.apply(self.ctx.weights[whole])
+            self.cuts[whole] = cut
+            self.shards[shard] = whole
+        self.ctx.weights.pop(whole, None)
+        node.meta["dsc_weight"] = shard
+        node.meta["val"] = self.mode.from_tensor(self.ctx.weights[shard], static_shapes=True)
 
 
 def _parts(piece: _Piece, tp: int) -> int:
@@ -480,9 +531,7 @@ def _rewrite_region(region: _Region, tp: int, rank: int, weights: _Weights) -> l
         w, out_dim, _ = _weight_arg(source)
         segments = tuple((p.size, p.parts, rank * p.parts // tp) for p in pieces)
         weights.cut(w, Cut(out_dim, segments))
-        bias = source.args[0] if is_op(source, aten.addmm) else (
-            source.args[2] if is_op(source, aten.linear) and len(source.args) > 2 else None
-        )
+        bias = _bias_arg(source)
         if weight_name(bias) is not None:
             weights.cut(bias, Cut(0, segments))
         chain, split = region.chains[source]
@@ -518,7 +567,7 @@ def _rewrite_region(region: _Region, tp: int, rank: int, weights: _Weights) -> l
             e = region.dims[node]
             shape[e] = _divide(shape[e], f, node.name)
             node.args = (x, shape, *node.args[2:])
-        if is_op(node, dsc.cached_attention):
+        if is_op(node, dsc_ops.cached_attention):
             for kv, cache in zip(node.args[1:3], node.args[3:5]):
                 old = cache.meta["val"]
                 shape = list(old.shape)
@@ -532,8 +581,9 @@ def _rewrite_region(region: _Region, tp: int, rank: int, weights: _Weights) -> l
     return changed
 
 
-def _reduce_rows(gm: fx.GraphModule, rows: list[fx.Node], tp: int, rank: int,
-                 weights: _Weights) -> None:
+def _reduce_rows(
+    gm: fx.GraphModule, rows: list[fx.Node], tp: int, rank: int, weights: _Weights
+) -> None:
     """row(x, W) -> all_reduce(row(x, W[:, rank's inputs])) + bias."""
     graph = gm.graph
     for row in rows:
@@ -541,16 +591,14 @@ def _reduce_rows(gm: fx.GraphModule, rows: list[fx.Node], tp: int, rank: int,
         features = tensor_meta(w).shape[in_dim]
         weights.cut(w, Cut(in_dim, ((features, tp, rank),)))
         x = _activation_arg(row)
-        bias = row.args[0] if is_op(row, aten.addmm) else (
-            row.args[2] if is_op(row, aten.linear) and len(row.args) > 2 else None
-        )
+        bias = _bias_arg(row)
         with graph.inserting_after(row):
             if is_op(row, aten.linear):
                 product = call(graph, aten.linear.default, (x, w), like=row)
             else:
                 product = call(graph, aten.mm.default, (x, w), like=row)
         with graph.inserting_after(product):
-            out = call(graph, dsc.all_reduce.default, (product,), like=row)
+            out = call(graph, dsc_ops.all_reduce.default, (product,), like=row)
         if bias is not None:
             with graph.inserting_after(out):
                 out = call(graph, aten.add.Tensor, (out, bias), like=row)
@@ -570,20 +618,27 @@ def _vocab_cut(vocab: int, tp: int, rank: int) -> tuple[Cut, int, int]:
     return Cut(0, ((rows * tp, tp, rank),), pad_to=rows * tp), rank * rows, (rank + 1) * rows
 
 
-def _vocab_parallel(gm: fx.GraphModule, ctx: PassContext, taken: set[fx.Node],
-                    weights: _Weights) -> None:
+def _vocab_parallel(
+    gm: fx.GraphModule, ctx: PassContext, taken: set[fx.Node], weights: _Weights
+) -> None:
     """Embedding lookups of input_ids and the logits projection, cut by vocabulary rows."""
     graph, tp, rank = gm.graph, ctx.target.tp, ctx.rank
     vocab = ctx.info.vocab_size
     embeddings = [
-        n for n in graph.nodes
-        if is_op(n, aten.embedding) and weight_name(n.args[0]) is not None
+        n
+        for n in graph.nodes
+        if is_op(n, aten.embedding)
+        and weight_name(n.args[0]) is not None
         and _from_input_ids(n.args[1])
     ]
     heads = [
-        n for n in graph.nodes
-        if is_op(n, aten.linear) and n not in taken and _weight_arg(n) is not None
-        and vocab is not None and tensor_meta(n.args[1]).shape[0] == vocab
+        n
+        for n in graph.nodes
+        if is_op(n, aten.linear)
+        and n not in taken
+        and _weight_arg(n) is not None
+        and vocab is not None
+        and tensor_meta(n.args[1]).shape[0] == vocab
     ]
     handled = set(embeddings) | set(heads)
     for node in embeddings + heads:
@@ -603,7 +658,7 @@ def _vocab_parallel(gm: fx.GraphModule, ctx: PassContext, taken: set[fx.Node],
             rows = call(graph, aten.embedding.default, (table, local), like=emb)
             mask = call(graph, aten.unsqueeze.default, (outside, -1))
             rows = call(graph, aten.masked_fill.Scalar, (rows, mask, 0), like=emb)
-            out = call(graph, dsc.all_reduce.default, (rows,), like=emb)
+            out = call(graph, dsc_ops.all_reduce.default, (rows,), like=emb)
         emb.replace_all_uses_with(out)
         graph.erase_node(emb)
     for head in heads:
@@ -614,7 +669,7 @@ def _vocab_parallel(gm: fx.GraphModule, ctx: PassContext, taken: set[fx.Node],
             weights.cut(head.args[2], cut)
         last = tensor_meta(head).dim() - 1
         with graph.inserting_after(head):
-            gathered = graph.call_function(dsc.all_gather.default, (head, last))
+            gathered = graph.call_function(dsc_ops.all_gather.default, (head, last))
         set_meta(head)
         # Set by hand: the op's fake reads the process group's size, absent when one process
         # compiles for several ranks.
@@ -625,13 +680,13 @@ def _vocab_parallel(gm: fx.GraphModule, ctx: PassContext, taken: set[fx.Node],
         if cut.pad_to != vocab:
             with graph.inserting_after(gathered):
                 out = call(graph, aten.slice.Tensor, (gathered, last, 0, vocab), like=head)
-        head.replace_all_uses_with(out, delete_user_cb=lambda user: user is not gathered)
+        head.replace_all_uses_with(out, delete_user_cb=lambda user, g=gathered: user is not g)
 
 
 def _experts(gm: fx.GraphModule, ctx: PassContext, weights: _Weights) -> None:
     """moe(x, router, gate_up, down) -> all_reduce(moe(..., rank's F/tp of every expert))."""
     graph, tp, rank = gm.graph, ctx.target.tp, ctx.rank
-    for node in [n for n in graph.nodes if is_op(n, dsc.moe)]:
+    for node in [n for n in graph.nodes if is_op(n, dsc_ops.moe)]:
         gate_up, down = node.args[2], node.args[3]
         if weight_name(gate_up) is None or weight_name(down) is None:
             raise TargetError(f"{node.name}: expert weights are computed, not stored; use tp=1")
@@ -645,8 +700,8 @@ def _experts(gm: fx.GraphModule, ctx: PassContext, weights: _Weights) -> None:
         weights.cut(down, Cut(2, ((ffn, tp, rank),)))
         set_meta(node)
         with graph.inserting_after(node):
-            out = call(graph, dsc.all_reduce.default, (node,), like=node)
-        node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+            out = call(graph, dsc_ops.all_reduce.default, (node,), like=node)
+        node.replace_all_uses_with(out, delete_user_cb=lambda user, o=out: user is not o)
 
 
 def _refresh(gm: fx.GraphModule, nodes: set[fx.Node], mode) -> None:
@@ -675,8 +730,11 @@ def tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     taken = {n for region in regions for n in region.sources}
     _vocab_parallel(gm, ctx, taken, weights)
     _experts(gm, ctx, weights)
-    if any(n.meta.get("dsc_input", "").startswith("cache.") for n in gm.graph.nodes
-           if n.op == "placeholder"):
+    if any(
+        n.meta.get("dsc_input", "").startswith("cache.")
+        for n in gm.graph.nodes
+        if n.op == "placeholder"
+    ):
         ctx.notes["cache"] = cache_spec(gm)
     gm.graph.eliminate_dead_code()
     return gm
@@ -685,14 +743,15 @@ def tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 # Collectives run through the runtime's implementation (it picks the transport per message size
 # and turns a dead peer into a clear error); see dsc/runtime/allreduce.py.
 _COLLECTIVE_IMPLS = {
-    dsc.all_reduce.default: "collective::all_reduce",
-    dsc.all_gather.default: "collective::all_gather",
+    dsc_ops.all_reduce.default: "collective::all_reduce",
+    dsc_ops.all_gather.default: "collective::all_gather",
 }
 
 
 def collective_kernels(gm: fx.GraphModule) -> dict[str, str]:
     """node name -> runtime implementation, for every collective in the graph."""
     return {
-        n.name: _COLLECTIVE_IMPLS[n.target] for n in gm.graph.nodes
+        n.name: _COLLECTIVE_IMPLS[n.target]
+        for n in gm.graph.nodes
         if n.op == "call_function" and n.target in _COLLECTIVE_IMPLS
     }

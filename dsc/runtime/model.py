@@ -9,7 +9,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from dsc.errors import PlanError
 from dsc.plan import Plan, load_plan, save_plan
+from dsc.runtime import allreduce as _allreduce  # noqa: F401  (registers collective:: steps)
+from dsc.runtime import distributed
 from dsc.runtime.cache import KVCache
 from dsc.runtime.cuda_graphs import GraphedProgram
 from dsc.runtime.executor import Executor
@@ -35,6 +38,12 @@ class CompiledModel:
     def __init__(self, plan: Plan, history: list | None = None):
         self.plan = plan
         self.target = plan.target
+        if plan.world_size > 1:
+            # Join the other ranks first: on CUDA that picks this process's GPU, which "cuda"
+            # then means.
+            joined = distributed.init(plan.target.device, plan.world_size)
+            if joined != plan.rank:
+                raise PlanError(f"this process is rank {joined}; the plan part is rank {plan.rank}")
         self.device = torch.device(plan.target.device)
         self._history = history  # PassRecords when compiled in this process
         self.weights = {k: v.to(self.device) for k, v in plan.weights.items()}
@@ -67,7 +76,12 @@ class CompiledModel:
         return visualize(self.history, self.plan, path)
 
     def save(self, path: str | os.PathLike) -> Path:
-        return save_plan(self.plan, path)
+        """Write the plan; with several ranks every rank calls it and writes its own part."""
+        if self.plan.world_size == 1:
+            return save_plan(self.plan, path)
+        root = save_plan(self.plan, path, gather=distributed.gather_to_first)
+        distributed.barrier()  # every rank returns once plan.json holds all parts
+        return root
 
     # ---- forward -------------------------------------------------------------------------
     def _check(self, input_ids, attention_mask, new_tokens: int = 0) -> torch.Tensor:
@@ -150,6 +164,11 @@ class CompiledModel:
         with torch.no_grad():
             for token in generate_tokens(self._prefill, self._decode, ids,
                                          mask.to(self.device, torch.long), request, pad):
+                if self.plan.world_size > 1 and do_sample:
+                    # Ranks hold bit-identical logits (the collectives sum in rank order), so
+                    # argmax agrees; a sampler seeded per process would not: rank 0's choice is
+                    # everyone's (in place, so the next step feeds it too).
+                    distributed.broadcast_(token, src=0)
                 if callback is not None:
                     callback(token)
                 yield token

@@ -47,7 +47,7 @@ def nan_like(shape, dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 3, 16, 32])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16, 32])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008), (1000, 999)])
 def test_linear_small_batch(m, n, k, dtype):
     torch.manual_seed(m + n + k)
@@ -129,6 +129,7 @@ def make_cache(b, hq, hkv, s, t, d, start, dtype, pad=True, seed=0):
             valid[i, : (7 * i) % max(1, start + 1)] = False
         k[:, :, start + s :] = float("nan")
         v[:, :, start + s :] = float("nan")
+        k.masked_fill_(~valid[:, None, :, None], float("nan"))
         v.masked_fill_(~valid[:, None, :, None], float("nan"))
     return q, k, v, valid, torch.tensor([start], device="cuda", dtype=torch.int64)
 

@@ -8,8 +8,8 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -23,6 +23,7 @@ def make_inputs(b=2, hq=4, hkv=2, s=1, t=13, d=16, start=0, seed=0):
     valid[0, : start + 1] = False  # sequence 0: its first query row sees no key at all
     k[:, :, start + s :] = float("nan")
     v[:, :, start + s :] = float("nan")
+    k.masked_fill_(~valid[:, None, :, None], float("nan"))
     v.masked_fill_(~valid[:, None, :, None], float("nan"))
     return q, k, v, valid, torch.tensor([start], dtype=torch.int64)
 
@@ -80,7 +81,15 @@ def test_default_config():
 
 def _bad(**changes):
     q, k, v, valid, st = make_inputs()
-    args = dict(q=q, k_cache=k, v_cache=v, kv_valid=valid, start=st, causal=True, scale=0.3)
+    args = {
+        "q": q,
+        "k_cache": k,
+        "v_cache": v,
+        "kv_valid": valid,
+        "start": st,
+        "causal": True,
+        "scale": 0.3,
+    }
     args.update(changes)
     return args
 
@@ -88,15 +97,15 @@ def _bad(**changes):
 @pytest.mark.parametrize(
     "changes,match",
     [
-        (dict(q=torch.randn(4, 1, 16)), "q must be 4-D"),
-        (dict(q=torch.randn(2, 3, 1, 16)), "not a multiple of Hkv"),
-        (dict(q=torch.randn(2, 4, 1, 8)), "head dim mismatch"),
-        (dict(v_cache=torch.randn(2, 2, 12, 16)), "differs from k_cache"),
-        (dict(kv_valid=torch.ones(2, 13, dtype=torch.int64)), "bool"),
-        (dict(kv_valid=torch.ones(2, 12, dtype=torch.bool)), "kv_valid must be"),
-        (dict(start=3), "start must be an int64 tensor"),
-        (dict(start=torch.tensor([1.0])), "start must be an int64 tensor"),
-        (dict(q=torch.randn(3, 4, 1, 16)), "batch mismatch"),
+        ({"q": torch.randn(4, 1, 16)}, "q must be 4-D"),
+        ({"q": torch.randn(2, 3, 1, 16)}, "not a multiple of Hkv"),
+        ({"q": torch.randn(2, 4, 1, 8)}, "head dim mismatch"),
+        ({"v_cache": torch.randn(2, 2, 12, 16)}, "differs from k_cache"),
+        ({"kv_valid": torch.ones(2, 13, dtype=torch.int64)}, "bool"),
+        ({"kv_valid": torch.ones(2, 12, dtype=torch.bool)}, "kv_valid must be"),
+        ({"start": 3}, "start must be an int64 tensor"),
+        ({"start": torch.tensor([1.0])}, "start must be an int64 tensor"),
+        ({"q": torch.randn(3, 4, 1, 16)}, "batch mismatch"),
     ],
 )
 def test_bad_inputs_raise(changes, match):

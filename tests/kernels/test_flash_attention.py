@@ -23,6 +23,7 @@ def make_inputs(b=2, hq=4, hkv=2, s=5, t=13, d=16, start=0, seed=0):
     valid[0, : start + 1] = False  # sequence 0: its first query row sees no key when causal
     k[:, :, start + s :] = float("nan")
     v[:, :, start + s :] = float("nan")
+    k.masked_fill_(~valid[:, None, :, None], float("nan"))
     v.masked_fill_(~valid[:, None, :, None], float("nan"))
     return q, k, v, valid, torch.tensor([start], dtype=torch.int64)
 

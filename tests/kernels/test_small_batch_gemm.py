@@ -12,6 +12,7 @@ CONFIGS = {
     "dot": SmallBatchConfig(block_m=16, block_n=16, block_k=16),
     "dot-split3": SmallBatchConfig(block_m=16, block_n=16, block_k=16, split_k=3),
     "fma-split2": SmallBatchConfig(block_m=1, block_n=16, block_k=32, split_k=2),
+    "fma-narrow-split3": SmallBatchConfig(block_m=1, block_n=4, block_k=16, split_k=3),
 }
 
 
@@ -45,11 +46,12 @@ def test_strided_operands(assert_close, poisoned):
 
 def test_pick_config_fills_the_gpu():
     # A wide projection needs no split; a narrow one splits K to reach every SM.
-    wide = pick_config(1, 11008, 4096, sm_count=132)
-    assert wide.split_k == 1 and 11008 / wide.block_n >= 132
-    narrow = pick_config(1, 256, 2048, sm_count=132)
-    assert narrow.split_k > 1
-    assert pick_config(16, 4096, 4096, 132).block_m == 16
+    for m in (1, 3, 16, 32):
+        wide = pick_config(m, 11008, 4096, sm_count=132)
+        assert wide.split_k == 1 and 11008 / wide.block_n >= 132
+        assert wide.block_m >= m
+    assert pick_config(1, 256, 2048, sm_count=132).split_k > 1
+    assert pick_config(16, 256, 2048, sm_count=132).split_k > 1
 
 
 @pytest.mark.parametrize(
@@ -70,6 +72,8 @@ def test_bad_shapes_raise(x_shape, w_shape, bias_shape, match):
 def test_bad_dtype_and_out_raise():
     with pytest.raises(ValueError, match="floating-point"):
         linear_small_batch(torch.ones(2, 8, dtype=torch.int32), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="block_m must be"):
+        linear_small_batch(torch.randn(2, 8), torch.randn(4, 8), config=SmallBatchConfig(3, 4, 8))
     with pytest.raises(ValueError, match="out must be"):
         linear_small_batch(torch.randn(2, 8), torch.randn(4, 8), out=torch.empty(4, 2))
 

@@ -1,0 +1,190 @@
+"""Tensor-parallel decode benchmark: one process per GPU under torchrun.
+
+Random weights at real shapes, bf16; prompt 128 tokens, 64 new tokens, greedy; decode time per
+token = (time for N new tokens - time for 1) / (N - 1), median of 3 (as bench/e2e.py). The floor
+is this GPU's share of the weight bytes over the copy bandwidth measured in this run. Also times
+the all-reduce of one decode activation ([batch, hidden] bf16) alone, replayed in a CUDA graph,
+with the transport dsc picks for it. Rank 0 prints a table and writes JSON lines.
+
+    python bench/tp.py --model llama-7b                       # tp=1 baseline, same script
+    torchrun --nproc-per-node 4 bench/tp.py --model llama-7b --batches 1,16
+    torchrun --nproc-per-node 4 bench/tp.py --model llama-70b --layers 8
+
+Compare tp=N with tp=1 only from runs on the same machine (same kind of card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dsc  # noqa: E402
+from dsc import zoo  # noqa: E402
+from dsc.runtime import allreduce, distributed  # noqa: E402
+
+PROMPT, NEW = 128, 64
+
+
+def copy_bandwidth() -> float:
+    """Device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * (1 << 30) / statistics.median(times)
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    if distributed.is_parallel():
+        dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def per_token(generate, reps: int = 3) -> float:
+    """(t(NEW tokens) - t(1 token)) / (NEW - 1), median over reps, in seconds."""
+    generate(2)  # warm: captures the decode graph for this batch
+    full = statistics.median(timed(lambda: generate(NEW)) for _ in range(reps))
+    one = statistics.median(timed(lambda: generate(1)) for _ in range(reps))
+    return (full - one) / (NEW - 1)
+
+
+def all_reduce_us(batch: int, hidden: int, calls: int = 64) -> tuple[float, str]:
+    """Per-call time of dsc's all-reduce of a [batch, hidden] bf16 activation, in a CUDA graph."""
+    x = torch.randn(batch, hidden, dtype=torch.bfloat16, device="cuda")
+    kind = allreduce.transport(x)
+    if not distributed.is_parallel():
+        return 0.0, "none"
+    allreduce.all_reduce(x)  # eager first: sets up the symmetric buffer
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            allreduce.all_reduce(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            allreduce.all_reduce(x)
+    graph.replay()
+    seconds = statistics.median(timed(graph.replay) for _ in range(5))
+    return seconds / calls * 1e6, kind
+
+
+def bench(name: str, layers: int | None, batches: list[int], bandwidth: float) -> list[dict]:
+    tp = distributed.world_size()
+    overrides = {"num_hidden_layers": layers} if layers else {}
+    model = zoo.build(name, dtype=torch.bfloat16, device="cuda", **overrides)
+    hidden = model.config.hidden_size
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    target = dsc.Target(
+        device="cuda", dtype="bfloat16", tp=tp, max_batch=max(batches), max_seq_len=PROMPT + NEW + 8
+    )
+    t0 = time.perf_counter()
+    compiled = dsc.compile(model, target)
+    compile_s = time.perf_counter() - t0
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device="cuda").manual_seed(0)  # the same prompt on every rank
+    rows = []
+    with torch.no_grad():
+        ref = model(torch.arange(32, device="cuda")[None] % vocab).logits[:, -1].float()
+        mine = compiled(torch.arange(32, device="cuda")[None] % vocab).logits[:, -1].float()
+        rel_err = float((mine - ref).norm() / ref.norm())
+        for batch in batches:
+            ids = torch.randint(0, vocab, (batch, PROMPT), device="cuda", generator=gen)
+
+            def run(n, ids=ids):
+                compiled.generate(ids, max_new_tokens=n, eos_token_id=[])
+
+            ms = per_token(run) * 1e3
+            tokens = compiled.generate(ids[:1], max_new_tokens=16, eos_token_id=[])[0, PROMPT:]
+            same = distributed.gather_to_first(tokens.tolist())
+            us, kind = all_reduce_us(batch, hidden)
+            floor_ms = weight_bytes / tp / bandwidth * 1e3
+            rows.append(
+                {
+                    "model": name,
+                    "layers": layers or model.config.num_hidden_layers,
+                    "tp": tp,
+                    "batch": batch,
+                    "dtype": "bfloat16",
+                    "gpu": torch.cuda.get_device_name(),
+                    "weight_gb": weight_bytes / 1e9,
+                    "copy_gbps": bandwidth / 1e9,
+                    "floor_ms_per_gpu": floor_ms,
+                    "dsc_ms": ms,
+                    "dsc_over_floor": ms / floor_ms,
+                    "all_reduce_us": us,
+                    "all_reduce_transport": kind,
+                    "all_reduce_bytes": batch * hidden * 2,
+                    "first_logits_rel_err": rel_err,
+                    "ranks_agree_16_tokens": None
+                    if same is None
+                    else all(t == same[0] for t in same),
+                    "compile_s": compile_s,
+                }
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="llama-7b")
+    parser.add_argument("--layers", type=int, default=None, help="cut the model to K layers")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; 1 when run alone
+    # Join first: it picks this process's GPU, so the model below lands on it.
+    distributed.init("cuda", world)
+    bandwidth = copy_bandwidth()
+    rows = bench(args.model, args.layers, [int(b) for b in args.batches.split(",")], bandwidth)
+    if distributed.rank() != 0:
+        return
+    gpu = torch.cuda.get_device_name().replace(" ", "-")
+    out = Path(args.out or f"bench/results/tp-{gpu}-{time.strftime('%Y-%m-%d')}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(f"{rows[0]['gpu']} x{rows[0]['tp']}: copy {bandwidth / 1e9:.0f} GB/s; -> {out}")
+    header = (
+        f"{'model':<10} {'layers':>6} {'tp':>3} {'batch':>5} {'floor/GPU ms':>12} "
+        f"{'dsc ms':>8} {'x floor':>8} {'AR us':>7} {'AR via':>9} {'rel err':>8}"
+    )
+    print(header)
+    for r in rows:
+        print(
+            f"{r['model']:<10} {r['layers']:>6} {r['tp']:>3} {r['batch']:>5} "
+            f"{r['floor_ms_per_gpu']:>12.3f} {r['dsc_ms']:>8.3f} {r['dsc_over_floor']:>8.2f} "
+            f"{r['all_reduce_us']:>7.1f} {r['all_reduce_transport']:>9} "
+            f"{r['first_logits_rel_err']:>8.1e}"
+        )
+
+
+if __name__ == "__main__":
+    main()
