@@ -13,7 +13,7 @@ import dsc.ops  # noqa: F401  (registers the dsc op set)
 from dsc import passes as _passes  # noqa: F401
 from dsc.codegen.lower import lower
 from dsc.codegen.select import choose_kernels
-from dsc.frontend import trace
+from dsc.frontend import default_positions, trace
 from dsc.passes.context import PassContext
 from dsc.passes.manager import PassManager
 from dsc.passes.tensor_parallel import collective_kernels
@@ -40,6 +40,13 @@ def _is_decoder(gm: fx.GraphModule) -> bool:
     return bool(attentions) and all(n.args[4] for n in attentions)
 
 
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """An independent copy of the graph (node meta shared: it is read-only)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
 def _rank(target: Target) -> int:
     """This process's rank: 0 alone; for tp > 1 (one process per rank, under torchrun) the rank
     in the default process group, which is created from torchrun's environment if needed."""
@@ -62,29 +69,33 @@ def compile(model: torch.nn.Module, target: Target | str | dict[str, Any] = "cpu
     rank = _rank(target)
     limits = dict(dtype=target.torch_dtype, max_batch=target.max_batch,
                   max_seq_len=target.max_seq_len)
-    traced = trace(model, **limits)
+    # One trace serves every entry point: positions are an input (a decode step's position is
+    # not its index) and the forward entry feeds the positions the model would compute itself.
+    traced = trace(model, **limits, position_ids=True)
+    positions = default_positions(model, traced) if "position_ids" in traced.inputs else None
+    if "position_ids" in traced.inputs and positions is None:
+        traced = trace(model, **limits)  # defaults we cannot name: let the graph compute them
     target.check_against(traced.info.num_heads, traced.info.num_kv_heads)
     ctx = PassContext(target=target, weights=traced.weights, info=traced.info, inputs=traced.inputs,
                       rank=rank)
     manager = PassManager(ctx)
-    forward = manager.run(traced.gm, trunk(target) + partition(target) + backend(target),
-                          program="forward")
+    shared = manager.run(traced.gm, trunk(target), program="forward")
+    recognised_weights = dict(ctx.weights)
+    decoder = _copy(shared) if _is_decoder(shared) else None
+    forward = manager.run(shared, partition(target) + backend(target), program="forward")
     programs = {"forward": lower(forward, "forward", _kernels(forward, "forward", target))}
-    model_facts = traced.info.to_dict()
-    if _is_decoder(forward):
-        # Generation feeds positions explicitly (a decode step's position is not its index), so
-        # the cached entry points come from a trace that takes position_ids as an input.
-        generating = trace(model, **limits, position_ids=True)
-        if "position_ids" not in generating.inputs:
+    model_facts = {**traced.info.to_dict(), "default_positions": positions}
+    if decoder is not None:
+        if "position_ids" not in traced.inputs:
             raise TraceError(
                 f"{traced.info.name}.forward takes no position_ids, so decode steps cannot be given "
                 "their positions; dsc cannot generate with this model (forward still works)."
             )
-        ctx.weights.update({k: v for k, v in generating.weights.items() if k not in ctx.weights})
-        decoder = manager.run(
-            generating.gm, trunk(target) + cached(target) + partition(target) + backend(target),
-            program="decode",
-        )
+        # Partitioning replaced whole weights by this rank's shards; the decode graph starts
+        # again from the recognised ones (unused weights are dropped below).
+        ctx.weights.update(recognised_weights)
+        decoder = manager.run(decoder, cached(target) + partition(target) + backend(target),
+                              program="decode")
         model_facts["cache"] = ctx.notes["cache"]
         for entry in ("prefill", "decode"):
             programs[entry] = lower(decoder, entry, _kernels(decoder, entry, target))

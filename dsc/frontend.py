@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from dsc.errors import TraceError
 
-__all__ = ["TracedModel", "ModelInfo", "trace", "USER_INPUTS"]
+__all__ = ["TracedModel", "ModelInfo", "trace", "default_positions", "USER_INPUTS"]
 
 # The user inputs a traced graph can take, in placeholder order.
 USER_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -244,3 +244,35 @@ def _lift_weights(
     new = fx.GraphModule(torch.nn.Module(), gm.graph)
     new.recompile()
     return new, weights
+
+
+def position_rule(mask: torch.Tensor, rule: str) -> torch.Tensor:
+    """Positions by a named rule: 'arange' (the padded index) or 'cumsum' (count of real tokens)."""
+    if rule == "arange":
+        return torch.arange(mask.shape[1], device=mask.device).expand(mask.shape)
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def default_positions(model: torch.nn.Module, traced: TracedModel) -> str | None:
+    """The rule by which `model` computes positions when none are given, found by running it.
+
+    Architectures differ for padded batches (Llama counts the padded index, OPT counts real
+    tokens); one small left-padded probe tells which, so one trace with positions as an input
+    can serve the forward entry point too. None when neither rule reproduces the model.
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    vocab = max(2, (traced.info.vocab_size or 2) - 1)
+    ids = torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], device=device)
+    extra = {"use_cache": False} if traced.info.output == "logits" else {}
+    name = traced.info.output
+    with torch.no_grad():
+        ref = getattr(model(input_ids=ids, attention_mask=mask, **extra), name).float()
+        real = mask.bool()
+        for rule in ("arange", "cumsum"):
+            out = getattr(model(input_ids=ids, attention_mask=mask,
+                                position_ids=position_rule(mask, rule), **extra), name).float()
+            scale = ref[real].abs().max().clamp(min=1e-6)
+            if float((out[real] - ref[real]).abs().max() / scale) < 1e-3:
+                return rule
+    return None

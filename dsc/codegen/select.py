@@ -62,7 +62,23 @@ def _attention(node: fx.Node, program: str, target: Target) -> bool:
     return _on_gpu(node, target) and q is not None and q.shape[-1] <= 256
 
 
+def _rotary(node: fx.Node, program: str, target: Target) -> bool:
+    x, cos = _val(node.args[0]), _val(node.args[1])
+    return _on_gpu(node, target) and x is not None and x.dim() == 4 and cos is not None and (
+        cos.dim() == 4 and x.shape[-1] % 2 == 0
+    )
+
+
+def _gated(node: fx.Node, program: str, target: Target) -> bool:
+    gate, up = _val(node.args[0]), _val(node.args[1])
+    return _on_gpu(node, target) and gate is not None and up is not None and (
+        gate.shape == up.shape and gate.dtype == up.dtype
+    )
+
+
 CANDIDATES: list[Candidate] = [
+    Candidate("cuda::rotary", torch.ops.dsc.rotary.default, _rotary),
+    Candidate("cuda::gated_activation", torch.ops.dsc.gated_activation.default, _gated),
     Candidate("cuda::linear_small_batch", aten.linear.default, _small_batch_linear),
     Candidate("cuda::rms_norm", torch.ops.dsc.rms_norm.default, _norm),
     Candidate("cuda::layer_norm", torch.ops.dsc.layer_norm.default, _norm),

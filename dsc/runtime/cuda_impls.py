@@ -19,6 +19,10 @@ def linear_small_batch(x: Tensor, weight: Tensor, bias: Tensor | None = None) ->
     from dsc.kernels.small_batch_gemm import linear_small_batch as kernel
 
     rows = x.reshape(-1, x.shape[-1])
+    # Measured on H100 (bench/NOTES-kernels.md): the kernel beats cuBLAS for one or two rows on
+    # every projection shape and for any row count on wide weights; otherwise cuBLAS.
+    if rows.shape[0] > 2 and weight.shape[0] < 8192:
+        return torch.nn.functional.linear(x, weight, bias)
     return kernel(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
@@ -42,7 +46,8 @@ def cached_attention(
     from dsc.kernels.flash_attention import attention as kernel
 
     batch, _, seq, _ = k.shape
-    slots = start + torch.arange(seq, device=k.device)
+    # One new token (decode) is written at `start` itself: no index arithmetic to launch.
+    slots = start if seq == 1 else start + torch.arange(seq, device=k.device)
     k_cache[:batch].index_copy_(2, slots, k.to(k_cache.dtype))
     v_cache[:batch].index_copy_(2, slots, v.to(v_cache.dtype))
     out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device,
@@ -63,7 +68,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, causal:
     return kernel(q, k, v, key_valid, start, causal, scale, out=out)
 
 
+def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    from dsc.kernels.rotary import rotary as kernel
+
+    return kernel(x, cos, sin)
+
+
+def gated_activation(gate: Tensor, up: Tensor, kind: str) -> Tensor:
+    from dsc.kernels.activation import gated_activation as kernel
+
+    return kernel(gate, up, kind)
+
+
 IMPLEMENTATIONS: dict[str, Callable] = {
+    "rotary": rotary,
+    "gated_activation": gated_activation,
     "linear_small_batch": linear_small_batch,
     "rms_norm": rms_norm,
     "layer_norm": layer_norm,

@@ -97,8 +97,12 @@ class CompiledModel:
         ids = input_ids.to(self.device, torch.long)
         mask = mask.to(self.device, torch.long)
         batch, seq = ids.shape
-        positions = torch.arange(seq, device=self.device).expand(batch, seq)
-        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        feed = {"input_ids": ids, "attention_mask": mask}
+        rule = self.info.get("default_positions")
+        if rule == "cumsum":  # the model counts real tokens, like HF OPT
+            feed["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        else:
+            feed["position_ids"] = torch.arange(seq, device=self.device).expand(batch, seq)
         executor = self.executors["forward"]
         (out,) = executor(**{k: feed[k] for k in executor.program.inputs})
         return ModelOutput(**{self.info["output"]: out})
