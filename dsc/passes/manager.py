@@ -46,6 +46,7 @@ class PassRecord:
     added: dict[str, int] = field(default_factory=dict)
     removed: dict[str, int] = field(default_factory=dict)
     new_nodes: list[str] = field(default_factory=list)
+    node_names: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [f"+{v} {k}" for k, v in sorted(self.added.items())]
@@ -87,12 +88,13 @@ class PassManager:
 
     def record(self, name: str, program: str, gm: fx.GraphModule, seconds: float) -> None:
         counts = op_counts(gm)
+        # A program's first pass is compared with the last record of the program it forked from.
         before = next((r for r in reversed(self.history) if r.program == program), None)
         if before is None and self.history:
             before = self.history[-1]
         old = Counter(before.counts) if before else Counter()
         new = Counter(counts)
-        names_before = set(before.graph_nodes) if before and hasattr(before, "graph_nodes") else set()
+        names_before = set(before.node_names) if before else set()
         names_now = [n.name for n in gm.graph.nodes]
         rec = PassRecord(
             name=name,
@@ -103,8 +105,8 @@ class PassManager:
             added=dict(new - old),
             removed=dict(old - new),
             new_nodes=[n for n in names_now if before is not None and n not in names_before],
+            node_names=names_now,
         )
-        rec.graph_nodes = names_now  # type: ignore[attr-defined]
         self.history.append(rec)
 
     def run(self, gm: fx.GraphModule, names: list[str], program: str = "forward") -> fx.GraphModule:
