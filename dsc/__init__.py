@@ -6,7 +6,7 @@
     compiled.save("plan_dir"); dsc.load("plan_dir")
 """
 
-from dsc.errors import DscError, LimitError, PlanError, TargetError, TraceError, UnsupportedOpError
+from dsc.errors import DscError, InputError, LimitError, PlanError, TargetError, TraceError, UnsupportedOpError
 from dsc.target import Target
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "load",
     "Target",
     "DscError",
+    "InputError",
     "LimitError",
     "PlanError",
     "TargetError",

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["DscError", "TargetError", "UnsupportedOpError", "TraceError", "PlanError", "LimitError"]
+__all__ = [
+    "DscError",
+    "TargetError",
+    "UnsupportedOpError",
+    "TraceError",
+    "PlanError",
+    "LimitError",
+    "InputError",
+]
 
 
 class DscError(Exception):
@@ -27,3 +35,7 @@ class PlanError(DscError):
 
 class LimitError(DscError, ValueError):
     """A request exceeds a limit the plan was compiled with (batch, sequence length, vocabulary)."""
+
+
+class InputError(DscError, ValueError):
+    """Inputs that cannot be run: wrong rank or dtype, an empty prompt, ids outside the vocabulary."""

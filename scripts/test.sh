@@ -24,6 +24,12 @@ fi
 if [ "$#" -eq 0 ]; then
     set -- -q tests
 fi
+# Without a GPU, Triton kernels run in its interpreter. It must be on before the first kernel is
+# decorated, and a test module may import kernels while being collected, before
+# tests/kernels/conftest.py sets it; so set it for the whole run here.
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    export TRITON_INTERPRET="${TRITON_INTERPRET:-1}"
+fi
 xdist=()
 if grep -q '^pytest-xdist==' constraints.txt; then
     xdist=(-n 2)

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from dsc.errors import LimitError
+from dsc.errors import InputError, LimitError
 
 __all__ = ["GenerationRequest", "check_prompt", "left_pad", "select_next", "generate_tokens"]
 
@@ -29,30 +29,30 @@ def check_prompt(
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dim() == 1:
-        raise ValueError("input_ids must be 2-D [batch, seq]; use input_ids[None] for one prompt")
+        raise InputError("input_ids must be 2-D [batch, seq]; use input_ids[None] for one prompt")
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
+        raise InputError(
             f"input_ids must be a 2-D integer tensor [batch, seq], got {input_ids.dim()}-D "
             f"{input_ids.dtype}"
         )
     batch, seq = input_ids.shape
     if batch == 0 or seq == 0:
-        raise ValueError(f"empty prompt (input_ids shape {tuple(input_ids.shape)}); give at least one token")
+        raise InputError(f"empty prompt (input_ids shape {tuple(input_ids.shape)}); give at least one token")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(
+        raise InputError(
             f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
             f"{tuple(input_ids.shape)}"
         )
     if bool((attention_mask.sum(-1) == 0).any()):
-        raise ValueError("a prompt in the batch has no real token (its attention_mask is all 0)")
+        raise InputError("a prompt in the batch has no real token (its attention_mask is all 0)")
     real = input_ids[attention_mask.bool()]
     if vocab_size is not None and real.numel() and (
         int(real.min()) < 0 or int(real.max()) >= vocab_size
     ):
         bad = int(real.max()) if int(real.max()) >= vocab_size else int(real.min())
-        raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {vocab_size})")
+        raise InputError(f"token id {bad} is outside the model's vocabulary [0, {vocab_size})")
     if batch > max_batch:
         raise LimitError(
             f"batch of {batch} exceeds the plan's max_batch={max_batch}; compile with "
@@ -114,9 +114,9 @@ class GenerationRequest:
     def __init__(self, max_new_tokens: int, do_sample: bool, temperature: float,
                  top_k: int | None, top_p: float | None, eos_token_id, seed: int | None):
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens}: ask for at least one token")
+            raise InputError(f"max_new_tokens={max_new_tokens}: ask for at least one token")
         if do_sample and temperature <= 0:
-            raise ValueError(f"temperature={temperature}: must be > 0 when sampling")
+            raise InputError(f"temperature={temperature}: must be > 0 when sampling")
         self.max_new_tokens = max_new_tokens
         self.do_sample = do_sample
         self.temperature = temperature
