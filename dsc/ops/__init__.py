@@ -7,4 +7,22 @@ Importing this package registers them all; the runtime imports it, passes and co
 
 from dsc.ops import attention, collectives, mlp, moe, norms, residual, rotary  # noqa: F401
 
-__all__ = ["attention", "collectives", "mlp", "moe", "norms", "residual", "rotary"]
+__all__ = ["attention", "collectives", "mlp", "moe", "norms", "residual", "rotary", "direct"]
+
+
+def direct(name: str):
+    """The Python function behind `dsc::<name>`, callable without the dispatcher.
+
+    The reference runtime calls thousands of small ops per token on the CPU; the dispatcher's
+    custom-op wrapping (autograd, fake-mode checks) costs more than many of them compute. Same
+    function, same semantics. Falls back to the registered op when the function is not exposed.
+    """
+    import torch
+
+    op = getattr(getattr(torch.ops, "dsc"), name)
+    for module in (attention, collectives, mlp, moe, norms, residual, rotary):
+        opdef = getattr(module, name, None)
+        fn = getattr(opdef, "_init_fn", None)
+        if callable(fn):
+            return fn
+    return op.default

@@ -46,6 +46,8 @@ def resolve_op(name: str) -> Callable:
     if namespace in _KERNEL_RESOLVERS:
         return _KERNEL_RESOLVERS[namespace](rest)
     opname, _, overload = rest.partition(".")
+    if namespace == "dsc" and overload in ("", "default"):
+        return dsc.ops.direct(opname)
     try:
         return getattr(getattr(getattr(torch.ops, namespace), opname), overload or "default")
     except (AttributeError, RuntimeError) as exc:
@@ -108,8 +110,8 @@ class Executor:
             kwargs = {k: _decode(v, device) for k, v in step["kwargs"].items()}
             for ref in _refs(args) + _refs(list(kwargs.values())):
                 last_use[ref] = index
-            self.steps.append((resolve_op(step["op"]), args, kwargs, step["out"],
-                               _has_ref(args), _has_ref(list(kwargs.values()))))
+            self.steps.append((resolve_op(step["op"]), _binder(args), _kwargs_binder(kwargs),
+                               step["out"]))
         keep = set(program.outputs) | set(program.inputs) | set(self.weights)
         self.free_after: list[list[str]] = [[] for _ in program.steps]
         for name, index in last_use.items():
@@ -125,13 +127,34 @@ class Executor:
             raise ValueError(f"program {self.program.name!r} needs inputs {missing}")
         env: dict[str, Any] = dict(self.weights)
         env.update(inputs)
-        for (fn, args, kwargs, out, args_ref, kwargs_ref), dead in zip(self.steps, self.free_after):
-            a = _bind(args, env) if args_ref else args
-            k = {key: _bind(v, env) for key, v in kwargs.items()} if kwargs_ref else kwargs
-            env[out] = fn(*a, **k)
+        for (fn, bind_args, bind_kwargs, out), dead in zip(self.steps, self.free_after):
+            env[out] = fn(*bind_args(env), **bind_kwargs(env))
             for name in dead:
                 del env[name]
         return [env[name] for name in self.program.outputs]
+
+
+def _binder(args: list[Any]):
+    """A function env -> argument list, resolved at load time into the cheapest form."""
+    if not _has_ref(args):
+        return lambda env: args
+    if all(isinstance(a, _Ref) or not isinstance(a, list) for a in args):
+        slots = [(i, a.name) for i, a in enumerate(args) if isinstance(a, _Ref)]
+
+        def flat(env: dict[str, Any]) -> list[Any]:
+            out = list(args)
+            for i, name in slots:
+                out[i] = env[name]
+            return out
+
+        return flat
+    return lambda env: _bind(args, env)
+
+
+def _kwargs_binder(kwargs: dict[str, Any]):
+    if not _has_ref(list(kwargs.values())):
+        return lambda env: kwargs
+    return lambda env: {key: _bind(v, env) for key, v in kwargs.items()}
 
 
 def _refs(value: Any) -> list[str]:
