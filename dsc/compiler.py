@@ -13,12 +13,14 @@ import dsc.ops  # noqa: F401  (registers the dsc op set)
 from dsc import passes as _passes  # noqa: F401
 from dsc.codegen.lower import lower
 from dsc.codegen.select import choose_kernels
-from dsc.frontend import default_positions, trace
+from dsc.codegen.triton_codegen import region_sources
+from dsc.frontend import default_positions, model_info, trace
 from dsc.passes.context import PassContext
 from dsc.passes.manager import PassManager
 from dsc.passes.tensor_parallel import collective_kernels
 from dsc.pipelines import backend, cached, partition, trunk
 from dsc.plan import Plan
+from dsc.runtime import generated
 from dsc.runtime.model import CompiledModel
 from dsc.target import Target, as_target
 
@@ -66,6 +68,9 @@ def compile(model: torch.nn.Module, target: Target | str | dict[str, Any] = "cpu
     _load_passes()
     target = as_target(target)
     target.check_machine()
+    if isinstance(model, torch.nn.Module):  # refuse a split the model cannot take before any work
+        info = model_info(model)
+        target.check_against(info.num_heads, info.num_kv_heads)
     rank = _rank(target)
     limits = dict(dtype=target.torch_dtype, max_batch=target.max_batch,
                   max_seq_len=target.max_seq_len)
@@ -104,7 +109,9 @@ def compile(model: torch.nn.Module, target: Target | str | dict[str, Any] = "cpu
     weights = {k: v.to(device) for k, v in ctx.weights.items() if k in used}
     plan = Plan(
         target=target, programs=programs, weights=weights, model=model_facts,
+        kernel_sources=region_sources(programs.values()),
         history=[r.to_dict() for r in manager.history], rank=rank,
         world_size=target.world_size,
     )
+    generated.register_sources(plan.kernel_sources)
     return CompiledModel(plan, history=manager.history)

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from dsc.errors import TraceError
 
-__all__ = ["TracedModel", "ModelInfo", "trace", "default_positions", "USER_INPUTS"]
+__all__ = ["TracedModel", "ModelInfo", "trace", "default_positions", "model_info", "USER_INPUTS"]
 
 # The user inputs a traced graph can take, in placeholder order.
 USER_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -67,6 +67,8 @@ class _Forward(torch.nn.Module):
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         out = self.model(**dict(zip(self.input_names, args)), **self.extra)
+        if isinstance(out, torch.Tensor):  # a plain token model returning one tensor
+            return out
         return out[self.output] if isinstance(out, dict) else getattr(out, self.output)
 
 
@@ -78,7 +80,8 @@ def _config_int(config: Any, *names: str) -> int | None:
     return None
 
 
-def _model_info(model: torch.nn.Module) -> ModelInfo:
+def model_info(model: torch.nn.Module) -> ModelInfo:
+    """Facts about the model read from its config (heads, vocabulary, stop tokens)."""
     config = getattr(model, "config", None)
     output = "logits" if hasattr(model, "get_output_embeddings") and (
         model.get_output_embeddings() is not None
@@ -164,7 +167,7 @@ def trace(
     extra: dict[str, Any] = {"return_dict": True} if "return_dict" in params or takes_kwargs else {}
     if "use_cache" in params or takes_kwargs:
         extra["use_cache"] = False
-    info = _model_info(model)
+    info = model_info(model)
     wrapper = _Forward(model, inputs, info.output, extra).eval()
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
