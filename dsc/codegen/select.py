@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+import dsc.ops.fused  # noqa: F401  (registers dsc::fused_region)
+from dsc.codegen import triton_codegen
 from dsc.target import Target
 
 __all__ = ["Candidate", "CANDIDATES", "choose_kernels"]
@@ -23,7 +25,7 @@ _GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @dataclass(frozen=True)
 class Candidate:
-    impl: str  # the step op the runtime calls
+    impl: str | Callable[[fx.Node], str]  # the step op the runtime calls (or its name per node)
     op: object  # the op overload it implements
     applies: Callable[[fx.Node, str, Target], bool]  # (node, entry point, target)
 
@@ -76,6 +78,15 @@ def _gated(node: fx.Node, program: str, target: Target) -> bool:
     )
 
 
+def _generated_region(node: fx.Node, program: str, target: Target) -> bool:
+    # Generated Triton kernels are for GPUs; elsewhere the region runs as its reference op.
+    return target.device == "cuda" and triton_codegen.supports(node.args[1])
+
+
+def _region_kernel(node: fx.Node) -> str:
+    return "kernel::" + triton_codegen.kernel_name(node.args[1])
+
+
 CANDIDATES: list[Candidate] = [
     Candidate("cuda::rotary", torch.ops.dsc.rotary.default, _rotary),
     Candidate("cuda::gated_activation", torch.ops.dsc.gated_activation.default, _gated),
@@ -84,6 +95,7 @@ CANDIDATES: list[Candidate] = [
     Candidate("cuda::layer_norm", torch.ops.dsc.layer_norm.default, _norm),
     Candidate("cuda::cached_attention", torch.ops.dsc.cached_attention.default, _attention),
     Candidate("cuda::attention", torch.ops.dsc.attention.default, _attention),
+    Candidate(_region_kernel, torch.ops.dsc.fused_region.default, _generated_region),
 ]
 
 
@@ -95,6 +107,6 @@ def choose_kernels(gm: fx.GraphModule, program: str, target: Target) -> dict[str
             continue
         for cand in CANDIDATES:
             if node.target is cand.op and cand.applies(node, program, target):
-                chosen[node.name] = cand.impl
+                chosen[node.name] = cand.impl(node) if callable(cand.impl) else cand.impl
                 break
     return chosen
