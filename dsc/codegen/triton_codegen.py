@@ -33,14 +33,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable
+import math
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-from dsc.ops.fused import GEMM_OPS, POINTWISE_OPS, REDUCTION_OPS
+from dsc.ops.fused import POINTWISE_OPS, REDUCTION_OPS
 from dsc.plan import Program
 
-__all__ = ["kernel_name", "normalize", "supports", "generate", "region_sources"]
+__all__ = ["generate", "kernel_name", "normalize", "region_sources", "supports"]
 
 # GEMM regions: up to EPILOGUE_ROWS rows the product runs on its own and one generated kernel
 # applies the epilogue (decode: the weight stream dominates); the small-batch kernel takes the
@@ -52,8 +54,12 @@ SMALL_BATCH_ROWS = 2
 WIDE_N = 8192
 _ROUNDED = {"bfloat16": "tl.bfloat16", "float16": "tl.float16"}
 _GEMM_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
-_ROW_REDUCTIONS = ("aten::mean.dim", "aten::sum.dim_IntList", "aten::amax.default",
-                   "aten::amin.default")
+_ROW_REDUCTIONS = (
+    "aten::mean.dim",
+    "aten::sum.dim_IntList",
+    "aten::amax.default",
+    "aten::amin.default",
+)
 
 
 # ---- structure --------------------------------------------------------------------------------
@@ -65,11 +71,13 @@ def normalize(region_json: str) -> dict:
         "kind": doc.get("kind", "pointwise"),
         "num_inputs": doc["num_inputs"],
         "values": [{"rank": len(v["shape"]), "dtype": v["dtype"]} for v in doc["values"]],
-        "ops": [{"op": o["op"], "args": o["args"], "kwargs": o.get("kwargs", {})}
-                for o in doc["ops"]],
+        "ops": [
+            {"op": o["op"], "args": o["args"], "kwargs": o.get("kwargs", {})} for o in doc["ops"]
+        ],
         "groups": [{"rank": len(g["shape"])} for g in doc["groups"]],
-        "outputs": [{"ref": o["ref"], "group": o["group"], "order": o["order"]}
-                    for o in doc["outputs"]],
+        "outputs": [
+            {"ref": o["ref"], "group": o["group"], "order": o["order"]} for o in doc["outputs"]
+        ],
     }
 
 
@@ -95,7 +103,8 @@ def _refs(value: Any) -> list[int]:
 def _pow_ok(exponent: Any) -> bool:
     if isinstance(exponent, bool) or not isinstance(exponent, (int, float)):
         return False
-    return float(exponent).is_integer() and abs(exponent) <= 8 or not float(exponent).is_integer()
+    # Integer powers become products (exact for negative bases); others exp(e * log(x)).
+    return not float(exponent).is_integer() or abs(exponent) <= 8
 
 
 def _row_values(region: dict) -> set[int]:
@@ -113,7 +122,6 @@ def _row_values(region: dict) -> set[int]:
 def _pointwise_ok(region: dict) -> bool:
     if any(o["ref"] in _row_values(region) for o in region["outputs"]):
         return False  # stored per row, not per element: not a region output
-
     for op in region["ops"]:
         name = op["op"]
         if name not in _EMITTERS:
@@ -138,12 +146,22 @@ def _gemm_parts(region: dict) -> dict | None:
     else:
         b, x, w = head["args"]
         transposed = True
-    parts = {"x": x["ref"], "w": w["ref"], "bias": b["ref"] if b else None,
-             "transposed": transposed, "activation": None, "gated": False, "residual": None}
+    parts = {
+        "x": x["ref"],
+        "w": w["ref"],
+        "bias": b["ref"] if b else None,
+        "transposed": transposed,
+        "activation": None,
+        "gated": False,
+        "residual": None,
+    }
     n_in = region["num_inputs"]
     rest = ops[1:]
-    if [o["op"] for o in rest] == ["aten::slice.Tensor", "aten::slice.Tensor",
-                                   "dsc::gated_activation.default"]:
+    if [o["op"] for o in rest] == [
+        "aten::slice.Tensor",
+        "aten::slice.Tensor",
+        "dsc::gated_activation.default",
+    ]:
         gated = rest[2]
         if _refs(gated["args"][:2]) != [n_in + 1, n_in + 2] or gated["args"][2] not in (
             _GEMM_ACTIVATIONS
@@ -153,8 +171,11 @@ def _gemm_parts(region: dict) -> dict | None:
         return parts
     last = n_in
     for op in rest:
-        if op["op"] == "dsc::activation.default" and parts["activation"] is None and (
-            parts["residual"] is None and _refs(op["args"][:1]) == [last]
+        activation_first = parts["activation"] is None and parts["residual"] is None
+        if (
+            op["op"] == "dsc::activation.default"
+            and activation_first
+            and _refs(op["args"][:1]) == [last]
             and op["args"][1] in _GEMM_ACTIVATIONS
         ):
             parts["activation"] = op["args"][1]
@@ -186,7 +207,7 @@ def supports(region_json: str) -> bool:
 # ---- emitting the body of one group ---------------------------------------------------------
 def _lit(value: Any) -> str:
     value = float(value)
-    if value != value:
+    if math.isnan(value):
         return 'float("nan")'
     if value in (float("inf"), float("-inf")):
         return 'float("inf")' if value > 0 else 'float("-inf")'
@@ -221,7 +242,6 @@ class _Group:
         self.memo: dict[tuple[int, str], str] = {}
         self.partners: dict[str, str] = {}
         self.row_values = _row_values(region)
-        self.inputs_used: list[int] = []
         # Names carry the group when there are several: Triton merges variables assigned in both
         # branches of an `if`, which needs them to have one type.
         self.sfx = f"_g{g}" if len(region["groups"]) > 1 else ""
@@ -240,11 +260,11 @@ class _Group:
         dtype = self.region["values"][ref]["dtype"]
         name = f"v{ref}{self.sfx}" if col == "cols" else f"v{ref}_{col}"  # col names carry sfx
         if ref < n_in:
-            if ref not in self.inputs_used:
-                self.inputs_used.append(ref)
             stride = f"g{self.g}_i{ref}_s{self.region['groups'][self.g]['rank'] - 1}"
-            self.emit(f"{name} = tl.load(in{ref}_ptr + base{ref}{self.sfx} + {col} * {stride}, "
-                      f"mask={self.mask}, other=0.0).to(tl.float32)")
+            self.emit(
+                f"{name} = tl.load(in{ref}_ptr + base{ref}{self.sfx} + {col} * {stride}, "
+                f"mask={self.mask}, other=0.0).to(tl.float32)"
+            )
         else:
             op = self.region["ops"][ref - n_in]
             args = self._decode(op["args"], col)
@@ -300,7 +320,7 @@ def _value(x: Any) -> str:
 
 
 def _binary(symbol: str):
-    def emit(ctx: _Group, col: str, dtype: str, a, b, alpha=1) -> str:
+    def emit(ctx: _Group, col: str, result: str, a, b, alpha=1) -> str:
         rhs = _value(b) if alpha == 1 else f"({_lit(alpha)} * {_value(b)})"
         return f"{_value(a)} {symbol} {rhs}"
 
@@ -308,7 +328,7 @@ def _binary(symbol: str):
 
 
 def _unary(template: str):
-    return lambda ctx, col, dtype, x, *rest, **kw: template.format(x=x)
+    return lambda ctx, col, result, x, *rest, **kw: template.format(x=x)
 
 
 def _tanh(x: str) -> str:
@@ -327,7 +347,7 @@ def _activation_expr(kind: str, x: str) -> str:
     raise ValueError(f"unknown activation {kind!r}")
 
 
-def _pow(ctx: _Group, col: str, dtype: str, x, exponent) -> str:
+def _pow(ctx: _Group, col: str, result: str, x, exponent) -> str:
     e = float(exponent)
     if e == 0.5:
         return f"tl.sqrt({x})"
@@ -340,12 +360,12 @@ def _pow(ctx: _Group, col: str, dtype: str, x, exponent) -> str:
     return f"tl.exp({_lit(e)} * tl.log({x}))"
 
 
-def _gelu(ctx: _Group, col: str, dtype: str, x, approximate: str = "none") -> str:
+def _gelu(ctx: _Group, col: str, result: str, x, approximate: str = "none") -> str:
     return _activation_expr("gelu_tanh" if approximate == "tanh" else "gelu", str(x))
 
 
 def _reduce(kind: str):
-    def emit(ctx: _Group, col: str, dtype: str, x, dims, keepdim=False, **_) -> str:
+    def emit(ctx: _Group, col: str, result: str, x, dims, keepdim=False, **_) -> str:
         if kind == "sum":
             return f"tl.sum({ctx.masked(x)}, axis=0)"
         if kind == "mean":
@@ -357,7 +377,7 @@ def _reduce(kind: str):
 
 
 def _softmax(log: bool):
-    def emit(ctx: _Group, col: str, dtype: str, x, dim, *_, **__) -> str:
+    def emit(ctx: _Group, col: str, result: str, x, dim, *_, **__) -> str:
         top = ctx.temp(f"tl.max({ctx.masked(x, _lit(float('-inf')))}, axis=0)")
         e = ctx.temp(ctx.masked(f"tl.exp({x} - {top})"))
         total = ctx.temp(f"tl.sum({e}, axis=0)")
@@ -366,7 +386,7 @@ def _softmax(log: bool):
     return emit
 
 
-def _rms_norm(ctx: _Group, col: str, dtype: str, x, weight, eps, out_dtype) -> str:
+def _rms_norm(ctx: _Group, col: str, result: str, x, weight, eps, out_dtype) -> str:
     # Mirrors dsc.ops.norms.rms_norm: fp32 statistics, normalised value rounded to x's dtype
     # before the weight multiplies it.
     mean_sq = ctx.temp(f"tl.sum({ctx.masked(f'{x} * {x}')}, axis=0) / {ctx.n}")
@@ -376,7 +396,7 @@ def _rms_norm(ctx: _Group, col: str, dtype: str, x, weight, eps, out_dtype) -> s
     return y
 
 
-def _layer_norm(ctx: _Group, col: str, dtype: str, x, weight, bias, eps) -> str:
+def _layer_norm(ctx: _Group, col: str, result: str, x, weight, bias, eps) -> str:
     mean = ctx.temp(f"tl.sum({ctx.masked(x)}, axis=0) / {ctx.n}")
     centred = ctx.temp(ctx.masked(f"{x} - {mean}"))
     var = ctx.temp(f"tl.sum({centred} * {centred}, axis=0) / {ctx.n}")
@@ -390,7 +410,7 @@ def _layer_norm(ctx: _Group, col: str, dtype: str, x, weight, bias, eps) -> str:
     return y
 
 
-def _rotary(ctx: _Group, col: str, dtype: str, x, cos, sin) -> str:
+def _rotary(ctx: _Group, col: str, result: str, x, cos, sin) -> str:
     # x * cos + rotate_half(x) * sin; rotate_half(x)[c] = -x[c + N/2] (c < N/2), x[c - N/2] after.
     computed = _promote(x.dtype, cos.dtype)
     partner = ctx.var(x.ref, ctx.partner(col))
@@ -401,16 +421,16 @@ def _rotary(ctx: _Group, col: str, dtype: str, x, cos, sin) -> str:
     return f"{first} + {second}"
 
 
-def _activation(ctx: _Group, col: str, dtype: str, x, kind) -> str:
+def _activation(ctx: _Group, col: str, result: str, x, kind) -> str:
     return _activation_expr(kind, str(x))
 
 
-def _gated(ctx: _Group, col: str, dtype: str, gate, up, kind) -> str:
+def _gated(ctx: _Group, col: str, result: str, gate, up, kind) -> str:
     activated = ctx.temp(_activation_expr(kind, str(gate)), gate.dtype)
     return f"{activated} * {up}"
 
 
-# op name -> emitter(ctx, col, dtype, *args, **kwargs) returning the fp32 expression of the result
+# op name -> emitter(ctx, col, result dtype, *args, **kwargs) -> the fp32 expression of the result
 _EMITTERS = {
     "aten::add.Tensor": _binary("+"),
     "aten::add.Scalar": _binary("+"),
@@ -434,8 +454,8 @@ _EMITTERS = {
     "aten::silu.default": _unary("{x} * tl.sigmoid({x})"),
     "aten::gelu.default": _gelu,
     "aten::pow.Tensor_Scalar": _pow,
-    "aten::maximum.default": lambda ctx, col, dtype, a, b: f"tl.maximum({a}, {b})",
-    "aten::minimum.default": lambda ctx, col, dtype, a, b: f"tl.minimum({a}, {b})",
+    "aten::maximum.default": lambda ctx, col, result, a, b: f"tl.maximum({a}, {b})",
+    "aten::minimum.default": lambda ctx, col, result, a, b: f"tl.minimum({a}, {b})",
     "aten::_to_copy.default": _unary("{x}"),  # the cast is the rounding every value gets
     "aten::clone.default": _unary("{x}"),
     "aten::mean.dim": _reduce("mean"),
@@ -509,8 +529,9 @@ def _pointwise(region: dict, fn: str, kernel: str) -> list[str]:
     outs = {g: [k for k, o in enumerate(region["outputs"]) if o["group"] == g] for g in groups}
     ranks = {g: region["groups"][g]["rank"] for g in groups}
 
-    params = [f"in{i}_ptr" for i in range(n_in)] + [f"out{k}_ptr" for k in
-                                                     range(len(region["outputs"]))]
+    params = [f"in{i}_ptr" for i in range(n_in)] + [
+        f"out{k}_ptr" for k in range(len(region["outputs"]))
+    ]
     for g in groups:
         params += [f"g{g}_start", f"g{g}_rows", f"g{g}_n"]
         params += [f"g{g}_d{j}" for j in range(1, ranks[g] - 1)]
@@ -552,15 +573,19 @@ def _pointwise(region: dict, fn: str, kernel: str) -> list[str]:
         for i in reads[g]:
             terms = [f"{index[j]} * g{g}_i{i}_s{j}" for j in range(rank - 1)]
             body.emit(f"base{i}{sfx} = {' + '.join(terms) if terms else '0'}")
-        body.emit("# Compute the outputs from the inputs (loads happen where values are first used).")
+        body.emit(
+            "# Compute the outputs from the inputs (loads happen where values are first used)."
+        )
         for k in outs[g]:
             ref = region["outputs"][k]["ref"]
             value = body.var(ref, "cols")
             terms = [f"{index[j]} * g{g}_o{k}_s{j}" for j in range(rank - 1)]
             offset = " + ".join(terms + [f"cols * g{g}_o{k}_s{rank - 1}"])
             body.emit(f"# Store output {k} in its dtype.")
-            body.emit(f"tl.store(out{k}_ptr + {offset}, {value}.to(out{k}_ptr.dtype.element_ty), "
-                      f"mask={body.mask})")
+            body.emit(
+                f"tl.store(out{k}_ptr + {offset}, {value}.to(out{k}_ptr.dtype.element_ty), "
+                f"mask={body.mask})"
+            )
 
     lines += ["", "", f"def {fn}(inputs, region_json=None):"]
     lines.append(f'    """Launch {kernel}; returns the region\'s outputs."""')
@@ -619,12 +644,19 @@ def _epilogue_region(region: dict, parts: dict) -> tuple[dict, list[str]]:
     dtype = region["values"][n_in]["dtype"]
     if parts["gated"]:
         gated = region["ops"][3]
-        values = [{"rank": 2, "dtype": dtype}] * 2 + [{"rank": 2, "dtype":
-                                                        region["values"][n_in + 3]["dtype"]}]
-        ops = [{"op": gated["op"], "args": [{"ref": 0}, {"ref": 1}, gated["args"][2]],
-                "kwargs": {}}]
-        sub = {"num_inputs": 2, "values": values, "ops": ops, "groups": [{"rank": 2}],
-               "outputs": [{"ref": 2, "group": 0, "order": [1, 0]}]}
+        values = [{"rank": 2, "dtype": dtype}] * 2 + [
+            {"rank": 2, "dtype": region["values"][n_in + 3]["dtype"]}
+        ]
+        ops = [
+            {"op": gated["op"], "args": [{"ref": 0}, {"ref": 1}, gated["args"][2]], "kwargs": {}}
+        ]
+        sub = {
+            "num_inputs": 2,
+            "values": values,
+            "ops": ops,
+            "groups": [{"rank": 2}],
+            "outputs": [{"ref": 2, "group": 0, "order": [1, 0]}],
+        }
         return sub, ["y[:, :n]", "y[:, n:]"]
     inputs = [n_in]  # original value index of each epilogue input
     feeds = ["y"]
@@ -638,8 +670,13 @@ def _epilogue_region(region: dict, parts: dict) -> tuple[dict, list[str]]:
         ops.append({"op": op["op"], "args": _renumber(op["args"], remap), "kwargs": {}})
         remap[n_in + j] = len(values)
         values.append({"rank": 2, "dtype": region["values"][n_in + j]["dtype"]})
-    sub = {"num_inputs": len(inputs), "values": values, "ops": ops, "groups": [{"rank": 2}],
-           "outputs": [{"ref": len(values) - 1, "group": 0, "order": [1, 0]}]}
+    sub = {
+        "num_inputs": len(inputs),
+        "values": values,
+        "ops": ops,
+        "groups": [{"rank": 2}],
+        "outputs": [{"ref": len(values) - 1, "group": 0, "order": [1, 0]}],
+    }
     return sub, feeds
 
 
@@ -664,7 +701,9 @@ def _gemm(region: dict, fn: str, kernel: str) -> tuple[list[str], list[str]]:
     lines.append("    if rows == 0:")
     lines.append("        return [x.new_empty((*lead, n))]")
     lines.append(f"    if rows <= {EPILOGUE_ROWS}:")
-    lines.append("        # Decode-sized: the product streams the weight; then one small epilogue kernel.")
+    lines.append(
+        "        # Decode-sized: the product streams the weight; then one small epilogue kernel."
+    )
     lines.append(f"        if rows <= {SMALL_BATCH_ROWS} or weight.shape[0] >= {WIDE_N}:")
     lines.append("            y = linear_small_batch(x2, weight, bias)")
     lines.append("        else:")
@@ -678,8 +717,10 @@ def _gemm(region: dict, fn: str, kernel: str) -> tuple[list[str], list[str]]:
         residual = "residual" if parts["residual"] is not None else "None"
         lines.append(f"        out = linear_fused(x2, weight, bias, {act}, {residual})")
     lines.append("    return [out.view(*lead, n)]")
-    imports = ["from dsc.kernels.gemm import gated_linear, linear_fused",
-               "from dsc.kernels.small_batch_gemm import linear_small_batch"]
+    imports = [
+        "from dsc.kernels.gemm import gated_linear, linear_fused",
+        "from dsc.kernels.small_batch_gemm import linear_small_batch",
+    ]
     return imports, lines
 
 
@@ -716,7 +757,7 @@ def generate(region_json: str) -> str:
     else:
         body = _pointwise(region, fn, kernel)
     header = [
-        f'"""Generated by dsc.codegen.triton_codegen for a fused region (do not edit).',
+        '"""Generated by dsc.codegen.triton_codegen for a fused region (do not edit).',
         "",
         f"Region ({region['kind']}), inputs v0..v{region['num_inputs'] - 1}:",
         *_describe(region),
@@ -738,6 +779,6 @@ def region_sources(programs: Iterable[Program]) -> dict[str, str]:
     for program in programs:
         for step in program.steps:
             op = step["op"]
-            if op.startswith("kernel::region_") and op[len("kernel::"):] not in sources:
-                sources[op[len("kernel::"):]] = generate(step["args"][1])
+            if op.startswith("kernel::region_") and op[len("kernel::") :] not in sources:
+                sources[op[len("kernel::") :]] = generate(step["args"][1])
     return sources

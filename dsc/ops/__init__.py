@@ -5,9 +5,19 @@ fast kernel is tested against) and a fake implementation (shape propagation for 
 Importing this package registers them all; the runtime imports it, passes and codegen too.
 """
 
-from dsc.ops import attention, collectives, mlp, moe, norms, residual, rotary  # noqa: F401
+from dsc.ops import attention, collectives, fused, mlp, moe, norms, residual, rotary  # noqa: F401
 
-__all__ = ["attention", "collectives", "mlp", "moe", "norms", "residual", "rotary", "direct"]
+__all__ = [
+    "attention",
+    "collectives",
+    "fused",
+    "mlp",
+    "moe",
+    "norms",
+    "residual",
+    "rotary",
+    "direct",
+]
 
 
 def direct(name: str):
@@ -20,7 +30,7 @@ def direct(name: str):
     import torch
 
     op = getattr(getattr(torch.ops, "dsc"), name)
-    for module in (attention, collectives, mlp, moe, norms, residual, rotary):
+    for module in (attention, collectives, fused, mlp, moe, norms, residual, rotary):
         opdef = getattr(module, name, None)
         fn = getattr(opdef, "_init_fn", None)
         if callable(fn):

@@ -41,50 +41,86 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import dsc.ops.mlp  # noqa: F401  (the dsc ops a region may call)
-import dsc.ops.norms  # noqa: F401
-import dsc.ops.residual  # noqa: F401
+# The dsc ops a region may call, registered before any region runs.
+import dsc.ops.mlp
+import dsc.ops.norms
+import dsc.ops.residual
 import dsc.ops.rotary  # noqa: F401
 
 __all__ = [
-    "REGION_VERSION",
+    "GEMM_OPS",
     "POINTWISE_OPS",
     "REDUCTION_OPS",
-    "GEMM_OPS",
     "REGION_OPS",
+    "REGION_VERSION",
     "fused_region",
-    "run_region",
     "parse_region",
+    "run_region",
 ]
 
 REGION_VERSION = 1
 
 # Elementwise ops (broadcasting allowed), including the dsc ops that work row by row.
-POINTWISE_OPS = frozenset({
-    "aten::add.Tensor", "aten::add.Scalar", "aten::sub.Tensor", "aten::sub.Scalar",
-    "aten::mul.Tensor", "aten::mul.Scalar", "aten::div.Tensor", "aten::div.Scalar",
-    "aten::neg.default", "aten::reciprocal.default", "aten::exp.default", "aten::log.default",
-    "aten::sqrt.default", "aten::rsqrt.default", "aten::tanh.default", "aten::sigmoid.default",
-    "aten::erf.default", "aten::abs.default", "aten::relu.default", "aten::silu.default",
-    "aten::gelu.default", "aten::pow.Tensor_Scalar", "aten::maximum.default",
-    "aten::minimum.default", "aten::_to_copy.default", "aten::clone.default",
-    "dsc::rotary.default", "dsc::activation.default", "dsc::gated_activation.default",
-    "dsc::residual_add.default",
-})
+POINTWISE_OPS = frozenset(
+    {
+        "aten::add.Tensor",
+        "aten::add.Scalar",
+        "aten::sub.Tensor",
+        "aten::sub.Scalar",
+        "aten::mul.Tensor",
+        "aten::mul.Scalar",
+        "aten::div.Tensor",
+        "aten::div.Scalar",
+        "aten::neg.default",
+        "aten::reciprocal.default",
+        "aten::exp.default",
+        "aten::log.default",
+        "aten::sqrt.default",
+        "aten::rsqrt.default",
+        "aten::tanh.default",
+        "aten::sigmoid.default",
+        "aten::erf.default",
+        "aten::abs.default",
+        "aten::relu.default",
+        "aten::silu.default",
+        "aten::gelu.default",
+        "aten::pow.Tensor_Scalar",
+        "aten::maximum.default",
+        "aten::minimum.default",
+        "aten::_to_copy.default",
+        "aten::clone.default",
+        "dsc::rotary.default",
+        "dsc::activation.default",
+        "dsc::gated_activation.default",
+        "dsc::residual_add.default",
+    }
+)
 # Ops that reduce over (or normalise along) the last dimension; they need whole rows.
-REDUCTION_OPS = frozenset({
-    "aten::mean.dim", "aten::sum.dim_IntList", "aten::amax.default", "aten::amin.default",
-    "aten::_softmax.default", "aten::_log_softmax.default", "aten::softmax.int",
-    "aten::log_softmax.int",
-    "dsc::rms_norm.default", "dsc::layer_norm.default",
-})
+REDUCTION_OPS = frozenset(
+    {
+        "aten::mean.dim",
+        "aten::sum.dim_IntList",
+        "aten::amax.default",
+        "aten::amin.default",
+        "aten::_softmax.default",
+        "aten::_log_softmax.default",
+        "aten::softmax.int",
+        "aten::log_softmax.int",
+        "dsc::rms_norm.default",
+        "dsc::layer_norm.default",
+    }
+)
 # The head of a "gemm" region and the slices that split a stacked gate/up output.
 GEMM_OPS = frozenset({"aten::linear.default", "aten::addmm.default", "aten::slice.Tensor"})
 REGION_OPS = POINTWISE_OPS | REDUCTION_OPS | GEMM_OPS
 
 _MEMORY_FORMATS = ("contiguous_format", "preserve_format", "channels_last")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "float64": torch.float64}
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 def _resolve(name: str):
@@ -128,14 +164,20 @@ def parse_region(region_json: str) -> tuple[int, tuple, tuple[int, ...]]:
     """(number of inputs, ((op, args, kwargs), ...), output value indices), validated."""
     doc = json.loads(region_json)
     if doc.get("version") != REGION_VERSION:
-        raise ValueError(f"fused region version {doc.get('version')!r}; this dsc reads "
-                         f"{REGION_VERSION}")
+        raise ValueError(
+            f"fused region version {doc.get('version')!r}; this dsc reads {REGION_VERSION}"
+        )
     num_inputs = doc["num_inputs"]
     ops = []
     for j, op in enumerate(doc["ops"]):
         limit = num_inputs + j
-        ops.append((_resolve(op["op"]), _decode(op["args"], limit),
-                    {k: _decode(v, limit) for k, v in op.get("kwargs", {}).items()}))
+        ops.append(
+            (
+                _resolve(op["op"]),
+                _decode(op["args"], limit),
+                {k: _decode(v, limit) for k, v in op.get("kwargs", {}).items()},
+            )
+        )
     outputs = tuple(o["ref"] for o in doc["outputs"])
     if len(set(outputs)) != len(outputs) or not all(
         num_inputs <= o < num_inputs + len(ops) for o in outputs

@@ -62,6 +62,7 @@ before kernel selection. Only CUDA pipelines run it (pipelines.backend).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import operator
@@ -70,7 +71,7 @@ from typing import Any
 
 import sympy
 import torch
-import torch.fx as fx
+from torch import fx
 
 from dsc.ops.fused import POINTWISE_OPS, REDUCTION_OPS, REGION_VERSION
 from dsc.ops.mlp import ACTIVATIONS
@@ -78,7 +79,7 @@ from dsc.passes import register
 from dsc.passes.context import PassContext
 from dsc.passes.graph_utils import fake_mode_of, is_op, only_user, set_meta, tensor_meta
 
-__all__ = ["fuse", "region_nodes", "LABELS"]
+__all__ = ["LABELS", "fuse", "region_nodes"]
 
 aten = torch.ops.aten
 dsc_ops = torch.ops.dsc
@@ -87,15 +88,41 @@ LABELS = ("norm_qkv", "attention", "up_act", "down_residual")
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_ROW = 65536  # elements of a row one program holds for a reduction (dsc.kernels.norms too)
 _GEMM_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")  # what dsc.kernels.gemm applies
-_ROW_REDUCTIONS = ("aten::mean.dim", "aten::sum.dim_IntList", "aten::amax.default",
-                   "aten::amin.default")
-_SCALED = ("aten::add.Tensor", "aten::sub.Tensor", "aten::mul.Tensor", "aten::div.Tensor",
-           "aten::add.Scalar", "aten::sub.Scalar", "aten::mul.Scalar", "aten::div.Scalar")
+_ROW_REDUCTIONS = (
+    "aten::mean.dim",
+    "aten::sum.dim_IntList",
+    "aten::amax.default",
+    "aten::amin.default",
+)
+_SCALED = (
+    "aten::add.Tensor",
+    "aten::sub.Tensor",
+    "aten::mul.Tensor",
+    "aten::div.Tensor",
+    "aten::add.Scalar",
+    "aten::sub.Scalar",
+    "aten::mul.Scalar",
+    "aten::div.Scalar",
+)
 # Cheap pointwise ops of one tensor operand that a second region may recompute (rule 2).
 _CHEAP = ("aten::_to_copy.default", "aten::clone.default", "aten::neg.default", *_SCALED)
-_VIEWS = (aten.view, aten._unsafe_view, aten.reshape, aten.unsqueeze, aten.squeeze,
-          aten.transpose, aten.permute, aten.expand, aten.slice, aten.select, aten.alias, aten.t,
-          aten.split, aten.split_with_sizes, operator.getitem)
+_VIEWS = (
+    aten.view,
+    aten._unsafe_view,
+    aten.reshape,
+    aten.unsqueeze,
+    aten.squeeze,
+    aten.transpose,
+    aten.permute,
+    aten.expand,
+    aten.slice,
+    aten.select,
+    aten.alias,
+    aten.t,
+    aten.split,
+    aten.split_with_sizes,
+    operator.getitem,
+)
 _NORMS = (dsc_ops.rms_norm, dsc_ops.layer_norm, aten.layer_norm)
 _ATTENTION = (dsc_ops.attention, dsc_ops.cached_attention)
 
@@ -148,12 +175,20 @@ def _short_rows(node: fx.Node) -> bool:
     return not isinstance(size, int) or size <= _MAX_ROW
 
 
+def _even_rows(node: fx.Node) -> bool:
+    size = tensor_meta(node).shape[-1]
+    return not isinstance(size, int) or size % 2 == 0
+
+
 def _reduction_ok(node: fx.Node) -> bool:
     x = node.args[0]
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     return (
-        keepdim is True and dims is not None and _last_dim(x, dims) and _short_rows(x)
+        keepdim is True
+        and dims is not None
+        and _last_dim(x, dims)
+        and _short_rows(x)
         and "dtype" not in node.kwargs
     )
 
@@ -178,6 +213,7 @@ _CHECKS = {
     "aten::gelu.default": lambda n: n.kwargs.get("approximate", "none") in ("none", "tanh"),
     "dsc::activation.default": lambda n: n.args[1] in ACTIVATIONS,
     "dsc::gated_activation.default": lambda n: n.args[2] in ACTIVATIONS,
+    "dsc::rotary.default": lambda n: _even_rows(n.args[0]),  # rotate_half splits rows in two
     "dsc::rms_norm.default": lambda n: _short_rows(n.args[0]),
     "dsc::layer_norm.default": lambda n: _short_rows(n.args[0]),
 }
@@ -231,7 +267,6 @@ class _Region:
     @property
     def space(self) -> tuple:
         return self.spaces[0]
-
 
 
 class _Graph:
@@ -294,7 +329,7 @@ def _slice_of(node: Any, source: fx.Node) -> tuple[int, int] | None:
     """(start, end) when node = source[..., start:end] with constant bounds."""
     if not is_op(node, aten.slice) or node.args[0] is not source or node.kwargs:
         return None
-    dim, start, end, step = [*node.args[1:], *(0, None, None, 1)[len(node.args) - 1:]]
+    dim, start, end, step = [*node.args[1:], *(0, None, None, 1)[len(node.args) - 1 :]]
     width = tensor_meta(source).shape[-1]
     if not _last_dim(source, dim) or step != 1 or not isinstance(width, int):
         return None
@@ -340,7 +375,8 @@ def _sink_views(graph: fx.Graph, mode) -> None:
         source = view.args[0]
         others = [a for a in node.all_input_nodes if a is not view]
         if (
-            not _keeps_last_dim(view, source) or any(tensor_meta(a).dim() > 1 for a in others)
+            not _keeps_last_dim(view, source)
+            or any(tensor_meta(a).dim() > 1 for a in others)
             or not _same(_shape(node), _shape(view))
         ):
             continue
@@ -368,10 +404,15 @@ def _gemm_region(head: fx.Node) -> _Region | None:
             lo, hi = sorted(zip(bounds, users), key=lambda p: p[0][0])
             gated = only_user(lo[1])
             if (
-                lo[0] == (0, width // 2) and hi[0] == (width // 2, width) and width % 2 == 0
-                and is_op(gated, dsc_ops.gated_activation) and only_user(hi[1]) is gated
-                and gated.args[0] is lo[1] and gated.args[1] is hi[1]
-                and gated.args[2] in _GEMM_ACTIVATIONS and _float_tensor(gated)
+                lo[0] == (0, width // 2)
+                and hi[0] == (width // 2, width)
+                and width % 2 == 0
+                and is_op(gated, dsc_ops.gated_activation)
+                and only_user(hi[1]) is gated
+                and gated.args[0] is lo[1]
+                and gated.args[1] is hi[1]
+                and gated.args[2] in _GEMM_ACTIVATIONS
+                and _float_tensor(gated)
             ):
                 members = {head, lo[1], hi[1], gated}
                 return _Region(members, [_shape(gated)], kind="gemm")
@@ -380,8 +421,10 @@ def _gemm_region(head: fx.Node) -> _Region | None:
         views.append(user)
         last = user
     act = only_user(last)
-    if is_op(act, dsc_ops.activation) and act.args[1] in _GEMM_ACTIVATIONS and (
-        tensor_meta(act).dtype == tensor_meta(head).dtype
+    if (
+        is_op(act, dsc_ops.activation)
+        and act.args[1] in _GEMM_ACTIVATIONS
+        and (tensor_meta(act).dtype == tensor_meta(head).dtype)
     ):
         members.add(act)
         last = act
@@ -391,7 +434,9 @@ def _gemm_region(head: fx.Node) -> _Region | None:
     if not views and is_op(add, dsc_ops.residual_add) and last in add.args and not _feeds_norm(add):
         stream = add.args[1] if add.args[0] is last else add.args[0]
         if (
-            isinstance(stream, fx.Node) and stream is not last and _float_tensor(stream)
+            isinstance(stream, fx.Node)
+            and stream is not last
+            and _float_tensor(stream)
             and _same(_shape(stream), _shape(last))
             and tensor_meta(stream).dtype == tensor_meta(add).dtype == tensor_meta(head).dtype
         ):
@@ -423,6 +468,8 @@ def _grow(graph: fx.Graph, info: _Graph, claimed: set[fx.Node]) -> dict[fx.Node,
             region = region_of.get(a)
             if region is None or region in chosen or not _fits(node, region.space):
                 continue
+            if chosen and not _same(region.space, chosen[0].space):
+                continue  # a per-row value can fit regions of different row lengths
             members = {node}.union(region.nodes, *(r.nodes for r in chosen))
             if info.closed(members):
                 chosen.append(region)
@@ -439,7 +486,7 @@ def _grow(graph: fx.Graph, info: _Graph, claimed: set[fx.Node]) -> dict[fx.Node,
     return region_of
 
 
-def _duplicate_cheap(graph: fx.Graph, info: _Graph, region_of: dict, mode) -> None:
+def _duplicate_cheap(graph: fx.Graph, info: _Graph, region_of: dict) -> None:
     """Rule 2's exception: a consumer region recomputes a cheap op of one input."""
     for node in list(graph.nodes):
         region = region_of.get(node)
@@ -487,7 +534,9 @@ def _merge_siblings(graph: fx.Graph, info: _Graph, region_of: dict) -> None:
     for consumer in graph.nodes:
         own = region_of.get(consumer)
         sources = [
-            r for r in _source_regions(consumer, region_of) if r is not own and r.kind == "pointwise"
+            r
+            for r in _source_regions(consumer, region_of)
+            if r is not own and r.kind == "pointwise"
         ]
         while len(sources) > 1:
             first = sources.pop(0)
@@ -543,8 +592,9 @@ def _encode(value: Any, index: dict[fx.Node, int]) -> Any:
     return value
 
 
-def _region_json(members: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node],
-                 region: _Region) -> str:
+def _region_json(
+    members: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node], region: _Region
+) -> str:
     index = {n: i for i, n in enumerate(inputs + members)}
     head = members[0]
     for view in region.views_after:  # the epilogue reads the GEMM result itself
@@ -554,8 +604,10 @@ def _region_json(members: list[fx.Node], inputs: list[fx.Node], outputs: list[fx
         # With views hoisted out, the epilogue runs in the GEMM's [rows, N] shape.
         shaped = head if region.views_after and node in region.nodes else node
         val = tensor_meta(node)
-        return {"shape": [_print(s) for s in _shape(shaped)],
-                "dtype": str(val.dtype).removeprefix("torch.")}
+        return {
+            "shape": [_print(s) for s in _shape(shaped)],
+            "dtype": str(val.dtype).removeprefix("torch."),
+        }
 
     def order(node: fx.Node) -> list[int]:
         return _order(tensor_meta(head if region.views_after else node))
@@ -566,8 +618,11 @@ def _region_json(members: list[fx.Node], inputs: list[fx.Node], outputs: list[fx
         "num_inputs": len(inputs),
         "values": [describe(n) for n in inputs + members],
         "ops": [
-            {"op": _name(n), "args": _encode(list(n.args), index),
-             "kwargs": {k: _encode(v, index) for k, v in n.kwargs.items()}}
+            {
+                "op": _name(n),
+                "args": _encode(list(n.args), index),
+                "kwargs": {k: _encode(v, index) for k, v in n.kwargs.items()},
+            }
             for n in members
         ],
         "groups": [{"shape": [_print(s) for s in space]} for space in region.spaces],
@@ -633,7 +688,7 @@ def _toposort(graph: fx.Graph) -> None:
                 continue
             stack.append((node, True))
             stack.extend((a, False) for a in reversed(node.all_input_nodes) if a not in placed)
-    for prev, node in zip(order, order[1:]):
+    for prev, node in itertools.pairwise(order):
         if prev.next is not node:
             prev.append(node)
 
@@ -648,6 +703,18 @@ def _source(node: Any) -> Any:
             return node
         node = node.args[0]
     return node
+
+
+def _consumers(node: fx.Node) -> list[fx.Node]:
+    """The nodes that read `node`'s value, through views and region outputs."""
+    found, frontier = [], list(node.users)
+    while frontier:
+        user = frontier.pop()
+        if is_op(user, *_VIEWS) and not is_op(user.args[0], dsc_ops.fused_region):
+            frontier.extend(user.users)
+        elif user not in found:
+            found.append(user)
+    return found
 
 
 def _gemm_input(node: fx.Node) -> Any:
@@ -673,7 +740,9 @@ def _label(node: Any, label: str) -> None:
 
 def _label_norm_feeding(gemm: fx.Node, label: str) -> None:
     source = _source(_gemm_input(gemm))
-    if any(op in ("dsc::rms_norm.default", "dsc::layer_norm.default") for op in _region_ops(source)):
+    if any(
+        op in ("dsc::rms_norm.default", "dsc::layer_norm.default") for op in _region_ops(source)
+    ):
         _label(source, label)
 
 
@@ -694,12 +763,11 @@ def _label_regions(graph: fx.Graph) -> None:
                     _label_norm_feeding(qkv, "norm_qkv")
     for gemm in gemms:
         ops = _region_ops(gemm)
-        consumers = [_source(u) for u in gemm.users] + [
-            _source(v) for u in gemm.users if is_op(u, *_VIEWS) for v in u.users
-        ]
+        consumers = _consumers(gemm)
         activated = any(
             op in ("dsc::activation.default", "dsc::gated_activation.default")
-            for c in consumers for op in _region_ops(c)
+            for c in consumers
+            for op in _region_ops(c)
         )
         if "dsc::activation.default" in ops or "dsc::gated_activation.default" in ops or activated:
             _label(gemm, "up_act")
@@ -709,9 +777,11 @@ def _label_regions(graph: fx.Graph) -> None:
                     _label(c, "up_act")
     for gemm in gemms:
         source = _source(_gemm_input(gemm))
-        if is_op(source, *_ATTENTION) or (
-            isinstance(source, fx.Node) and source.meta.get("dsc_region") == "up_act"
-        ) or "dsc::residual_add.default" in _region_ops(gemm):
+        if (
+            is_op(source, *_ATTENTION)
+            or (isinstance(source, fx.Node) and source.meta.get("dsc_region") == "up_act")
+            or "dsc::residual_add.default" in _region_ops(gemm)
+        ):
             _label(gemm, "down_residual")
     for node in graph.nodes:
         if "dsc::residual_add.default" in _region_ops(node):
@@ -740,7 +810,7 @@ def fuse(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             gemm_regions.append(region)
             claimed |= hidden
     region_of = _grow(graph, info, claimed)
-    _duplicate_cheap(graph, info, region_of, mode)
+    _duplicate_cheap(graph, info, region_of)
     regions = list({id(r): r for r in region_of.values()}.values())
     for region in regions:
         # A region value read outside must be a full row (one value per row is not stored).

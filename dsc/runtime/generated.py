@@ -14,14 +14,15 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Mapping
 
+import dsc.ops.fused  # noqa: F401  (steps of regions without a kernel call the reference op)
 from dsc.errors import PlanError
 from dsc.runtime.executor import register_kernel_namespace
 
-__all__ = ["register_sources", "resolve", "cache_dir"]
+__all__ = ["cache_dir", "register_sources", "resolve"]
 
 _SOURCES: dict[str, str] = {}
 _MODULES: dict[str, ModuleType] = {}  # by content hash
@@ -29,7 +30,9 @@ _MODULES: dict[str, ModuleType] = {}  # by content hash
 
 def cache_dir() -> Path:
     """Where kernel files are written: one folder per user under the system's temp folder."""
-    return Path(tempfile.gettempdir()) / f"dsc-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    return (
+        Path(tempfile.gettempdir()) / f"dsc-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    )
 
 
 def register_sources(sources: Mapping[str, str]) -> None:

@@ -13,6 +13,7 @@ from dsc.errors import PlanError
 from dsc.plan import Plan, load_plan, save_plan
 from dsc.runtime import allreduce as _allreduce  # noqa: F401  (registers collective:: steps)
 from dsc.runtime import distributed
+from dsc.runtime import generated
 from dsc.runtime.cache import KVCache
 from dsc.runtime.cuda_graphs import GraphedProgram
 from dsc.runtime.executor import Executor
@@ -46,6 +47,7 @@ class CompiledModel:
                 raise PlanError(f"this process is rank {joined}; the plan part is rank {plan.rank}")
         self.device = torch.device(plan.target.device)
         self._history = history  # PassRecords when compiled in this process
+        generated.register_sources(plan.kernel_sources)  # steps may call kernel::region_*
         self.weights = {k: v.to(self.device) for k, v in plan.weights.items()}
         self.executors = {
             name: Executor(program, self.weights, self.device)

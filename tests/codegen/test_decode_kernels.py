@@ -8,7 +8,7 @@ import functools
 from collections import Counter
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from dsc import zoo
 from dsc.codegen.lower import lower
@@ -23,9 +23,17 @@ from tests.codegen.helpers import CUDA, generated_program
 
 # Steps that launch no GPU work: views, size queries, tuple access.
 VIEWS = {
-    "aten::view.default", "aten::_unsafe_view.default", "aten::transpose.int",
-    "aten::slice.Tensor", "aten::split.Tensor", "aten::unsqueeze.default", "aten::squeeze.dim",
-    "aten::expand.default", "aten::permute.default", "aten::alias.default", "aten::t.default",
+    "aten::view.default",
+    "aten::_unsafe_view.default",
+    "aten::transpose.int",
+    "aten::slice.Tensor",
+    "aten::split.Tensor",
+    "aten::unsqueeze.default",
+    "aten::squeeze.dim",
+    "aten::expand.default",
+    "aten::permute.default",
+    "aten::alias.default",
+    "aten::t.default",
     "aten::sym_size.int",
 }
 
@@ -96,8 +104,11 @@ def test_tiny_llama_forward_through_generated_kernels():
     program = generated_program(gm)
     reference = lower(gm, "forward", {})  # the same regions, run op by op
     ids = torch.randint(0, t.info.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0))
-    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "position_ids": torch.arange(seq).expand(2, seq)}
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "position_ids": torch.arange(seq).expand(2, seq),
+    }
     feeds = {k: feeds[k] for k in program.inputs}
     (out,) = Executor(program, ctx.weights, torch.device("cpu"))(**feeds)
     (ref,) = Executor(reference, ctx.weights, torch.device("cpu"))(**feeds)

@@ -42,8 +42,12 @@ def test_rms_norm(with_weight, assert_close):
 def test_layer_norm_with_bias(assert_close):
     torch.manual_seed(1)
     weights = {"w": torch.randn(37), "b": torch.randn(37)}
-    check(assert_close, lambda x, w, b: dsc.layer_norm(x, w, b, 1e-5), torch.randn(2, 3, 37) * 3 + 1,
-          weights=weights)
+    check(
+        assert_close,
+        lambda x, w, b: dsc.layer_norm(x, w, b, 1e-5),
+        torch.randn(2, 3, 37) * 3 + 1,
+        weights=weights,
+    )
 
 
 def test_rotary_on_strided_heads(assert_close):
@@ -87,6 +91,17 @@ def test_softmax(log, assert_close):
     check(assert_close, fn, torch.randn(3, 5, 37) * 4)
 
 
+def test_casts_round_where_torch_rounds(assert_close):
+    torch.manual_seed(14)
+
+    def fn(x, w):  # fp16 in and out, an fp32 detour, and an fp16 norm in between
+        y = (x.float().exp() * 0.5).to(torch.float16) + x
+        return dsc.rms_norm(y, w, 1e-5, torch.float16) * 2.0
+
+    x = torch.randn(3, 37, dtype=torch.float16)
+    check(assert_close, fn, x, weights={"w": torch.randn(37, dtype=torch.float16)}, tol=1e-3)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # 0/0 in masked-off lanes
 def test_written_out_chain_with_broadcasts_and_reductions(assert_close):
     torch.manual_seed(7)
@@ -95,14 +110,23 @@ def test_written_out_chain_with_broadcasts_and_reductions(assert_close):
         centred = x - x.mean(-1, keepdim=True)
         return torch.sigmoid(centred * w / s) + x.amax(-1, keepdim=True) + centred.pow(2)
 
-    check(assert_close, fn, torch.randn(2, 3, 37), torch.rand(2, 3, 1) + 0.5,
-          weights={"w": torch.randn(37)})
+    check(
+        assert_close,
+        fn,
+        torch.randn(2, 3, 37),
+        torch.rand(2, 3, 1) + 0.5,
+        weights={"w": torch.randn(37)},
+    )
 
 
 def test_long_rows_are_tiled(assert_close):
     torch.manual_seed(8)
-    program = check(assert_close, lambda x, y: torch.tanh(x) * 2.0 + y.exp(),
-                    torch.randn(2, 1500), torch.randn(2, 1500))
+    program = check(
+        assert_close,
+        lambda x, y: torch.tanh(x) * 2.0 + y.exp(),
+        torch.randn(2, 1500),
+        torch.randn(2, 1500),
+    )
     name = kernel_steps(program)[0].removeprefix("kernel::")
     assert "tl.program_id(1)" in generated._SOURCES[name]  # no reduction: the row is tiled
 
@@ -113,8 +137,14 @@ def test_independent_chains_launch_together(assert_close):
     def fn(q, k, c, s):
         return torch.cat([dsc.rotary(q, c, s), dsc.rotary(k, c, s)], 1)
 
-    program = check(assert_close, fn, torch.randn(2, 4, 3, 10), torch.randn(2, 2, 3, 10),
-                    torch.randn(2, 1, 3, 10), torch.randn(2, 1, 3, 10))
+    program = check(
+        assert_close,
+        fn,
+        torch.randn(2, 4, 3, 10),
+        torch.randn(2, 2, 3, 10),
+        torch.randn(2, 1, 3, 10),
+        torch.randn(2, 1, 3, 10),
+    )
     source = generated._SOURCES[kernel_steps(program)[0].removeprefix("kernel::")]
     assert "if pid < g1_start:" in source  # one launch, two groups of programs
 
@@ -132,8 +162,9 @@ def test_gemm_gated_epilogue(rows, assert_close):
         up = F.linear(x, w)
         return dsc.gated_activation(up[..., :24], up[..., 24:], "silu")
 
-    check(assert_close, fn, torch.randn(rows, 40), weights={"w": torch.randn(48, 40) * 0.2},
-          tol=1e-4)
+    check(
+        assert_close, fn, torch.randn(rows, 40), weights={"w": torch.randn(48, 40) * 0.2}, tol=1e-4
+    )
 
 
 @pytest.mark.parametrize("rows", ROWS)
@@ -143,8 +174,13 @@ def test_gemm_bias_activation_epilogue(rows, assert_close):
     def fn(x, w, b):
         return dsc.activation(F.linear(x, w, b), "gelu_tanh")
 
-    check(assert_close, fn, torch.randn(1, rows, 40),
-          weights={"w": torch.randn(37, 40) * 0.2, "b": torch.randn(37)}, tol=1e-4)
+    check(
+        assert_close,
+        fn,
+        torch.randn(1, rows, 40),
+        weights={"w": torch.randn(37, 40) * 0.2, "b": torch.randn(37)},
+        tol=1e-4,
+    )
 
 
 @pytest.mark.parametrize("rows", ROWS)
@@ -154,8 +190,15 @@ def test_gemm_residual_epilogue(rows, assert_close):
     def fn(x, s, w):
         return dsc.residual_add(s, F.linear(x, w)) * 2.0  # the sum feeds no norm
 
-    check(assert_close, fn, torch.randn(rows, 40), torch.randn(rows, 37),
-          weights={"w": torch.randn(37, 40) * 0.2}, kernels=2, tol=1e-4)
+    check(
+        assert_close,
+        fn,
+        torch.randn(rows, 40),
+        torch.randn(rows, 37),
+        weights={"w": torch.randn(37, 40) * 0.2},
+        kernels=2,
+        tol=1e-4,
+    )
 
 
 def test_addmm_with_views_before_the_activation(assert_close):
@@ -165,8 +208,13 @@ def test_addmm_with_views_before_the_activation(assert_close):
         y = torch.addmm(b, x.view(-1, 40), w).view(2, 3, 37)
         return dsc.activation(y, "gelu_tanh")
 
-    check(assert_close, fn, torch.randn(2, 3, 40),
-          weights={"b": torch.randn(37), "w": torch.randn(40, 37) * 0.2}, tol=1e-4)
+    check(
+        assert_close,
+        fn,
+        torch.randn(2, 3, 40),
+        weights={"b": torch.randn(37), "w": torch.randn(40, 37) * 0.2},
+        tol=1e-4,
+    )
 
 
 # ---- naming and loading ------------------------------------------------------------------
@@ -227,3 +275,10 @@ def test_program_steps_call_generated_kernels():
     assert op == "kernel::" + triton_codegen.kernel_name(
         next(s for s in program.steps if s["op"] == op)["args"][1]
     )
+
+
+def test_reference_runs_only_region_ops():
+    doc = json.loads(_norm_region((3, 37)))
+    doc["ops"][0]["op"] = "aten::copy_.default"  # not in REGION_OPS: never resolved, never run
+    with pytest.raises(ValueError, match="not a region op"):
+        dsc.fused_region([torch.randn(3, 37), torch.randn(37)], json.dumps(doc))

@@ -7,8 +7,8 @@ import re
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
+from torch import fx
 
 from dsc import zoo
 from dsc.compiler import _load_passes
@@ -83,7 +83,9 @@ def test_views_between_gemm_and_activation_move_after_the_region():
     def before(x, b, w):
         return dsc.activation(torch.addmm(b, x.view(-1, 8), w).view(2, 3, 16), "gelu_tanh")
 
-    gm = _fuse(before, torch.randn(2, 3, 8), weights={"b": torch.randn(16), "w": torch.randn(8, 16)})
+    gm = _fuse(
+        before, torch.randn(2, 3, 8), weights={"b": torch.randn(16), "w": torch.randn(8, 16)}
+    )
     assert structure(gm) == ["view", "region(gemm)[addmm, activation] (b, view, w) -> 1", "view"]
 
 
@@ -92,9 +94,16 @@ def test_residual_add_joins_the_norm_not_the_gemm_epilogue():
         h = dsc.residual_add(s, F.linear(x, w))
         return h, dsc.rms_norm(h, g, 1e-6, torch.float32)
 
-    gm = _fuse(before, torch.randn(3, 8), torch.randn(3, 8),
-               weights={"w": torch.randn(8, 8), "g": torch.randn(8)})
-    assert structure(gm) == ["linear", "region(pointwise)[residual_add, rms_norm] (x1, linear, g) -> 2"]
+    gm = _fuse(
+        before,
+        torch.randn(3, 8),
+        torch.randn(3, 8),
+        weights={"w": torch.randn(8, 8), "g": torch.randn(8)},
+    )
+    assert structure(gm) == [
+        "linear",
+        "region(pointwise)[residual_add, rms_norm] (x1, linear, g) -> 2",
+    ]
 
 
 def test_residual_add_without_a_norm_folds_into_the_gemm():
@@ -110,10 +119,16 @@ def test_lead_dim_view_sinks_past_the_norm():
         h = dsc.residual_add(x, r).view(-1, 8)
         return h, dsc.layer_norm(h, w, b, 1e-5)
 
-    gm = _fuse(before, torch.randn(2, 3, 8), torch.randn(2, 3, 8),
-               weights={"w": torch.randn(8), "b": torch.randn(8)})
+    gm = _fuse(
+        before,
+        torch.randn(2, 3, 8),
+        torch.randn(2, 3, 8),
+        weights={"w": torch.randn(8), "b": torch.randn(8)},
+    )
     assert structure(gm) == [
-        "region(pointwise)[residual_add, layer_norm] (x0, x1, w, b) -> 2", "view", "view"
+        "region(pointwise)[residual_add, layer_norm] (x0, x1, w, b) -> 2",
+        "view",
+        "view",
     ]
 
 
@@ -134,7 +149,9 @@ def test_no_region_that_would_form_a_cycle():
 
     gm = _fuse(before, torch.randn(3, 8), weights={"w": torch.randn(8, 8)})
     assert structure(gm) == [
-        "region(pointwise)[exp] (x0) -> 1", "linear", "region(pointwise)[mul] (getitem, linear) -> 1"
+        "region(pointwise)[exp] (x0) -> 1",
+        "linear",
+        "region(pointwise)[mul] (getitem, linear) -> 1",
     ]
 
 
@@ -146,7 +163,8 @@ def test_cheap_cast_of_an_input_is_recomputed_not_stored():
 
     gm = _fuse(before, torch.randn(3, 8, dtype=torch.bfloat16), weights={"w": torch.randn(8, 8)})
     assert structure(gm) == [
-        "region(pointwise)[_to_copy, exp] (x0) -> 1", "linear",
+        "region(pointwise)[_to_copy, exp] (x0) -> 1",
+        "linear",
         "region(pointwise)[_to_copy, mul] (x0, linear) -> 1",
     ]
 
@@ -155,8 +173,13 @@ def test_independent_regions_meeting_at_one_consumer_launch_together():
     def before(q, k, c, s):
         return torch.cat([dsc.rotary(q, c, s), dsc.rotary(k, c, s)], 1)
 
-    gm = _fuse(before, torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8),
-               torch.randn(1, 1, 3, 8))
+    gm = _fuse(
+        before,
+        torch.randn(1, 4, 3, 8),
+        torch.randn(1, 2, 3, 8),
+        torch.randn(1, 1, 3, 8),
+        torch.randn(1, 1, 3, 8),
+    )
     assert structure(gm) == ["region(pointwise)[rotary, rotary] (x0, x2, x3, x1) -> 2", "cat"]
     (region,) = region_nodes(gm)
     assert len(json.loads(region.args[1])["groups"]) == 2  # one launch, two groups of programs
@@ -186,18 +209,26 @@ def test_linear_alone_stays_a_linear():
 @functools.cache
 def _model_graph(name: str):
     _load_passes()
-    t = trace(zoo.build(name, init_std=0.3), dtype=torch.float32, max_batch=4, max_seq_len=64,
-              position_ids=True)
+    t = trace(
+        zoo.build(name, init_std=0.3),
+        dtype=torch.float32,
+        max_batch=4,
+        max_seq_len=64,
+        position_ids=True,
+    )
     ctx = PassContext(target=CUDA, weights=t.weights, info=t.info, inputs=t.inputs)
     manager = PassManager(ctx)
     gm = manager.run(t.gm, trunk(CUDA) + ["merge_projections"], program="forward")
     ids = torch.randint(0, t.info.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
-    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "position_ids": torch.arange(5).expand(2, 5)}
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "position_ids": torch.arange(5).expand(2, 5),
+    }
     inputs = [feeds[n] for n in t.inputs]
     expected = run(gm, ctx.weights, *inputs)[0]
     gm = manager.run(gm, [p for p in backend(CUDA) if p == "fuse"], program="forward")
-    return gm, ctx, expected, run(gm, ctx.weights, *inputs)[0], t.info.num_layers
+    return gm, expected, run(gm, ctx.weights, *inputs)[0], t.info.num_layers
 
 
 def _layers(node: fx.Node) -> set[int]:
@@ -212,7 +243,7 @@ def _layers(node: fx.Node) -> set[int]:
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_every_layer_has_the_four_regions(name):
-    gm, ctx, expected, got, layers = _model_graph(name)
+    gm, expected, got, layers = _model_graph(name)
     assert torch.equal(got, expected)
     labelled = {label: [] for label in LABELS}
     for node in gm.graph.nodes:
@@ -226,12 +257,14 @@ def test_every_layer_has_the_four_regions(name):
     attentions = [n for n in labelled["attention"] if n.target is not dsc.fused_region.default]
     assert len(attentions) == layers
     assert all(
-        n.meta.get("dsc_region") == "up_act" for n in region_nodes(gm)
+        n.meta.get("dsc_region") == "up_act"
+        for n in region_nodes(gm)
         if json.loads(n.args[1])["kind"] == "gemm"
     )
     if name == "tiny-llama":  # the rotary of q and k: one region per layer, in the attention
         rotary = [
-            n for n in labelled["attention"]
+            n
+            for n in labelled["attention"]
             if n.target is dsc.fused_region.default and "dsc::rotary.default" in _region_ops(n)
         ]
         assert len(rotary) == layers
