@@ -4,7 +4,31 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["KVCache"]
+from dsc.errors import LimitError
+
+__all__ = ["KVCache", "cache_bytes", "check_fits"]
+
+
+def cache_bytes(spec: list[dict]) -> int:
+    """Bytes the cache tensors of `spec` take."""
+    total = 0
+    for entry in spec:
+        dtype = getattr(torch, entry["dtype"].removeprefix("torch."))
+        count = 1
+        for size in entry["shape"]:
+            count *= size
+        total += count * torch.empty((), dtype=dtype).element_size()
+    return total
+
+
+def check_fits(needed: int, free: int, max_batch: int, max_seq: int) -> None:
+    """Refuse, before allocating, a cache larger than the device's free memory."""
+    if needed > free:
+        raise LimitError(
+            f"the KV cache for max_batch={max_batch} x max_seq_len={max_seq} needs "
+            f"{needed / 2**30:.2f} GiB but the GPU has {free / 2**30:.2f} GiB free; compile with a "
+            "smaller dsc.Target(max_batch=..., max_seq_len=...) or free GPU memory"
+        )
 
 
 class KVCache:
@@ -18,6 +42,9 @@ class KVCache:
     def __init__(self, spec: list[dict], device: torch.device, max_batch: int, max_seq: int):
         self.spec = spec
         self.tensors: dict[str, torch.Tensor] = {}
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            check_fits(cache_bytes(spec), free, max_batch, max_seq)
         for entry in spec:
             dtype = getattr(torch, entry["dtype"].removeprefix("torch."))
             self.tensors[entry["name"]] = torch.zeros(entry["shape"], dtype=dtype, device=device)
