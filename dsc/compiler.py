@@ -104,6 +104,7 @@ def compile(model: torch.nn.Module, target: Target | str | dict[str, Any] = "cpu
         model_facts["cache"] = ctx.notes["cache"]
         for entry in ("prefill", "decode"):
             programs[entry] = lower(decoder, entry, _kernels(decoder, entry, target))
+    model_facts["peak_activation_bytes"] = dict(ctx.notes.get("peak_activation_bytes", {}))
     device = torch.device(target.device)
     used = {ref for program in programs.values() for ref in program.weight_refs()}
     weights = {k: v.to(device) for k, v in ctx.weights.items() if k in used}

@@ -39,4 +39,5 @@ def backend(target: Target) -> list[str]:
     """Passes that shape each program for its kernels, after partitioning. `fuse` only on CUDA:
     its regions exist to become generated Triton kernels; on CPU they would run as the reference
     op by op, no faster than unfused."""
-    return ["merge_projections"] + (["fuse"] if target.device == "cuda" else [])
+    fuse = ["fuse"] if target.device == "cuda" else []
+    return ["merge_projections", *fuse, "memory_plan"]

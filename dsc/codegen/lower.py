@@ -97,12 +97,15 @@ def lower(gm: fx.GraphModule, name: str, kernels: dict[str, str] | None = None) 
         elif node.op == "call_function":
             names[node] = node.name
             op = kernels.get(node.name) or op_name(node)
-            steps.append({
+            step = {
                 "op": op,
                 "args": encode(list(node.args), names),
                 "kwargs": {k: encode(v, names) for k, v in node.kwargs.items()},
                 "out": node.name,
-            })
+            }
+            if "dsc_free" in node.meta:  # memory_plan: buffers whose last reader this is
+                step["free"] = list(node.meta["dsc_free"])
+            steps.append(step)
         elif node.op == "output":
             result = node.args[0]
             flat = result if isinstance(result, (list, tuple)) else [result]

@@ -114,9 +114,13 @@ class Executor:
                                step["out"]))
         keep = set(program.outputs) | set(program.inputs) | set(self.weights)
         self.free_after: list[list[str]] = [[] for _ in program.steps]
-        for name, index in last_use.items():
-            if name not in keep:
-                self.free_after[index].append(name)
+        if all("free" in step for step in program.steps):  # the plan's memory_plan decided
+            for index, step in enumerate(program.steps):
+                self.free_after[index] = [n for n in step["free"] if n not in keep]
+        else:
+            for name, index in last_use.items():
+                if name not in keep:
+                    self.free_after[index].append(name)
         missing = [n for n in last_use if n.startswith("w:") and n not in self.weights]
         if missing:
             raise PlanError(f"program {program.name!r} uses weights the plan lacks: {missing[:5]}")

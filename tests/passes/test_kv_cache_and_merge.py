@@ -69,3 +69,24 @@ def test_compiled_model_with_merged_projections_equals_eager():
     ids = torch.randint(0, 200, (2, 6))
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_memory_plan_frees_each_buffer_after_its_last_reader():
+    manager, gm = _recognised("tiny-llama", max_batch=2, max_seq_len=32)
+    gm = manager.run(gm, ["memory_plan"])
+    freed = [name for n in gm.graph.nodes for name in n.meta.get("dsc_free", [])]
+    computed = [n.name for n in gm.graph.nodes if n.op == "call_function"]
+    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    kept = {n.name for n in (output if isinstance(output, (list, tuple)) else [output])}
+    # Expected: every intermediate is freed exactly once; only the output survives.
+    assert sorted(freed) == sorted(set(computed) - kept)
+    peaks = manager.ctx.notes["peak_activation_bytes"]
+    assert peaks["forward"] >= 2 * 32 * 211 * 4  # at least the [2, 32, vocab] fp32 logits
+
+
+def test_plan_reports_peak_activation_bytes_and_steps_carry_free_lists():
+    compiled = dsc.compile(zoo.build("tiny-llama"), dsc.Target(max_batch=2, max_seq_len=32))
+    peaks = compiled.plan.model["peak_activation_bytes"]
+    assert set(peaks) == {"forward", "prefill", "decode"}
+    assert 0 < peaks["decode"] < peaks["prefill"]
+    assert all("free" in step for step in compiled.plan.programs["decode"].steps)
