@@ -40,4 +40,4 @@ def backend(target: Target) -> list[str]:
     its regions exist to become generated Triton kernels; on CPU they would run as the reference
     op by op, no faster than unfused."""
     fuse = ["fuse"] if target.device == "cuda" else []
-    return ["merge_projections", *fuse, "memory_plan"]
+    return ["addmm_to_linear", "merge_projections", *fuse, "memory_plan"]

@@ -33,7 +33,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["DecodeConfig", "check_attention_inputs", "decode_attention", "pick_decode_config"]
+__all__ = [
+    "DecodeConfig", "check_attention_inputs", "decode_attention", "pick_decode_config",
+    "uses_decode_kernel",
+]
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
@@ -60,6 +63,8 @@ def _decode_split_kernel(
     out_ptr,
     part_acc_ptr,
     part_ml_ptr,
+    k_new_ptr,
+    v_new_ptr,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -78,6 +83,10 @@ def _decode_split_kernel(
     stride_oh,
     stride_os,
     stride_od,
+    stride_nb,
+    stride_nh,
+    stride_ns,
+    stride_nd,
     S,
     T,
     HKV,
@@ -87,6 +96,8 @@ def _decode_split_kernel(
     GROUP: tl.constexpr,
     CAUSAL: tl.constexpr,
     IS_SPLIT: tl.constexpr,
+    WRITE_NEW: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     HEAD_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -129,6 +140,23 @@ def _decode_split_kernel(
 
     k_base = k_ptr + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = v_ptr + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
+    if WRITE_NEW:
+        # The step's own keys/values go into the cache here, not in a launch of their own: the
+        # program whose key chunk holds slot start + i writes new row i, then a barrier makes the
+        # rows visible to the loop below (no other program reads that chunk). new_k/new_v have
+        # the same [B, Hkv, S, D] strides.
+        i = tl.arange(0, BLOCK_S)
+        slot_i = start + i
+        mine = (i < S) & (slot_i >= n_lo) & (slot_i < n_hi)
+        new_off = b64 * stride_nb + kvh.to(tl.int64) * stride_nh + i[:, None] * stride_ns
+        new_mask = mine[:, None] & d_ok[None, :]
+        k_row = tl.load(k_new_ptr + new_off + d[None, :] * stride_nd, mask=new_mask)
+        v_row = tl.load(v_new_ptr + new_off + d[None, :] * stride_nd, mask=new_mask)
+        tl.store(k_base + slot_i[:, None] * stride_kt + d[None, :] * stride_kd,
+                 k_row.to(k_ptr.dtype.element_ty), mask=new_mask)
+        tl.store(v_base + slot_i[:, None] * stride_vt + d[None, :] * stride_vd,
+                 v_row.to(v_ptr.dtype.element_ty), mask=new_mask)
+        tl.debug_barrier()
     valid_base = valid_ptr + b64 * stride_mb
     last_allowed = start + s  # causal limit of each row
 
@@ -322,6 +350,12 @@ def check_attention_inputs(
     _check_device(q, k_cache, v_cache, kv_valid, start)
 
 
+def uses_decode_kernel(q: Tensor, k_cache: Tensor) -> bool:
+    """Few new query rows per kv head: the split-key decode kernel, not flash tiles."""
+    group = q.shape[1] // k_cache.shape[1]
+    return q.shape[2] <= 16 and group * q.shape[2] <= _MAX_ROWS
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
@@ -354,6 +388,8 @@ def decode_attention(
     *,
     out: Tensor | None = None,
     config: DecodeConfig | None = None,
+    new_k: Tensor | None = None,
+    new_v: Tensor | None = None,
 ) -> Tensor:
     """Attention of S (small) new query tokens over a KV cache; see the module docstring.
 
@@ -361,8 +397,21 @@ def decode_attention(
     start: int64 tensor [1] on the device; returns [B, Hq, S, D] in q.dtype. Any strides.
     Needs (Hq // Hkv) * S <= 128 query rows per kv head; longer prompts go to `flash_attention`.
     `out` (q's shape and dtype, any strides) receives the result if given.
+    `new_k`, `new_v` ([B, Hkv, S, D], one set of strides for both): the step's keys and values,
+    written into the caches at slots start..start+S-1 by the kernel before it attends (one launch
+    instead of a cache write per tensor).
     """
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
+    if (new_k is None) != (new_v is None):
+        raise ValueError("give both new_k and new_v, or neither")
+    if new_k is not None:
+        want = (q.shape[0], k_cache.shape[1], q.shape[2], q.shape[3])
+        for name, t in (("new_k", new_k), ("new_v", new_v)):
+            if tuple(t.shape) != want or t.device != q.device:
+                raise ValueError(f"{name} must be [B, Hkv, S, D] = {list(want)} on {q.device}; "
+                                 f"got {list(t.shape)} on {t.device}")
+        if new_k.stride() != new_v.stride():
+            new_k, new_v = new_k.contiguous(), new_v.contiguous()
     batch, hq, s, d = q.shape
     hkv, t = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
@@ -402,11 +451,14 @@ def decode_attention(
         out,
         part_acc,
         part_ml,
+        new_k if new_k is not None else q,
+        new_v if new_v is not None else q,
         *q.stride(),
         *k_cache.stride(),
         *v_cache.stride(),
         *valid.stride(),
         *out.stride(),
+        *(new_k.stride() if new_k is not None else (0, 0, 0, 0)),
         s,
         t,
         hkv,
@@ -416,6 +468,8 @@ def decode_attention(
         GROUP=group,
         CAUSAL=bool(causal),
         IS_SPLIT=splits > 1,
+        WRITE_NEW=new_k is not None,
+        BLOCK_S=triton.next_power_of_2(s),
         HEAD_D=d,
         BLOCK_R=block_r,
         BLOCK_N=cfg.block_n,

@@ -25,10 +25,10 @@ import triton.language as tl
 from torch import Tensor
 
 from dsc.kernels.decode_attention import (
-    _MAX_ROWS,
     _check_out,
     check_attention_inputs,
     decode_attention,
+    uses_decode_kernel,
 )
 
 __all__ = ["FlashConfig", "attention", "flash_attention"]
@@ -286,7 +286,6 @@ def attention(
     which the split-key decode kernel spreads over the whole GPU.
     """
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
-    group = q.shape[1] // k_cache.shape[1]
-    if q.shape[2] <= 16 and group * q.shape[2] <= _MAX_ROWS:
+    if uses_decode_kernel(q, k_cache):
         return decode_attention(q, k_cache, v_cache, kv_valid, start, causal, scale, out=out)
     return flash_attention(q, k_cache, v_cache, kv_valid, start, causal, scale, out=out)

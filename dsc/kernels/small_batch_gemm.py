@@ -24,12 +24,17 @@ autotuning, so a first call never stalls and the interpreter runs the same code 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from triton.language.extra.cuda import gdc_wait
+
+from dsc.kernels.gemm import ACTIVATIONS, _apply_activation
 
 __all__ = ["SmallBatchConfig", "linear_small_batch", "pick_config"]
 
@@ -52,10 +57,34 @@ class SmallBatchConfig:
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Ask for the cache lines at ptrs to be brought into L2 (no registers, no wait)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _epilogue(acc, acc_u, bias_ptr, res_ptr, rows, cols, mask, stride_rm, stride_rn,
+              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+              GATED: tl.constexpr):
+    """bias, then activation (of the gate times up when gated), then residual, on fp32 sums."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    acc = _apply_activation(acc, ACTIVATION)
+    if GATED:
+        acc = acc * acc_u
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + rows * stride_rm + cols * stride_rn, mask=mask,
+                       other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _small_batch_gemm_kernel(
     x_ptr,
     w_ptr,
     bias_ptr,
+    res_ptr,
     out_ptr,
     part_ptr,
     M,
@@ -66,15 +95,21 @@ def _small_batch_gemm_kernel(
     stride_xk,
     stride_wn,
     stride_wk,
+    stride_rm,
+    stride_rn,
     stride_om,
     stride_on,
     HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
     IS_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -93,6 +128,8 @@ def _small_batch_gemm_kernel(
     k_hi = tl.minimum(K, k_lo + k_per_split)
     k_full = k_lo + ((k_hi - k_lo) // BLOCK_K) * BLOCK_K
     w_ptrs = w_ptr + rows_w[:, None] * stride_wn + (k_lo + offs_k)[None, :] * stride_wk
+    # Gated: the weight is [gate; up] stacked ([2N, K]); row c of the up half sits N rows down.
+    u_ptrs = w_ptrs + N * stride_wn
     if BLOCK_M == 1:
         # One activation row; products stay per K lane and are reduced once, after the loop.
         x_ptrs = x_ptr + rows_x * stride_xm + (k_lo + offs_k) * stride_xk
@@ -101,41 +138,69 @@ def _small_batch_gemm_kernel(
         # x^T tile [BLOCK_K, BLOCK_M]: tiny, L1/L2 resident.
         x_ptrs = x_ptr + rows_x[None, :] * stride_xm + (k_lo + offs_k)[:, None] * stride_xk
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_u = tl.zeros_like(acc)
+    if USE_PDL:
+        # Launched before the previous kernel finished (programmatic dependent launch): pull this
+        # program's first weight tiles toward L2 — weights never depend on earlier kernels —
+        # then wait for the previous kernel, whose output x may be, before touching x or out.
+        lines = rows_w[:, None] * stride_wn + (k_lo + tl.arange(0, BLOCK_K // 64) * 64)[None, :]
+        _prefetch_l2(w_ptr + lines * stride_wk)
+        gdc_wait()
 
     # The weight stream: NUM_STAGES tiles in flight through shared memory (cp.async), each read
     # once and marked evict-first so it does not push reused data out of L2.
     for _ in tl.range(k_lo, k_full, BLOCK_K, num_stages=NUM_STAGES):
         w = tl.load(w_ptrs, eviction_policy="evict_first")
+        if GATED:
+            u = tl.load(u_ptrs, eviction_policy="evict_first")
         if BLOCK_M == 1:
-            acc += w.to(tl.float32) * tl.load(x_ptrs).to(tl.float32)[None, :]
+            xv = tl.load(x_ptrs).to(tl.float32)[None, :]
+            acc += w.to(tl.float32) * xv
+            if GATED:
+                acc_u += u.to(tl.float32) * xv
         else:
-            acc = tl.dot(w, tl.load(x_ptrs), acc, input_precision=DOT_PRECISION)
+            xt = tl.load(x_ptrs)
+            acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
+            if GATED:
+                acc_u = tl.dot(u, xt, acc_u, input_precision=DOT_PRECISION)
         w_ptrs += BLOCK_K * stride_wk
+        u_ptrs += BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
     if k_full < k_hi:
         # Ragged end of K: one masked step.
         k_ok = (k_full + offs_k) < k_hi
         w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        if GATED:
+            u = tl.load(u_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
         if BLOCK_M == 1:
-            xv = tl.load(x_ptrs, mask=k_ok, other=0.0)
-            acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+            xv = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            acc += w.to(tl.float32) * xv
+            if GATED:
+                acc_u += u.to(tl.float32) * xv
         else:
             xt = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
             acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
+            if GATED:
+                acc_u = tl.dot(u, xt, acc_u, input_precision=DOT_PRECISION)
 
     # Bring the accumulator to out^T for this block: [BLOCK_N columns, BLOCK_M rows].
     if BLOCK_M == 1:
         acc = tl.sum(acc, axis=1)[:, None]
+        if GATED:
+            acc_u = tl.sum(acc_u, axis=1)[:, None]
 
     mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
     if IS_SPLIT:
-        # Partial sums go to an fp32 workspace [split, M, N]; the reduce kernel finishes them.
-        part_ptrs = part_ptr + pid_k * M * N + offs_m[None, :] * N + offs_n[:, None]
+        # Partial sums go to an fp32 workspace [split, M, N] ([split, M, 2N] gated: gate then
+        # up); the reduce kernel finishes them and applies the epilogue.
+        width = 2 * N if GATED else N
+        part_ptrs = part_ptr + pid_k * M * width + offs_m[None, :] * width + offs_n[:, None]
         tl.store(part_ptrs, acc, mask=mask)
+        if GATED:
+            tl.store(part_ptrs + N, acc_u, mask=mask)
     else:
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
-            acc += bias.to(tl.float32)[:, None]
+        acc = _epilogue(acc, acc_u, bias_ptr, res_ptr, offs_m[None, :], offs_n[:, None], mask,
+                        stride_rm, stride_rn, HAS_BIAS, HAS_RESIDUAL, ACTIVATION, GATED)
         out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -144,25 +209,36 @@ def _small_batch_gemm_kernel(
 def _split_k_reduce_kernel(
     part_ptr,
     bias_ptr,
+    res_ptr,
     out_ptr,
     M,
     N,
+    stride_rm,
+    stride_rn,
     stride_om,
     stride_on,
     SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    # Sum the split-K partials of these outputs (the workspace is contiguous [split, M, N]).
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
     row = offs // N
     col = offs % N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + col, mask=mask, other=0.0).to(tl.float32)
+    width = 2 * N if GATED else N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK,), dtype=tl.float32)
+    # Sum the split-K partials of these outputs (the workspace is contiguous [split, M, width]).
+    for s in tl.static_range(SPLIT_K):
+        at = part_ptr + s * M * width + row * width + col
+        acc += tl.load(at, mask=mask, other=0.0)
+        if GATED:
+            acc_u += tl.load(at + N, mask=mask, other=0.0)
+    acc = _epilogue(acc, acc_u, bias_ptr, res_ptr, row, col, mask, stride_rm, stride_rn,
+                    HAS_BIAS, HAS_RESIDUAL, ACTIVATION, GATED)
     # Write the finished outputs in the caller's dtype.
     tl.store(
         out_ptr + row * stride_om + col * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask
@@ -174,6 +250,14 @@ def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: few programs keep tests fast
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pdl_enabled(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper or newer, not the interpreter, DSC_PDL=1 (off by
+    default until measured end to end)."""
+    if device.type != "cuda" or os.environ.get("DSC_PDL", "0") != "1":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def pick_config(m: int, n: int, k: int, sm_count: int) -> SmallBatchConfig:
@@ -246,21 +330,38 @@ def linear_small_batch(
     weight: Tensor,
     bias: Tensor | None = None,
     *,
+    activation: str | None = None,
+    gated: bool = False,
+    residual: Tensor | None = None,
     out: Tensor | None = None,
     config: SmallBatchConfig | None = None,
 ) -> Tensor:
-    """x @ weight^T (+ bias) for small M, streaming the weight once.
+    """act(x @ weight^T + bias) (+ residual) for small M, streaming the weight once.
 
     x: [M, K]; weight: [N, K] (nn.Linear layout, any strides); bias: [N] or None.
-    Returns [M, N] in x.dtype, accumulated in fp32. Correct for any M; fastest for M <= 32 (past
-    64 rows each program re-reads the weight once per 64 rows: use `gemm.linear_fused` there).
-    `out` ([M, N], any strides) receives the result if given; `config` overrides the heuristic
-    (tests and tuning use it).
+    Returns [M, N] in x.dtype, accumulated in fp32; the epilogue runs on the fp32 sums.
+    activation: one of `dsc.kernels.gemm.ACTIVATIONS`. gated: weight is [gate; up] stacked
+    ([2N, K], no bias) and the result is act(x @ gate^T) * (x @ up^T), [M, N] — the gated MLP's
+    merged up projection with its activation, in one weight stream. residual: [M, N] added last.
+    Correct for any M; fastest for M <= 32 (past 64 rows each program re-reads the weight once
+    per 64 rows: use `gemm.linear_fused` there). `out` ([M, N], any strides) receives the result
+    if given; `config` overrides the heuristic (tests and tuning use it).
     """
     _validate(x, weight, bias)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     m, k = x.shape
     n = weight.shape[0]
-    cfg = config or pick_config(m, n, k, _sm_count(x.device))
+    if gated:
+        if n % 2 or bias is not None:
+            raise ValueError(
+                f"gated needs a [2N, K] weight ([gate; up]) and no bias; got weight "
+                f"{tuple(weight.shape)}{' and a bias' if bias is not None else ''}"
+            )
+        n //= 2
+    if residual is not None:
+        _check_out(residual, (m, n), x, "residual")
+    cfg = config or pick_config(m, 2 * n if gated else n, k, _sm_count(x.device))
     if cfg.block_m != 1 and (cfg.block_m < 16 or cfg.block_m & (cfg.block_m - 1)):
         raise ValueError(f"block_m must be 1 or a power of two >= 16; got {cfg.block_m}")
     if out is None:
@@ -274,15 +375,21 @@ def linear_small_batch(
     k_per_split = triton.cdiv(k_steps, split_k) * cfg.block_k
     split_k = triton.cdiv(k, k_per_split)
 
-    part = out  # placeholder pointer when there is no split
+    part = out  # placeholder pointers when unused
     if split_k > 1:
-        part = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
+        part = torch.empty((split_k, m, 2 * n if gated else n), device=x.device,
+                           dtype=torch.float32)
+    res = residual if residual is not None else out
+    epilogue = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                    ACTIVATION=activation, GATED=gated)
     grid = (triton.cdiv(n, cfg.block_n), split_k, triton.cdiv(m, cfg.block_m))
+    pdl = _pdl_enabled(x.device) and cfg.block_k % 64 == 0
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     _small_batch_gemm_kernel[grid](
         x,
         weight,
         bias if bias is not None else out,
+        res,
         out,
         part,
         m,
@@ -293,30 +400,37 @@ def linear_small_batch(
         x.stride(1),
         weight.stride(0),
         weight.stride(1),
+        res.stride(0),
+        res.stride(1),
         out.stride(0),
         out.stride(1),
-        HAS_BIAS=bias is not None,
+        **epilogue,
         IS_SPLIT=split_k > 1,
         DOT_PRECISION=precision,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         NUM_STAGES=cfg.num_stages,
+        USE_PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **({"launch_pdl": True} if pdl else {}),
     )
     if split_k > 1:
         block = 1024
         _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
             part,
             bias if bias is not None else out,
+            res,
             out,
             m,
             n,
+            res.stride(0),
+            res.stride(1),
             out.stride(0),
             out.stride(1),
             SPLIT_K=split_k,
-            HAS_BIAS=bias is not None,
+            **epilogue,
             BLOCK=block,
             num_warps=4,
         )

@@ -43,15 +43,19 @@ def cached_attention(
     start: Tensor, causal: bool, scale: float,
 ) -> Tensor:
     """Write the new keys/values at slots start.. (device index), then attend over the cache."""
+    from dsc.kernels.decode_attention import decode_attention, uses_decode_kernel
     from dsc.kernels.flash_attention import attention as kernel
 
     batch, _, seq, _ = k.shape
-    # One new token (decode) is written at `start` itself: no index arithmetic to launch.
-    slots = start if seq == 1 else start + torch.arange(seq, device=k.device)
-    k_cache[:batch].index_copy_(2, slots, k.to(k_cache.dtype))
-    v_cache[:batch].index_copy_(2, slots, v.to(v_cache.dtype))
     out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device,
                       dtype=q.dtype).transpose(1, 2)
+    if uses_decode_kernel(q, k_cache):
+        # Decode: the attention kernel writes the new rows itself (no launch per cache tensor).
+        return decode_attention(q, k_cache[:batch], v_cache[:batch], valid, start, causal, scale,
+                                out=out, new_k=k, new_v=v)
+    slots = start + torch.arange(seq, device=k.device)
+    k_cache[:batch].index_copy_(2, slots, k.to(k_cache.dtype))
+    v_cache[:batch].index_copy_(2, slots, v.to(v_cache.dtype))
     return kernel(q, k_cache[:batch], v_cache[:batch], valid, start, causal, scale, out=out)
 
 

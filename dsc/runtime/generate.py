@@ -137,11 +137,13 @@ def generate_tokens(
     mask: torch.Tensor,
     request: GenerationRequest,
     pad_id: int,
+    agree: Callable[[torch.Tensor], None] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield [batch] tensors of new tokens, one per step; finished rows yield pad_id.
 
     prefill(ids, mask, positions) and decode(ids, positions, slot) return last-position logits
-    [batch, vocab]; the caller owns the cache they write.
+    [batch, vocab]; the caller owns the cache they write. `agree(token)`, if given, makes the
+    chosen tokens the same on every rank (in place) before the next step reads them.
     """
     ids, mask = left_pad(input_ids, mask, pad_id)
     batch, seq = ids.shape
@@ -150,13 +152,32 @@ def generate_tokens(
     finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     eos = torch.tensor(request.eos or [-1], device=ids.device)
     next_pos = positions[:, -1] + 1
+    # The host never waits for the GPU inside this loop: the next decode step is queued before
+    # this step's token is handed out (a caller that reads it waits only for the token, with the
+    # step already queued behind it), and "all rows finished" is read one step late through a
+    # pinned copy, so at most one extra step runs (its token is never yielded).
+    all_done = torch.zeros(1, dtype=torch.bool, pin_memory=ids.device.type == "cuda")
+    done_event = torch.cuda.Event() if ids.device.type == "cuda" else None
     for step in range(request.max_new_tokens):
         token = select_next(logits, request.do_sample, request.temperature, request.top_k,
                             request.top_p, request.generator)
+        if agree is not None:
+            agree(token)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
+        last = step + 1 == request.max_new_tokens
+        if request.eos:
+            finished = finished | torch.isin(token, eos)
+            all_done.copy_(finished.all()[None], non_blocking=True)
+            if done_event is not None:
+                done_event.record()
+        if not last:
+            logits = decode(token[:, None], next_pos[:, None], seq + step)
+            next_pos = next_pos + 1
         yield token
-        finished = finished | torch.isin(token, eos)
-        if step + 1 == request.max_new_tokens or bool(finished.all()):
+        if last:
             return
-        logits = decode(token[:, None], next_pos[:, None], seq + step)
-        next_pos = next_pos + 1
+        if request.eos:
+            if done_event is not None:
+                done_event.synchronize()  # the flag's copy, queued before the decode step
+            if bool(all_done):
+                return

@@ -167,14 +167,14 @@ class CompiledModel:
         if pad is None:
             pad = request.eos[0] if request.eos else 0
         ids = input_ids.to(self.device, torch.long)
+        # Ranks hold bit-identical logits (the collectives sum in rank order), so argmax agrees;
+        # a sampler seeded per process would not: rank 0's choice becomes everyone's.
+        agree = None
+        if self.plan.world_size > 1 and do_sample:
+            agree = lambda token: distributed.broadcast_(token, src=0)  # noqa: E731
         with torch.no_grad():
             for token in generate_tokens(self._prefill, self._decode, ids,
-                                         mask.to(self.device, torch.long), request, pad):
-                if self.plan.world_size > 1 and do_sample:
-                    # Ranks hold bit-identical logits (the collectives sum in rank order), so
-                    # argmax agrees; a sampler seeded per process would not: rank 0's choice is
-                    # everyone's (in place, so the next step feeds it too).
-                    distributed.broadcast_(token, src=0)
+                                         mask.to(self.device, torch.long), request, pad, agree):
                 if callback is not None:
                     callback(token)
                 yield token

@@ -76,8 +76,10 @@ def test_llama_decode_layer_launches_8_kernels_after_fusion():
     gate/up GEMM, gated activation, down GEMM, residual add.
     Fused: [residual add + rms_norm], QKV GEMM, [rotary q + rotary k] (one launch, two groups),
     attention, O GEMM, [residual add + rms_norm], [gate/up GEMM + gated SiLU], down GEMM.
-    (The gate/up region runs as the small-batch GEMM plus one epilogue kernel at decode sizes, so
-    the layer launches 9 kernels.) The paper's Deep-Fusion design gives about 6-8.
+    At decode sizes every step is one launch: the small-batch GEMM applies the gated SiLU to its
+    own sums, and the attention kernel writes the step's keys and values into the cache itself
+    (plus the split-key merge when the cache is split). The paper's Deep-Fusion design gives
+    about 6-8.
     """
     before, after = _per_layer("tiny-llama", False), _per_layer("tiny-llama", True)
     assert sum(before.values()) == 12
@@ -88,9 +90,9 @@ def test_llama_decode_layer_launches_8_kernels_after_fusion():
 
 
 def test_gpt2_decode_layer_launches_7_kernels_after_fusion():
-    """GPT-2: 12 GPU steps per decode layer unfused (LayerNorm, Conv1D addmm x4, clones, residual
-    adds, GeLU, attention); 7 fused: [clone + residual add + LayerNorm] x2, QKV addmm, attention,
-    out addmm, [up addmm + GeLU], down addmm."""
+    """GPT-2: 12 GPU steps per decode layer unfused (LayerNorm, Conv1D projections x4 — linears
+    over transposed weights after addmm_to_linear —, clones, residual adds, GeLU, attention);
+    7 fused: [clone + residual add + LayerNorm] x2, QKV, attention, out, [up + GeLU], down."""
     before, after = _per_layer("tiny-gpt2", False), _per_layer("tiny-gpt2", True)
     assert sum(before.values()) == 12
     assert sum(after.values()) == 7

@@ -59,6 +59,34 @@ def test_strided_views_and_larger_cache_batch(assert_close, poisoned):
     assert_close(res, attention_reference(q, k, v, valid, st, True, 0.3))
 
 
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("s,start", [(1, 0), (1, 12), (3, 4), (2, 15)])
+def test_writes_the_new_rows_into_the_cache(s, start, config, assert_close):
+    # new_k / new_v land at slots start..start+S-1 (any chunk, the last slot included) and the
+    # attention sees them: same result and same cache as a separate cache write first.
+    q, k, v, valid, st = make_inputs(s=s, t=17, start=start, seed=7 + start)
+    g = torch.Generator().manual_seed(start)
+    qkv = torch.randn(2, s, 3, 2, 16, generator=g)  # new k, v as strided views of one tensor
+    new_k, new_v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+    valid[:, start : start + s] = True
+    k_ref, v_ref = k.clone(), v.clone()
+    k_ref[:, :, start : start + s] = new_k
+    v_ref[:, :, start : start + s] = new_v
+    out = decode_attention(q, k, v, valid, st, True, 0.3, config=config, new_k=new_k, new_v=new_v)
+    assert_close(out, attention_reference(q, k_ref, v_ref, valid, st, True, 0.3))
+    assert torch.equal(k.nan_to_num(0.0), k_ref.nan_to_num(0.0))
+    assert torch.equal(v.nan_to_num(0.0), v_ref.nan_to_num(0.0))
+
+
+def test_new_rows_need_both_and_the_right_shape():
+    q, k, v, valid, st = make_inputs()
+    with pytest.raises(ValueError, match="both new_k and new_v"):
+        decode_attention(q, k, v, valid, st, True, 0.3, new_k=torch.zeros(2, 2, 1, 16))
+    with pytest.raises(ValueError, match=r"new_k must be \[B, Hkv, S, D\]"):
+        decode_attention(q, k, v, valid, st, True, 0.3, new_k=torch.zeros(2, 4, 1, 16),
+                         new_v=torch.zeros(2, 4, 1, 16))
+
+
 def test_same_launch_serves_every_start(assert_close):
     # The grid depends on T only; the position is read on the device, so one launch shape
     # (as a CUDA graph would replay it) is right for any start.

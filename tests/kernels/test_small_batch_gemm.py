@@ -27,6 +27,48 @@ def test_matches_reference(m, k, n, config, with_bias, assert_close, poisoned):
     assert_close(out, linear_reference(x, w, bias))
 
 
+def _act(y, kind):
+    return {None: y, "silu": torch.nn.functional.silu(y), "gelu": torch.nn.functional.gelu(y),
+            "gelu_tanh": torch.nn.functional.gelu(y, approximate="tanh"),
+            "relu": torch.relu(y)}[kind]
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("m,k,n", [(1, 37, 19), (3, 40, 21)])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
+def test_epilogue_bias_activation_residual(m, k, n, activation, config, assert_close, poisoned):
+    torch.manual_seed(m + k + n)
+    x, w, bias, res = torch.randn(m, k), torch.randn(n, k), torch.randn(n), torch.randn(m, n)
+    out = linear_small_batch(x, w, bias, activation=activation, residual=res,
+                             out=poisoned((m, n)), config=config)
+    assert_close(out, _act(linear_reference(x, w, bias), activation) + res)
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("m,k,n", [(1, 37, 19), (3, 40, 21)])
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_gated_epilogue(m, k, n, activation, config, assert_close, poisoned):
+    # weight = [gate; up]: the result is act(x @ gate^T) * (x @ up^T), N columns.
+    torch.manual_seed(m * 7 + n)
+    x, w = torch.randn(m, k), torch.randn(2 * n, k)
+    out = linear_small_batch(x, w, activation=activation, gated=True, out=poisoned((m, n)),
+                             config=config)
+    ref = _act(linear_reference(x, w[:n]), activation) * linear_reference(x, w[n:])
+    assert_close(out, ref)
+
+
+def test_epilogue_bad_arguments():
+    x, w = torch.randn(2, 8), torch.randn(6, 8)
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        linear_small_batch(x, w, activation="tanh")
+    with pytest.raises(ValueError, match=r"gated needs a \[2N, K\] weight"):
+        linear_small_batch(x, torch.randn(5, 8), gated=True)
+    with pytest.raises(ValueError, match="and no bias"):
+        linear_small_batch(x, w, torch.randn(6), gated=True)
+    with pytest.raises(ValueError, match=r"residual must be \(2, 3\)"):
+        linear_small_batch(x, w, gated=True, residual=torch.randn(2, 6))
+
+
 def test_default_config_and_any_m(assert_close):
     # M past one row block (block_m <= 64) takes several M programs.
     torch.manual_seed(0)

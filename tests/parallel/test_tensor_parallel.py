@@ -127,15 +127,18 @@ def test_saved_plan_has_one_shard_file_per_rank(tp2, name):
     assert doc["world_size"] == nproc and sorted(doc["ranks"]) == ["0", "1"]
     full = dict(zoo.build(name, init_std=0.3, seed=1).named_parameters())
     # The row projection of layer 0's MLP: rank r holds input features [r*F/2, (r+1)*F/2).
-    row, dim = {
-        "tiny-llama": ("model.layers.0.mlp.down_proj.weight", 1),
-        "tiny-gpt2": ("transformer.h.0.mlp.c_proj.weight", 0),
+    # GPT-2's Conv1D weight is [in, out]: its shard is stored transposed (addmm_to_linear).
+    row, dim, prefix = {
+        "tiny-llama": ("model.layers.0.mlp.down_proj.weight", 1, ""),
+        "tiny-gpt2": ("transformer.h.0.mlp.c_proj.weight", 0, "transposed:"),
     }[name]
     for r in range(nproc):
         with safe_open(plan / f"weights-rank{r}.safetensors", "pt") as f:
             names = set(f.keys())
             assert row not in names  # no whole weight of a split projection
-            shard = f.get_tensor(f"{row}.tp{r}of{nproc}")
+            shard = f.get_tensor(f"{prefix}{row}.tp{r}of{nproc}")
+            if prefix:
+                shard = shard.t()
             total = sum(math.prod(f.get_slice(k).get_shape()) for k in names)
         whole = full[row].detach()
         assert torch.equal(shard, whole.chunk(nproc, dim)[r])
