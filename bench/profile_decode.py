@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dsc  # noqa: E402
+from bench.e2e import per_token  # noqa: E402
 from dsc import zoo  # noqa: E402
 
 DTYPES = {"llama-7b": torch.bfloat16, "llama-1.1b": torch.bfloat16, "gpt2-xl": torch.float16,
@@ -56,20 +57,13 @@ def profile_model(name: str, batch: int, steps: int, accuracy: bool) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device="cuda", generator=gen)
     target = dsc.Target(device="cuda", dtype=str(dtype).removeprefix("torch."),
-                        max_batch=batch, max_seq_len=PROMPT + steps + 16)
+                        max_batch=batch, max_seq_len=PROMPT + max(steps, 64) + 16)
     compiled = dsc.compile(model, target)
     row: dict = {"model": name, "batch": batch, "gpu": torch.cuda.get_device_name()}
     with torch.no_grad():
         compiled.generate(ids, max_new_tokens=4, eos_token_id=[])  # capture the decode graph
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        compiled.generate(ids, max_new_tokens=steps + 1, eos_token_id=[])
-        torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        compiled.generate(ids, max_new_tokens=1, eos_token_id=[])
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        row["wall_us_per_token"] = ((t1 - t0) - (t2 - t1)) / steps * 1e6
+        row["wall_us_per_token"] = per_token(
+            lambda n: compiled.generate(ids, max_new_tokens=n, eos_token_id=[])) * 1e6
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             compiled.generate(ids, max_new_tokens=steps + 1, eos_token_id=[])
             torch.cuda.synchronize()
@@ -90,6 +84,14 @@ def profile_model(name: str, batch: int, steps: int, accuracy: bool) -> dict:
         row["gpu_busy_us_per_token"] = busy - pre_busy
         row["launches_per_token"] = sum(r["launches_per_token"] for r in rows)
         row["kernels"] = rows
+        # The decode program's GPU steps, regions spelled out: which kernel is which.
+        row["decode_steps"] = [
+            step["op"] + (" " + ",".join(o["op"].split("::")[1].split(".")[0]
+                                         for o in json.loads(step["args"][1])["ops"])
+                          if step["op"].startswith("kernel::") else "")
+            for step in compiled.plan.programs["decode"].steps
+            if step["op"].startswith(("kernel::", "cuda::", "aten::embedding", "aten::linear"))
+        ]
         if accuracy:
             probe = ids[:1, :32]
             mine = compiled(probe).logits[:, -1].float()

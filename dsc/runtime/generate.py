@@ -156,8 +156,9 @@ def generate_tokens(
     # this step's token is handed out (a caller that reads it waits only for the token, with the
     # step already queued behind it), and "all rows finished" is read one step late through a
     # pinned copy, so at most one extra step runs (its token is never yielded).
-    all_done = torch.zeros(1, dtype=torch.bool, pin_memory=ids.device.type == "cuda")
-    done_event = torch.cuda.Event() if ids.device.type == "cuda" else None
+    on_gpu = ids.device.type == "cuda" and bool(request.eos)
+    all_done = torch.zeros(1, dtype=torch.bool, pin_memory=on_gpu)
+    done_event = torch.cuda.Event() if on_gpu else None
     for step in range(request.max_new_tokens):
         token = select_next(logits, request.do_sample, request.temperature, request.top_k,
                             request.top_p, request.generator)
