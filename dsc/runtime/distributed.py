@@ -15,6 +15,7 @@ This is the one module that reads the environment for parallel runs:
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from collections.abc import Callable
@@ -122,11 +123,24 @@ def init(device: str, world: int) -> int:
             torch.cuda.set_device(local)
             options["device_id"] = torch.device("cuda", local)
         dist.init_process_group("nccl" if device == "cuda" else "gloo", **options)
+        if device != "cuda":
+            # The gloo group is ours: close it before the interpreter tears down, or its threads
+            # can meet their destructors mid-exit (std::terminate, exit code -6) after correct
+            # work. (NCCL groups are left to torch: closing one whose peer died can block.)
+            atexit.register(_close_group)
     if dist.get_world_size() != world:
         raise TargetError(
             f"the plan needs {world} ranks but the process group has {dist.get_world_size()}."
         )
     return dist.get_rank()
+
+
+def _close_group() -> None:
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except (RuntimeError, ValueError):  # a peer already gone: nothing left to close
+            pass
 
 
 def guarded(what: str, fn: Callable[[], T]) -> T:
