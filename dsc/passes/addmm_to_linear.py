@@ -70,6 +70,7 @@ def _transposed(gm: fx.GraphModule, ctx: PassContext, weight: fx.Node, cache: di
 @register("addmm_to_linear")
 def addmm_to_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     cache: dict[str, fx.Node] = {}
+    originals: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
         found = _operands(node)
         if found is None:
@@ -80,7 +81,8 @@ def addmm_to_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             linear = call(gm.graph, aten.linear.default, (x, w_t, bias), like=node)
         node.replace_all_uses_with(linear)
         gm.graph.erase_node(node)
-    for node in [n for n in gm.graph.nodes if n.op == "placeholder" and "dsc_weight" in n.meta
-                 and not n.users]:
-        gm.graph.erase_node(node)  # the compiler keeps only weights some program reads
+        originals.add(weight)
+    for weight in originals:
+        if not weight.users:  # the compiler keeps only weights some program reads
+            gm.graph.erase_node(weight)
     return gm

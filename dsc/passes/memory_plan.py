@@ -36,15 +36,19 @@ def _sizes(gm: fx.GraphModule, batch: int, seq: int) -> dict:
     return subs
 
 
-def _nbytes(val, subs: dict) -> int:
+def _nbytes(val, subs: dict, memo: dict) -> int:
     if not isinstance(val, torch.Tensor):
         return 0
     count = 1
     for dim in val.shape:
         if isinstance(dim, torch.SymInt):
-            expr = dim.node.expr.subs(subs)
-            # A size not derived from the inputs' batch or length: count its traced example value.
-            count *= int(expr) if expr.is_number else int(dim.node.hint)
+            expr = dim.node.expr
+            if expr not in memo:  # a graph has few distinct sizes; sympy substitution is slow
+                value = expr.xreplace(subs)
+                # A size not derived from the inputs' batch or length: its traced example value.
+                memo[expr] = (int(value) if isinstance(value, int) or value.is_number
+                              else int(dim.node.hint))
+            count *= memo[expr]
         else:
             count *= int(dim)
     return count * val.element_size()
@@ -68,14 +72,15 @@ def peak_activation_bytes(gm: fx.GraphModule, batch: int, seq: int) -> int:
     Views share storage with their base but are counted as their own buffers: an upper bound.
     """
     subs = _sizes(gm, batch, seq)
+    memo: dict = {}
     dying = _last_uses(gm)
     live = peak = 0
     for node in gm.graph.nodes:
         if node.op == "call_function":
-            live += _nbytes(node.meta.get("val"), subs)
+            live += _nbytes(node.meta.get("val"), subs, memo)
             peak = max(peak, live)
             for value in dying.get(node, []):
-                live -= _nbytes(value.meta.get("val"), subs)
+                live -= _nbytes(value.meta.get("val"), subs, memo)
     return peak
 
 
