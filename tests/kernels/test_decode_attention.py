@@ -105,6 +105,10 @@ def test_default_config():
     cfg = pick_decode_config(batch=1, hkv=32, t=8192, sm_count=132)
     assert cfg.num_splits > 1
     assert pick_decode_config(batch=64, hkv=32, t=2048, sm_count=132).num_splits == 1
+    # A short cache with few (batch, kv head) pairs: 64-key tiles, so 4 splits instead of 2.
+    short = pick_decode_config(batch=1, hkv=4, t=200, sm_count=132)
+    assert (short.block_n, short.num_splits) == (64, 4)
+    assert pick_decode_config(batch=1, hkv=32, t=8192, sm_count=132).block_n == 128
 
 
 def _bad(**changes):
