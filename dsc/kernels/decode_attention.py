@@ -368,15 +368,16 @@ def pick_decode_config(batch: int, hkv: int, t: int, sm_count: int) -> DecodeCon
 
     Two pipeline stages leave shared memory for three or four programs per SM, which measured
     faster than deeper pipelines with fewer programs; split programs, whose chunks are short,
-    take wider key tiles — unless the cache is so short that wide tiles would leave too few
-    splits.
+    take wider key tiles — unless the cache is so short, and the kv heads so few, that wide
+    tiles would leave only a handful of programs.
     """
     pairs = batch * hkv
     splits = max(1, triton.cdiv(2 * sm_count, pairs))
     block_n = 64 if splits == 1 else 128
-    if triton.cdiv(t, block_n) < splits:
-        # A short cache: one 64-key tile per program keeps more programs (and a shorter chain of
-        # dependent loads in each) than 128-key tiles would.
+    if pairs * triton.cdiv(t, block_n) < 32:
+        # A short cache over few kv heads (GQA at batch 1) leaves a handful of programs, each a
+        # chain of dependent loads: 64-key tiles double them (Llama-1.1B: 8 -> 16 programs,
+        # 1.28 -> 1.20 ms/token on an H100, bench/NOTES.md run 6).
         block_n = 64
     splits = min(splits, triton.cdiv(t, block_n))
     return DecodeConfig(block_n=block_n, num_splits=splits, num_warps=4, num_stages=2)

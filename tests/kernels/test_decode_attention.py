@@ -109,6 +109,7 @@ def test_default_config():
     short = pick_decode_config(batch=1, hkv=4, t=200, sm_count=132)
     assert (short.block_n, short.num_splits) == (64, 4)
     assert pick_decode_config(batch=1, hkv=32, t=8192, sm_count=132).block_n == 128
+    assert pick_decode_config(batch=1, hkv=25, t=200, sm_count=132).block_n == 128
 
 
 def _bad(**changes):
