@@ -43,11 +43,17 @@ def report(history: list[Any], plan: Any = None) -> str:
             chosen = {}
             for impl in program.kernels.values():
                 chosen[impl] = chosen.get(impl, 0) + 1
+            peak = plan.model.get("peak_activation_bytes", {}).get(name)
             lines.append(f"entry point {name}: {len(program.steps)} steps, inputs {program.inputs[:3]}"
-                         + (" + cache" if len(program.inputs) > 3 else ""))
+                         + (" + cache" if len(program.inputs) > 3 else "")
+                         + (f", peak activations {_mib(peak)}" if peak is not None else ""))
             if chosen:
                 lines.append("  kernels: " + ", ".join(f"{k} x{v}" for k, v in sorted(chosen.items())))
     return "\n".join(lines)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
 
 
 _STYLE = """

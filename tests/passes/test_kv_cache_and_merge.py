@@ -90,3 +90,5 @@ def test_plan_reports_peak_activation_bytes_and_steps_carry_free_lists():
     assert set(peaks) == {"forward", "prefill", "decode"}
     assert 0 < peaks["decode"] < peaks["prefill"]
     assert all("free" in step for step in compiled.plan.programs["decode"].steps)
+    # report() and `dsc inspect` show it per entry point.
+    assert f"peak activations {peaks['decode'] / 2**20:.1f} MiB" in compiled.report()
