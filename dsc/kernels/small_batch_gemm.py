@@ -64,6 +64,20 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
+def _normalize(x, k, mean, rstd, nw_ptr, nb_ptr, K, HAS_NW: tl.constexpr, HAS_NB: tl.constexpr):
+    """The norm prologue on one x tile, rounded where the unfused ops round: the normalised value
+    to x's dtype, then weight * it, then + bias (as HF's RMSNorm / LayerNorm modules do)."""
+    dtype = x.dtype
+    y = ((x.to(tl.float32) - mean) * rstd).to(dtype)
+    k_ok = k < K
+    if HAS_NW:
+        y = (y.to(tl.float32) * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)).to(dtype)
+    if HAS_NB:
+        y = (y.to(tl.float32) + tl.load(nb_ptr + k, mask=k_ok, other=0.0).to(tl.float32)).to(dtype)
+    return y
+
+
+@triton.jit
 def _epilogue(acc, acc_u, bias_ptr, res_ptr, rows, cols, mask, stride_rm, stride_rn,
               HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
               GATED: tl.constexpr):
@@ -87,6 +101,9 @@ def _small_batch_gemm_kernel(
     res_ptr,
     out_ptr,
     part_ptr,
+    nw_ptr,
+    nb_ptr,
+    norm_eps,
     M,
     N,
     K,
@@ -110,6 +127,9 @@ def _small_batch_gemm_kernel(
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     USE_PDL: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_NW: tl.constexpr,
+    HAS_NB: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -147,6 +167,42 @@ def _small_batch_gemm_kernel(
         _prefetch_l2(w_ptr + lines * stride_wk)
         gdc_wait()
 
+    if NORM != 0:
+        # Norm prologue: this program's rows' statistics over all of K (x is a few KB and stays
+        # in L1/L2), then each x tile is normalised as it is loaded. mean stays 0 for RMSNorm.
+        if BLOCK_M == 1:
+            s1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                xs = tl.load(x_ptr + rows_x * stride_xm + kk * stride_xk, mask=kk < K,
+                             other=0.0).to(tl.float32)
+                s1 += xs
+                s2 += xs * xs
+            sum1 = tl.sum(s1, axis=0)
+            sum2 = tl.sum(s2, axis=0)
+        else:
+            s1 = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+            s2 = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                xs = tl.load(x_ptr + rows_x[None, :] * stride_xm + kk[:, None] * stride_xk,
+                             mask=(kk < K)[:, None], other=0.0).to(tl.float32)
+                s1 += xs
+                s2 += xs * xs
+            sum1 = tl.sum(s1, axis=0)
+            sum2 = tl.sum(s2, axis=0)
+        if NORM == 1:
+            mean = sum1 * 0.0
+            rstd = tl.math.rsqrt(sum2 / K + norm_eps)
+        else:
+            mean = sum1 / K
+            rstd = tl.math.rsqrt(tl.maximum(sum2 / K - mean * mean, 0.0) + norm_eps)
+    else:
+        mean = 0.0
+        rstd = 1.0
+    k_cur = k_lo + offs_k
+
     # The weight stream: NUM_STAGES tiles in flight through shared memory (cp.async), each read
     # once and marked evict-first so it does not push reused data out of L2.
     for _ in tl.range(k_lo, k_full, BLOCK_K, num_stages=NUM_STAGES):
@@ -154,18 +210,25 @@ def _small_batch_gemm_kernel(
         if GATED:
             u = tl.load(u_ptrs, eviction_policy="evict_first")
         if BLOCK_M == 1:
-            xv = tl.load(x_ptrs).to(tl.float32)[None, :]
+            xv = tl.load(x_ptrs)
+            if NORM != 0:
+                xv = _normalize(xv, k_cur, mean, rstd, nw_ptr, nb_ptr, K, HAS_NW, HAS_NB)
+            xv = xv.to(tl.float32)[None, :]
             acc += w.to(tl.float32) * xv
             if GATED:
                 acc_u += u.to(tl.float32) * xv
         else:
             xt = tl.load(x_ptrs)
+            if NORM != 0:
+                xt = _normalize(xt, k_cur[:, None], mean[None, :], rstd[None, :], nw_ptr,
+                                nb_ptr, K, HAS_NW, HAS_NB)
             acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
             if GATED:
                 acc_u = tl.dot(u, xt, acc_u, input_precision=DOT_PRECISION)
         w_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
+        k_cur += BLOCK_K
     if k_full < k_hi:
         # Ragged end of K: one masked step.
         k_ok = (k_full + offs_k) < k_hi
@@ -173,12 +236,18 @@ def _small_batch_gemm_kernel(
         if GATED:
             u = tl.load(u_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
         if BLOCK_M == 1:
-            xv = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            xv = tl.load(x_ptrs, mask=k_ok, other=0.0)
+            if NORM != 0:
+                xv = _normalize(xv, k_cur, mean, rstd, nw_ptr, nb_ptr, K, HAS_NW, HAS_NB)
+            xv = xv.to(tl.float32)[None, :]
             acc += w.to(tl.float32) * xv
             if GATED:
                 acc_u += u.to(tl.float32) * xv
         else:
             xt = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
+            if NORM != 0:
+                xt = _normalize(xt, k_cur[:, None], mean[None, :], rstd[None, :], nw_ptr,
+                                nb_ptr, K, HAS_NW, HAS_NB)
             acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
             if GATED:
                 acc_u = tl.dot(u, xt, acc_u, input_precision=DOT_PRECISION)
@@ -333,16 +402,19 @@ def linear_small_batch(
     activation: str | None = None,
     gated: bool = False,
     residual: Tensor | None = None,
+    norm: tuple[str, Tensor | None, Tensor | None, float] | None = None,
     out: Tensor | None = None,
     config: SmallBatchConfig | None = None,
 ) -> Tensor:
-    """act(x @ weight^T + bias) (+ residual) for small M, streaming the weight once.
+    """act(norm(x) @ weight^T + bias) (+ residual) for small M, streaming the weight once.
 
     x: [M, K]; weight: [N, K] (nn.Linear layout, any strides); bias: [N] or None.
     Returns [M, N] in x.dtype, accumulated in fp32; the epilogue runs on the fp32 sums.
     activation: one of `dsc.kernels.gemm.ACTIVATIONS`. gated: weight is [gate; up] stacked
     ([2N, K], no bias) and the result is act(x @ gate^T) * (x @ up^T), [M, N] — the gated MLP's
     merged up projection with its activation, in one weight stream. residual: [M, N] added last.
+    norm: ("rms" | "layer", weight [K] or None, bias [K] or None (layer only), eps) normalises
+    each row of x first, as `dsc.ops.norms` does (the input norm of a QKV or up projection).
     Correct for any M; fastest for M <= 32 (past 64 rows each program re-reads the weight once
     per 64 rows: use `gemm.linear_fused` there). `out` ([M, N], any strides) receives the result
     if given; `config` overrides the heuristic (tests and tuning use it).
@@ -361,6 +433,14 @@ def linear_small_batch(
         n //= 2
     if residual is not None:
         _check_out(residual, (m, n), x, "residual")
+    norm_kind, norm_w, norm_b, norm_eps = norm if norm is not None else (None, None, None, 0.0)
+    if norm_kind not in (None, "rms", "layer") or (norm_kind == "rms" and norm_b is not None):
+        raise ValueError(f"norm must be ('rms', w, None, eps) or ('layer', w, b, eps); got "
+                         f"kind {norm_kind!r}{' with a bias' if norm_b is not None else ''}")
+    for name, t in (("norm weight", norm_w), ("norm bias", norm_b)):
+        if t is not None and (tuple(t.shape) != (k,) or t.device != x.device):
+            raise ValueError(f"{name} must be [K={k}] on {x.device}; got {tuple(t.shape)} on "
+                             f"{t.device}")
     cfg = config or pick_config(m, 2 * n if gated else n, k, _sm_count(x.device))
     if cfg.block_m != 1 and (cfg.block_m < 16 or cfg.block_m & (cfg.block_m - 1)):
         raise ValueError(f"block_m must be 1 or a power of two >= 16; got {cfg.block_m}")
@@ -392,6 +472,9 @@ def linear_small_batch(
         res,
         out,
         part,
+        norm_w if norm_w is not None else out,
+        norm_b if norm_b is not None else out,
+        float(norm_eps),
         m,
         n,
         k,
@@ -412,6 +495,9 @@ def linear_small_batch(
         BLOCK_K=cfg.block_k,
         NUM_STAGES=cfg.num_stages,
         USE_PDL=pdl,
+        NORM={None: 0, "rms": 1, "layer": 2}[norm_kind],
+        HAS_NW=norm_w is not None,
+        HAS_NB=norm_b is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),

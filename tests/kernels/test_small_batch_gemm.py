@@ -57,6 +57,36 @@ def test_gated_epilogue(m, k, n, activation, config, assert_close, poisoned):
     assert_close(out, ref)
 
 
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("m,k,n", [(1, 37, 19), (3, 40, 21)])
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_norm_prologue(m, k, n, kind, config, assert_close, poisoned):
+    # norm(x) @ W^T, the norm as dsc.ops.norms computes it (rows of irregular length K).
+    from dsc.ops.norms import layer_norm, rms_norm
+
+    torch.manual_seed(m + 3 * k + n)
+    x = torch.randn(m, k) * 3 + 1
+    w, nw, nb = torch.randn(n, k), torch.randn(k), torch.randn(k)
+    if kind == "rms":
+        normed, norm = rms_norm(x, nw, 1e-5, x.dtype), ("rms", nw, None, 1e-5)
+    else:
+        normed, norm = layer_norm(x, nw, nb, 1e-5), ("layer", nw, nb, 1e-5)
+    out = linear_small_batch(x, w, norm=norm, out=poisoned((m, n)), config=config)
+    assert_close(out, linear_reference(normed, w))
+
+
+def test_norm_prologue_with_gated_epilogue(assert_close):
+    from dsc.ops.norms import rms_norm
+
+    torch.manual_seed(5)
+    x, w, nw = torch.randn(1, 40), torch.randn(42, 40), torch.randn(40)
+    out = linear_small_batch(x, w, activation="silu", gated=True, norm=("rms", nw, None, 1e-6),
+                             config=CONFIGS["fma-split2"])
+    normed = rms_norm(x, nw, 1e-6, x.dtype)
+    ref = _act(linear_reference(normed, w[:21]), "silu") * linear_reference(normed, w[21:])
+    assert_close(out, ref)
+
+
 def test_epilogue_bad_arguments():
     x, w = torch.randn(2, 8), torch.randn(6, 8)
     with pytest.raises(ValueError, match="unknown activation 'tanh'"):
@@ -65,6 +95,10 @@ def test_epilogue_bad_arguments():
         linear_small_batch(x, torch.randn(5, 8), gated=True)
     with pytest.raises(ValueError, match="and no bias"):
         linear_small_batch(x, w, torch.randn(6), gated=True)
+    with pytest.raises(ValueError, match="norm must be"):
+        linear_small_batch(x, w, norm=("rms", None, torch.randn(8), 1e-5))
+    with pytest.raises(ValueError, match=r"norm weight must be \[K=8\]"):
+        linear_small_batch(x, w, norm=("layer", torch.randn(7), None, 1e-5))
     with pytest.raises(ValueError, match=r"residual must be \(2, 3\)"):
         linear_small_batch(x, w, gated=True, residual=torch.randn(2, 6))
 
