@@ -131,9 +131,51 @@ def _pointwise_ok(region: dict) -> bool:
     return all(g["rank"] >= 1 for g in region["groups"])
 
 
-def _gemm_parts(region: dict) -> dict | None:
-    """The GEMM region's pieces: head operands, activation, gating, residual; None if unknown."""
+_NORM_OPS = {"dsc::rms_norm.default": "rms", "dsc::layer_norm.default": "layer"}
+
+
+def _prologue(region: dict) -> tuple[dict, dict] | None:
+    """A GEMM region that starts with the norm of its input: (the norm's operands, the region
+    without it). Value numbering is unchanged — the norm's result, value num_inputs, becomes the
+    last input of the shorter region."""
+    norm, n_in = region["ops"][0], region["num_inputs"]
+    kind = _NORM_OPS[norm["op"]]
+    args = norm["args"] + [None] * (4 - len(norm["args"]))
+    if kind == "rms":
+        x, w, eps, out_dtype = args
+        b = None
+        if isinstance(out_dtype, dict) and out_dtype.get("dtype") != region["values"][n_in]["dtype"]:
+            return None
+    else:
+        x, w, b, eps = args
+    if norm["kwargs"] or not isinstance(eps, (int, float)) or _refs([x]) == []:
+        return None
+    refs = [x] + [a for a in (w, b) if a is not None]
+    if any(not isinstance(a, dict) or a.get("ref", n_in) >= n_in for a in refs):
+        return None
+    if region["values"][x["ref"]]["dtype"] != region["values"][n_in]["dtype"]:
+        return None
+    operands = {"kind": kind, "x": x["ref"], "w": w["ref"] if w else None,
+                "b": b["ref"] if b else None, "eps": float(eps)}
+    return operands, {**region, "num_inputs": n_in + 1, "ops": region["ops"][1:]}
+
+
+def _gemm_parts(region: dict, bare: bool = False) -> dict | None:
+    """The GEMM region's pieces: head operands, activation, gating, residual, and a norm
+    prologue; None if unknown. `bare`: a product with no epilogue is accepted (it has a
+    prologue)."""
     ops = region["ops"]
+    if ops and ops[0]["op"] in _NORM_OPS:
+        found = _prologue(region)
+        if found is None:
+            return None
+        norm, rest = found
+        parts = _gemm_parts(rest, bare=True)
+        n_in = region["num_inputs"]
+        # The product must read the norm, and nothing else in the region may.
+        if parts is None or parts["x"] != n_in or parts["residual"] == n_in or parts["transposed"]:
+            return None
+        return {**parts, "norm": norm, "region": rest}
     if not ops or ops[0]["op"] not in ("aten::linear.default", "aten::addmm.default"):
         return None
     head = ops[0]
@@ -154,6 +196,8 @@ def _gemm_parts(region: dict) -> dict | None:
         "activation": None,
         "gated": False,
         "residual": None,
+        "norm": None,
+        "region": region,
     }
     n_in = region["num_inputs"]
     rest = ops[1:]
@@ -190,7 +234,7 @@ def _gemm_parts(region: dict) -> dict | None:
         else:
             return None
         last += 1
-    return parts if rest else None
+    return parts if rest or bare else None
 
 
 def supports(region_json: str) -> bool:
@@ -683,13 +727,15 @@ def _epilogue_region(region: dict, parts: dict) -> tuple[dict, list[str]]:
 def _gemm(region: dict, fn: str, kernel: str) -> tuple[list[str], list[str]]:
     """(imports, source lines) of a GEMM region's launcher and its epilogue kernel."""
     parts = _gemm_parts(region)
-    sub, feeds = _epilogue_region(region, parts)
+    sub, feeds = _epilogue_region(parts["region"], parts)
     lines = _pointwise(sub, f"_{fn}_epilogue", f"{kernel}_epilogue")
     act = repr(parts["activation"])
     bias = f"inputs[{parts['bias']}]" if parts["bias"] is not None else "None"
+    norm = parts["norm"]
     lines += ["", "", f"def {fn}(inputs, region_json=None):"]
     lines.append('    """The GEMM and its epilogue; returns [result] shaped like x[..., N]."""')
-    lines.append(f"    x, weight, bias = inputs[{parts['x']}], inputs[{parts['w']}], {bias}")
+    x_ref = norm["x"] if norm else parts["x"]
+    lines.append(f"    x, weight, bias = inputs[{x_ref}], inputs[{parts['w']}], {bias}")
     if parts["transposed"]:
         lines.append("    weight = weight.t()  # addmm's weight is [K, N]; the kernels read [N, K]")
     lines.append("    lead = x.shape[:-1]")
@@ -705,16 +751,28 @@ def _gemm(region: dict, fn: str, kernel: str) -> tuple[list[str], list[str]]:
         small_batch_args.append("gated=True")
     if parts["residual"] is not None:
         small_batch_args.append("residual=residual")
+    normalise = None  # the norm as its own kernel, where the GEMM cannot take it as a prologue
+    if norm:
+        nw = f"inputs[{norm['w']}]" if norm["w"] is not None else "None"
+        nb = f"inputs[{norm['b']}]" if norm["b"] is not None else "None"
+        small_batch_args.append(f"norm=({norm['kind']!r}, {nw}, {nb}, {norm['eps']!r})")
+        normalise = (f"        x2 = rms_norm(x2.contiguous(), {nw}, {norm['eps']!r})"
+                     if norm["kind"] == "rms" else
+                     f"        x2 = layer_norm(x2.contiguous(), {nw}, {nb}, {norm['eps']!r})")
     lines.append(f"    if rows <= {SMALL_BATCH_ROWS} or (rows <= {EPILOGUE_ROWS} and "
                  f"weight.shape[0] >= {WIDE_N}):")
     lines.append("        # Decode-sized: one kernel streams the weight and applies the epilogue to its sums.")
     lines.append(f"        out = linear_small_batch(x2, weight, bias, {', '.join(small_batch_args)})")
     lines.append(f"    elif rows <= {EPILOGUE_ROWS}:")
     lines.append("        # cuBLAS measured faster here; then one small epilogue kernel.")
+    if normalise:
+        lines.append(normalise)
     lines.append("        y = torch.nn.functional.linear(x2, weight, bias)")
     lines.append(f"        (out,) = _{fn}_epilogue([{', '.join(feeds)}])")
     lines.append("    else:")
     lines.append("        # Tiled GEMM with the epilogue applied to the fp32 accumulator.")
+    if normalise:
+        lines.append(normalise)
     if parts["gated"]:
         lines.append(f"        out = gated_linear(x2, weight, {act})")
     else:
@@ -723,6 +781,7 @@ def _gemm(region: dict, fn: str, kernel: str) -> tuple[list[str], list[str]]:
     lines.append("    return [out.view(*lead, n)]")
     imports = [
         "from dsc.kernels.gemm import gated_linear, linear_fused",
+        "from dsc.kernels.norms import layer_norm, rms_norm",
         "from dsc.kernels.small_batch_gemm import linear_small_batch",
     ]
     return imports, lines

@@ -19,9 +19,14 @@ Matches, GEMM epilogues (what `dsc.kernels.gemm` applies to its accumulator):
     a = dsc.activation(linear(x, W, b), kind)       (or addmm; last-dim-keeping views between)
     a = dsc.residual_add(s, linear(x, W, b))         (optionally after the activation)
 
+and GEMM prologues (an input norm read by nothing but the linear):
+
+    a = linear(dsc.rms_norm(h, g, eps, dtype), W)      (or dsc.layer_norm; then any epilogue)
+
 Rewrite to:
 
     a = dsc.fused_region([x, W, (b), (s)], '{"kind": "gemm", "ops": [linear, ...], ...}')[0]
+    a = dsc.fused_region([h, g, W], '{"kind": "gemm", "ops": [rms_norm, linear, ...], ...}')[0]
 
 Cost rule (what joins a region, and what stays out):
   1. One iteration space per region: its full-size values share one shape, whose last dim is the
@@ -36,10 +41,13 @@ Cost rule (what joins a region, and what stays out):
   3. Stop at GEMMs, attention, collectives, embeddings, views and anything else: their results
      are region inputs; views stay graph nodes (they move no data).
   4. Fold into a GEMM only what a registered GEMM kernel applies to its accumulator:
-     `linear_fused` (bias, activation, residual) and `gated_linear` (act(gate) * up). A residual
-     add whose sum feeds a norm joins the norm's region instead: that is one launch on every GEMM
-     path, since the decode GEMV (small-batch kernel) takes no epilogue and the add would need a
-     kernel of its own.
+     `linear_fused` (bias, activation, residual) and `gated_linear` (act(gate) * up), and as a
+     prologue the input norm the small-batch kernel applies to its rows (at larger row counts
+     the region's launcher runs the norm kernel first; prologues are opt-in,
+     DSC_NORM_PROLOGUE=1, until measured on the GPU). A residual add whose sum feeds a norm
+     that stays a kernel of its own joins that norm's region; when the norm becomes the next
+     GEMM's prologue, the add goes into the producing GEMM's epilogue instead — a Llama layer is
+     then [norm + QKV], rotary, attention, [O + add], [norm + gate/up + SiLU], [down + add].
   5. Independent regions with the same row length whose outputs meet at one consumer (the query
      and key rotary of an attention) launch as one kernel, one group of programs each.
   6. A region with a reduction holds whole rows in registers: rows longer than 65536 stay
@@ -66,6 +74,7 @@ import itertools
 import json
 import math
 import operator
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -338,13 +347,47 @@ def _slice_of(node: Any, source: fx.Node) -> tuple[int, int] | None:
     return start, min(end, width)  # `x[..., n:]` exports with end = 2**63 - 1
 
 
+def prologues_enabled() -> bool:
+    """Norm prologues (rule 4) are built only with DSC_NORM_PROLOGUE=1 until measured on the GPU:
+    they trade the norm's launch for a pass over x in every GEMM program."""
+    return os.environ.get("DSC_NORM_PROLOGUE", "0") == "1"
+
+
+def _prologue_norm(head: Any) -> fx.Node | None:
+    """The dsc norm a linear reads as its only reader: the GEMM applies it as its prologue."""
+    if not prologues_enabled() or not is_op(head, aten.linear) or not _gemm_head(head):
+        return None
+    norm = head.args[0]
+    if not is_op(norm, dsc_ops.rms_norm, dsc_ops.layer_norm) or len(norm.users) != 1:
+        return None
+    if norm.kwargs or not isinstance(norm.args[0], fx.Node) or not _short_rows(norm.args[0]):
+        return None
+    dtype = tensor_meta(head).dtype
+    operands = [a for a in norm.args[1:3] if isinstance(a, fx.Node)]
+    if is_op(norm, dsc_ops.rms_norm):
+        operands = operands[:1]
+    if any(tensor_meta(a) is None or tensor_meta(a).dim() != 1 or tensor_meta(a).dtype != dtype
+           for a in operands):
+        return None
+    eps = norm.args[2] if is_op(norm, dsc_ops.rms_norm) else norm.args[3]
+    if not isinstance(eps, (int, float)):
+        return None
+    same = tensor_meta(norm.args[0]).dtype == tensor_meta(norm).dtype == dtype
+    return norm if same and _float_tensor(norm) else None
+
+
 def _feeds_norm(node: fx.Node, hops: int = 3) -> bool:
+    """True when node's value reaches a norm (through views/casts) that stays a kernel of its
+    own; a norm some GEMM takes as its prologue does not count."""
     frontier = [node]
     for _ in range(hops):
         nxt = []
         for v in frontier:
             for user in v.users:
                 if is_op(user, *_NORMS) and user.args[0] is v:
+                    reader = only_user(user)
+                    if v is node and reader is not None and _prologue_norm(reader) is user:
+                        continue
                     return True
                 if is_op(user, *_VIEWS, aten.clone, aten._to_copy):
                     nxt.append(user)
@@ -415,6 +458,8 @@ def _gemm_region(head: fx.Node) -> _Region | None:
                 and _float_tensor(gated)
             ):
                 members = {head, lo[1], hi[1], gated}
+                if (norm := _prologue_norm(head)) is not None:
+                    members.add(norm)
                 return _Region(members, [_shape(gated)], kind="gemm")
     members, views, last = {head}, [], head
     while (user := only_user(last)) is not None and _keeps_last_dim(user, last):
@@ -441,6 +486,8 @@ def _gemm_region(head: fx.Node) -> _Region | None:
             and tensor_meta(stream).dtype == tensor_meta(add).dtype == tensor_meta(head).dtype
         ):
             members.add(add)
+    if (norm := _prologue_norm(head)) is not None:
+        members.add(norm)
     if len(members) == 1:
         return None
     return _Region(members, [_shape(head)], kind="gemm", views_after=views)
@@ -724,7 +771,8 @@ def _gemm_input(node: fx.Node) -> Any:
         return node.args[1]
     if is_op(node, dsc_ops.fused_region) and json.loads(node.args[1])["kind"] == "gemm":
         first = json.loads(node.args[1])["ops"][0]
-        ref = first["args"][0 if first["op"] == "aten::linear.default" else 1]["ref"]
+        reads_first = ("aten::linear.default", "dsc::rms_norm.default", "dsc::layer_norm.default")
+        ref = first["args"][0 if first["op"] in reads_first else 1]["ref"]
         return node.args[0][ref]
     return None
 
@@ -767,6 +815,7 @@ def _label_regions(graph: fx.Graph) -> None:
         activated = any(
             op in ("dsc::activation.default", "dsc::gated_activation.default")
             for c in consumers
+            if _gemm_input(c) is None  # an activation of this GEMM's output, not another GEMM's
             for op in _region_ops(c)
         )
         if "dsc::activation.default" in ops or "dsc::gated_activation.default" in ops or activated:

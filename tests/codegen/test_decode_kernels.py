@@ -70,7 +70,7 @@ def _per_layer(name: str, fuse: bool) -> Counter:
 
 
 def test_llama_decode_layer_launches_8_kernels_after_fusion():
-    """A Llama decoder layer's decode step: 12 GPU steps unfused, 8 fused.
+    """A Llama decoder layer's decode step: 12 GPU steps unfused, 8 fused (the default).
 
     Unfused: rms_norm, QKV GEMM, rotary q, rotary k, attention, O GEMM, residual add, rms_norm,
     gate/up GEMM, gated activation, down GEMM, residual add.
@@ -87,6 +87,22 @@ def test_llama_decode_layer_launches_8_kernels_after_fusion():
     regions = {op: n for op, n in after.items() if op.startswith("kernel::region_")}
     assert sorted(regions.values()) == [1, 1, 2]  # res+norm twice (one kernel), rotary, up+act
     assert after["cuda::cached_attention"] == 1 and after["cuda::linear_small_batch"] == 3
+
+
+def test_llama_decode_layer_launches_6_kernels_with_norm_prologues(monkeypatch):
+    """With DSC_NORM_PROLOGUE=1: the paper's four regions plus rotary and attention.
+
+    [rms_norm + QKV GEMM] (the norm as the GEMM's prologue), [rotary q + rotary k], attention,
+    [O GEMM + residual add], [rms_norm + gate/up GEMM + gated SiLU], [down GEMM + residual add].
+    """
+    monkeypatch.setenv("DSC_NORM_PROLOGUE", "1")
+    after = _per_layer("tiny-llama", True)
+    assert sum(after.values()) == 6
+    regions = {op: n for op, n in after.items() if op.startswith("kernel::region_")}
+    # norm+QKV, rotary, O+residual and down+residual (one kernel, twice), norm+gate/up+SiLU
+    assert sorted(regions.values()) == [1, 1, 1, 2]
+    assert after["cuda::cached_attention"] == 1 and "cuda::linear_small_batch" not in after
+    assert "dsc::fused_region.default" not in after  # every region has generated code
 
 
 def test_gpt2_decode_layer_launches_7_kernels_after_fusion():

@@ -201,6 +201,42 @@ def test_gemm_residual_epilogue(rows, assert_close):
     )
 
 
+@pytest.mark.parametrize("rows", ROWS)
+def test_gemm_rms_norm_prologue(rows, assert_close, monkeypatch):
+    # The input norm of a QKV projection: one region, the norm as the GEMM's prologue.
+    monkeypatch.setenv("DSC_NORM_PROLOGUE", "1")
+    torch.manual_seed(14)
+
+    def fn(x, nw, w):
+        return F.linear(dsc.rms_norm(x, nw, 1e-6, x.dtype), w)
+
+    check(
+        assert_close,
+        fn,
+        torch.randn(1, rows, 40) * 2,
+        weights={"nw": torch.randn(40), "w": torch.randn(37, 40) * 0.2},
+        tol=1e-4,
+    )
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_gemm_layer_norm_prologue_and_gated_epilogue(rows, assert_close, monkeypatch):
+    monkeypatch.setenv("DSC_NORM_PROLOGUE", "1")
+    torch.manual_seed(15)
+
+    def fn(x, nw, nb, w):
+        up = F.linear(dsc.layer_norm(x, nw, nb, 1e-5), w)
+        return dsc.gated_activation(up[..., :24], up[..., 24:], "silu")
+
+    check(
+        assert_close,
+        fn,
+        torch.randn(rows, 40) + 1,
+        weights={"nw": torch.randn(40), "nb": torch.randn(40), "w": torch.randn(48, 40) * 0.2},
+        tol=1e-4,
+    )
+
+
 def test_addmm_with_views_before_the_activation(assert_close):
     torch.manual_seed(13)
 

@@ -106,6 +106,51 @@ def test_residual_add_joins_the_norm_not_the_gemm_epilogue():
     ]
 
 
+def test_input_norm_becomes_the_gemm_prologue(monkeypatch):
+    monkeypatch.setenv("DSC_NORM_PROLOGUE", "1")  # opt-in until measured on the GPU
+    def before(x, g, w):
+        return F.linear(dsc.rms_norm(x, g, 1e-6, torch.float32), w)
+
+    gm = _fuse(before, torch.randn(3, 8), weights={"g": torch.randn(8), "w": torch.randn(12, 8)})
+    # Expected: the paper's region (1), one node: the GEMM normalises its input rows itself.
+    assert structure(gm) == ["region(gemm)[rms_norm, linear] (x0, g, w) -> 1"]
+
+
+def test_residual_add_goes_to_the_gemm_when_the_norm_it_feeds_is_a_prologue(monkeypatch):
+    monkeypatch.setenv("DSC_NORM_PROLOGUE", "1")
+    def before(x, s, wo, g, wu):
+        h = dsc.residual_add(s, F.linear(x, wo))
+        return h, F.linear(dsc.rms_norm(h, g, 1e-6, torch.float32), wu)
+
+    weights = {"wo": torch.randn(8, 8), "g": torch.randn(8), "wu": torch.randn(12, 8)}
+    gm = _fuse(before, torch.randn(3, 8), torch.randn(3, 8), weights=weights)
+    # Expected: out projection + residual add (region 4), then norm + up projection: two
+    # launches where add + norm would have been a third.
+    assert structure(gm) == [
+        "region(gemm)[linear, residual_add] (x0, wo, x1) -> 1",
+        "region(gemm)[rms_norm, linear] (getitem, g, wu) -> 1",
+    ]
+
+
+def test_norm_read_twice_is_not_a_prologue(monkeypatch):
+    monkeypatch.setenv("DSC_NORM_PROLOGUE", "1")
+    def before(x, g, w1, w2):
+        y = dsc.layer_norm(x, g, None, 1e-5)
+        return F.linear(y, w1), F.linear(y, w2)  # two readers: normalise once, not twice
+
+    weights = {"g": torch.randn(8), "w1": torch.randn(4, 8), "w2": torch.randn(4, 8)}
+    gm = _fuse(before, torch.randn(3, 8), weights=weights)
+    assert structure(gm) == ["region(pointwise)[layer_norm] (x0, g) -> 1", "linear", "linear"]
+
+
+def test_norm_prologue_is_off_by_default():
+    def before(x, g, w):
+        return F.linear(dsc.rms_norm(x, g, 1e-6, torch.float32), w)
+
+    gm = _fuse(before, torch.randn(3, 8), weights={"g": torch.randn(8), "w": torch.randn(12, 8)})
+    assert structure(gm) == ["region(pointwise)[rms_norm] (x0, g) -> 1", "linear"]
+
+
 def test_residual_add_without_a_norm_folds_into_the_gemm():
     def before(x, s, w):
         return dsc.residual_add(s, F.linear(x, w))
@@ -207,7 +252,7 @@ def test_linear_alone_stays_a_linear():
 
 # ---- whole models: the paper's four regions in every layer ------------------------------------
 @functools.cache
-def _model_graph(name: str):
+def _model_graph(name: str, prologues: str = "0"):  # (the env setting is part of the cache key)
     _load_passes()
     t = trace(
         zoo.build(name, init_std=0.3),
@@ -241,9 +286,11 @@ def _layers(node: fx.Node) -> set[int]:
     return found
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
-def test_every_layer_has_the_four_regions(name):
-    gm, expected, got, layers = _model_graph(name)
+@pytest.mark.parametrize("name,prologues", [("tiny-llama", "0"), ("tiny-gpt2", "0"),
+                                             ("tiny-llama", "1")])
+def test_every_layer_has_the_four_regions(name, prologues, monkeypatch):
+    monkeypatch.setenv("DSC_NORM_PROLOGUE", prologues)
+    gm, expected, got, layers = _model_graph(name, prologues)
     assert torch.equal(got, expected)
     labelled = {label: [] for label in LABELS}
     for node in gm.graph.nodes:
@@ -256,11 +303,23 @@ def test_every_layer_has_the_four_regions(name):
         assert set().union(*(_layers(n) for n in labelled[label])) == every, label
     attentions = [n for n in labelled["attention"] if n.target is not dsc.fused_region.default]
     assert len(attentions) == layers
-    assert all(
-        n.meta.get("dsc_region") == "up_act"
-        for n in region_nodes(gm)
-        if json.loads(n.args[1])["kind"] == "gemm"
-    )
+    # GEMM regions: the up projection with its activation; the QKV (and up) projection with its
+    # input norm as prologue; the out/down projections with their residual add.
+    for n in region_nodes(gm):
+        ops = [o["op"] for o in json.loads(n.args[1])["ops"]]
+        if json.loads(n.args[1])["kind"] != "gemm" or not _layers(n):
+            continue  # (the final norm + LM head belongs to no layer and carries no label)
+        if any("activation" in op for op in ops):
+            assert n.meta.get("dsc_region") == "up_act", ops
+        elif "dsc::residual_add.default" in ops:
+            assert n.meta.get("dsc_region") == "down_residual", ops
+        else:
+            assert n.meta.get("dsc_region") == "norm_qkv" and "norm" in ops[0], ops
+            assert prologues == "1"
+    if prologues == "1":  # every layer: [norm + QKV], [O + add], [norm + up + act], [down + add]
+        gemms = [n for n in region_nodes(gm) if json.loads(n.args[1])["kind"] == "gemm"
+                 and _layers(n)]
+        assert len(gemms) == 4 * layers
     if name == "tiny-llama":  # the rotary of q and k: one region per layer, in the attention
         rotary = [
             n
