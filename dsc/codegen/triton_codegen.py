@@ -148,7 +148,7 @@ def _prologue(region: dict) -> tuple[dict, dict] | None:
             return None
     else:
         x, w, b, eps = args
-    if norm["kwargs"] or not isinstance(eps, (int, float)) or _refs([x]) == []:
+    if norm["kwargs"] or not isinstance(eps, (int, float)):
         return None
     refs = [x] + [a for a in (w, b) if a is not None]
     if any(not isinstance(a, dict) or a.get("ref", n_in) >= n_in for a in refs):
@@ -768,7 +768,10 @@ def _gemm(region: dict, fn: str, kernel: str) -> tuple[list[str], list[str]]:
     if normalise:
         lines.append(normalise)
     lines.append("        y = torch.nn.functional.linear(x2, weight, bias)")
-    lines.append(f"        (out,) = _{fn}_epilogue([{', '.join(feeds)}])")
+    if parts["gated"] or parts["activation"] or parts["residual"] is not None:
+        lines.append(f"        (out,) = _{fn}_epilogue([{', '.join(feeds)}])")
+    else:  # a prologue and no epilogue
+        lines.append("        out = y")
     lines.append("    else:")
     lines.append("        # Tiled GEMM with the epilogue applied to the fp32 accumulator.")
     if normalise:

@@ -69,7 +69,7 @@ def _per_layer(name: str, fuse: bool) -> Counter:
     return _decode_launches(name, 2, fuse) - _decode_launches(name, 1, fuse)
 
 
-def test_llama_decode_layer_launches_8_kernels_after_fusion():
+def test_llama_decode_layer_launches_8_kernels_after_fusion(monkeypatch):
     """A Llama decoder layer's decode step: 12 GPU steps unfused, 8 fused (the default).
 
     Unfused: rms_norm, QKV GEMM, rotary q, rotary k, attention, O GEMM, residual add, rms_norm,
@@ -81,6 +81,7 @@ def test_llama_decode_layer_launches_8_kernels_after_fusion():
     (plus the split-key merge when the cache is split). The paper's Deep-Fusion design gives
     about 6-8.
     """
+    monkeypatch.setenv("DSC_NORM_PROLOGUE", "0")
     before, after = _per_layer("tiny-llama", False), _per_layer("tiny-llama", True)
     assert sum(before.values()) == 12
     assert sum(after.values()) == 8

@@ -143,7 +143,9 @@ def test_norm_read_twice_is_not_a_prologue(monkeypatch):
     assert structure(gm) == ["region(pointwise)[layer_norm] (x0, g) -> 1", "linear", "linear"]
 
 
-def test_norm_prologue_is_off_by_default():
+def test_norm_prologue_is_off_by_default(monkeypatch):
+    monkeypatch.delenv("DSC_NORM_PROLOGUE", raising=False)
+
     def before(x, g, w):
         return F.linear(dsc.rms_norm(x, g, 1e-6, torch.float32), w)
 
