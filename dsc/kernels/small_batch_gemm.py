@@ -78,6 +78,32 @@ def _normalize(x, k, mean, rstd, nw_ptr, nb_ptr, K, HAS_NW: tl.constexpr, HAS_NB
 
 
 @triton.jit
+def _accumulate(acc, acc_u, w, u, x, k, mean, rstd, nw_ptr, nb_ptr, K, NORM: tl.constexpr,
+                HAS_NW: tl.constexpr, HAS_NB: tl.constexpr, GATED: tl.constexpr,
+                BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One K step: normalise x if there is a prologue, then add w's (and u's) products.
+
+    x is one row [BLOCK_K] (multiply-adds, one lane per K position) or x^T [BLOCK_K, BLOCK_M]
+    (`tl.dot`); k holds the step's K indices.
+    """
+    if BLOCK_M == 1:
+        if NORM != 0:
+            x = _normalize(x, k, mean, rstd, nw_ptr, nb_ptr, K, HAS_NW, HAS_NB)
+        xv = x.to(tl.float32)[None, :]
+        acc += w.to(tl.float32) * xv
+        if GATED:
+            acc_u += u.to(tl.float32) * xv
+    else:
+        if NORM != 0:
+            x = _normalize(x, k[:, None], mean[None, :], rstd[None, :], nw_ptr, nb_ptr, K,
+                           HAS_NW, HAS_NB)
+        acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
+        if GATED:
+            acc_u = tl.dot(u, x, acc_u, input_precision=DOT_PRECISION)
+    return acc, acc_u
+
+
+@triton.jit
 def _epilogue(acc, acc_u, bias_ptr, res_ptr, rows, cols, mask, stride_rm, stride_rn,
               HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
               GATED: tl.constexpr):
@@ -207,24 +233,11 @@ def _small_batch_gemm_kernel(
     # once and marked evict-first so it does not push reused data out of L2.
     for _ in tl.range(k_lo, k_full, BLOCK_K, num_stages=NUM_STAGES):
         w = tl.load(w_ptrs, eviction_policy="evict_first")
+        u = w
         if GATED:
             u = tl.load(u_ptrs, eviction_policy="evict_first")
-        if BLOCK_M == 1:
-            xv = tl.load(x_ptrs)
-            if NORM != 0:
-                xv = _normalize(xv, k_cur, mean, rstd, nw_ptr, nb_ptr, K, HAS_NW, HAS_NB)
-            xv = xv.to(tl.float32)[None, :]
-            acc += w.to(tl.float32) * xv
-            if GATED:
-                acc_u += u.to(tl.float32) * xv
-        else:
-            xt = tl.load(x_ptrs)
-            if NORM != 0:
-                xt = _normalize(xt, k_cur[:, None], mean[None, :], rstd[None, :], nw_ptr,
-                                nb_ptr, K, HAS_NW, HAS_NB)
-            acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
-            if GATED:
-                acc_u = tl.dot(u, xt, acc_u, input_precision=DOT_PRECISION)
+        acc, acc_u = _accumulate(acc, acc_u, w, u, tl.load(x_ptrs), k_cur, mean, rstd, nw_ptr,
+                                 nb_ptr, K, NORM, HAS_NW, HAS_NB, GATED, BLOCK_M, DOT_PRECISION)
         w_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
@@ -233,24 +246,15 @@ def _small_batch_gemm_kernel(
         # Ragged end of K: one masked step.
         k_ok = (k_full + offs_k) < k_hi
         w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        u = w
         if GATED:
             u = tl.load(u_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
         if BLOCK_M == 1:
-            xv = tl.load(x_ptrs, mask=k_ok, other=0.0)
-            if NORM != 0:
-                xv = _normalize(xv, k_cur, mean, rstd, nw_ptr, nb_ptr, K, HAS_NW, HAS_NB)
-            xv = xv.to(tl.float32)[None, :]
-            acc += w.to(tl.float32) * xv
-            if GATED:
-                acc_u += u.to(tl.float32) * xv
+            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
         else:
-            xt = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
-            if NORM != 0:
-                xt = _normalize(xt, k_cur[:, None], mean[None, :], rstd[None, :], nw_ptr,
-                                nb_ptr, K, HAS_NW, HAS_NB)
-            acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
-            if GATED:
-                acc_u = tl.dot(u, xt, acc_u, input_precision=DOT_PRECISION)
+            x = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
+        acc, acc_u = _accumulate(acc, acc_u, w, u, x, k_cur, mean, rstd, nw_ptr, nb_ptr, K,
+                                 NORM, HAS_NW, HAS_NB, GATED, BLOCK_M, DOT_PRECISION)
 
     # Bring the accumulator to out^T for this block: [BLOCK_N columns, BLOCK_M rows].
     if BLOCK_M == 1:
