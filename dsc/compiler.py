@@ -89,7 +89,9 @@ def compile(model: torch.nn.Module, target: Target | str | dict[str, Any] = "cpu
     decoder = _copy(shared) if _is_decoder(shared) else None
     forward = manager.run(shared, partition(target) + backend(target), program="forward")
     programs = {"forward": lower(forward, "forward", _kernels(forward, "forward", target))}
-    model_facts = {**traced.info.to_dict(), "default_positions": positions}
+    model_facts = {**traced.info.to_dict(), "default_positions": positions,
+                   "stamped_layers": traced.stamped_layers,
+                   "not_stamped_because": traced.not_stamped_because}
     if decoder is not None:
         if "position_ids" not in traced.inputs:
             raise TraceError(

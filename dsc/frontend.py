@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import re
 import traceback
 from dataclasses import dataclass, field
@@ -20,6 +21,13 @@ import torch
 import torch.fx as fx
 
 from dsc.errors import TraceError
+from dsc.repeat_layers import (
+    TRACED_LAYERS,
+    NotRepeatable,
+    cut_to_traced,
+    find_layer_stack,
+    stamp_layers,
+)
 
 __all__ = ["TracedModel", "ModelInfo", "trace", "default_positions", "model_info", "USER_INPUTS"]
 
@@ -27,6 +35,8 @@ __all__ = ["TracedModel", "ModelInfo", "trace", "default_positions", "model_info
 USER_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 _EXAMPLE_BATCH, _EXAMPLE_SEQ = 2, 5
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +63,8 @@ class TracedModel:
     weights: dict[str, torch.Tensor]
     inputs: list[str]
     info: ModelInfo
+    stamped_layers: int = 0  # layers built by copying a traced one (dsc.repeat_layers)
+    not_stamped_because: str = ""  # why a stack of layers was traced whole
 
 
 class _Forward(torch.nn.Module):
@@ -145,12 +157,16 @@ def trace(
     max_batch: int = 64,
     max_seq_len: int = 4096,
     position_ids: bool = False,
+    repeat_layers: bool = True,
 ) -> TracedModel:
     """Export `model` to an aten graph with dynamic batch and sequence dimensions.
 
     position_ids: make positions a graph input (generation needs them: a decode step's position
     is not its index). Without it the model computes its own default positions, as model(...)
     does — which differs between architectures for padded batches.
+    repeat_layers: trace the first layers of a stack of identical layers and copy the last one
+    for the rest (`dsc.repeat_layers`); the model is traced whole where that is not provably the
+    same graph.
     """
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"dsc.compile needs a torch.nn.Module, got {type(model).__name__}.")
@@ -184,6 +200,43 @@ def trace(
         max_seq = min(max_seq, info.max_positions)
     seq_dim = torch.export.Dim("seq", min=1, max=max(max_seq, seq + 1))
     dynamic = tuple({0: batch_dim, 1: seq_dim} for _ in inputs)
+    stack = find_layer_stack(model) if repeat_layers else None
+    gm = weights = None
+    stamped, refused = 0, ""
+    if stack is not None:
+        try:
+            with cut_to_traced(stack):
+                exported = _export(model, wrapper, args, dynamic, inputs, dtype)
+            gm, weights = _lift_weights(exported, inputs, dtype)
+            stamp_layers(gm, weights, stack, dtype)
+            _check_against_model(gm, weights, model, wrapper, args, dtype)
+            stamped = len(stack.layers) - TRACED_LAYERS
+        except NotRepeatable as why:
+            log.info("tracing %s whole: %s", type(model).__name__, why)
+            gm = weights = None
+            refused = str(why)
+    if gm is None:
+        exported = _export(model, wrapper, args, dynamic, inputs, dtype)
+        gm, weights = _lift_weights(exported, inputs, dtype)
+    ids_val = next(n.meta["val"] for n in gm.graph.nodes if n.meta.get("dsc_input") == "input_ids")
+    if not all(isinstance(d, torch.SymInt) for d in ids_val.shape):
+        raise TraceError(
+            f"{type(model).__name__} traced only for input shape {tuple(ids_val.shape)} (its code "
+            "branches on the batch or sequence length); dsc needs a shape-generic graph."
+        )
+    return TracedModel(gm=gm, weights=weights, inputs=inputs, info=info, stamped_layers=stamped,
+                       not_stamped_because=refused)
+
+
+def _export(
+    model: torch.nn.Module,
+    wrapper: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    dynamic: tuple[dict, ...],
+    inputs: list[str],
+    dtype: torch.dtype | None,
+) -> torch.export.ExportedProgram:
+    """torch.export of the wrapper with dynamic batch and sequence, decomposed to aten."""
     try:
         with _cast_parameters(model, dtype), torch.no_grad():
             try:
@@ -199,20 +252,36 @@ def trace(
                              for _ in inputs)
                 exported = torch.export.export(wrapper, args, dynamic_shapes=(auto,),
                                                strict=False)
-            exported = exported.run_decompositions({})
+            return exported.run_decompositions({})
     except Exception as exc:  # export raises many types; all mean "cannot trace"
         raise TraceError(
             f"could not trace {type(model).__name__}: {_op_name(exc)} at {_user_frame(exc)}.\n"
             f"torch.export said: {str(exc).strip().splitlines()[0][:500]}"
         ) from exc
-    gm, weights = _lift_weights(exported, inputs, dtype)
-    ids_val = next(n.meta["val"] for n in gm.graph.nodes if n.meta.get("dsc_input") == "input_ids")
-    if not all(isinstance(d, torch.SymInt) for d in ids_val.shape):
-        raise TraceError(
-            f"{type(model).__name__} traced only for input shape {tuple(ids_val.shape)} (its code "
-            "branches on the batch or sequence length); dsc needs a shape-generic graph."
-        )
-    return TracedModel(gm=gm, weights=weights, inputs=inputs, info=info)
+
+
+def _check_against_model(
+    gm: fx.GraphModule,
+    weights: dict[str, torch.Tensor],
+    model: torch.nn.Module,
+    wrapper: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    dtype: torch.dtype | None,
+) -> None:
+    """Run a stamped graph once on the example input; it must give the model's own output."""
+    user = iter(args)
+    feed = [weights[n.meta["dsc_weight"]] if "dsc_weight" in n.meta else next(user)
+            for n in gm.graph.nodes if n.op == "placeholder"]
+    with _cast_parameters(model, dtype), torch.no_grad():
+        want = wrapper(*args).float()
+        got = gm(*feed)
+    got = (got[0] if isinstance(got, (tuple, list)) else got).float()
+    tolerance = 1e-4 if want.dtype == torch.float32 and dtype in (None, torch.float32) else 2e-2
+    if got.shape != want.shape:
+        raise NotRepeatable(f"stamped graph gives shape {tuple(got.shape)}, the model {tuple(want.shape)}")
+    error = float((got - want).norm() / want.norm().clamp(min=1e-12))
+    if not error <= tolerance:
+        raise NotRepeatable(f"stamped graph differs from the model by {error:.2e} (relative)")
 
 
 def _lift_weights(

@@ -36,6 +36,12 @@ def report(history: list[Any], plan: Any = None) -> str:
             lines.append("-" * (sum(widths) + 8 + 40))
     if plan is not None:
         lines.append("")
+        stamped, layers = plan.model.get("stamped_layers", 0), plan.model.get("num_layers")
+        if stamped:
+            lines.append(f"trace: {layers - stamped} of {layers} layers traced, "
+                         f"{stamped} stamped from the last of them")
+        elif plan.model.get("not_stamped_because"):
+            lines.append(f"trace: whole model ({plan.model['not_stamped_because']})")
         for name, program in plan.programs.items():
             ops: dict[str, int] = {}
             for step in program.steps:
