@@ -339,7 +339,10 @@ def bench_decode(
     return results
 
 
-def bench_flash(gemm_rate: float, configs: dict[str, FlashConfig | None]) -> list[Result]:
+def bench_flash(
+    gemm_rate: float, configs: dict[str, FlashConfig | None], padded: bool = True
+) -> list[Result]:
+    """Causal 2048-token prefill; padded=False times the kernel's no-padding fast path."""
     results = []
     b, h, s, d = 1, 32, 2048, 128
     scale = 1 / math.sqrt(d)
@@ -353,15 +356,16 @@ def bench_flash(gemm_rate: float, configs: dict[str, FlashConfig | None]) -> lis
     flops = 4 * b * h * d * (s * (s + 1) // 2)  # causal: only the attended (i, j) pairs
     t_ref, t_ref_nf = time_calls([partial(_sdpa_causal, *x[:3]) for x in sets])
     for label, cfg in configs.items():
-        err = rel_err(flash_attention(*sets[0], True, scale, config=cfg), want)
-        t_mine, t_mine_nf = time_calls(
-            [partial(flash_attention, *x, True, scale, config=cfg) for x in sets]
-        )
+        run = partial(flash_attention, config=cfg, padded=padded)
+        err = rel_err(run(*sets[0], True, scale), want)
+        t_mine, t_mine_nf = time_calls([partial(run, *x, True, scale) for x in sets])
         tflops = flops / t_mine / 1e9
         pct = 100 * tflops / gemm_rate
         results.append(
             Result(
-                kernel="flash_attention" + ("" if cfg is None else f" [{label}]"),
+                kernel="flash_attention"
+                + ("" if padded else " unpadded")
+                + ("" if cfg is None else f" [{label}]"),
                 shape=f"B={b} H={h} S={s} D={d} causal",
                 ms=t_mine,
                 rate=tflops,
@@ -373,7 +377,7 @@ def bench_flash(gemm_rate: float, configs: dict[str, FlashConfig | None]) -> lis
                 rel_err=err,
                 ms_no_flush=t_mine_nf,
                 torch_ms_no_flush=t_ref_nf,
-                extra=asdict(cfg or FlashConfig()),
+                extra={**asdict(cfg or FlashConfig()), "padded": padded},
             )
         )
     return results
@@ -493,6 +497,9 @@ FLASH_SWEEP = {
     "64x64 w4 s3": FlashConfig(64, 64, 4, 3),
     "64x128 w4 s3": FlashConfig(64, 128, 4, 3),
     "128x64 w8 s4": FlashConfig(128, 64, 8, 4),
+    "64x64 w4 s2": FlashConfig(64, 64, 4, 2),
+    "128x64 w8 s2": FlashConfig(128, 64, 8, 2),
+    "64x128 w4 s2": FlashConfig(64, 128, 4, 2),
 }
 
 GEMM_SWEEP = {
@@ -606,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
         sweep_decode = partial(decode_sweep_configs, sm=sm)
         section("decode:sweep", lambda: record(bench_decode(copy_bw, sm, sweep_decode), "sweep"))
         section("flash:sweep", lambda: record(bench_flash(gemm_rate, FLASH_SWEEP), "sweep"))
+        section("flash:sweep", lambda: record(
+            bench_flash(gemm_rate, {"default": None, **FLASH_SWEEP}, padded=False), "sweep"))
         section("gemm:sweep", lambda: record(bench_gemm(gemm_rate, GEMM_SWEEP), "sweep"))
 
     print_table(results, gpu, copy_bw, gemm_rate)

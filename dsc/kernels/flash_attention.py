@@ -70,21 +70,32 @@ def _attend_block(
     POSITION_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PADDED: tl.constexpr,
+    FULL_D: tl.constexpr,
 ):
     n = n0 + tl.arange(0, BLOCK_N)
     in_range = n < live
-    # Padding mask of these slots (one byte each), as an additive bias: 0 or -inf.
-    ok = tl.load(valid_base + n * stride_mt, mask=in_range, other=0) != 0
-    bias = tl.where(ok, 0.0, float("-inf"))
+    if PADDED:
+        # Padding mask of these slots (one byte each), as an additive bias: 0 or -inf.
+        ok = tl.load(valid_base + n * stride_mt, mask=in_range, other=0) != 0
+        bias = tl.where(ok, 0.0, float("-inf"))
+        load_ok = ok & in_range
+    else:
+        load_ok = in_range
     # K tile [BLOCK_N, D]; padding rows read as zeros (their scores get the -inf bias, and a
     # NaN there would survive the addition).
-    k = tl.load(
-        k_base + n[:, None] * stride_kt + d[None, :] * stride_kd,
-        mask=(ok & in_range)[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    if PADDED or POSITION_MASK or not FULL_D:
+        k = tl.load(
+            k_base + n[:, None] * stride_kt + d[None, :] * stride_kd,
+            mask=load_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+    else:  # a block inside the live length with no padding: every row is real
+        k = tl.load(k_base + n[:, None] * stride_kt + d[None, :] * stride_kd)
     # Scores in base 2 with the padding bias folded into the same multiply-add.
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e + bias[None, :]
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+    if PADDED:
+        qk = qk + bias[None, :]
     if POSITION_MASK:
         allowed = in_range[None, :]
         if CAUSAL:
@@ -99,11 +110,14 @@ def _attend_block(
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     # V tile [BLOCK_N, D]; unattendable slots are zeroed so whatever they hold cannot leak in.
-    v = tl.load(
-        v_base + n[:, None] * stride_vt + d[None, :] * stride_vd,
-        mask=(ok & in_range)[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    if PADDED or POSITION_MASK or not FULL_D:
+        v = tl.load(
+            v_base + n[:, None] * stride_vt + d[None, :] * stride_vd,
+            mask=load_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+    else:
+        v = tl.load(v_base + n[:, None] * stride_vt + d[None, :] * stride_vd)
     # Rescale, then let the tensor cores accumulate P @ V onto it.
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i
@@ -146,6 +160,7 @@ def _flash_attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PADDED: tl.constexpr,
 ):
     # Causal blocks further down the sequence have more keys to visit: start them first so the
     # short ones fill in the tail.
@@ -192,13 +207,13 @@ def _flash_attention_kernel(
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok,
             stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
-            CAUSAL, False, BLOCK_N, DOT_PRECISION,
+            CAUSAL, False, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D,
         )  # fmt: skip
     for n0 in range(full_end, hi, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok,
             stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
-            CAUSAL, True, BLOCK_N, DOT_PRECISION,
+            CAUSAL, True, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D,
         )  # fmt: skip
 
     # Normalise; rows that attended nothing have l = 0 and get zeros.
@@ -220,12 +235,15 @@ def flash_attention(
     *,
     out: Tensor | None = None,
     config: FlashConfig | None = None,
+    padded: bool = True,
 ) -> Tensor:
     """Attention of S query tokens over a KV cache (prefill); see the module docstring.
 
     q [B, Hq, S, D]; k_cache, v_cache [B, Hkv, T, D] (Hq a multiple of Hkv); kv_valid [B, T] bool;
     start: int64 tensor [1] on the device; returns [B, Hq, S, D] in q.dtype. Any strides.
     `out` (q's shape and dtype, any strides) receives the result if given.
+    padded=False promises every slot below start + S is valid (no padding): the kernel then
+    skips the padding mask and loads whole K/V tiles unmasked below the diagonal.
     """
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
     batch, hq, s, d = q.shape
@@ -263,6 +281,7 @@ def flash_attention(
         BLOCK_N=cfg.block_n,
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PADDED=bool(padded),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -179,6 +179,16 @@ def test_flash_attention(case, dtype):
     close(attention(q, k, v, valid, st, causal, scale), out, tol=1e-3)
 
 
+@pytest.mark.parametrize("case", [FLASH_CASES[0], FLASH_CASES[1], FLASH_CASES[3]])
+def test_flash_attention_unpadded_fast_path(case):
+    b, hq, hkv, s, t, d, start, causal = case
+    q, k, v, valid, st = make_cache(b, hq, hkv, s, t, d, start, torch.bfloat16, seed=s, pad=False)
+    scale = 1 / math.sqrt(d)
+    out = flash_attention(q, k, v, valid, st, causal, scale, out=nan_like(q.shape, torch.bfloat16),
+                          padded=False)
+    close(out, attention_reference(q, k, v, valid, st, causal, scale))
+
+
 def test_decode_attention_replays_in_a_cuda_graph():
     # The position lives in device memory: one captured graph serves every decode step.
     b, hq, hkv, t, d = 4, 32, 8, 4096, 128

@@ -40,6 +40,23 @@ def test_matches_reference(s, t, start, causal, assert_close, poisoned):
         assert torch.equal(out[0, :, 0], torch.zeros_like(out[0, :, 0]))
 
 
+@pytest.mark.parametrize("d", [16, 20], ids=["d16", "d20-masked-lanes"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("s,t,start", [(35, 50, 0), (19, 50, 17)], ids=["35", "19@17"])
+def test_unpadded_fast_path_matches_reference(s, t, start, causal, d, assert_close, poisoned):
+    # padded=False: no padding below start + S, so whole tiles load unmasked; slots past the
+    # live length still hold NaN and must stay unread.
+    q, k, v, valid, st = make_inputs(s=s, t=t, start=start, d=d, seed=s + start)
+    valid[:] = True
+    g = torch.Generator().manual_seed(7)
+    live = start + s
+    k[:, :, :live] = torch.randn(k[:, :, :live].shape, generator=g)
+    v[:, :, :live] = torch.randn(v[:, :, :live].shape, generator=g)
+    out = flash_attention(q, k, v, valid, st, causal, 0.3, out=poisoned(q.shape), config=SMALL,
+                          padded=False)
+    assert_close(out, attention_reference(q, k, v, valid, st, causal, 0.3))
+
+
 def test_mqa_odd_head_dim_and_strided(assert_close):
     # One kv head for 3 query heads; D = 20; q and out as transposed [B, S, H, D] views.
     q, k, v, valid, st = make_inputs(b=1, hq=3, hkv=1, s=17, t=24, d=20, start=3, seed=1)
