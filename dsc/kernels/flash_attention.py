@@ -10,6 +10,12 @@ causal diagonal, or inside the live length when not causal) need only the paddin
 few blocks, which the diagonal or the live length cuts, also apply the position masks. Key blocks
 entirely above the diagonal are never loaded, which halves the work of a causal prefill.
 
+Padding costs a third of the time when handled per tile (a mask byte load feeding the K/V load
+masks and the score bias), so there are two loops: `padded=False` — the caller knows there is no
+padding below start + S (`keys_unpadded`) — loads whole K/V tiles unmasked below the diagonal;
+otherwise a program first reads the padding bytes of the keys it will visit, and if none is
+padding its per-tile mask loads are predicated off.
+
 Semantics (shared with `decode_attention`): query i of sequence b sits at slot start + i and may
 attend key slot j iff j < start + S, kv_valid[b, j], and (not causal or j <= start + i). A query
 with no key to attend gets zeros. `start` lives in device memory (an int64 tensor [1]).
@@ -17,6 +23,9 @@ with no key to attend gets zeros. `start` lives in device memory (an int64 tenso
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +40,28 @@ from dsc.kernels.decode_attention import (
     uses_decode_kernel,
 )
 
-__all__ = ["FlashConfig", "attention", "flash_attention"]
+__all__ = ["FlashConfig", "attention", "flash_attention", "keys_unpadded"]
 
 _LOG2E = 1.4426950408889634
+
+
+# Set by `keys_unpadded`: the flash calls inside may assume no padding below start + S.
+_UNPADDED: ContextVar[bool] = ContextVar("dsc_flash_keys_unpadded", default=False)
+
+
+@contextlib.contextmanager
+def keys_unpadded(promise: bool = True) -> Iterator[None]:
+    """Within the block, `flash_attention` may assume kv_valid has no False below start + S.
+
+    The caller checks it once (a prefill whose attention mask is all ones) instead of every
+    layer's kernel reading the mask bytes per tile; with promise=False nothing changes. A wrong
+    promise attends to padding slots, so only code that has just written the mask makes it.
+    """
+    token = _UNPADDED.set(bool(promise))
+    try:
+        yield
+    finally:
+        _UNPADDED.reset(token)
 
 
 @dataclass(frozen=True)
@@ -41,7 +69,7 @@ class FlashConfig:
     """Tile shape and pipelining of the prefill kernel."""
 
     block_m: int = 64
-    block_n: int = 128
+    block_n: int = 64  # 112 KB of shared memory at 3 stages and D = 128: two programs per SM
     num_warps: int = 4
     num_stages: int = 3
 
@@ -72,12 +100,14 @@ def _attend_block(
     DOT_PRECISION: tl.constexpr,
     PADDED: tl.constexpr,
     FULL_D: tl.constexpr,
+    holes,
 ):
     n = n0 + tl.arange(0, BLOCK_N)
     in_range = n < live
     if PADDED:
-        # Padding mask of these slots (one byte each), as an additive bias: 0 or -inf.
-        ok = tl.load(valid_base + n * stride_mt, mask=in_range, other=0) != 0
+        # Padding mask of these slots (one byte each), as an additive bias: 0 or -inf. Not read
+        # at all when this program's keys hold no padding (`holes` = 0).
+        ok = tl.load(valid_base + n * stride_mt, mask=in_range & (holes > 0), other=1) != 0
         bias = tl.where(ok, 0.0, float("-inf"))
         load_ok = ok & in_range
     else:
@@ -161,6 +191,7 @@ def _flash_attention_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PADDED: tl.constexpr,
+    CHECK_BLOCK: tl.constexpr,
 ):
     # Causal blocks further down the sequence have more keys to visit: start them first so the
     # short ones fill in the tail.
@@ -200,6 +231,17 @@ def _flash_attention_kernel(
         full_end = (live // BLOCK_N) * BLOCK_N
         hi = live
 
+    if PADDED:
+        # Is any key this program visits padding? If not, the loop never reads the mask bytes:
+        # their loads are predicated off, so no tile waits on them.
+        holes = 0
+        for c0 in range(0, hi, CHECK_BLOCK):
+            c = c0 + tl.arange(0, CHECK_BLOCK)
+            valid_c = tl.load(valid_base + c * stride_mt, mask=c < hi, other=1)
+            holes += tl.sum((valid_c == 0).to(tl.int32), axis=0)
+    else:
+        holes = 0
+
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -207,13 +249,13 @@ def _flash_attention_kernel(
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok,
             stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
-            CAUSAL, False, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D,
+            CAUSAL, False, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, holes,
         )  # fmt: skip
     for n0 in range(full_end, hi, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok,
             stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
-            CAUSAL, True, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D,
+            CAUSAL, True, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, holes,
         )  # fmt: skip
 
     # Normalise; rows that attended nothing have l = 0 and get zeros.
@@ -235,7 +277,7 @@ def flash_attention(
     *,
     out: Tensor | None = None,
     config: FlashConfig | None = None,
-    padded: bool = True,
+    padded: bool | None = None,
 ) -> Tensor:
     """Attention of S query tokens over a KV cache (prefill); see the module docstring.
 
@@ -243,9 +285,13 @@ def flash_attention(
     start: int64 tensor [1] on the device; returns [B, Hq, S, D] in q.dtype. Any strides.
     `out` (q's shape and dtype, any strides) receives the result if given.
     padded=False promises every slot below start + S is valid (no padding): the kernel then
-    skips the padding mask and loads whole K/V tiles unmasked below the diagonal.
+    skips the padding mask and loads whole K/V tiles unmasked below the diagonal. None (the
+    default) takes the promise from `keys_unpadded` if the caller is inside one, else assumes
+    padding may be present (always correct).
     """
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
+    if padded is None:
+        padded = not _UNPADDED.get()
     batch, hq, s, d = q.shape
     hkv, t = k_cache.shape[1], k_cache.shape[2]
     cfg = config or FlashConfig()
@@ -281,7 +327,8 @@ def flash_attention(
         BLOCK_N=cfg.block_n,
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        PADDED=bool(padded),
+        PADDED=padded,
+        CHECK_BLOCK=1024,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -298,6 +345,7 @@ def attention(
     scale: float,
     *,
     out: Tensor | None = None,
+    padded: bool | None = None,
 ) -> Tensor:
     """The KV-cache attention op of dsc: decode kernel for a few new tokens, flash otherwise.
 
@@ -307,4 +355,5 @@ def attention(
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
     if uses_decode_kernel(q, k_cache):
         return decode_attention(q, k_cache, v_cache, kv_valid, start, causal, scale, out=out)
-    return flash_attention(q, k_cache, v_cache, kv_valid, start, causal, scale, out=out)
+    return flash_attention(q, k_cache, v_cache, kv_valid, start, causal, scale, out=out,
+                           padded=padded)

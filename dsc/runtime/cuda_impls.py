@@ -7,12 +7,26 @@ CUDA graph: no host synchronisation, positions read from device memory.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["IMPLEMENTATIONS", "resolve"]
+__all__ = ["IMPLEMENTATIONS", "resolve", "unpadded_keys"]
+
+
+@contextlib.contextmanager
+def unpadded_keys(promise: bool) -> Iterator[None]:
+    """With promise=True, the attention calls inside may assume no padding below start + S
+    (prefill of a batch whose attention mask is all ones); see flash_attention.keys_unpadded."""
+    if not promise:
+        yield
+        return
+    from dsc.kernels.flash_attention import keys_unpadded
+
+    with keys_unpadded():
+        yield
 
 
 def linear_small_batch(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -64,12 +78,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, causal:
     from dsc.kernels.flash_attention import attention as kernel
 
     batch, _, seq, _ = k.shape
+    padded = None  # the kernel's default: padding possible unless a caller promised otherwise
     if key_valid is None:
         key_valid = torch.ones(batch, seq, dtype=torch.bool, device=q.device)
+        padded = False  # no mask at all: the unmasked loops are right
     start = torch.zeros(1, dtype=torch.int64, device=q.device)
     out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device,
                       dtype=q.dtype).transpose(1, 2)
-    return kernel(q, k, v, key_valid, start, causal, scale, out=out)
+    return kernel(q, k, v, key_valid, start, causal, scale, out=out, padded=padded)
 
 
 def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

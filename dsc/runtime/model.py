@@ -16,6 +16,7 @@ from dsc.runtime import distributed
 from dsc.runtime import generated
 from dsc.runtime.cache import KVCache
 from dsc.runtime.cuda_graphs import GraphedProgram
+from dsc.runtime.cuda_impls import unpadded_keys
 from dsc.runtime.executor import Executor
 from dsc.runtime.generate import GenerationRequest, check_prompt, generate_tokens
 
@@ -124,7 +125,10 @@ class CompiledModel:
         program = self.executors["prefill"]
         feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
                 **cache.inputs(ids.shape[0], start=0)}
-        (logits,) = program(**{k: feed[k] for k in program.program.inputs})
+        # The cache was just reset to this mask from slot 0: without padding in it, prefill
+        # attention may skip the padding checks (checked once here, not per layer and tile).
+        with unpadded_keys(self.device.type == "cuda" and bool(mask.all())):
+            (logits,) = program(**{k: feed[k] for k in program.program.inputs})
         return logits[:, -1]
 
     def _decode(self, token, positions, slot: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsc.kernels.flash_attention import FlashConfig, attention, flash_attention
+from dsc.kernels.flash_attention import FlashConfig, attention, flash_attention, keys_unpadded
 from dsc.kernels.reference import attention_reference
 
 SMALL = FlashConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
@@ -44,8 +44,8 @@ def test_matches_reference(s, t, start, causal, assert_close, poisoned):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("s,t,start", [(35, 50, 0), (19, 50, 17)], ids=["35", "19@17"])
 def test_unpadded_fast_path_matches_reference(s, t, start, causal, d, assert_close, poisoned):
-    # padded=False: no padding below start + S, so whole tiles load unmasked; slots past the
-    # live length still hold NaN and must stay unread.
+    # padded=False (no padding below start + S): whole tiles load unmasked; slots past the live
+    # length still hold NaN and must stay unread.
     q, k, v, valid, st = make_inputs(s=s, t=t, start=start, d=d, seed=s + start)
     valid[:] = True
     g = torch.Generator().manual_seed(7)
@@ -55,6 +55,23 @@ def test_unpadded_fast_path_matches_reference(s, t, start, causal, d, assert_clo
     out = flash_attention(q, k, v, valid, st, causal, 0.3, out=poisoned(q.shape), config=SMALL,
                           padded=False)
     assert_close(out, attention_reference(q, k, v, valid, st, causal, 0.3))
+    # The same promise made by a caller's context instead of the argument.
+    with keys_unpadded():
+        again = flash_attention(q, k, v, valid, st, causal, 0.3, config=SMALL)
+    assert_close(again, out)
+
+
+def test_padded_and_unpadded_sequences_in_one_batch(assert_close, poisoned):
+    # Sequence 0 is left-padded (its programs take the masked loops), sequence 1 is not.
+    q, k, v, valid, st = make_inputs(s=35, t=50, start=0, seed=3)
+    valid[:] = True
+    valid[0, :6] = False
+    k[:, :, :35] = torch.randn(k[:, :, :35].shape, generator=torch.Generator().manual_seed(4))
+    v[:, :, :35] = torch.randn(v[:, :, :35].shape, generator=torch.Generator().manual_seed(5))
+    k[0, :, :6] = float("nan")  # padding slots may hold anything
+    v[0, :, :6] = float("nan")
+    out = flash_attention(q, k, v, valid, st, True, 0.3, out=poisoned(q.shape), config=SMALL)
+    assert_close(out, attention_reference(q, k, v, valid, st, True, 0.3))
 
 
 def test_mqa_odd_head_dim_and_strided(assert_close):
