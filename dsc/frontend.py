@@ -211,10 +211,13 @@ def trace(
             stamp_layers(gm, weights, stack, dtype)
             _check_against_model(gm, weights, model, wrapper, args, dtype)
             stamped = len(stack.layers) - TRACED_LAYERS
-        except NotRepeatable as why:
+        except Exception as why:  # noqa: BLE001 — any failure here only costs the shortcut
+            # NotRepeatable says why the layers differ; a model whose code insists on its full
+            # depth (a TraceError from the cut export) or anything unforeseen falls back too.
             log.info("tracing %s whole: %s", type(model).__name__, why)
             gm = weights = None
-            refused = str(why)
+            refused = str(why) if isinstance(why, NotRepeatable) else (
+                f"{type(why).__name__}: {str(why).splitlines()[0] if str(why) else ''}")
     if gm is None:
         exported = _export(model, wrapper, args, dynamic, inputs, dtype)
         gm, weights = _lift_weights(exported, inputs, dtype)

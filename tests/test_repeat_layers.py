@@ -160,3 +160,25 @@ def test_the_stack_is_the_layers_not_a_longer_list_inside_them():
     assert traced.stamped_layers == 2
     ids = torch.randint(0, 50, (2, 4))
     torch.testing.assert_close(_run(traced, ids), model(ids), rtol=1e-6, atol=1e-6)
+
+
+class _DepthCheckingModel(_TokenModel):
+    """Refuses to run with fewer layers than it was built with (as some model code does)."""
+
+    def __init__(self):
+        super().__init__(_Block)
+        self.depth = len(self.layers)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if len(self.layers) != self.depth:
+            raise RuntimeError(f"expected {self.depth} layers")
+        return super().forward(input_ids)
+
+
+def test_a_model_that_refuses_the_cut_is_traced_whole():
+    model = _DepthCheckingModel().eval()
+    traced = trace(model, **LIMITS)
+    assert traced.stamped_layers == 0
+    assert "TraceError" in traced.not_stamped_because
+    ids = torch.randint(0, 50, (2, 4))
+    torch.testing.assert_close(_run(traced, ids), model(ids), rtol=1e-6, atol=1e-6)
