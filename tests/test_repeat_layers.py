@@ -34,7 +34,8 @@ def _run(traced, ids: torch.Tensor, positions: torch.Tensor | None = None) -> to
 
 @pytest.mark.parametrize(
     "name,key", [("tiny-llama", "num_hidden_layers"), ("tiny-gpt2", "n_layer"),
-                 ("tiny-mixtral", "num_hidden_layers")]
+                 ("tiny-mixtral", "num_hidden_layers"), ("tiny-opt", "num_hidden_layers"),
+                 ("tiny-bert", "num_hidden_layers")]
 )
 def test_stamped_trace_is_the_whole_trace(name, key):
     model = zoo.build(name, init_std=0.3, **{key: 6})
