@@ -10,11 +10,12 @@ causal diagonal, or inside the live length when not causal) need only the paddin
 few blocks, which the diagonal or the live length cuts, also apply the position masks. Key blocks
 entirely above the diagonal are never loaded, which halves the work of a causal prefill.
 
-Padding costs a third of the time when handled per tile (a mask byte load feeding the K/V load
-masks and the score bias), so there are two loops: `padded=False` — the caller knows there is no
-padding below start + S (`keys_unpadded`) — loads whole K/V tiles unmasked below the diagonal;
-otherwise a program first reads the padding bytes of the keys it will visit, and if none is
-padding its per-tile mask loads are predicated off.
+Padding costs about a third of the time when handled per tile (a mask byte load feeding the K/V
+load masks and the score bias; bench/NOTES-kernels.md), so the kernel is compiled in two
+variants: with `padded=False` — the caller knows there is no padding below start + S
+(`keys_unpadded`) — it loads whole K/V tiles unmasked below the diagonal; otherwise a program
+first reads the padding bytes of the keys it will visit, and if none is padding its per-tile
+mask loads are predicated off.
 
 Semantics (shared with `decode_attention`): query i of sequence b sits at slot start + i and may
 attend key slot j iff j < start + S, kv_valid[b, j], and (not causal or j <= start + i). A query
