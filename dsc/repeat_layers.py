@@ -14,7 +14,8 @@ graph of the remaining layers by copying the last traced layer's nodes:
 It applies only where that is provably the same graph: a ModuleList of at least
 `TRACED_LAYERS + 1` distinct modules of one class whose parameters, buffers and plain attributes
 agree (`layer_idx` aside); L1 and L2 must be the same op sequence with the same constants, reading
-the same shared values (rotary tables, masks) and their own weights, and L2 may read L1 only.
+the same shared values (rotary tables, masks) and their own weights, and L2 must read from L1
+what L1 read from L0.
 A layer whose code bakes its index into the graph (a scale of 1 / (layer_idx + 1), a constant
 made per layer) makes L1 and L2 differ and the model is traced whole. Last, the stamped graph is
 run once on the example input against the model itself.
@@ -30,7 +31,8 @@ import torch
 import torch.fx as fx
 
 __all__ = [
-    "LayerStack", "NotRepeatable", "TRACED_LAYERS", "cut_to_traced", "find_layer_stack", "stamp_layers",
+    "LayerStack", "NotRepeatable", "TRACED_LAYERS", "cut_to_traced", "find_layer_stack",
+    "stamp_layers",
 ]
 
 TRACED_LAYERS = 3  # layer 0 may differ from the rest; L1 -> L2 is the step that gets repeated
@@ -237,7 +239,10 @@ def _check_repeat(
                     for local, node in named.items()}
 
     def same(a: Any, b: Any) -> bool:
+        """Does argument b of a `last` node play the role argument a plays in `before`?"""
         if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+            if a in in_previous:  # from inside the layer: the corresponding node
+                return b is template[in_previous[a]]
             if a is b:  # shared by every layer (tables, masks, sizes computed once)
                 return a not in weight_local
             if a in in_earlier:
@@ -246,8 +251,8 @@ def _check_repeat(
                 # matched counting from the layer's end.
                 return (b in in_previous and a.target == b.target
                         and len(earlier) - in_earlier[a] == len(previous) - in_previous[b])
-            if a in weight_local:  # its own weight, the same one of the next layer
-                (layer_a, local_a), (layer_b, local_b) = weight_local[a], weight_local.get(b, (0, ""))
+            if a in weight_local and b in weight_local:  # its own weight, the next layer's
+                (layer_a, local_a), (layer_b, local_b) = weight_local[a], weight_local[b]
                 return (layer_a, layer_b, local_a) == (before, last, local_b)
             return False
         if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
@@ -258,21 +263,10 @@ def _check_repeat(
             return False
         return type(a) is type(b) and a == b
 
-    position = {node: i for i, node in enumerate(previous)}
     for p, t in zip(previous, template):
         if p.target != t.target:
             raise NotRepeatable(f"layer {last} runs {t.target} where layer {before} ran {p.target}")
-        # Within a layer, an argument from the same layer must be the corresponding node.
-        def same_inside(a: Any, b: Any) -> bool:
-            if isinstance(a, fx.Node) and a in position:
-                return isinstance(b, fx.Node) and b is template[position[a]]
-            if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-                return len(a) == len(b) and all(same_inside(x, y) for x, y in zip(a, b))
-            if isinstance(a, dict) and isinstance(b, dict):
-                return a.keys() == b.keys() and all(same_inside(a[k], b[k]) for k in a)
-            return same(a, b)
-
-        if not (same_inside(p.args, t.args) and same_inside(p.kwargs, t.kwargs)):
+        if not (same(p.args, t.args) and same(p.kwargs, t.kwargs)):
             raise NotRepeatable(f"layer {last}'s {t.name} differs from layer {before}'s {p.name}")
 
 
