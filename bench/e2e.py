@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dsc  # noqa: E402
 from dsc import zoo  # noqa: E402
+from dsc.kernels import pdl  # noqa: E402
 
 DTYPES = {
     "llama-7b": torch.bfloat16,
@@ -74,7 +76,9 @@ def hf_generate(model, ids):
     return run
 
 
-def bench_model(name: str, batch: int, bandwidth: float, with_compile: bool, prefill: bool) -> dict:
+def bench_model(
+    name: str, batch: int, bandwidth: float, with_compile: bool, prefill: bool, ab_env: str = ""
+) -> dict:
     dtype = DTYPES[name]
     model = zoo.build(name, dtype=dtype, device="cuda")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -90,6 +94,7 @@ def bench_model(name: str, batch: int, bandwidth: float, with_compile: bool, pre
         "weight_gb": weight_bytes / 1e9,
         "copy_gbps": bandwidth / 1e9,
         "floor_ms": floor * 1e3,
+        "dsc_pdl": pdl.enabled(torch.device("cuda")),
     }
 
     with torch.no_grad():
@@ -112,6 +117,36 @@ def bench_model(name: str, batch: int, bandwidth: float, with_compile: bool, pre
 
         row["dsc_ms"] = per_token(dsc_run) * 1e3
         row["dsc_over_floor"] = row["dsc_ms"] / row["floor_ms"]
+        if ab_env:
+            # A/B in one process: a second compile under the other setting, then both timed
+            # again, alternating, so drift of the card or host hits both alike.
+            name_b, value_b = ab_env.split("=", 1)
+            saved = os.environ.get(name_b)
+            os.environ[name_b] = value_b
+            try:
+                compiled_b = dsc.compile(model, target)
+                compiled_b.generate(ids, max_new_tokens=1, eos_token_id=[])
+            finally:
+                if saved is None:
+                    del os.environ[name_b]
+                else:
+                    os.environ[name_b] = saved
+
+            def dsc_run_b(n):
+                compiled_b.generate(ids, max_new_tokens=n, eos_token_id=[])
+
+            a_times, b_times = [row["dsc_ms"]], []
+            for _ in range(2):
+                b_times.append(per_token(dsc_run_b) * 1e3)
+                a_times.append(per_token(dsc_run) * 1e3)
+            row["ab_env"] = ab_env
+            row["dsc_ms_a_runs"] = a_times
+            row["dsc_ms_b_runs"] = b_times
+            row["dsc_ms_b"] = statistics.median(b_times)
+            row["dsc_ms"] = statistics.median(a_times)
+            row["dsc_over_floor"] = row["dsc_ms"] / row["floor_ms"]
+            row["dsc_b_over_floor"] = row["dsc_ms_b"] / row["floor_ms"]
+            del compiled_b
 
         # Correctness on the GPU: first-step logits against HF in the same dtype.
         ref = model(ids[:1, :32]).logits[:, -1].float()
@@ -190,6 +225,11 @@ def main() -> None:
         "--prefill", default="llama-7b", help="models that also time 2048-token prefill"
     )
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--ab-env", default="", metavar="NAME=VALUE",
+        help="also compile dsc with this environment setting and time both, alternating "
+        "(e.g. DSC_PDL=0); reported as dsc_ms_b",
+    )
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
@@ -200,7 +240,9 @@ def main() -> None:
     for spec in args.models.split(","):
         name, batch = spec.split(":")
         first_of_model = name in args.prefill.split(",") and int(batch) == 1
-        row = bench_model(name, int(batch), bandwidth, not args.no_compile, first_of_model)
+        row = bench_model(
+            name, int(batch), bandwidth, not args.no_compile, first_of_model, args.ab_env
+        )
         rows.append(row)
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -583,7 +583,10 @@ def _pointwise(region: dict, fn: str, kernel: str) -> list[str]:
         params += [f"g{g}_o{k}_s{j}" for k in outs[g] for j in range(ranks[g])]
 
     lines = ["@triton.jit", f"def {kernel}("]
-    lines += [f"    {p}," for p in params] + ["    BLOCK: tl.constexpr,", "):"]
+    lines += [f"    {p}," for p in params]
+    lines += ["    BLOCK: tl.constexpr,", "    USE_PDL: tl.constexpr,", "):"]
+    # The kernel boundary with the previous launch (dsc.kernels.pdl) comes before any load.
+    lines.append("    pdl.wait_and_release(USE_PDL)")
     lines.append("    pid = tl.program_id(0)")
     if whole_rows:
         lines.append("    # One program owns a whole row: reductions happen in registers.")
@@ -667,7 +670,8 @@ def _pointwise(region: dict, fn: str, kernel: str) -> list[str]:
         start = f"{start} + g{g}_rows" if start != "0" else f"g{g}_rows"
     lines.append(f"    {kernel}[grid](")
     lines += [f"        {a}," for a in args]
-    lines += ["        BLOCK=BLOCK,", "        num_warps=warps,", "    )"]
+    lines += ["        BLOCK=BLOCK,", "        num_warps=warps,"]
+    lines += ["        **pdl.launch_options(device),", "    )"]
     lines.append(f"    return [{outputs}]")
     return lines
 
@@ -834,6 +838,8 @@ def generate(region_json: str) -> str:
         "import torch",
         "import triton",
         "import triton.language as tl",
+        "",
+        "from dsc.kernels import pdl",
         *imports,
     ]
     return "\n".join(header) + "\n\n" + _HELPERS + "\n\n" + "\n".join(body) + "\n"

@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from dsc.kernels import pdl
+
 __all__ = ["gated_activation"]
 
 _KINDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
@@ -19,7 +21,8 @@ _KINDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 @triton.jit
 def _gated_kernel(gate_ptr, up_ptr, out_ptr, F, s_gate, s_up, s_out,
-                  KIND: tl.constexpr, BLOCK: tl.constexpr):
+                  KIND: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl.wait_and_release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < F
@@ -52,6 +55,6 @@ def gated_activation(gate: Tensor, up: Tensor, kind: str, *, out: Tensor | None 
     block = min(1024, triton.next_power_of_2(width))
     _gated_kernel[(g2.shape[0], triton.cdiv(width, block))](
         g2, u2, o2, width, g2.stride(0), u2.stride(0), o2.stride(0),
-        KIND=_KINDS[kind], BLOCK=block,
+        KIND=_KINDS[kind], BLOCK=block, **pdl.launch_options(gate.device),
     )
     return out

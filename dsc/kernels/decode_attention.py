@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from dsc.kernels import pdl
+
 __all__ = [
     "DecodeConfig", "check_attention_inputs", "decode_attention", "pick_decode_config",
     "uses_decode_kernel",
@@ -103,7 +105,9 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait_and_release(USE_PDL)
     pid_split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -240,7 +244,9 @@ def _decode_combine_kernel(
     HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLITS_P2: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait_and_release(USE_PDL)
     row = tl.program_id(0)  # (b * HQ + h) * S + s
     b = row // (HQ * S)
     h = (row // S) % HQ
@@ -483,6 +489,7 @@ def decode_attention(
         DOT_PRECISION=precision,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **pdl.launch_options(q.device),
     )
     if splits > 1:
         _decode_combine_kernel[(batch * hq * s,)](
@@ -500,5 +507,6 @@ def decode_attention(
             BLOCK_D=block_d,
             SPLITS_P2=triton.next_power_of_2(splits),
             num_warps=4,
+            **pdl.launch_options(q.device),
         )
     return out

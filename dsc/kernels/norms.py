@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from dsc.kernels import pdl
+
 __all__ = ["layer_norm", "rms_norm"]
 
 _MAX_ROW = 65536  # elements of one row held in registers by one program
@@ -44,7 +46,9 @@ def _norm_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait_and_release(USE_PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
@@ -189,6 +193,7 @@ def _norm(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=num_warps or warps,
+        **pdl.launch_options(x.device),
     )
     return out if residual is None else (out, h)
 

@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from dsc.kernels import pdl
+
 __all__ = ["rotary"]
 
 
@@ -28,7 +30,9 @@ def _rotary_kernel(
     ssb, ssh, sss, ssd,
     sob, soh, sos, sod,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait_and_release(USE_PDL)
     row = tl.program_id(0)
     s = row % S
     h = (row // S) % H
@@ -73,5 +77,6 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, *, out: Tensor | None = None) ->
         x, cos, sin, out, heads, seq, half,
         *x.stride(), *cos.stride(), *sin.stride(), *out.stride(),
         BLOCK=triton.next_power_of_2(half),
+        **pdl.launch_options(x.device),
     )
     return out

@@ -24,7 +24,6 @@ autotuning, so a first call never stalls and the interpreter runs the same code 
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from triton.language.extra.cuda import gdc_wait
-
+from dsc.kernels import pdl
 from dsc.kernels.gemm import ACTIVATIONS, _apply_activation
 
 __all__ = ["SmallBatchConfig", "linear_small_batch", "pick_config"]
@@ -54,13 +52,6 @@ class SmallBatchConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Ask for the cache lines at ptrs to be brought into L2 (no registers, no wait)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -185,13 +176,13 @@ def _small_batch_gemm_kernel(
         x_ptrs = x_ptr + rows_x[None, :] * stride_xm + (k_lo + offs_k)[:, None] * stride_xk
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_u = tl.zeros_like(acc)
-    if USE_PDL:
-        # Launched before the previous kernel finished (programmatic dependent launch): pull this
-        # program's first weight tiles toward L2 — weights never depend on earlier kernels —
-        # then wait for the previous kernel, whose output x may be, before touching x or out.
+    if USE_PDL and BLOCK_K >= 64:
+        # Placed before the previous kernel finished (dsc.kernels.pdl): pull this program's first
+        # weight tiles toward L2 — weights never depend on earlier kernels — before waiting for
+        # the previous kernel, whose output x may be.
         lines = rows_w[:, None] * stride_wn + (k_lo + tl.arange(0, BLOCK_K // 64) * 64)[None, :]
-        _prefetch_l2(w_ptr + lines * stride_wk)
-        gdc_wait()
+        pdl.prefetch_l2(w_ptr + lines * stride_wk)
+    pdl.wait_and_release(USE_PDL)
 
     if NORM != 0:
         # Norm prologue: this program's rows' statistics over all of K (x is a few KB and stays
@@ -296,7 +287,9 @@ def _split_k_reduce_kernel(
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait_and_release(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     row = offs // N
@@ -323,14 +316,6 @@ def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: few programs keep tests fast
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _pdl_enabled(device: torch.device) -> bool:
-    """Programmatic dependent launch: Hopper or newer, not the interpreter, DSC_PDL=1 (off by
-    default until measured end to end)."""
-    if device.type != "cuda" or os.environ.get("DSC_PDL", "0") != "1":
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def pick_config(m: int, n: int, k: int, sm_count: int) -> SmallBatchConfig:
@@ -467,7 +452,6 @@ def linear_small_batch(
     epilogue = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                     ACTIVATION=activation, GATED=gated)
     grid = (triton.cdiv(n, cfg.block_n), split_k, triton.cdiv(m, cfg.block_m))
-    pdl = _pdl_enabled(x.device) and cfg.block_k % 64 == 0
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     _small_batch_gemm_kernel[grid](
         x,
@@ -498,13 +482,12 @@ def linear_small_batch(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         NUM_STAGES=cfg.num_stages,
-        USE_PDL=pdl,
         NORM={None: 0, "rms": 1, "layer": 2}[norm_kind],
         HAS_NW=norm_w is not None,
         HAS_NB=norm_b is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        **({"launch_pdl": True} if pdl else {}),
+        **pdl.launch_options(x.device),
     )
     if split_k > 1:
         block = 1024
@@ -523,5 +506,6 @@ def linear_small_batch(
             **epilogue,
             BLOCK=block,
             num_warps=4,
+            **pdl.launch_options(x.device),
         )
     return out

@@ -218,3 +218,46 @@ def test_small_batch_gemm_replays_in_a_cuda_graph():
         x.normal_()
         graph.replay()
         close(out, linear_reference(x, w))
+
+
+def test_dependent_chain_in_a_cuda_graph_sees_each_predecessor():
+    # Each kernel is placed while its predecessor runs (dsc.kernels.pdl, on by default on
+    # Hopper) and must still read that predecessor's finished output: 24 norm -> GEMV -> decode
+    # attention links, each reading what the last wrote, replayed with fresh inputs, against
+    # the same chain in torch.
+    from dsc.kernels import pdl
+
+    torch.manual_seed(0)
+    hidden, links, t, d = 1024, 24, 256, 64
+    weights = [torch.randn(hidden, hidden, device="cuda") / math.sqrt(hidden) for _ in range(links)]
+    norm_w = torch.rand(hidden, device="cuda") + 0.5
+    x = torch.randn(1, hidden, device="cuda")
+    k = torch.randn(1, hidden // d, t, d, device="cuda")
+    v = torch.randn(1, hidden // d, t, d, device="cuda")
+    valid = torch.ones(1, t, dtype=torch.bool, device="cuda")
+    st = torch.tensor([t - 1], device="cuda")
+
+    def chain(kernels: bool) -> torch.Tensor:
+        h = x
+        for w in weights:
+            if kernels:
+                h = linear_small_batch(rms_norm(h, norm_w, 1e-6), w)
+                q = h.view(1, hidden // d, 1, d)
+                h = decode_attention(q, k, v, valid, st, True, 0.125).reshape(1, hidden) + h
+            else:
+                h = rms_norm_reference(h, norm_w, 1e-6) @ w.T
+                q = h.view(1, hidden // d, 1, d)
+                h = attention_reference(q, k, v, valid, st, True, 0.125).reshape(1, hidden) + h
+        return h
+
+    chain(True)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(True)
+    for _ in range(3):
+        x.normal_()
+        graph.replay()
+        close(out, chain(False), tol=1e-4)
+    assert pdl.enabled(x.device) == (torch.cuda.get_device_capability()[0] >= 9
+                                     and os.environ.get("DSC_PDL", "1") != "0")

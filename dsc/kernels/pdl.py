@@ -1,0 +1,72 @@
+"""Programmatic dependent launch (PDL): start the next kernel while this one finishes.
+
+A decode step is a chain of ~9 short kernels per layer, each a few microseconds long, and on a
+Hopper GPU every boundary costs 1–3 µs: the kernel drains, the next is launched, its programs
+are placed on the SMs and wait for their first loads. PDL lets a kernel's programs be placed
+while its predecessor still runs. The protocol, in every kernel of the chain:
+
+1. work that reads nothing an earlier kernel wrote (prefetching a weight into L2) may run first;
+2. `wait` (`griddepcontrol.wait`) blocks until the predecessor grid has completed and its
+   writes are visible — it is the kernel boundary, moved inside the kernel;
+3. `release` (`griddepcontrol.launch_dependents`) then lets the *next* kernel be placed.
+
+Releasing only after waiting keeps at most two kernels of the chain resident at a time (one
+working, one waiting) instead of letting every kernel of the graph pile onto the SMs. Every
+program calls `wait` unconditionally before anything else that reads or writes activations: a
+kernel then cannot complete before its predecessor has, so the usual stream order holds
+transitively down the chain, for kernels that were launched the ordinary way too.
+
+Launched without the PDL attribute (torch kernels, the interpreter, a GPU before Hopper) the
+instructions are never emitted (`USE_PDL` is a compile-time constant). `DSC_PDL=0` turns the
+whole mechanism off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+__all__ = ["enabled", "launch_options", "wait_and_release", "prefetch_l2"]
+
+
+@functools.cache
+def _hopper_or_newer(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def enabled(device: torch.device) -> bool:
+    """Use PDL on this device: a CUDA GPU of compute capability 9.0 or newer, not the Triton
+    interpreter, and DSC_PDL not set to 0."""
+    if device.type != "cuda" or os.environ.get("DSC_PDL", "1") == "0":
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    return _hopper_or_newer(device.index if device.index is not None else 0)
+
+
+def launch_options(device: torch.device) -> dict:
+    """Keyword arguments for a Triton launch: `USE_PDL` for the kernel, and the launch attribute
+    when it is on."""
+    if enabled(device):
+        return {"USE_PDL": True, "launch_pdl": True}
+    return {"USE_PDL": False}
+
+
+@triton.jit
+def wait_and_release(USE_PDL: tl.constexpr):
+    """Wait for the previous kernel of the stream, then let the next one be placed."""
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask for the cache lines at ptrs to be brought into L2 (no registers, no wait)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)

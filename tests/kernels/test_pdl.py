@@ -1,0 +1,20 @@
+"""When programmatic dependent launch is used (dsc.kernels.pdl); its ordering is checked on the
+GPU in tests/gpu/test_kernels_gpu.py."""
+
+import torch
+
+from dsc.kernels import pdl
+
+
+def test_pdl_is_off_on_the_cpu_and_under_the_interpreter(monkeypatch):
+    assert not pdl.enabled(torch.device("cpu"))
+    assert pdl.launch_options(torch.device("cpu")) == {"USE_PDL": False}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # The interpreter cannot run griddepcontrol, whatever device the tensors claim.
+    assert not pdl.enabled(torch.device("cuda", 0))
+
+
+def test_dsc_pdl_0_turns_it_off(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("DSC_PDL", "0")
+    assert pdl.launch_options(torch.device("cuda", 0)) == {"USE_PDL": False}
