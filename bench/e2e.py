@@ -2,7 +2,8 @@
 
 Random weights at real shapes; prompt 128 tokens, 64 new tokens, greedy; decode time per token =
 (time for N new tokens - time for 1) / (N - 1), median of 3. The floor is the model's weight bytes
-over the device copy bandwidth measured in this run. Prints a table; writes JSON lines.
+over the device copy bandwidth measured in this run. `graph` is the GPU time of one decode step
+alone: its captured CUDA graph replayed back to back. Prints a table; writes JSON lines.
 
     python bench/e2e.py --models llama-7b:1,llama-7b:16 --out bench/results/e2e.jsonl
 """
@@ -69,6 +70,23 @@ def per_token(generate, reps: int = 3) -> float:
     return (full - one) / (NEW - 1)
 
 
+def graph_step_ms(graph: torch.cuda.CUDAGraph, reps: int = 200) -> float:
+    """GPU time of one decode step: the captured step replayed back to back (no host work
+    between steps), median of 3 batches of `reps`."""
+    for _ in range(10):
+        graph.replay()
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
 def hf_generate(model, ids):
     def run(n):
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -117,6 +135,7 @@ def bench_model(
 
         row["dsc_ms"] = per_token(dsc_run) * 1e3
         row["dsc_over_floor"] = row["dsc_ms"] / row["floor_ms"]
+        row["dsc_graph_step_ms"] = graph_step_ms(compiled.decode_graph(batch))
         if ab_env:
             # A/B in one process: a second compile under the other setting, then both timed
             # again, alternating, so drift of the card or host hits both alike.
@@ -136,9 +155,16 @@ def bench_model(
                 compiled_b.generate(ids, max_new_tokens=n, eos_token_id=[])
 
             a_times, b_times = [row["dsc_ms"]], []
+            a_graph, b_graph = [row["dsc_graph_step_ms"]], []
             for _ in range(2):
                 b_times.append(per_token(dsc_run_b) * 1e3)
+                b_graph.append(graph_step_ms(compiled_b.decode_graph(batch)))
                 a_times.append(per_token(dsc_run) * 1e3)
+                a_graph.append(graph_step_ms(compiled.decode_graph(batch)))
+            row["dsc_graph_step_ms_a_runs"] = a_graph
+            row["dsc_graph_step_ms_b_runs"] = b_graph
+            row["dsc_graph_step_ms"] = statistics.median(a_graph)
+            row["dsc_graph_step_ms_b"] = statistics.median(b_graph)
             row["ab_env"] = ab_env
             row["dsc_ms_a_runs"] = a_times
             row["dsc_ms_b_runs"] = b_times
@@ -248,13 +274,13 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
     print(
-        f"\n{'model':<12}{'b':>3}{'floor':>8}{'dsc':>8}{'x floor':>8}{'HF eager':>10}"
+        f"\n{'model':<12}{'b':>3}{'floor':>8}{'dsc':>8}{'x floor':>8}{'graph':>8}{'HF eager':>10}"
         f"{'HF compile':>11}{'compile s':>10}{'logit err':>10}"
     )
     for r in rows:
         print(
             f"{r['model']:<12}{r['batch']:>3}{r['floor_ms']:>8.2f}{r['dsc_ms']:>8.2f}"
-            f"{r['dsc_over_floor']:>8.2f}{r['hf_eager_ms']:>10.2f}"
+            f"{r['dsc_over_floor']:>8.2f}{r['dsc_graph_step_ms']:>8.2f}{r['hf_eager_ms']:>10.2f}"
             f"{r.get('hf_compile_ms', float('nan')):>11.2f}"
             f"{r['dsc_compile_to_first_token_s']:>10.1f}{r['first_logits_rel_err']:>10.4f}"
         )

@@ -68,6 +68,12 @@ class CompiledModel:
 
         return self._history if self._history is not None else records(self.plan.history)
 
+    def decode_graph(self, batch: int) -> torch.cuda.CUDAGraph | None:
+        """The captured decode step for `batch` rows (None until a generation at that batch size
+        has run): replaying it repeats the last step, for timing the GPU work alone."""
+        graphed = self._graphs.get(batch)
+        return graphed.graph if graphed is not None else None
+
     def report(self) -> str:
         from dsc.report import report
 
