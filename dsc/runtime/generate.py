@@ -138,12 +138,15 @@ def generate_tokens(
     request: GenerationRequest,
     pad_id: int,
     agree: Callable[[torch.Tensor], None] | None = None,
+    greedy_steps: Callable[..., Iterator[torch.Tensor]] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield [batch] tensors of new tokens, one per step; finished rows yield pad_id.
 
     prefill(ids, mask, positions) and decode(ids, positions, slot) return last-position logits
     [batch, vocab]; the caller owns the cache they write. `agree(token)`, if given, makes the
     chosen tokens the same on every rank (in place) before the next step reads them.
+    `greedy_steps(first, next_pos, slot, finished)`, if given and decoding is greedy, yields the
+    tokens after the first itself (a captured whole step, runtime/greedy_graph.py).
     """
     ids, mask = left_pad(input_ids, mask, pad_id)
     batch, seq = ids.shape
@@ -159,6 +162,14 @@ def generate_tokens(
     on_gpu = ids.device.type == "cuda" and bool(request.eos)
     all_done = torch.zeros(1, dtype=torch.bool, pin_memory=on_gpu)
     done_event = torch.cuda.Event() if on_gpu else None
+    if greedy_steps is not None and not request.do_sample:
+        token = select_next(logits, False, 1.0, None, None, None)
+        if request.eos:
+            finished = torch.isin(token, eos)
+        yield token
+        if request.max_new_tokens > 1 and not (request.eos and bool(finished.all())):
+            yield from greedy_steps(token, next_pos, seq, finished)
+        return
     for step in range(request.max_new_tokens):
         token = select_next(logits, request.do_sample, request.temperature, request.top_k,
                             request.top_p, request.generator)

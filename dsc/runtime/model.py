@@ -16,6 +16,7 @@ from dsc.runtime import distributed
 from dsc.runtime import generated
 from dsc.runtime.cache import KVCache
 from dsc.runtime.cuda_graphs import GraphedProgram
+from dsc.runtime.greedy_graph import MAX_EOS_IDS, GreedyStepGraph
 from dsc.runtime.cuda_impls import unpadded_keys
 from dsc.runtime.executor import Executor
 from dsc.runtime.generate import GenerationRequest, check_prompt, generate_tokens
@@ -57,6 +58,7 @@ class CompiledModel:
         self.info = plan.model
         self.cache: KVCache | None = None
         self._graphs: dict[int, GraphedProgram] = {}  # decode step per batch size
+        self._greedy_graphs: dict[tuple[int, bool], GreedyStepGraph] = {}  # (batch, eos)
         if "decode" in plan.programs:
             self.cache = KVCache(plan.model["cache"], self.device, plan.target.max_batch,
                                  plan.target.max_seq_len)
@@ -68,11 +70,18 @@ class CompiledModel:
 
         return self._history if self._history is not None else records(self.plan.history)
 
-    def decode_graph(self, batch: int) -> torch.cuda.CUDAGraph | None:
-        """The captured decode step for `batch` rows (None until a generation at that batch size
-        has run): replaying it repeats the last step, for timing the GPU work alone."""
-        graphed = self._graphs.get(batch)
-        return graphed.graph if graphed is not None else None
+    def decode_graph(self, batch: int) -> torch.cuda.CUDAGraph:
+        """The model's decode step for `batch` rows as a CUDA graph that does not advance: each
+        replay repeats the step at the cache's current slot, for timing the GPU work alone
+        (sampling's step; greedy generation replays a graph that also chooses the token)."""
+        if not (self.device.type == "cuda" and self.target.cuda_graphs):
+            raise RuntimeError("decode_graph needs a CUDA target with cuda_graphs=True")
+        cache = self._require_decoder()
+        if batch not in self._graphs:
+            slot = min(int(cache.start.item()), self.target.max_seq_len - 1)
+            token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+            self._decode(token, torch.full_like(token, slot), slot)
+        return self._graphs[batch].graph
 
     def report(self) -> str:
         from dsc.report import report
@@ -153,6 +162,13 @@ class CompiledModel:
             (logits,) = program(**feed)
         return logits[:, -1]
 
+    def _greedy_graph(self, batch: int, has_eos: bool) -> GreedyStepGraph:
+        key = (batch, has_eos)
+        if key not in self._greedy_graphs:
+            self._greedy_graphs[key] = GreedyStepGraph(
+                self.executors["decode"], self.cache, batch, self.target.max_seq_len, has_eos)
+        return self._greedy_graphs[key]
+
     def stream(
         self,
         input_ids: torch.Tensor,
@@ -182,9 +198,17 @@ class CompiledModel:
         agree = None
         if self.plan.world_size > 1 and do_sample:
             agree = lambda token: distributed.broadcast_(token, src=0)  # noqa: E731
+        greedy_steps = None
+        if (self.device.type == "cuda" and self.target.cuda_graphs
+                and len(request.eos) <= MAX_EOS_IDS):
+            def greedy_steps(first, next_pos, slot, finished):
+                graph = self._greedy_graph(first.shape[0], bool(request.eos))
+                return graph.run(first, next_pos, slot, finished, max_new_tokens, request.eos,
+                                 pad)
         with torch.no_grad():
             for token in generate_tokens(self._prefill, self._decode, ids,
-                                         mask.to(self.device, torch.long), request, pad, agree):
+                                         mask.to(self.device, torch.long), request, pad, agree,
+                                         greedy_steps):
                 if callback is not None:
                     callback(token)
                 yield token

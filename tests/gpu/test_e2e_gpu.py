@@ -46,3 +46,30 @@ def test_stamped_layers_greedy_equals_hf(name, key):
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)
     assert torch.equal(compiled.generate(ids, max_new_tokens=24, eos_token_id=[]), ref)
+
+
+def test_greedy_step_graph_matches_the_step_by_step_loop_with_eos():
+    """Greedy generation replays one graph per step (model + argmax + advance); it must give the
+    tokens of the host-driven loop (no graphs), stop at eos the same way, and keep tokens it
+    handed out when the next generation reuses its buffers."""
+    model = zoo.build("tiny-llama", init_std=0.3, seed=1, device="cuda")
+    target = dict(device="cuda", dtype="float32", max_batch=3, max_seq_len=64)
+    graphed = dsc.compile(model, dsc.Target(**target))
+    looped = dsc.compile(model, dsc.Target(**target, cuda_graphs=False))
+    ids = torch.randint(3, 200, (3, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    free_run = looped.generate(ids, max_new_tokens=20, eos_token_id=[])
+    assert torch.equal(graphed.generate(ids, max_new_tokens=20, eos_token_id=[]), free_run)
+    # An eos that row 0 emits at its 5th new token: row 0 pads from there, the others go on.
+    eos = int(free_run[0, 9 + 4])
+    want = looped.generate(ids, max_new_tokens=20, eos_token_id=[eos, 1])
+    streamed = list(graphed.stream(ids, max_new_tokens=20, eos_token_id=[eos, 1]))
+    assert torch.equal(torch.cat([ids, torch.stack(streamed, 1)], 1), want)
+    kept = [t.clone() for t in streamed]
+    other = torch.randint(3, 200, (3, 5), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    assert torch.equal(graphed.generate(other, max_new_tokens=12, eos_token_id=[]),
+                       looped.generate(other, max_new_tokens=12, eos_token_id=[]))
+    assert all(torch.equal(a, b) for a, b in zip(streamed, kept))
+    # Every row finished: the generation ends early, as the loop does.
+    all_eos = [int(t) for t in free_run[:, 9]]
+    assert torch.equal(graphed.generate(ids, max_new_tokens=20, eos_token_id=all_eos),
+                       looped.generate(ids, max_new_tokens=20, eos_token_id=all_eos))
