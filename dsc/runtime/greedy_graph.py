@@ -50,8 +50,9 @@ class GreedyStepGraph:
                 **cache.tensors}
         self._run = lambda: self._step(executor, {k: feed[k] for k in executor.program.inputs})
 
-        # Kernels compile and allocations settle outside the capture; the warm-up steps write
-        # the cache and advance the counters, so everything they touch is put back afterwards.
+        # Kernels compile and allocations settle outside the capture. The warm-up steps write
+        # K/V at the cache's current slots — build this before a prefill, which rewrites them —
+        # and advance the counters, which are put back.
         saved = [(t, t.clone()) for t in (cache.start, cache.valid, self.col)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -199,12 +199,13 @@ class CompiledModel:
         if self.plan.world_size > 1 and do_sample:
             agree = lambda token: distributed.broadcast_(token, src=0)  # noqa: E731
         greedy_steps = None
-        if (self.device.type == "cuda" and self.target.cuda_graphs
-                and len(request.eos) <= MAX_EOS_IDS):
+        if (self.device.type == "cuda" and self.target.cuda_graphs and not do_sample
+                and max_new_tokens > 1 and len(request.eos) <= MAX_EOS_IDS):
+            # Captured before the prefill, which rewrites the cache slots its warm-up wrote.
+            graph = self._greedy_graph(ids.shape[0], bool(request.eos))
+
             def greedy_steps(first, next_pos, slot, finished):
-                graph = self._greedy_graph(first.shape[0], bool(request.eos))
-                return graph.run(first, next_pos, slot, finished, max_new_tokens, request.eos,
-                                 pad)
+                return graph.run(first, next_pos, slot, finished, max_new_tokens, request.eos, pad)
         with torch.no_grad():
             for token in generate_tokens(self._prefill, self._decode, ids,
                                          mask.to(self.device, torch.long), request, pad, agree,
