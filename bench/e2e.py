@@ -2,8 +2,10 @@
 
 Random weights at real shapes; prompt 128 tokens, 64 new tokens, greedy; decode time per token =
 (time for N new tokens - time for 1) / (N - 1), median of 3. The floor is the model's weight bytes
-over the device copy bandwidth measured in this run. `graph` is the GPU time of one decode step
-alone: its captured CUDA graph replayed back to back. Prints a table; writes JSON lines.
+over the device copy bandwidth measured in this run. `stream` is the same per-token time taken
+inside one generation (events as tokens 1 and 63 are handed out, median of 5); `graph` is the
+GPU time of the model's decode step alone, its captured CUDA graph replayed back to back.
+Prints a table; writes JSON lines.
 
     python bench/e2e.py --models llama-7b:1,llama-7b:16 --out bench/results/e2e.jsonl
 """
@@ -11,6 +13,7 @@ alone: its captured CUDA graph replayed back to back. Prints a table; writes JSO
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -87,6 +90,36 @@ def graph_step_ms(graph: torch.cuda.CUDAGraph, reps: int = 200) -> float:
     return statistics.median(times)
 
 
+def stream_per_token(compiled, ids, reps: int = 5) -> float:
+    """Decode time per token inside one generation: CUDA events recorded as tokens 1 and NEW-1
+    are handed out (the host runs ahead, so they time the GPU's steps), median over reps, in
+    milliseconds. Needs no subtraction of a prefill-only run."""
+    times = []
+    for _ in range(reps):
+        events = []
+        for _token in compiled.stream(ids, max_new_tokens=NEW, eos_token_id=[]):
+            events.append(torch.cuda.Event(enable_timing=True))
+            events[-1].record()
+        events[-1].synchronize()
+        times.append(events[1].elapsed_time(events[-1]) / (len(events) - 2))
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """Hold environment settings for the duration of the block."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
 def hf_generate(model, ids):
     def run(n):
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -95,7 +128,8 @@ def hf_generate(model, ids):
 
 
 def bench_model(
-    name: str, batch: int, bandwidth: float, with_compile: bool, prefill: bool, ab_env: str = ""
+    name: str, batch: int, bandwidth: float, with_compile: bool, prefill: bool,
+    ab_envs: list[str] = (),
 ) -> dict:
     dtype = DTYPES[name]
     model = zoo.build(name, dtype=dtype, device="cuda")
@@ -135,44 +169,41 @@ def bench_model(
 
         row["dsc_ms"] = per_token(dsc_run) * 1e3
         row["dsc_over_floor"] = row["dsc_ms"] / row["floor_ms"]
+        row["dsc_stream_ms"] = stream_per_token(compiled, ids)
         row["dsc_graph_step_ms"] = graph_step_ms(compiled.decode_graph(batch))
-        if ab_env:
-            # A/B in one process: a second compile under the other setting, then both timed
-            # again, alternating, so drift of the card or host hits both alike.
-            name_b, value_b = ab_env.split("=", 1)
-            saved = os.environ.get(name_b)
-            os.environ[name_b] = value_b
-            try:
-                compiled_b = dsc.compile(model, target)
-                compiled_b.generate(ids, max_new_tokens=1, eos_token_id=[])
-            finally:
-                if saved is None:
-                    del os.environ[name_b]
-                else:
-                    os.environ[name_b] = saved
-
-            def dsc_run_b(n):
-                compiled_b.generate(ids, max_new_tokens=n, eos_token_id=[])
-
-            a_times, b_times = [row["dsc_ms"]], []
-            a_graph, b_graph = [row["dsc_graph_step_ms"]], []
-            for _ in range(2):
-                b_times.append(per_token(dsc_run_b) * 1e3)
-                b_graph.append(graph_step_ms(compiled_b.decode_graph(batch)))
-                a_times.append(per_token(dsc_run) * 1e3)
-                a_graph.append(graph_step_ms(compiled.decode_graph(batch)))
-            row["dsc_graph_step_ms_a_runs"] = a_graph
-            row["dsc_graph_step_ms_b_runs"] = b_graph
-            row["dsc_graph_step_ms"] = statistics.median(a_graph)
-            row["dsc_graph_step_ms_b"] = statistics.median(b_graph)
-            row["ab_env"] = ab_env
-            row["dsc_ms_a_runs"] = a_times
-            row["dsc_ms_b_runs"] = b_times
-            row["dsc_ms_b"] = statistics.median(b_times)
-            row["dsc_ms"] = statistics.median(a_times)
+        # Variants in one process: each compiled and run with its own environment setting held
+        # for every call that touches it (settings are read at compile, capture and launch
+        # time), timed alternating with the default so drift of card or host hits all alike.
+        variants = {"a": ({}, compiled)}
+        for letter, spec in zip("bcd", ab_envs):
+            env = dict(item.split("=", 1) for item in spec.split(","))
+            with _environment(env):
+                variants[letter] = (env, dsc.compile(model, target))
+        if len(variants) > 1:
+            runs = {letter: {"ms": [], "stream": [], "graph": []} for letter in variants}
+            runs["a"] = {"ms": [row["dsc_ms"]], "stream": [row["dsc_stream_ms"]],
+                         "graph": [row["dsc_graph_step_ms"]]}
+            for rep in range(2):
+                for letter, (env, model_v) in variants.items():
+                    if letter == "a" and rep == 0:
+                        continue  # the default's first run is the one above
+                    with _environment(env):
+                        runs[letter]["ms"].append(per_token(
+                            lambda n, m=model_v: m.generate(ids, max_new_tokens=n, eos_token_id=[])
+                        ) * 1e3)
+                        runs[letter]["stream"].append(stream_per_token(model_v, ids))
+                        runs[letter]["graph"].append(graph_step_ms(model_v.decode_graph(batch)))
+            for letter, (env, _) in variants.items():
+                suffix = "" if letter == "a" else f"_{letter}"
+                if env:
+                    row[f"env{suffix}"] = env
+                for key, values in runs[letter].items():
+                    field = {"ms": "dsc_ms", "stream": "dsc_stream_ms",
+                             "graph": "dsc_graph_step_ms"}[key]
+                    row[f"{field}{suffix}_runs"] = values
+                    row[f"{field}{suffix}"] = statistics.median(values)
             row["dsc_over_floor"] = row["dsc_ms"] / row["floor_ms"]
-            row["dsc_b_over_floor"] = row["dsc_ms_b"] / row["floor_ms"]
-            del compiled_b
+            del variants
 
         # Correctness on the GPU: first-step logits against HF in the same dtype.
         ref = model(ids[:1, :32]).logits[:, -1].float()
@@ -252,9 +283,10 @@ def main() -> None:
     )
     parser.add_argument("--out", default=None)
     parser.add_argument(
-        "--ab-env", default="", metavar="NAME=VALUE",
-        help="also compile dsc with this environment setting and time both, alternating "
-        "(e.g. DSC_PDL=0); reported as dsc_ms_b",
+        "--ab-env", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+        help="a variant: dsc compiled and run with these environment settings, timed "
+        "alternating with the default (e.g. DSC_PDL=0); repeat for more variants, reported "
+        "as dsc_*_b, dsc_*_c, ...",
     )
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
@@ -274,16 +306,26 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
     print(
-        f"\n{'model':<12}{'b':>3}{'floor':>8}{'dsc':>8}{'x floor':>8}{'graph':>8}{'HF eager':>10}"
+        f"\n{'model':<12}{'b':>3}{'floor':>8}{'dsc':>8}{'x floor':>8}{'stream':>8}{'x floor':>8}"
+        f"{'graph':>8}{'HF eager':>10}"
         f"{'HF compile':>11}{'compile s':>10}{'logit err':>10}"
     )
     for r in rows:
         print(
             f"{r['model']:<12}{r['batch']:>3}{r['floor_ms']:>8.2f}{r['dsc_ms']:>8.2f}"
-            f"{r['dsc_over_floor']:>8.2f}{r['dsc_graph_step_ms']:>8.2f}{r['hf_eager_ms']:>10.2f}"
+            f"{r['dsc_over_floor']:>8.2f}{r['dsc_stream_ms']:>8.2f}"
+            f"{r['dsc_stream_ms'] / r['floor_ms']:>8.2f}"
+            f"{r['dsc_graph_step_ms']:>8.2f}{r['hf_eager_ms']:>10.2f}"
             f"{r.get('hf_compile_ms', float('nan')):>11.2f}"
             f"{r['dsc_compile_to_first_token_s']:>10.1f}{r['first_logits_rel_err']:>10.4f}"
         )
+    for r in rows:
+        for letter in "abcd":
+            suffix = "" if letter == "a" else f"_{letter}"
+            if f"dsc_stream_ms{suffix}_runs" in r:
+                print(f"{r['model']:<12}{r['batch']:>3} {letter} {r.get('env' + suffix, 'default')}: "
+                      f"per token {r['dsc_ms' + suffix]:.3f} ms, stream "
+                      f"{r['dsc_stream_ms' + suffix]:.3f} ms, graph {r['dsc_graph_step_ms' + suffix]:.3f} ms")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ run 12). For greedy decoding all of it is a function of device state, so it is c
 
     replay k:  valid[:, start] is already marked
                logits = decode program(ids, pos, cache, start)
-               choice = argmax(logits[:, -1])
-               advance_greedy: tokens[:, k] = choice (pad once finished); ids = choice;
+               advance_greedy: choice = argmax(logits[:, -1]);
+                               tokens[:, k] = choice (pad once finished); ids = choice;
                                pos += 1; start += 1; valid[:, start] = True
 
 so one replay runs step k and leaves step k+1's inputs in place; the host only replays. One graph
@@ -68,8 +68,7 @@ class GreedyStepGraph:
 
     def _step(self, executor: Executor, feed: dict) -> None:
         (logits,) = executor(**feed)
-        choice = logits[:, -1].argmax(-1)
-        advance_greedy(choice, self.finished, self.eos, self.pad, self.tokens, self.col,
+        advance_greedy(logits[:, -1], self.finished, self.eos, self.pad, self.tokens, self.col,
                        self.ids, self.pos, self.cache.start, self.valid, self.has_eos)
 
     def run(self, first: torch.Tensor, next_pos: torch.Tensor, slot: int,

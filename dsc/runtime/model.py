@@ -199,8 +199,10 @@ class CompiledModel:
         if self.plan.world_size > 1 and do_sample:
             agree = lambda token: distributed.broadcast_(token, src=0)  # noqa: E731
         greedy_steps = None
+        # DSC_GREEDY_GRAPH=0: the host-driven loop for greedy decoding too (for comparisons).
         if (self.device.type == "cuda" and self.target.cuda_graphs and not do_sample
-                and max_new_tokens > 1 and len(request.eos) <= MAX_EOS_IDS):
+                and max_new_tokens > 1 and len(request.eos) <= MAX_EOS_IDS
+                and os.environ.get("DSC_GREEDY_GRAPH", "1") != "0"):
             # Captured before the prefill, which rewrites the cache slots its warm-up wrote.
             graph = self._greedy_graph(ids.shape[0], bool(request.eos))
 
