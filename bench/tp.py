@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dsc  # noqa: E402
 from dsc import zoo  # noqa: E402
+from bench.e2e import stream_per_token  # noqa: E402
+from dsc.kernels import pdl  # noqa: E402
 from dsc.runtime import allreduce, distributed  # noqa: E402
 
 PROMPT, NEW = 128, 64
@@ -121,6 +123,7 @@ def bench(name: str, layers: int | None, batches: list[int], bandwidth: float) -
                 compiled.generate(ids, max_new_tokens=n, eos_token_id=[])
 
             ms = per_token(run) * 1e3
+            stream_ms = stream_per_token(compiled, ids)
             tokens = compiled.generate(ids[:1], max_new_tokens=16, eos_token_id=[])[0, PROMPT:]
             same = distributed.gather_to_first(tokens.tolist())
             us, kind = all_reduce_us(batch, hidden)
@@ -138,6 +141,8 @@ def bench(name: str, layers: int | None, batches: list[int], bandwidth: float) -
                     "floor_ms_per_gpu": floor_ms,
                     "dsc_ms": ms,
                     "dsc_over_floor": ms / floor_ms,
+                    "dsc_stream_ms": stream_ms,
+                    "pdl": pdl.enabled(torch.device("cuda")),
                     "all_reduce_us": us,
                     "all_reduce_transport": kind,
                     "all_reduce_bytes": batch * hidden * 2,
@@ -174,14 +179,14 @@ def main() -> None:
     print(f"{rows[0]['gpu']} x{rows[0]['tp']}: copy {bandwidth / 1e9:.0f} GB/s; -> {out}")
     header = (
         f"{'model':<10} {'layers':>6} {'tp':>3} {'batch':>5} {'floor/GPU ms':>12} "
-        f"{'dsc ms':>8} {'x floor':>8} {'AR us':>7} {'AR via':>9} {'rel err':>8}"
+        f"{'dsc ms':>8} {'x floor':>8} {'stream ms':>9} {'AR us':>7} {'AR via':>9} {'rel err':>8}"
     )
     print(header)
     for r in rows:
         print(
             f"{r['model']:<10} {r['layers']:>6} {r['tp']:>3} {r['batch']:>5} "
             f"{r['floor_ms_per_gpu']:>12.3f} {r['dsc_ms']:>8.3f} {r['dsc_over_floor']:>8.2f} "
-            f"{r['all_reduce_us']:>7.1f} {r['all_reduce_transport']:>9} "
+            f"{r['dsc_stream_ms']:>9.3f} {r['all_reduce_us']:>7.1f} {r['all_reduce_transport']:>9} "
             f"{r['first_logits_rel_err']:>8.1e}"
         )
 
