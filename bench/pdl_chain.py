@@ -36,7 +36,7 @@ def _bump(x_ptr, pad_ptr, N, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
 def per_kernel_us(use_pdl: bool, programs: int, links: int = 200) -> float:
     x = torch.zeros(1, device="cuda", dtype=torch.int64)
     pad = torch.zeros(programs * 256, device="cuda")
-    opts = {"USE_PDL": 1, "launch_pdl": True} if use_pdl else {"USE_PDL": 0}
+    opts = {"USE_PDL": True, "launch_pdl": True} if use_pdl else {"USE_PDL": False}
 
     def chain():
         for _ in range(links):

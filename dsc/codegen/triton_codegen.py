@@ -586,7 +586,7 @@ def _pointwise(region: dict, fn: str, kernel: str) -> list[str]:
     lines += [f"    {p}," for p in params]
     lines += ["    BLOCK: tl.constexpr,", "    USE_PDL: tl.constexpr,", "):"]
     # The kernel boundary with the previous launch (dsc.kernels.pdl) comes before any load.
-    lines.append("    pdl.release_and_wait(USE_PDL)")
+    lines.append("    pdl.wait_and_release(USE_PDL)")
     lines.append("    pid = tl.program_id(0)")
     if whole_rows:
         lines.append("    # One program owns a whole row: reductions happen in registers.")

@@ -22,7 +22,7 @@ _KINDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 @triton.jit
 def _gated_kernel(gate_ptr, up_ptr, out_ptr, F, s_gate, s_up, s_out,
                   KIND: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl.release_and_wait(USE_PDL)
+    pdl.wait_and_release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < F

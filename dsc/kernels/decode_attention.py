@@ -107,7 +107,7 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pdl.release_and_wait(USE_PDL)
+    pdl.wait_and_release(USE_PDL)
     pid_split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -246,7 +246,7 @@ def _decode_combine_kernel(
     SPLITS_P2: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pdl.release_and_wait(USE_PDL)
+    pdl.wait_and_release(USE_PDL)
     row = tl.program_id(0)  # (b * HQ + h) * S + s
     b = row // (HQ * S)
     h = (row // S) % HQ

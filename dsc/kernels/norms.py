@@ -48,7 +48,7 @@ def _norm_kernel(
     BLOCK_N: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pdl.release_and_wait(USE_PDL)
+    pdl.wait_and_release(USE_PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols

@@ -32,7 +32,7 @@ def _rotary_kernel(
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pdl.release_and_wait(USE_PDL)
+    pdl.wait_and_release(USE_PDL)
     row = tl.program_id(0)
     s = row % S
     h = (row // S) % H

@@ -144,7 +144,6 @@ def _small_batch_gemm_kernel(
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     USE_PDL: tl.constexpr,
-    PREFETCH_TILES: tl.constexpr,
     NORM: tl.constexpr,
     HAS_NW: tl.constexpr,
     HAS_NB: tl.constexpr,
@@ -177,18 +176,12 @@ def _small_batch_gemm_kernel(
         x_ptrs = x_ptr + rows_x[None, :] * stride_xm + (k_lo + offs_k)[:, None] * stride_xk
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_u = tl.zeros_like(acc)
-    if USE_PDL != 0 and BLOCK_K >= 64:
-        # Placed while the previous kernel runs (dsc.kernels.pdl) — a norm, the attention, short
-        # kernels that leave device memory mostly idle: pull this program's first PREFETCH_TILES
-        # weight tiles into L2 then (weights never depend on earlier kernels), so the stream
-        # below starts from L2. Only x, the previous kernel's output perhaps, has to wait.
-        line = tl.arange(0, BLOCK_K // 64) * 64
-        for t in tl.static_range(PREFETCH_TILES):
-            kk = tl.minimum(k_lo + t * BLOCK_K + line, k_hi - 1)
-            lines = rows_w[:, None] * stride_wn + kk[None, :] * stride_wk
-            pdl.prefetch_l2(w_ptr + lines)
-            if GATED:
-                pdl.prefetch_l2(w_ptr + N * stride_wn + lines)
+    if USE_PDL and BLOCK_K >= 64:
+        # Placed before the previous kernel finished (dsc.kernels.pdl): pull this program's first
+        # weight tiles toward L2 — weights never depend on earlier kernels — before waiting for
+        # the previous kernel, whose output x may be.
+        lines = rows_w[:, None] * stride_wn + (k_lo + tl.arange(0, BLOCK_K // 64) * 64)[None, :]
+        pdl.prefetch_l2(w_ptr + lines * stride_wk)
     pdl.wait_and_release(USE_PDL)
 
     if NORM != 0:
@@ -296,7 +289,7 @@ def _split_k_reduce_kernel(
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pdl.release_and_wait(USE_PDL)
+    pdl.wait_and_release(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     row = offs // N
@@ -459,13 +452,6 @@ def linear_small_batch(
     epilogue = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                     ACTIVATION=activation, GATED=gated)
     grid = (triton.cdiv(n, cfg.block_n), split_k, triton.cdiv(m, cfg.block_m))
-    # Early L2 prefetch (with PDL): up to 32 KB per program and ~16 MB in all, a third of L2.
-    tile_bytes = cfg.block_n * cfg.block_k * weight.element_size() * (2 if gated else 1)
-    programs = grid[0] * grid[1] * grid[2]
-    prefetch_tiles = max(1, min(k_per_split // cfg.block_k, 32768 // tile_bytes,
-                                (16 << 20) // (tile_bytes * programs)))
-    if pdl.mode(x.device) == 1:
-        prefetch_tiles = 1  # the cautious order: nothing runs early enough to hide more
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     _small_batch_gemm_kernel[grid](
         x,
@@ -496,7 +482,6 @@ def linear_small_batch(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         NUM_STAGES=cfg.num_stages,
-        PREFETCH_TILES=prefetch_tiles,
         NORM={None: 0, "rms": 1, "layer": 2}[norm_kind],
         HAS_NW=norm_w is not None,
         HAS_NB=norm_b is not None,
