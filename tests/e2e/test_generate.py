@@ -107,3 +107,43 @@ def test_encoder_cannot_generate():
     compiled = dsc.compile(zoo.build("tiny-bert"), "cpu")
     with pytest.raises(TypeError, match="not a causal LM"):
         compiled.generate(torch.ones(1, 4, dtype=torch.long))
+
+
+def _fixed_logits(tokens: list[int], vocab: int = 10) -> torch.Tensor:
+    logits = torch.zeros(len(tokens), vocab)
+    logits[torch.arange(len(tokens)), torch.tensor(tokens)] = 1.0
+    return logits
+
+
+@pytest.mark.parametrize("eos,max_new,steps_called", [([], 4, True), ([], 1, False),
+                                                      ([3, 5], 4, False), ([3], 4, True)])
+def test_greedy_steps_take_over_after_the_first_token(eos, max_new, steps_called):
+    """With `greedy_steps` (a captured whole step on CUDA), generate_tokens picks token 0 from
+    the prefill and hands the rest over — unless one token was asked for or every row already
+    ended."""
+    from dsc.runtime.generate import GenerationRequest, generate_tokens
+
+    calls = []
+
+    def prefill(ids, mask, positions):
+        return _fixed_logits([3, 5])
+
+    def decode(*args):
+        raise AssertionError("the step-by-step loop must not run")
+
+    def greedy_steps(first, next_pos, slot, finished):
+        calls.append((first.tolist(), next_pos.tolist(), slot, finished.tolist()))
+        yield torch.tensor([7, 7])
+
+    ids = torch.tensor([[1, 2, 4], [0, 2, 4]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    request = GenerationRequest(max_new, False, 1.0, None, None, eos, None)
+    out = [t.tolist() for t in generate_tokens(prefill, decode, ids, mask, request, 0,
+                                               greedy_steps=greedy_steps)]
+    assert out[0] == [3, 5]
+    if steps_called:
+        # Positions count real tokens (row 1 is left-padded); token 0's slot is the prompt length.
+        assert calls == [([3, 5], [3, 2], 3, [bool(eos), False])]
+        assert out[1:] == [[7, 7]]
+    else:
+        assert calls == [] and len(out) == 1
