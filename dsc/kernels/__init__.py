@@ -14,5 +14,8 @@ computes the grid, and nothing else. Import the module you need; this package im
   attention over a KV cache; `flash_attention.attention(...)` picks it or the decode kernel.
 - `decode_attention.decode_attention(...)`: flash-decoding for a few new tokens, GQA-aware,
   graph-replay safe (the cache position is read from device memory).
+- `decode_step.advance_greedy(...)`: the argmax and bookkeeping between two greedy decode steps
+  (token record, eos, next id, position and cache slot), replayed inside the step's CUDA graph.
+- `pdl`: the programmatic-dependent-launch protocol every decode-chain kernel follows on Hopper.
 - `reference`: plain-torch definitions of all of the above, which the tests compare against.
 """
