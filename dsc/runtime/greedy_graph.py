@@ -32,6 +32,8 @@ MAX_EOS_IDS = 8  # eos ids the graph's buffer holds; more go through the step-by
 
 
 class GreedyStepGraph:
+    """One captured greedy step for `batch` rows: `run` replays it once per new token."""
+
     def __init__(self, executor: Executor, cache: KVCache, batch: int, capacity: int,
                  has_eos: bool, warmup: int = 2):
         device = cache.start.device
