@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from dsc.target import Target
 
 __all__ = ["trunk", "cached", "partition", "backend"]
@@ -38,6 +40,10 @@ def partition(target: Target) -> list[str]:
 def backend(target: Target) -> list[str]:
     """Passes that shape each program for its kernels, after partitioning. `fuse` only on CUDA:
     its regions exist to become generated Triton kernels; on CPU they would run as the reference
-    op by op, no faster than unfused."""
-    fuse = ["fuse"] if target.device == "cuda" else []
-    return ["addmm_to_linear", "merge_projections", *fuse, "memory_plan"]
+    op by op, no faster than unfused. `fold_rotary_into_attention` only on CUDA and only with
+    DSC_ROTARY_IN_ATTENTION=1, until measured there."""
+    cuda = target.device == "cuda"
+    fold = (["fold_rotary_into_attention"]
+            if cuda and os.environ.get("DSC_ROTARY_IN_ATTENTION", "0") == "1" else [])
+    fuse = ["fuse"] if cuda else []
+    return ["addmm_to_linear", "merge_projections", *fold, *fuse, "memory_plan"]

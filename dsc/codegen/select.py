@@ -94,6 +94,8 @@ CANDIDATES: list[Candidate] = [
     Candidate("cuda::rms_norm", torch.ops.dsc.rms_norm.default, _norm),
     Candidate("cuda::layer_norm", torch.ops.dsc.layer_norm.default, _norm),
     Candidate("cuda::cached_attention", torch.ops.dsc.cached_attention.default, _attention),
+    Candidate("cuda::rotary_cached_attention", torch.ops.dsc.rotary_cached_attention.default,
+              _attention),
     Candidate("cuda::attention", torch.ops.dsc.attention.default, _attention),
     Candidate(_region_kernel, torch.ops.dsc.fused_region.default, _generated_region),
 ]

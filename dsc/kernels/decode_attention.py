@@ -56,6 +56,18 @@ class DecodeConfig:
 
 
 @triton.jit
+def _rotate(x, x_pair, cos_ptr, sin_ptr, base, s, d, row_ok, d_ok, stride_cs, stride_cd,
+            HEAD_D: tl.constexpr):
+    """Rotary embedding of rows x (token s of each row), x_pair holding lanes d ± D/2."""
+    at = base + s[:, None] * stride_cs + d[None, :] * stride_cd
+    ok = row_ok[:, None] & d_ok[None, :]
+    c = tl.load(cos_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    n = tl.load(sin_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    sign = tl.where(d < HEAD_D // 2, -1.0, 1.0)[None, :]
+    return (x.to(tl.float32) * c + sign * x_pair.to(tl.float32) * n).to(x.dtype)
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,
     k_ptr,
@@ -67,6 +79,8 @@ def _decode_split_kernel(
     part_ml_ptr,
     k_new_ptr,
     v_new_ptr,
+    cos_ptr,
+    sin_ptr,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -89,6 +103,9 @@ def _decode_split_kernel(
     stride_nh,
     stride_ns,
     stride_nd,
+    stride_cb,
+    stride_cs,
+    stride_cd,
     S,
     T,
     HKV,
@@ -99,6 +116,7 @@ def _decode_split_kernel(
     CAUSAL: tl.constexpr,
     IS_SPLIT: tl.constexpr,
     WRITE_NEW: tl.constexpr,
+    ROTARY: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HEAD_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -141,6 +159,14 @@ def _decode_split_kernel(
         + d[None, :] * stride_qd
     )
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if ROTARY:
+        # The step's queries arrive unrotated: x * cos + rotate_half(x) * sin, in fp32, rounded
+        # once to q's dtype as the rotary kernel does. rotate_half pairs lane d with d ± D/2.
+        partner = tl.where(d < HEAD_D // 2, d + HEAD_D // 2, d - HEAD_D // 2)
+        q_pair = tl.load(q_ptrs + (partner - d)[None, :] * stride_qd,
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q = _rotate(q, q_pair, cos_ptr, sin_ptr, b64 * stride_cb, s, d, row_ok, d_ok, stride_cs,
+                    stride_cd, HEAD_D)
 
     k_base = k_ptr + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = v_ptr + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
@@ -155,6 +181,10 @@ def _decode_split_kernel(
         new_off = b64 * stride_nb + kvh.to(tl.int64) * stride_nh + i[:, None] * stride_ns
         new_mask = mine[:, None] & d_ok[None, :]
         k_row = tl.load(k_new_ptr + new_off + d[None, :] * stride_nd, mask=new_mask)
+        if ROTARY:
+            k_pair = tl.load(k_new_ptr + new_off + partner[None, :] * stride_nd, mask=new_mask)
+            k_row = _rotate(k_row, k_pair, cos_ptr, sin_ptr, b64 * stride_cb, i, d, mine, d_ok,
+                            stride_cs, stride_cd, HEAD_D)
         v_row = tl.load(v_new_ptr + new_off + d[None, :] * stride_nd, mask=new_mask)
         tl.store(k_base + slot_i[:, None] * stride_kt + d[None, :] * stride_kd,
                  k_row.to(k_ptr.dtype.element_ty), mask=new_mask)
@@ -402,6 +432,7 @@ def decode_attention(
     config: DecodeConfig | None = None,
     new_k: Tensor | None = None,
     new_v: Tensor | None = None,
+    rotary: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Attention of S (small) new query tokens over a KV cache; see the module docstring.
 
@@ -412,6 +443,8 @@ def decode_attention(
     `new_k`, `new_v` ([B, Hkv, S, D], one set of strides for both): the step's keys and values,
     written into the caches at slots start..start+S-1 by the kernel before it attends (one launch
     instead of a cache write per tensor).
+    `rotary` (cos, sin), broadcastable to [B, 1, S, D]: q and new_k arrive unrotated and are
+    rotated as they are loaded (x * cos + rotate_half(x) * sin), sparing the rotary launch.
     """
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
     if (new_k is None) != (new_v is None):
@@ -424,6 +457,22 @@ def decode_attention(
                                  f"got {list(t.shape)} on {t.device}")
         if new_k.stride() != new_v.stride():
             new_k, new_v = new_k.contiguous(), new_v.contiguous()
+    cos = sin = q  # placeholder pointers when unused
+    cos_strides = (0, 0, 0)
+    if rotary is not None:
+        if new_k is None:
+            raise ValueError("rotary needs new_k and new_v: the kernel rotates the keys it writes")
+        if q.shape[-1] % 2:
+            raise ValueError(f"rotary needs an even head dimension, got {q.shape[-1]}")
+        want = (q.shape[0], 1, q.shape[2], q.shape[3])
+        try:
+            cos, sin = (t.expand(want) for t in rotary)
+        except RuntimeError as exc:
+            raise ValueError(f"cos/sin {[tuple(t.shape) for t in rotary]} do not broadcast to "
+                             f"[B, 1, S, D] = {list(want)}") from exc
+        if cos.stride() != sin.stride():
+            cos, sin = cos.contiguous(), sin.contiguous()
+        cos_strides = (cos.stride(0), cos.stride(2), cos.stride(3))
     batch, hq, s, d = q.shape
     hkv, t = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
@@ -465,12 +514,15 @@ def decode_attention(
         part_ml,
         new_k if new_k is not None else q,
         new_v if new_v is not None else q,
+        cos,
+        sin,
         *q.stride(),
         *k_cache.stride(),
         *v_cache.stride(),
         *valid.stride(),
         *out.stride(),
         *(new_k.stride() if new_k is not None else (0, 0, 0, 0)),
+        *cos_strides,
         s,
         t,
         hkv,
@@ -481,6 +533,7 @@ def decode_attention(
         CAUSAL=bool(causal),
         IS_SPLIT=splits > 1,
         WRITE_NEW=new_k is not None,
+        ROTARY=rotary is not None,
         BLOCK_S=triton.next_power_of_2(s),
         HEAD_D=d,
         BLOCK_R=block_r,

@@ -1,4 +1,5 @@
-"""Attention ops: `dsc::attention` (no cache) and `dsc::cached_attention` (compiler-owned KV cache).
+"""Attention ops: `dsc::attention` (no cache), `dsc::cached_attention` (compiler-owned KV cache)
+and `dsc::rotary_cached_attention` (the same, rotating the new queries and keys first).
 
 One masking rule serves both. Keys live in slots 0..T-1; the S queries sit at slots
 start..start+S-1. Query i of sequence b may attend slot j iff
@@ -12,7 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["attention", "cached_attention", "masked_attention_reference"]
+__all__ = [
+    "attention", "cached_attention", "masked_attention_reference", "rotary_cached_attention",
+]
 
 
 def masked_attention_reference(
@@ -86,4 +89,31 @@ def cached_attention(
 
 @cached_attention.register_fake
 def _(q, k, v, k_cache, v_cache, valid, start, causal, scale):
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+
+
+@torch.library.custom_op("dsc::rotary_cached_attention", mutates_args=("k_cache", "v_cache"))
+def rotary_cached_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    valid: Tensor,
+    start: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    causal: bool,
+    scale: float,
+) -> Tensor:
+    """cached_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, ...): one op, so that the
+    decode kernel can rotate the step's queries and keys as it loads them (no rotary launch)."""
+    from dsc.ops.rotary import rotary
+
+    return cached_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, k_cache, v_cache, valid,
+                            start, causal, scale)
+
+
+@rotary_cached_attention.register_fake
+def _(q, k, v, k_cache, v_cache, valid, start, cos, sin, causal, scale):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)

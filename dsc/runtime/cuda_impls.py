@@ -73,6 +73,24 @@ def cached_attention(
     return kernel(q, k_cache[:batch], v_cache[:batch], valid, start, causal, scale, out=out)
 
 
+def rotary_cached_attention(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor,
+    start: Tensor, cos: Tensor, sin: Tensor, causal: bool, scale: float,
+) -> Tensor:
+    """cached_attention of the rotated q and k: at decode the attention kernel rotates them as it
+    loads them; a prompt rotates them first and goes the cached_attention way."""
+    from dsc.kernels.decode_attention import decode_attention, uses_decode_kernel
+
+    if not uses_decode_kernel(q, k_cache):
+        return cached_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, k_cache, v_cache,
+                                valid, start, causal, scale)
+    batch = k.shape[0]
+    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device,
+                      dtype=q.dtype).transpose(1, 2)
+    return decode_attention(q, k_cache[:batch], v_cache[:batch], valid, start, causal, scale,
+                            out=out, new_k=k, new_v=v, rotary=(cos, sin))
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, causal: bool,
               scale: float) -> Tensor:
     from dsc.kernels.flash_attention import attention as kernel
@@ -107,6 +125,7 @@ IMPLEMENTATIONS: dict[str, Callable] = {
     "rms_norm": rms_norm,
     "layer_norm": layer_norm,
     "cached_attention": cached_attention,
+    "rotary_cached_attention": rotary_cached_attention,
     "attention": attention,
 }
 

@@ -106,6 +106,18 @@ def test_llama_decode_layer_launches_6_kernels_with_norm_prologues(monkeypatch):
     assert "dsc::fused_region.default" not in after  # every region has generated code
 
 
+def test_llama_decode_layer_launches_7_kernels_with_rotary_in_attention(monkeypatch):
+    """With DSC_ROTARY_IN_ATTENTION=1 the attention kernel rotates q and the new keys itself:
+    the [rotary q + rotary k] region is gone."""
+    monkeypatch.setenv("DSC_NORM_PROLOGUE", "0")
+    monkeypatch.setenv("DSC_ROTARY_IN_ATTENTION", "1")
+    after = _per_layer("tiny-llama", True)
+    assert sum(after.values()) == 7
+    regions = {op: n for op, n in after.items() if op.startswith("kernel::region_")}
+    assert sorted(regions.values()) == [1, 2]  # res+norm twice (one kernel), up+act
+    assert after["cuda::rotary_cached_attention"] == 1 and "cuda::cached_attention" not in after
+
+
 def test_gpt2_decode_layer_launches_7_kernels_after_fusion():
     """GPT-2: 12 GPU steps per decode layer unfused (LayerNorm, Conv1D projections x4 — linears
     over transposed weights after addmm_to_linear —, clones, residual adds, GeLU, attention);

@@ -73,3 +73,16 @@ def test_greedy_step_graph_matches_the_step_by_step_loop_with_eos():
     all_eos = [int(t) for t in free_run[:, 9]]
     assert torch.equal(graphed.generate(ids, max_new_tokens=20, eos_token_id=all_eos),
                        looped.generate(ids, max_new_tokens=20, eos_token_id=all_eos))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral"])
+def test_rotary_in_attention_greedy_equals_hf(name, monkeypatch):
+    """DSC_ROTARY_IN_ATTENTION=1: the decode attention kernel rotates q and the new keys."""
+    monkeypatch.setenv("DSC_ROTARY_IN_ATTENTION", "1")
+    model = zoo.build(name, init_std=0.3, seed=1, device="cuda")
+    compiled = dsc.compile(model, dsc.Target(device="cuda", dtype="float32", max_seq_len=64))
+    assert "rotary_cached_attention" in compiled.report()
+    ids = torch.randint(3, 200, (2, 7), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=24, eos_token_id=[]), ref)

@@ -155,3 +155,37 @@ def test_too_many_rows_for_decode():
 def test_cpu_tensors_need_cuda(no_interpreter):
     with pytest.raises(ValueError, match="needs CUDA"):
         decode_attention(**_bad())
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("s,start,d", [(1, 0, 16), (1, 12, 24), (2, 15, 16)])
+def test_rotates_queries_and_new_keys_as_it_loads_them(s, start, d, config, assert_close):
+    # rotary=(cos, sin): the same result and cache as rotating q and the new keys first (d=24:
+    # a head dimension short of its power-of-two block, whose halves pair lanes d and d +- 12).
+    from dsc.ops.rotary import rotary
+
+    q, k, v, valid, st = make_inputs(s=s, t=17, d=d, start=start, seed=11 + start)
+    g = torch.Generator().manual_seed(start)
+    qkv = torch.randn(2, s, 3, 2, d, generator=g)
+    new_k, new_v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+    cos, sin = torch.randn(2, 1, s, d, generator=g), torch.randn(1, 1, s, d, generator=g)
+    valid[:, start : start + s] = True
+    k_ref, v_ref = k.clone(), v.clone()
+    k_ref[:, :, start : start + s] = rotary(new_k, cos, sin)
+    v_ref[:, :, start : start + s] = new_v
+    out = decode_attention(q, k, v, valid, st, True, 0.3, config=config, new_k=new_k,
+                           new_v=new_v, rotary=(cos, sin))
+    assert_close(out, attention_reference(rotary(q, cos, sin), k_ref, v_ref, valid, st, True, 0.3))
+    assert torch.allclose(k.nan_to_num(0.0), k_ref.nan_to_num(0.0), atol=1e-6)
+    assert torch.equal(v.nan_to_num(0.0), v_ref.nan_to_num(0.0))
+
+
+def test_rotary_needs_the_new_rows_and_matching_tables():
+    q, k, v, valid, st = make_inputs()
+    table = torch.zeros(1, 1, 1, 16)
+    with pytest.raises(ValueError, match="rotary needs new_k"):
+        decode_attention(q, k, v, valid, st, True, 0.3, rotary=(table, table))
+    new = torch.zeros(2, 2, 1, 16)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        decode_attention(q, k, v, valid, st, True, 0.3, new_k=new, new_v=new,
+                         rotary=(torch.zeros(1, 1, 1, 8), table))

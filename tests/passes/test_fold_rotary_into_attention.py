@@ -1,0 +1,89 @@
+"""fold_rotary_into_attention: Before/Expected on a tiny Llama's decode graph, and what it leaves."""
+
+import copy
+
+import torch
+from torch import fx
+
+from dsc import zoo
+from dsc.frontend import trace
+from dsc.passes.context import PassContext
+from dsc.passes.graph_utils import call
+from dsc.passes.manager import PassManager
+from dsc.pipelines import trunk
+from dsc.target import Target
+from tests.passes.helpers import ops, run
+
+
+def _decode_graph(name: str = "tiny-llama"):
+    from dsc.compiler import _load_passes
+
+    _load_passes()
+    model = zoo.build(name, init_std=0.3, seed=3)
+    traced = trace(model, position_ids=True)
+    ctx = PassContext(Target(max_batch=2, max_seq_len=16), traced.weights, traced.info,
+                      traced.inputs)
+    manager = PassManager(ctx)
+    gm = manager.run(traced.gm, trunk(ctx.target) + ["kv_cache"], program="decode")
+    return manager, gm
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def _decode_inputs(manager, start: int):
+    """One decode step's inputs: a cache holding `start` random earlier tokens."""
+    g = torch.Generator().manual_seed(start)
+    specs = manager.ctx.notes["cache"]
+    caches = [torch.randn(spec["shape"], generator=g) for spec in specs]
+    valid = torch.zeros(2, 16, dtype=torch.bool)
+    valid[:, : start + 1] = True
+    ids = torch.randint(3, 100, (2, 1), generator=g)
+    return [ids, torch.ones(2, 1, dtype=torch.long), torch.full((2, 1), start), valid,
+            torch.tensor([start]), *caches]
+
+
+def test_fold_before_expected_and_same_step():
+    manager, gm = _decode_graph()
+    before = ops(gm)
+    assert before["rotary"] == 2 * 2 and before["cached_attention"] == 2
+    folded = manager.run(_copy(gm), ["fold_rotary_into_attention"], program="decode")
+    after = ops(folded)
+    assert after["rotary_cached_attention"] == 2
+    assert "rotary" not in after and "cached_attention" not in after
+    # The same step: logits and the caches it writes (the rotated new keys at slot 5).
+    inputs = _decode_inputs(manager, start=5)
+    twin = [t.clone() for t in inputs]
+    want = run(gm, manager.ctx.weights, *inputs)[0]
+    got = run(folded, manager.ctx.weights, *twin)[0]
+    torch.testing.assert_close(got, want)
+    for a, b in zip(inputs[5:], twin[5:]):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_rotated_key_read_elsewhere_is_not_folded():
+    manager, gm = _decode_graph()
+    gm = _copy(gm)
+    attention = next(n for n in gm.graph.nodes
+                     if n.target is torch.ops.dsc.cached_attention.default)
+    rotated_k = attention.args[1]
+    with gm.graph.inserting_after(attention):
+        extra = call(gm.graph, torch.ops.aten.neg.default, (rotated_k,))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = ((*out.args[0], extra),)
+    folded = manager.run(gm, ["fold_rotary_into_attention"], program="decode")
+    counts = ops(folded)
+    # The other layer folds; this one keeps its rotations and its plain cached_attention.
+    assert counts["rotary_cached_attention"] == 1 and counts["cached_attention"] == 1
+    assert counts["rotary"] == 2
+
+
+def test_models_without_rotary_are_left_alone():
+    manager, gm = _decode_graph("tiny-gpt2")
+    before = ops(gm)
+    assert "rotary" not in before
+    folded = manager.run(_copy(gm), ["fold_rotary_into_attention"], program="decode")
+    assert ops(folded) == before
