@@ -17,5 +17,6 @@ computes the grid, and nothing else. Import the module you need; this package im
 - `decode_step.advance_greedy(...)`: the argmax and bookkeeping between two greedy decode steps
   (token record, eos, next id, position and cache slot), replayed inside the step's CUDA graph.
 - `pdl`: the programmatic-dependent-launch protocol every decode-chain kernel follows on Hopper.
+- `checks`: the argument checks and the SM count the launchers share.
 - `reference`: plain-torch definitions of all of the above, which the tests compare against.
 """

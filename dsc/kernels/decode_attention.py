@@ -24,7 +24,6 @@ not attended are zeroed on load so they cannot poison the sums.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dsc.kernels import pdl
+from dsc.kernels.checks import check_device, check_out, sm_count
 
 __all__ = [
     "DecodeConfig", "check_attention_inputs", "decode_attention", "pick_decode_config",
@@ -312,26 +312,6 @@ def _decode_combine_kernel(
     tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-def _check_device(*tensors: Tensor) -> None:
-    device = tensors[0].device
-    for t in tensors:
-        if t.device != device:
-            raise ValueError(f"all tensors must be on one device; got {t.device} and {device}")
-    if device.type != "cuda" and not triton.knobs.runtime.interpret:
-        raise ValueError(
-            f"tensors are on {device}, but this kernel needs CUDA tensors "
-            "(or TRITON_INTERPRET=1 to run it on the CPU interpreter)"
-        )
-
-
-def _check_out(out: Tensor, shape: tuple[int, ...], like: Tensor, name: str = "out") -> None:
-    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
-        raise ValueError(
-            f"{name} must be {tuple(shape)} {like.dtype} on {like.device}; "
-            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
-        )
-
-
 def check_attention_inputs(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_valid: Tensor, start: Tensor, scale: float
 ) -> None:
@@ -383,20 +363,13 @@ def check_attention_inputs(
         )
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float; got {scale!r}")
-    _check_device(q, k_cache, v_cache, kv_valid, start)
+    check_device(q, k_cache, v_cache, kv_valid, start)
 
 
 def uses_decode_kernel(q: Tensor, k_cache: Tensor) -> bool:
     """Few new query rows per kv head: the split-key decode kernel, not flash tiles."""
     group = q.shape[1] // k_cache.shape[1]
     return q.shape[2] <= 16 and group * q.shape[2] <= _MAX_ROWS
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def pick_decode_config(batch: int, hkv: int, t: int, sm_count: int) -> DecodeConfig:
@@ -481,7 +454,7 @@ def decode_attention(
             f"decode_attention holds (Hq/Hkv)*S = {group * s} query rows per kv head, above "
             f"{_MAX_ROWS}; use flash_attention for S={s}"
         )
-    cfg = config or pick_decode_config(batch, hkv, t, _sm_count(q.device))
+    cfg = config or pick_decode_config(batch, hkv, t, sm_count(q.device))
 
     block_d = max(16, triton.next_power_of_2(d))
     block_r = max(16, triton.next_power_of_2(group * s))
@@ -493,7 +466,7 @@ def decode_attention(
     if out is None:
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     else:
-        _check_out(out, tuple(q.shape), q)
+        check_out(out, tuple(q.shape), q)
     if splits > 1:
         rows = batch * hq * s
         part_acc = torch.empty((rows, splits, block_d), device=q.device, dtype=torch.float32)

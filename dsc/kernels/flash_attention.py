@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from dsc.kernels.checks import check_out
 from dsc.kernels.decode_attention import (
-    _check_out,
     check_attention_inputs,
     decode_attention,
     uses_decode_kernel,
@@ -302,7 +302,7 @@ def flash_attention(
     if out is None:
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     else:
-        _check_out(out, tuple(q.shape), q)
+        check_out(out, tuple(q.shape), q)
     valid = kv_valid.view(torch.uint8)
     grid = (triton.cdiv(s, cfg.block_m), batch * hq)
     _flash_attention_kernel[grid](

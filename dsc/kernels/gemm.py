@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from dsc.kernels.checks import check_device, check_out
+
 __all__ = ["ACTIVATIONS", "GemmConfig", "gated_linear", "linear_fused"]
 
 #: Activation names the epilogue accepts (None means identity; "gelu" is the erf form).
@@ -189,26 +191,6 @@ def _gated_linear_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_device(*tensors: Tensor) -> None:
-    device = tensors[0].device
-    for t in tensors:
-        if t.device != device:
-            raise ValueError(f"all tensors must be on one device; got {t.device} and {device}")
-    if device.type != "cuda" and not triton.knobs.runtime.interpret:
-        raise ValueError(
-            f"tensors are on {device}, but this kernel needs CUDA tensors "
-            "(or TRITON_INTERPRET=1 to run it on the CPU interpreter)"
-        )
-
-
-def _check_out(out: Tensor, shape: tuple[int, ...], like: Tensor, name: str = "out") -> None:
-    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
-        raise ValueError(
-            f"{name} must be {tuple(shape)} {like.dtype} on {like.device}; "
-            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
-        )
-
-
 def _check_operands(x: Tensor, weight: Tensor) -> None:
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K]; got shape {tuple(x.shape)}")
@@ -261,13 +243,13 @@ def linear_fused(
         raise ValueError(f"bias must be [N={n}]; got shape {tuple(bias.shape)}")
     if residual is not None and tuple(residual.shape) != (m, n):
         raise ValueError(f"residual must be [M, N] = [{m}, {n}]; got {tuple(residual.shape)}")
-    _check_device(*(t for t in (x, weight, bias, residual) if t is not None))
+    check_device(*(t for t in (x, weight, bias, residual) if t is not None))
 
     cfg = config or _default_config(m, n)
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     else:
-        _check_out(out, (m, n), x)
+        check_out(out, (m, n), x)
     res = residual if residual is not None else out
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _linear_fused_kernel[grid](
@@ -321,7 +303,7 @@ def gated_linear(
             f"weight_gate_up must stack gate and up rows ([2N, K]); got an odd row count "
             f"{weight_gate_up.shape[0]}"
         )
-    _check_device(x, weight_gate_up)
+    check_device(x, weight_gate_up)
     m, k = x.shape
     n = weight_gate_up.shape[0] // 2
 
@@ -333,7 +315,7 @@ def gated_linear(
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     else:
-        _check_out(out, (m, n), x)
+        check_out(out, (m, n), x)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _gated_linear_kernel[grid](
         x,

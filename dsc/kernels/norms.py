@@ -19,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dsc.kernels import pdl
+from dsc.kernels.checks import check_device
 
 __all__ = ["layer_norm", "rms_norm"]
 
@@ -84,18 +85,6 @@ def _norm_kernel(
     tl.store(out_ptr + rows64[:, None] * stride_o + cols[None, :], y.to(x.dtype), mask=mask)
 
 
-def _check_device(*tensors: Tensor) -> None:
-    device = tensors[0].device
-    for t in tensors:
-        if t.device != device:
-            raise ValueError(f"all tensors must be on one device; got {t.device} and {device}")
-    if device.type != "cuda" and not triton.knobs.runtime.interpret:
-        raise ValueError(
-            f"tensors are on {device}, but this kernel needs CUDA tensors "
-            "(or TRITON_INTERPRET=1 to run it on the CPU interpreter)"
-        )
-
-
 def _as_rows(t: Tensor, name: str) -> Tensor:
     """View t as [rows, hidden] without copying when its last dim is contiguous."""
     if t.stride(-1) != 1:
@@ -156,7 +145,7 @@ def _norm(
         )
     if hidden > _MAX_ROW:
         raise ValueError(f"{kind}: rows longer than {_MAX_ROW} elements are not supported")
-    _check_device(*(t for t in (x, weight, bias, residual) if t is not None))
+    check_device(*(t for t in (x, weight, bias, residual) if t is not None))
 
     x2 = _as_rows(x, "x")
     n_rows = x2.shape[0]

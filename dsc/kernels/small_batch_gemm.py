@@ -23,7 +23,6 @@ autotuning, so a first call never stalls and the interpreter runs the same code 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dsc.kernels import pdl
+from dsc.kernels.checks import check_device, check_out, sm_count
 from dsc.kernels.gemm import ACTIVATIONS, _apply_activation
 
 __all__ = ["SmallBatchConfig", "linear_small_batch", "pick_config"]
@@ -311,13 +311,6 @@ def _split_k_reduce_kernel(
     )
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: few programs keep tests fast
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def pick_config(m: int, n: int, k: int, sm_count: int) -> SmallBatchConfig:
     """Choose launch parameters for an [m, k] x [n, k]^T product on a GPU with sm_count SMs.
 
@@ -344,26 +337,6 @@ def pick_config(m: int, n: int, k: int, sm_count: int) -> SmallBatchConfig:
     return SmallBatchConfig(block_m, block_n, block_k, split_k, 4, num_stages)
 
 
-def _check_device(*tensors: Tensor) -> None:
-    device = tensors[0].device
-    for t in tensors:
-        if t.device != device:
-            raise ValueError(f"all tensors must be on one device; got {t.device} and {device}")
-    if device.type != "cuda" and not triton.knobs.runtime.interpret:
-        raise ValueError(
-            f"tensors are on {device}, but this kernel needs CUDA tensors "
-            "(or TRITON_INTERPRET=1 to run it on the CPU interpreter)"
-        )
-
-
-def _check_out(out: Tensor, shape: tuple[int, ...], like: Tensor, name: str = "out") -> None:
-    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
-        raise ValueError(
-            f"{name} must be {tuple(shape)} {like.dtype} on {like.device}; "
-            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
-        )
-
-
 def _validate(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K]; got shape {tuple(x.shape)}")
@@ -380,7 +353,7 @@ def _validate(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
             raise ValueError(f"{name} must be a floating-point tensor; got {t.dtype}")
     if x.shape[0] == 0 or weight.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"empty operands: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    _check_device(*(t for t in (x, weight, bias) if t is not None))
+    check_device(*(t for t in (x, weight, bias) if t is not None))
 
 
 def linear_small_batch(
@@ -421,7 +394,7 @@ def linear_small_batch(
             )
         n //= 2
     if residual is not None:
-        _check_out(residual, (m, n), x, "residual")
+        check_out(residual, (m, n), x, "residual")
     norm_kind, norm_w, norm_b, norm_eps = norm if norm is not None else (None, None, None, 0.0)
     if norm_kind not in (None, "rms", "layer") or (norm_kind == "rms" and norm_b is not None):
         raise ValueError(f"norm must be ('rms', w, None, eps) or ('layer', w, b, eps); got "
@@ -430,13 +403,13 @@ def linear_small_batch(
         if t is not None and (tuple(t.shape) != (k,) or t.device != x.device):
             raise ValueError(f"{name} must be [K={k}] on {x.device}; got {tuple(t.shape)} on "
                              f"{t.device}")
-    cfg = config or pick_config(m, 2 * n if gated else n, k, _sm_count(x.device))
+    cfg = config or pick_config(m, 2 * n if gated else n, k, sm_count(x.device))
     if cfg.block_m != 1 and (cfg.block_m < 16 or cfg.block_m & (cfg.block_m - 1)):
         raise ValueError(f"block_m must be 1 or a power of two >= 16; got {cfg.block_m}")
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     else:
-        _check_out(out, (m, n), x)
+        check_out(out, (m, n), x)
 
     # Each split covers a whole number of K steps, so only the last split can be ragged.
     k_steps = triton.cdiv(k, cfg.block_k)

@@ -1,0 +1,41 @@
+"""Argument checks and device facts every kernel launcher shares."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from torch import Tensor
+
+__all__ = ["check_device", "check_out", "sm_count"]
+
+
+def check_device(*tensors: Tensor) -> None:
+    """All tensors on one device, and that device a GPU unless the Triton interpreter is on."""
+    device = tensors[0].device
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"all tensors must be on one device; got {t.device} and {device}")
+    if device.type != "cuda" and not triton.knobs.runtime.interpret:
+        raise ValueError(
+            f"tensors are on {device}, but this kernel needs CUDA tensors "
+            "(or TRITON_INTERPRET=1 to run it on the CPU interpreter)"
+        )
+
+
+def check_out(out: Tensor, shape: tuple[int, ...], like: Tensor, name: str = "out") -> None:
+    """A caller-given output must have the result's shape, like's dtype and like's device."""
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(
+            f"{name} must be {tuple(shape)} {like.dtype} on {like.device}; "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """SMs of the GPU; 4 under the interpreter, which keeps the tests' grids small."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
