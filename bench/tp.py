@@ -30,31 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dsc  # noqa: E402
 from dsc import zoo  # noqa: E402
-from bench.e2e import stream_per_token  # noqa: E402
+from bench.e2e import copy_bandwidth, stream_per_token  # noqa: E402
 from dsc.kernels import pdl  # noqa: E402
 from dsc.runtime import allreduce, distributed  # noqa: E402
 
 PROMPT, NEW = 128, 64
-
-
-def copy_bandwidth() -> float:
-    """Device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * (1 << 30) / statistics.median(times)
 
 
 def timed(fn) -> float:
