@@ -4,7 +4,8 @@ For each model: compile with dsc, generate once to capture the decode CUDA graph
 `--steps` decode steps with the torch profiler. Prints, per kernel name, launches per token and
 microseconds per token, plus the GPU-busy time per token against the wall time per token (the
 difference is the GPU waiting on the host). Then the accuracy check: the first-step logits of
-dsc (bf16) and of HF (bf16) each against HF on an fp32 copy of the same weights.
+dsc (bf16) and of HF (bf16) each against HF on an fp32 copy of the same weights. Runs with
+DSC_PDL=0 unless --keep-pdl: kernels placed early would count their waiting as their own time.
 
     python bench/profile_decode.py --models llama-1.1b:1,llama-7b:1 --out bench/results/x.jsonl
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -117,13 +119,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--no-accuracy", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--keep-pdl", action="store_true",
+        help="profile with programmatic dependent launch on; by default it is turned off "
+        "(DSC_PDL=0) because a kernel placed early counts its wait for the previous kernel as "
+        "its own time, so per-kernel durations would overlap",
+    )
     args = parser.parse_args()
+    if not args.keep_pdl:
+        os.environ["DSC_PDL"] = "0"
     gpu = torch.cuda.get_device_name().replace(" ", "_")
     out = Path(args.out or f"bench/results/profile-{gpu}-{time.strftime('%Y-%m-%d')}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     for spec in args.models.split(","):
         name, batch = spec.split(":")
         row = profile_model(name, int(batch), args.steps, not args.no_accuracy and batch == "1")
+        row["pdl"] = args.keep_pdl
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"\n== {name} b={batch}: wall {row['wall_us_per_token']:.0f} us/token, GPU busy "
