@@ -87,3 +87,17 @@ def test_models_without_rotary_are_left_alone():
     assert "rotary" not in before
     folded = manager.run(_copy(gm), ["fold_rotary_into_attention"], program="decode")
     assert ops(folded) == before
+
+
+def test_rotations_with_different_tables_are_not_folded():
+    manager, gm = _decode_graph()
+    gm = _copy(gm)
+    attention = next(n for n in gm.graph.nodes
+                     if n.target is torch.ops.dsc.cached_attention.default)
+    rotated_k = attention.args[1]
+    with gm.graph.inserting_before(rotated_k):
+        other_cos = call(gm.graph, torch.ops.aten.neg.default, (rotated_k.args[1],))
+    rotated_k.args = (rotated_k.args[0], other_cos, rotated_k.args[2])
+    folded = manager.run(gm, ["fold_rotary_into_attention"], program="decode")
+    counts = ops(folded)
+    assert counts["rotary_cached_attention"] == 1 and counts["cached_attention"] == 1
