@@ -16,10 +16,10 @@ from dsc.runtime import distributed
 from dsc.runtime import generated
 from dsc.runtime.cache import KVCache
 from dsc.runtime.cuda_graphs import GraphedProgram
-from dsc.runtime.greedy_graph import MAX_EOS_IDS, GreedyStepGraph
 from dsc.runtime.cuda_impls import unpadded_keys
 from dsc.runtime.executor import Executor
 from dsc.runtime.generate import GenerationRequest, check_prompt, generate_tokens
+from dsc.runtime.greedy_graph import MAX_EOS_IDS, GreedyStepGraph
 
 __all__ = ["CompiledModel", "ModelOutput", "load"]
 
@@ -204,7 +204,8 @@ class CompiledModel:
                 and max_new_tokens > 1 and len(request.eos) <= MAX_EOS_IDS
                 and os.environ.get("DSC_GREEDY_GRAPH", "1") != "0"):
             # Captured before the prefill, which rewrites the cache slots its warm-up wrote.
-            graph = self._greedy_graph(ids.shape[0], bool(request.eos))
+            with torch.no_grad():
+                graph = self._greedy_graph(ids.shape[0], bool(request.eos))
 
             def greedy_steps(first, next_pos, slot, finished):
                 return graph.run(first, next_pos, slot, finished, max_new_tokens, request.eos, pad)
