@@ -155,13 +155,6 @@ def generate_tokens(
     finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     eos = torch.tensor(request.eos or [-1], device=ids.device)
     next_pos = positions[:, -1] + 1
-    # The host never waits for the GPU inside this loop: the next decode step is queued before
-    # this step's token is handed out (a caller that reads it waits only for the token, with the
-    # step already queued behind it), and "all rows finished" is read one step late through a
-    # pinned copy, so at most one extra step runs (its token is never yielded).
-    on_gpu = ids.device.type == "cuda" and bool(request.eos)
-    all_done = torch.zeros(1, dtype=torch.bool, pin_memory=on_gpu)
-    done_event = torch.cuda.Event() if on_gpu else None
     if greedy_steps is not None and not request.do_sample:
         token = select_next(logits, False, 1.0, None, None, None)
         if request.eos:
@@ -170,6 +163,13 @@ def generate_tokens(
         if request.max_new_tokens > 1 and not (request.eos and bool(finished.all())):
             yield from greedy_steps(token, next_pos, seq, finished)
         return
+    # The host never waits for the GPU inside this loop: the next decode step is queued before
+    # this step's token is handed out (a caller that reads it waits only for the token, with the
+    # step already queued behind it), and "all rows finished" is read one step late through a
+    # pinned copy, so at most one extra step runs (its token is never yielded).
+    on_gpu = ids.device.type == "cuda" and bool(request.eos)
+    all_done = torch.zeros(1, dtype=torch.bool, pin_memory=on_gpu)
+    done_event = torch.cuda.Event() if on_gpu else None
     for step in range(request.max_new_tokens):
         token = select_next(logits, request.do_sample, request.temperature, request.top_k,
                             request.top_p, request.generator)

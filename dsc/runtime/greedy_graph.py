@@ -89,7 +89,7 @@ class GreedyStepGraph:
             self.eos[: len(eos)] = torch.tensor(eos)
         self.pad.fill_(pad_id)
         self.col.fill_(1)
-        self.cache.inputs(self.batch, start=slot)  # start = slot
+        self.cache.start.fill_(slot)
         self.cache.mark(slot)
         # "All rows finished" is read one step late, as in generate_tokens: step k is queued
         # before step k-1's flag is waited for. Two pinned flags, so step k's copy cannot land

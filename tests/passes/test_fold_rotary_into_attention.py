@@ -34,6 +34,12 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(torch.nn.Module(), graph)
 
 
+def _first_attention_and_its_key(gm: fx.GraphModule) -> tuple[fx.Node, fx.Node]:
+    attention = next(n for n in gm.graph.nodes
+                     if n.target is torch.ops.dsc.cached_attention.default)
+    return attention, attention.args[1]
+
+
 def _decode_inputs(manager, start: int):
     """One decode step's inputs: a cache holding `start` random earlier tokens."""
     g = torch.Generator().manual_seed(start)
@@ -67,9 +73,7 @@ def test_fold_before_expected_and_same_step():
 def test_a_rotated_key_read_elsewhere_is_not_folded():
     manager, gm = _decode_graph()
     gm = _copy(gm)
-    attention = next(n for n in gm.graph.nodes
-                     if n.target is torch.ops.dsc.cached_attention.default)
-    rotated_k = attention.args[1]
+    attention, rotated_k = _first_attention_and_its_key(gm)
     with gm.graph.inserting_after(attention):
         extra = call(gm.graph, torch.ops.aten.neg.default, (rotated_k,))
     out = next(n for n in gm.graph.nodes if n.op == "output")
@@ -92,9 +96,7 @@ def test_models_without_rotary_are_left_alone():
 def test_rotations_with_different_tables_are_not_folded():
     manager, gm = _decode_graph()
     gm = _copy(gm)
-    attention = next(n for n in gm.graph.nodes
-                     if n.target is torch.ops.dsc.cached_attention.default)
-    rotated_k = attention.args[1]
+    attention, rotated_k = _first_attention_and_its_key(gm)
     with gm.graph.inserting_before(rotated_k):
         other_cos = call(gm.graph, torch.ops.aten.neg.default, (rotated_k.args[1],))
     rotated_k.args = (rotated_k.args[0], other_cos, rotated_k.args[2])
