@@ -1,11 +1,13 @@
 """canonicalize: remove ops that do nothing at inference, so patterns see one spelling.
 
 Matches:   alias(x), detach(x), dropout(x, p, train=False),
-           _to_copy(x, dtype=x.dtype) with no other argument
+           _to_copy(x, dtype=x.dtype) with no other argument,
+           slice(x, dim, 0, end, 1) whose result has x's shape (`x[:, :, None]` on some tracing
+           paths spells each `:` so; repeat_kv then hides the GQA key it expands)
 Rewrite to: x
 
 Does not match: clone(x) — a later view may rely on the copy being contiguous; a cast that
-changes dtype or device.
+changes dtype or device; a slice that drops elements or steps.
 Ordering: first in every pipeline.
 """
 
@@ -31,7 +33,19 @@ def _is_noop(node: fx.Node) -> bool:
     if is_op(node, aten._to_copy) and set(node.kwargs) <= {"dtype"}:
         src, out = tensor_meta(node.args[0]), tensor_meta(node)
         return src is not None and out is not None and src.dtype == out.dtype
+    if is_op(node, aten.slice):
+        return _is_whole_slice(node)
     return False
+
+
+def _is_whole_slice(node: fx.Node) -> bool:
+    start = node.args[2] if len(node.args) > 2 else node.kwargs.get("start", 0)
+    step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
+    src, out = tensor_meta(node.args[0]), tensor_meta(node)
+    if start not in (0, None) or step != 1 or src is None or out is None:
+        return False
+    # Sizes compared as expressions: symbolic sizes are equal only when they are the same symbol.
+    return [str(d) for d in src.shape] == [str(d) for d in out.shape]
 
 
 @register("canonicalize")

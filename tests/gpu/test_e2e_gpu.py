@@ -13,6 +13,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_fp32_greedy_equals_hf(name):
     model = zoo.build(name, init_std=0.3, seed=1, device="cuda")
     compiled = dsc.compile(model, dsc.Target(device="cuda", dtype="float32", max_seq_len=64))
+    # GQA models keep their KV heads in the cache (a CUDA trace spells repeat_kv differently).
+    config = model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or compiled.plan.model["num_heads"]
+    assert {entry["shape"][1] for entry in compiled.plan.model["cache"]} == {kv_heads}
     ids = torch.randint(3, 200, (2, 7), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)

@@ -26,3 +26,30 @@ def test_clone_and_real_casts_are_kept():
     # the view relies on the contiguous copy; the cast changes dtype
     assert ops(gm)["clone"] == 1 and ops(gm)["_to_copy"] == 1
     torch.testing.assert_close(run(gm, weights, x)[0], copies(x))
+
+
+def test_whole_slices_are_removed():
+    def sliced(x):
+        x = torch.ops.aten.slice.Tensor(x, 0, 0, 9223372036854775807)
+        return torch.ops.aten.slice.Tensor(x, 1, 0, 4) * 2
+
+    x = torch.randn(3, 4)
+    gm, weights = export_fn(sliced, x)
+    assert ops(gm)["slice"] == 2
+    gm = PassManager(context(weights)).run(gm, ["canonicalize"])
+    assert ops(gm) == {"mul": 1}
+    torch.testing.assert_close(run(gm, weights, x)[0], sliced(x))
+
+
+def test_slices_that_drop_or_step_are_kept():
+    def sliced(x):
+        a = torch.ops.aten.slice.Tensor(x, 1, 0, 3)  # drops the last column
+        b = torch.ops.aten.slice.Tensor(x, 0, 1)  # drops the first row
+        c = torch.ops.aten.slice.Tensor(x, 1, 0, 9223372036854775807, 2)  # every other column
+        return a.sum() + b.sum() + c.sum()
+
+    x = torch.randn(3, 4)
+    gm, weights = export_fn(sliced, x)
+    gm = PassManager(context(weights)).run(gm, ["canonicalize"])
+    assert ops(gm)["slice"] == 3
+    torch.testing.assert_close(run(gm, weights, x)[0], sliced(x))

@@ -39,6 +39,27 @@ def test_gqa_repeat_is_folded_into_the_op():
     torch.testing.assert_close(run(gm, weights, q, k, v)[0], gqa(q, k, v))
 
 
+def test_gqa_repeat_spelled_with_whole_slices_is_folded():
+    """A CUDA trace spells repeat_kv's `x[:, :, None, :, :]` with a slice per `:`; canonicalize
+    drops them, so the cache still holds the 2 KV heads rather than 4 repeated ones."""
+    whole = 9223372036854775807
+
+    def repeat(x):
+        x = torch.ops.aten.slice.Tensor(torch.ops.aten.slice.Tensor(x, 0, 0, whole), 1, 0, whole)
+        x = torch.ops.aten.slice.Tensor(x.unsqueeze(2), 3, 0, whole)
+        return x.expand(2, 2, 2, 5, 8).reshape(2, 4, 5, 8)
+
+    def gqa(q, k, v):
+        return F.scaled_dot_product_attention(q, repeat(k), repeat(v), is_causal=True)
+
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    gm, weights = export_fn(gqa, q, k, v)
+    assert ops(gm)["slice"] == 6
+    gm = PassManager(context(weights)).run(gm, ["canonicalize", "recognize_attention"])
+    assert ops(gm) == {"attention": 1}
+    torch.testing.assert_close(run(gm, weights, q, k, v)[0], gqa(q, k, v))
+
+
 def test_softmax_form_before_expected():
     def eager(q, k, v):
         scores = torch.matmul(q, k.transpose(-2, -1)) * 0.3
