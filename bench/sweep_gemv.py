@@ -1,8 +1,12 @@
-"""Launch configurations of the small-batch GEMM at one row on the small models' projections.
+"""Launch configurations of the small-batch GEMM on the decode projections.
+
+`--rows 1` (default): one row on the small models' projections.
 
 The 7B shapes behind `pick_config` keep every SM busy with 8-row blocks; GPT-2 XL (1600 wide) and
 Llama-1.1B (2048 wide) give only 200-320 such blocks for 132 SMs. This times block widths and
 K splits on those shapes, in one run with the copy bandwidth, and prints the best per shape.
+`--rows 16`: the 7B's projections at batch 16 (the `tl.dot` path), over block widths, K steps,
+K splits and pipeline depths.
 
     PYTHONPATH=. python bench/sweep_gemv.py --out bench/results/sweep-gemv.jsonl
 """
@@ -15,6 +19,7 @@ from dataclasses import asdict
 from functools import partial
 
 import torch
+import triton
 
 from bench.kernels import copies_for, measure_copy_bandwidth, rel_err, time_calls
 from dsc.kernels.reference import linear_reference
@@ -32,38 +37,59 @@ SHAPES = {  # name: (N, K, gated)
     "7b gate/up gated 22016x4096": (22016, 4096, True),
 }
 
+SHAPES_BATCHED = {  # the 7B's projections, several rows
+    "7b qkv 12288x4096": (12288, 4096, False),
+    "7b o 4096x4096": (4096, 4096, False),
+    "7b gate/up gated 22016x4096": (22016, 4096, True),
+    "7b down 4096x11008": (4096, 11008, False),
+}
 
-def candidates() -> list[SmallBatchConfig]:
+
+def candidates(rows: int) -> list[SmallBatchConfig]:
     out = []
-    for block_n in (4, 8, 16):
-        for block_k in (256, 512):
-            for split in (1, 2, 3, 4):
-                out.append(SmallBatchConfig(1, block_n, block_k, split, 4, 4))
+    if rows == 1:
+        for block_n in (4, 8, 16):
+            for block_k in (256, 512):
+                for split in (1, 2, 3, 4):
+                    out.append(SmallBatchConfig(1, block_n, block_k, split, 4, 4))
+        return out
+    block_m = max(16, triton.next_power_of_2(rows))
+    for block_n in (16, 32, 64):
+        for block_k in (64, 128, 256):
+            for split in (1, 2, 4):
+                for stages in (3, 5):
+                    out.append(SmallBatchConfig(block_m, block_n, block_k, split, 4, stages))
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--rows", type=int, default=1, help="rows of x (1, or a batch like 16)")
     args = parser.parse_args()
+    shapes = SHAPES if args.rows == 1 else SHAPES_BATCHED
     copy_bw = measure_copy_bandwidth()
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     lines = []
-    for name, (n, k, gated) in SHAPES.items():
+    for name, (n, k, gated) in shapes.items():
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
               for _ in range(copies_for(n * k * 2))]
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(args.rows, k, device="cuda", dtype=torch.bfloat16)
         half = n // 2
         ref = (torch.nn.functional.silu(linear_reference(x, ws[0][:half])) *
                linear_reference(x, ws[0][half:])) if gated else linear_reference(x, ws[0])
-        default = pick_config(1, n, k, sm)
-        for cfg in dict.fromkeys([default, *candidates()]):
+        default = pick_config(args.rows, n, k, sm, gated=gated)
+        for cfg in dict.fromkeys([default, *candidates(args.rows)]):
             kw = dict(activation="silu", gated=True) if gated else {}
-            err = rel_err(linear_small_batch(x, ws[0], config=cfg, **kw), ref)
+            try:
+                err = rel_err(linear_small_batch(x, ws[0], config=cfg, **kw), ref)
+            except Exception as e:  # a configuration over the SM's resources: skip it
+                print(f"  {cfg}: {type(e).__name__}", flush=True)
+                continue
             t, _ = time_calls([partial(linear_small_batch, x, w, config=cfg, **kw) for w in ws],
                               rep_ms=20)
-            pct = 100 * (n * k * 2 / t / 1e6) / copy_bw  # GB/s over GB/s
-            lines.append({"shape": name, "cfg": asdict(cfg), "default": cfg == default,
+            pct = 100 * ((n * k + args.rows * k) * 2 / t / 1e6) / copy_bw  # GB/s over GB/s
+            lines.append({"shape": name, "rows": args.rows, "cfg": asdict(cfg), "default": cfg == default,
                           "us": t * 1e3, "pct_copy": pct, "err": err})
         best = max((ln for ln in lines if ln["shape"] == name), key=lambda ln: ln["pct_copy"])
         dflt = next(ln for ln in lines if ln["shape"] == name and ln["default"])

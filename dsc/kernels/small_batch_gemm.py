@@ -23,6 +23,7 @@ autotuning, so a first call never stalls and the interpreter runs the same code 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dsc.kernels import pdl
-from dsc.kernels.checks import check_device, check_out, sm_count
+from dsc.kernels.checks import check_device, check_out, shared_memory, sm_count
 from dsc.kernels.gemm import ACTIVATIONS, _apply_activation
 
 __all__ = ["SmallBatchConfig", "linear_small_batch", "pick_config"]
@@ -311,16 +312,43 @@ def _split_k_reduce_kernel(
     )
 
 
-def pick_config(m: int, n: int, k: int, sm_count: int) -> SmallBatchConfig:
+def pick_config(m: int, n: int, k: int, sm_count: int, gated: bool = False,
+                shared_memory: int = 232448) -> SmallBatchConfig:
     """Choose launch parameters for an [m, k] x [n, k]^T product on a GPU with sm_count SMs.
 
-    The table comes from sweeps on an H100 (bench/kernels.py --sweep; bench/NOTES-kernels.md):
-    one row streams best through the multiply-add path with 8-row blocks (many programs, each a
-    long pipelined stream); more rows use `tl.dot` with 64-row blocks when that still gives
-    every SM a program, else narrower blocks, and split-K when K is long and blocks are few.
+    The table comes from sweeps on an H100 (bench/kernels.py --sweep, bench/sweep_gemv.py;
+    bench/NOTES-kernels.md). One row streams best through the multiply-add path with 8-row
+    blocks (many programs, each a long pipelined stream). Up to 16 rows: 64-row blocks with five
+    stages in flight won on every 7B projection, even where that leaves 64 programs (o_proj);
+    K is split only to put a program on each SM when K is long (the down projection) — the bytes
+    in flight, not the program count, decide. More rows use `tl.dot` with 64-row blocks when that
+    gives every SM a program, else narrower blocks, and split-K when K is long and blocks are few.
+    `gated`: the weight stacks [gate; up] and each stage loads two tiles. `shared_memory`
+    (bytes per program; an H100's by default) caps the stages in flight on smaller GPUs.
     """
+    return _fit_stages(_pick(m, n, k, sm_count, gated), gated, shared_memory)
+
+
+def _fit_stages(cfg: SmallBatchConfig, gated: bool, shared_memory: int) -> SmallBatchConfig:
+    if cfg.block_m == 1:
+        return cfg  # the multiply-add path keeps its tiles in registers
+    tiles = (2 if gated else 1) * cfg.block_n + cfg.block_m
+    per_stage = tiles * cfg.block_k * 2  # bf16/fp16 operands
+    stages = max(2, min(cfg.num_stages, shared_memory // per_stage))
+    return dataclasses.replace(cfg, num_stages=stages)
+
+
+def _pick(m: int, n: int, k: int, sm_count: int, gated: bool) -> SmallBatchConfig:
     if m == 1:
         block_m, block_n, block_k, num_stages = 1, 8, 512, 4
+    elif m <= 16:
+        tiles = triton.cdiv(n, 64)
+        if tiles >= sm_count:
+            block_k, num_stages = (128, 4) if gated else (256, 5)
+            return SmallBatchConfig(16, 64, block_k, 1, 4, num_stages)
+        per_sm = sm_count // tiles if k >= 2 * n else sm_count // (2 * tiles)
+        split_k = max(1, min(per_sm, k // 256))
+        return SmallBatchConfig(16, 64, 128, split_k, 4, 4 if gated else 5)
     else:
         block_m = max(16, min(64, triton.next_power_of_2(m)))
         if triton.cdiv(n, 64) >= sm_count:
@@ -403,7 +431,8 @@ def linear_small_batch(
         if t is not None and (tuple(t.shape) != (k,) or t.device != x.device):
             raise ValueError(f"{name} must be [K={k}] on {x.device}; got {tuple(t.shape)} on "
                              f"{t.device}")
-    cfg = config or pick_config(m, 2 * n if gated else n, k, sm_count(x.device))
+    cfg = config or pick_config(m, 2 * n if gated else n, k, sm_count(x.device), gated=gated,
+                               shared_memory=shared_memory(x.device))
     if cfg.block_m != 1 and (cfg.block_m < 16 or cfg.block_m & (cfg.block_m - 1)):
         raise ValueError(f"block_m must be 1 or a power of two >= 16; got {cfg.block_m}")
     if out is None:

@@ -130,6 +130,15 @@ def test_pick_config_fills_the_gpu():
     assert pick_config(16, 256, 2048, sm_count=132).split_k > 1
 
 
+def test_pick_config_fits_the_stages_in_shared_memory():
+    h100 = pick_config(16, 12288, 4096, sm_count=132)
+    assert (h100.block_n, h100.block_k, h100.num_stages) == (64, 256, 5)  # 200 KB of tiles
+    smaller = pick_config(16, 12288, 4096, sm_count=108, shared_memory=166912)
+    assert smaller.num_stages == 4  # 4 x 40 KB fit in 163 KB
+    gated = pick_config(16, 22016, 4096, sm_count=132, gated=True)
+    assert (2 * gated.block_n + gated.block_m) * gated.block_k * 2 * gated.num_stages <= 232448
+
+
 @pytest.mark.parametrize(
     "x_shape,w_shape,bias_shape,match",
     [
