@@ -40,10 +40,10 @@ def partition(target: Target) -> list[str]:
 def backend(target: Target) -> list[str]:
     """Passes that shape each program for its kernels, after partitioning. `fuse` only on CUDA:
     its regions exist to become generated Triton kernels; on CPU they would run as the reference
-    op by op, no faster than unfused. `fold_rotary_into_attention` only on CUDA and only with
-    DSC_ROTARY_IN_ATTENTION=1, until measured there."""
+    op by op, no faster than unfused. `fold_rotary_into_attention` only on CUDA (its op's
+    only kernel is the Triton decode attention); DSC_ROTARY_IN_ATTENTION=0 turns it off."""
     cuda = target.device == "cuda"
     fold = (["fold_rotary_into_attention"]
-            if cuda and os.environ.get("DSC_ROTARY_IN_ATTENTION", "0") == "1" else [])
+            if cuda and os.environ.get("DSC_ROTARY_IN_ATTENTION", "1") != "0" else [])
     fuse = ["fuse"] if cuda else []
     return ["addmm_to_linear", "merge_projections", *fold, *fuse, "memory_plan"]

@@ -17,7 +17,8 @@ Does not match: rotations with different tables, a rotated q or k read elsewhere
 computed twice), tables that vary per head (cos [B, H, S, D] with H > 1), a rotary whose output
 dtype differs from its input's (the attention would see other values).
 Ordering: after kv_cache and tensor_parallel, before fuse (which would otherwise group the two
-rotations into a region). Opt-in (DSC_ROTARY_IN_ATTENTION=1) until measured on the GPU.
+rotations into a region). On by default on CUDA; DSC_ROTARY_IN_ATTENTION=0 turns it off
+(bench/NOTES.md has its A/B).
 """
 
 from __future__ import annotations

@@ -82,6 +82,7 @@ def test_llama_decode_layer_launches_8_kernels_after_fusion(monkeypatch):
     about 6-8.
     """
     monkeypatch.setenv("DSC_NORM_PROLOGUE", "0")
+    monkeypatch.setenv("DSC_ROTARY_IN_ATTENTION", "0")
     before, after = _per_layer("tiny-llama", False), _per_layer("tiny-llama", True)
     assert sum(before.values()) == 12
     assert sum(after.values()) == 8
@@ -97,6 +98,7 @@ def test_llama_decode_layer_launches_6_kernels_with_norm_prologues(monkeypatch):
     [O GEMM + residual add], [rms_norm + gate/up GEMM + gated SiLU], [down GEMM + residual add].
     """
     monkeypatch.setenv("DSC_NORM_PROLOGUE", "1")
+    monkeypatch.setenv("DSC_ROTARY_IN_ATTENTION", "0")
     after = _per_layer("tiny-llama", True)
     assert sum(after.values()) == 6
     regions = {op: n for op, n in after.items() if op.startswith("kernel::region_")}
@@ -107,10 +109,10 @@ def test_llama_decode_layer_launches_6_kernels_with_norm_prologues(monkeypatch):
 
 
 def test_llama_decode_layer_launches_7_kernels_with_rotary_in_attention(monkeypatch):
-    """With DSC_ROTARY_IN_ATTENTION=1 the attention kernel rotates q and the new keys itself:
-    the [rotary q + rotary k] region is gone."""
+    """By default the attention kernel rotates q and the new keys itself: the [rotary q +
+    rotary k] region is gone."""
     monkeypatch.setenv("DSC_NORM_PROLOGUE", "0")
-    monkeypatch.setenv("DSC_ROTARY_IN_ATTENTION", "1")
+    monkeypatch.delenv("DSC_ROTARY_IN_ATTENTION", raising=False)
     after = _per_layer("tiny-llama", True)
     assert sum(after.values()) == 7
     regions = {op: n for op, n in after.items() if op.startswith("kernel::region_")}

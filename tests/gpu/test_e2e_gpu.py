@@ -81,7 +81,7 @@ def test_greedy_step_graph_matches_the_step_by_step_loop_with_eos():
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral"])
 def test_rotary_in_attention_greedy_equals_hf(name, monkeypatch):
-    """DSC_ROTARY_IN_ATTENTION=1: the decode attention kernel rotates q and the new keys."""
+    """The default on CUDA: the decode attention kernel rotates q and the new keys."""
     monkeypatch.setenv("DSC_ROTARY_IN_ATTENTION", "1")
     model = zoo.build(name, init_std=0.3, seed=1, device="cuda")
     compiled = dsc.compile(model, dsc.Target(device="cuda", dtype="float32", max_seq_len=64))
