@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["enabled", "launch_options", "wait_and_release", "prefetch_l2"]
+__all__ = ["enabled", "launch_options", "prefetch_l2", "prefetch_weights", "wait_and_release"]
 
 
 @functools.cache
@@ -58,6 +58,11 @@ def launch_options(device: torch.device) -> dict:
     if enabled(device):
         return {"USE_PDL": True, "launch_pdl": True}
     return {"USE_PDL": False}
+
+
+def prefetch_weights() -> bool:
+    """Whether a GEMV placed early prefetches its first weight tiles (DSC_PDL_PREFETCH=0: no)."""
+    return os.environ.get("DSC_PDL_PREFETCH", "1") != "0"
 
 
 @triton.jit

@@ -145,6 +145,7 @@ def _small_batch_gemm_kernel(
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
     NORM: tl.constexpr,
     HAS_NW: tl.constexpr,
     HAS_NB: tl.constexpr,
@@ -177,7 +178,7 @@ def _small_batch_gemm_kernel(
         x_ptrs = x_ptr + rows_x[None, :] * stride_xm + (k_lo + offs_k)[:, None] * stride_xk
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_u = tl.zeros_like(acc)
-    if USE_PDL and BLOCK_K >= 64:
+    if USE_PDL and PREFETCH and BLOCK_K >= 64:
         # Placed before the previous kernel finished (dsc.kernels.pdl): pull this program's first
         # weight tiles toward L2 — weights never depend on earlier kernels — before waiting for
         # the previous kernel, whose output x may be.
@@ -488,6 +489,7 @@ def linear_small_batch(
         HAS_NW=norm_w is not None,
         HAS_NB=norm_b is not None,
         num_warps=cfg.num_warps,
+        PREFETCH=pdl.prefetch_weights(),
         num_stages=cfg.num_stages,
         **pdl.launch_options(x.device),
     )
