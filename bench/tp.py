@@ -4,7 +4,9 @@ Random weights at real shapes, bf16; prompt 128 tokens, 64 new tokens, greedy; d
 token = (time for N new tokens - time for 1) / (N - 1), median of 3 (as bench/e2e.py). The floor
 is this GPU's share of the weight bytes over the copy bandwidth measured in this run. Also times
 the all-reduce of one decode activation ([batch, hidden] bf16) alone, replayed in a CUDA graph,
-with the transport dsc picks for it. Rank 0 prints a table and writes JSON lines.
+with the transport dsc picks for it, and all-reduce + residual add + RMSNorm as one op (checked
+against the three ops). DSC_FUSED_ALLREDUCE=1 puts that op into the compiled plan. Rank 0
+prints a table and writes JSON lines.
 
     python bench/tp.py --model llama-7b                       # tp=1 baseline, same script
     torchrun --nproc-per-node 4 bench/tp.py --model llama-7b --batches 1,16
@@ -32,6 +34,7 @@ import dsc  # noqa: E402
 from dsc import zoo  # noqa: E402
 from bench.e2e import copy_bandwidth, stream_per_token  # noqa: E402
 from dsc.kernels import pdl  # noqa: E402
+from dsc.ops.norms import rms_norm  # noqa: E402
 from dsc.runtime import allreduce, distributed  # noqa: E402
 
 PROMPT, NEW = 128, 64
@@ -55,26 +58,47 @@ def per_token(generate, reps: int = 3) -> float:
     return (full - one) / (NEW - 1)
 
 
-def all_reduce_us(batch: int, hidden: int, calls: int = 64) -> tuple[float, str]:
-    """Per-call time of dsc's all-reduce of a [batch, hidden] bf16 activation, in a CUDA graph."""
-    x = torch.randn(batch, hidden, dtype=torch.bfloat16, device="cuda")
-    kind = allreduce.transport(x)
-    if not distributed.is_parallel():
-        return 0.0, "none"
-    allreduce.all_reduce(x)  # eager first: sets up the symmetric buffer
+def _graph_us(fn, calls: int = 64) -> float:
+    """Per-call microseconds of fn replayed `calls` times in one CUDA graph (after eager calls,
+    which set up the symmetric buffers)."""
+    fn()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
-            allreduce.all_reduce(x)
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls):
-            allreduce.all_reduce(x)
+            fn()
     graph.replay()
-    seconds = statistics.median(timed(graph.replay) for _ in range(5))
-    return seconds / calls * 1e6, kind
+    return statistics.median(timed(graph.replay) for _ in range(5)) / calls * 1e6
+
+
+def all_reduce_us(batch: int, hidden: int) -> tuple[float, str]:
+    """Per-call time of dsc's all-reduce of a [batch, hidden] bf16 activation, in a CUDA graph."""
+    x = torch.randn(batch, hidden, dtype=torch.bfloat16, device="cuda")
+    if not distributed.is_parallel():
+        return 0.0, "none"
+    return _graph_us(lambda: allreduce.all_reduce(x)), allreduce.transport(x)
+
+
+def fused_all_reduce_us(batch: int, hidden: int) -> tuple[float, float]:
+    """Per-call time of all_reduce + residual add + RMSNorm as one op (the fused kernel where it
+    applies), and its largest difference from the three ops run one after another."""
+    if not distributed.is_parallel():
+        return 0.0, 0.0
+    gen = torch.Generator(device="cuda").manual_seed(1 + distributed.rank())
+    x, res = (torch.randn(batch, hidden, dtype=torch.bfloat16, device="cuda", generator=gen)
+              for _ in range(2))
+    w = torch.rand(hidden, dtype=torch.bfloat16, device="cuda", generator=gen) + 0.5
+    h, n = allreduce.all_reduce_residual_norm(x, res, w, 1e-5, torch.bfloat16)
+    want_h = res + allreduce.all_reduce(x)
+    want_n = rms_norm(want_h, w, 1e-5, torch.bfloat16)
+    diff = max(float((h - want_h).abs().max()), float((n - want_n).abs().max()))
+    us = _graph_us(lambda: allreduce.all_reduce_residual_norm(x, res, w, 1e-5, torch.bfloat16))
+    return us, diff
 
 
 def bench(name: str, layers: int | None, batches: list[int], bandwidth: float) -> list[dict]:
@@ -107,6 +131,7 @@ def bench(name: str, layers: int | None, batches: list[int], bandwidth: float) -
             tokens = compiled.generate(ids[:1], max_new_tokens=16, eos_token_id=[])[0, PROMPT:]
             same = distributed.gather_to_first(tokens.tolist())
             us, kind = all_reduce_us(batch, hidden)
+            fused_us, fused_diff = fused_all_reduce_us(batch, hidden)
             floor_ms = weight_bytes / tp / bandwidth * 1e3
             rows.append(
                 {
@@ -126,6 +151,9 @@ def bench(name: str, layers: int | None, batches: list[int], bandwidth: float) -
                     "all_reduce_us": us,
                     "all_reduce_transport": kind,
                     "all_reduce_bytes": batch * hidden * 2,
+                    "fused_all_reduce_norm_us": fused_us,
+                    "fused_all_reduce_norm_max_diff": fused_diff,
+                    "fused_all_reduce_in_plan": os.environ.get("DSC_FUSED_ALLREDUCE", "0") == "1",
                     "first_logits_rel_err": rel_err,
                     "ranks_agree_16_tokens": None
                     if same is None
@@ -159,7 +187,8 @@ def main() -> None:
     print(f"{rows[0]['gpu']} x{rows[0]['tp']}: copy {bandwidth / 1e9:.0f} GB/s; -> {out}")
     header = (
         f"{'model':<10} {'layers':>6} {'tp':>3} {'batch':>5} {'floor/GPU ms':>12} "
-        f"{'dsc ms':>8} {'x floor':>8} {'stream ms':>9} {'AR us':>7} {'AR via':>9} {'rel err':>8}"
+        f"{'dsc ms':>8} {'x floor':>8} {'stream ms':>9} {'AR us':>7} {'AR via':>9} "
+        f"{'AR+norm us':>10} {'rel err':>8}"
     )
     print(header)
     for r in rows:
@@ -167,7 +196,7 @@ def main() -> None:
             f"{r['model']:<10} {r['layers']:>6} {r['tp']:>3} {r['batch']:>5} "
             f"{r['floor_ms_per_gpu']:>12.3f} {r['dsc_ms']:>8.3f} {r['dsc_over_floor']:>8.2f} "
             f"{r['dsc_stream_ms']:>9.3f} {r['all_reduce_us']:>7.1f} {r['all_reduce_transport']:>9} "
-            f"{r['first_logits_rel_err']:>8.1e}"
+            f"{r['fused_all_reduce_norm_us']:>10.1f} {r['first_logits_rel_err']:>8.1e}"
         )
 
 

@@ -33,8 +33,12 @@ def cached(target: Target) -> list[str]:
 
 def partition(target: Target) -> list[str]:
     """Passes that cut each program down to this rank's share: after kv_cache (the cache then
-    holds the rank's own KV heads), before backend (which sees the per-rank shapes)."""
-    return ["tensor_parallel"] if target.tp > 1 else []
+    holds the rank's own KV heads), before backend (which sees the per-rank shapes).
+    `fuse_all_reduce_norm` with DSC_FUSED_ALLREDUCE=1, until measured on several GPUs."""
+    if target.tp == 1:
+        return []
+    fused = os.environ.get("DSC_FUSED_ALLREDUCE", "0") == "1"
+    return ["tensor_parallel", *(["fuse_all_reduce_norm"] if fused else [])]
 
 
 def backend(target: Target) -> list[str]:

@@ -1,4 +1,5 @@
-"""Collective ops as graph nodes: `dsc::all_reduce`, `dsc::all_gather`.
+"""Collective ops as graph nodes: `dsc::all_reduce`, `dsc::all_gather`, and
+`dsc::all_reduce_residual_norm` (an all_reduce with the residual add and RMSNorm after it).
 
 They run on the default torch.distributed process group (NCCL on GPUs, gloo on CPU). In a single
 process they are identities, so a partitioned graph can still be checked on one rank.
@@ -10,7 +11,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce", "all_gather"]
+from dsc.ops.norms import rms_norm
+
+__all__ = ["all_reduce", "all_gather", "all_reduce_residual_norm"]
 
 
 def _world() -> int:
@@ -47,3 +50,24 @@ def _(x, dim):
     shape = list(x.shape)
     shape[dim] = shape[dim] * _world()
     return x.new_empty(shape)
+
+
+@torch.library.custom_op("dsc::all_reduce_residual_norm", mutates_args=())
+def all_reduce_residual_norm(
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """(h, rms_norm(h)) with h = residual + all_reduce(x): a row-parallel block's output joined
+    to the residual stream and normalised for the next block, as one op.
+
+    Each step rounds as the three ops it replaces do: the sum to x.dtype, h to the promoted
+    dtype, the normalised value to h.dtype before the weight multiplies it.
+    """
+    h = residual + all_reduce(x)
+    return h, rms_norm(h, weight, eps, out_dtype)
+
+
+@all_reduce_residual_norm.register_fake
+def _(x, residual, weight, eps, out_dtype):
+    shape = torch.broadcast_shapes(x.shape, residual.shape)
+    h = x.new_empty(shape, dtype=torch.promote_types(x.dtype, residual.dtype))
+    return h, h.new_empty(shape, dtype=out_dtype)

@@ -1,4 +1,5 @@
-"""The collectives plan steps call: `collective::all_reduce`, `collective::all_gather`.
+"""The collectives plan steps call: `collective::all_reduce`, `collective::all_gather`,
+`collective::all_reduce_residual_norm`.
 
 A decode step of a tensor-parallel model reduces one small activation per block (8 KB for
 Llama-7B at batch 1, bf16): NCCL spends 20-40 us on each, more than the GEMVs around it. So
@@ -15,20 +16,28 @@ The symmetric buffer is allocated (a collective: every rank at the same step) on
 eligible call outside a CUDA-graph capture; the eager prefill comes before any capture.
 A failure (a peer died, a timeout) is raised as `CollectiveError`. Nothing here touches CUDA
 unless the tensor is on a GPU.
+
+`all_reduce_residual_norm` (h = residual + all_reduce(x), then RMSNorm of h) is one dsc kernel
+(dsc/kernels/all_reduce_norm.py) under the same conditions as the one-shot path, for decode-sized
+messages; otherwise it is all_reduce followed by the add and the norm.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dsc.kernels import all_reduce_norm
+from dsc.ops.norms import rms_norm
 from dsc.runtime import distributed
 from dsc.runtime.executor import register_kernel_namespace
 
-__all__ = ["ONE_SHOT_MAX_BYTES", "all_gather", "all_reduce", "transport"]
+__all__ = ["ONE_SHOT_MAX_BYTES", "all_gather", "all_reduce", "all_reduce_residual_norm",
+           "transport"]
 
 ONE_SHOT_MAX_BYTES = 512 * 1024  # one-shot wins below this on NVLink; larger goes to NCCL's rings
 _ONE_SHOT_DTYPES = (torch.float32, torch.bfloat16)  # what torch's one-shot kernel is built for
@@ -111,6 +120,84 @@ def all_reduce(x: Tensor) -> Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class _FusedBuffers:
+    """Every rank's symmetric data buffer and flag array, as device pointer tables."""
+
+    buffer_ptrs: Tensor
+    flag_ptrs: Tensor
+    elements: int
+    keep: tuple = ()  # the arrays and handles: they must outlive every launch using the pointers
+
+
+_fused: dict[tuple[torch.dtype, torch.device], _FusedBuffers] = {}
+
+
+def _fused_buffers(dtype: torch.dtype, device: torch.device) -> _FusedBuffers | None:
+    key = (dtype, device)
+    if key in _fused:
+        return _fused[key]
+    if device in _unavailable or torch.cuda.is_current_stream_capturing():
+        return None
+    try:
+        from torch.distributed import _symmetric_memory as symm_mem
+
+        group = dist.group.WORLD.group_name
+        elements = ONE_SHOT_MAX_BYTES // dtype.itemsize
+        data = symm_mem.empty(elements, dtype=dtype, device=device)
+        data_handle = symm_mem.rendezvous(data, group)
+        world = distributed.world_size()
+        flags = symm_mem.empty(2 * all_reduce_norm.MAX_ROWS * world, dtype=torch.int32,
+                               device=device)
+        flags.zero_()
+        flag_handle = symm_mem.rendezvous(flags, group)
+    except (ImportError, AttributeError, RuntimeError):
+        _unavailable.add(device)  # every rank takes the same branch
+        return None
+    torch.cuda.synchronize(device)
+    dist.barrier()  # every rank's flags are zero before anyone signals
+    table = {"dtype": torch.int64, "device": device}
+    buffers = _FusedBuffers(torch.tensor(data_handle.buffer_ptrs, **table),
+                            torch.tensor(flag_handle.buffer_ptrs, **table), elements,
+                            keep=(data, flags, data_handle, flag_handle))
+    _fused[key] = buffers
+    return buffers
+
+
+def _fusable(x: Tensor, residual: Tensor, weight: Tensor | None) -> bool:
+    h_dim = x.shape[-1] if x.dim() else 0
+    return (
+        x.is_cuda
+        and distributed.multicast_disabled()
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and distributed.world_size() in _ONE_SHOT_WORLDS
+        and residual.shape == x.shape
+        and 0 < h_dim <= 16384
+        and x.numel() // h_dim <= all_reduce_norm.MAX_ROWS
+        and x.numel() * x.element_size() <= ONE_SHOT_MAX_BYTES
+        and (weight is None or tuple(weight.shape) == (h_dim,))
+        and x.device not in _unavailable
+    )
+
+
+def all_reduce_residual_norm(x: Tensor, residual: Tensor, weight: Tensor | None, eps: float,
+                             out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(h, rms_norm(h)) with h = residual + the sum of x over all ranks."""
+    if distributed.is_parallel() and _fusable(x, residual, weight):
+        buffers = _fused_buffers(x.dtype, x.device)
+        if buffers is not None:
+            return distributed.guarded(
+                "all_reduce + residual + RMSNorm (symmetric memory)",
+                lambda: all_reduce_norm.all_reduce_residual_rms_norm(
+                    x, residual, weight, eps, out_dtype, rank=distributed.rank(),
+                    world=distributed.world_size(), buffer_ptrs=buffers.buffer_ptrs,
+                    flag_ptrs=buffers.flag_ptrs, buffer_elements=buffers.elements,
+                ),
+            )
+    h = residual + all_reduce(x)
+    return h, rms_norm(h, weight, eps, out_dtype)
+
+
 def all_gather(x: Tensor, dim: int) -> Tensor:
     """Every rank's x concatenated along dim, in rank order."""
     world = distributed.world_size()
@@ -121,7 +208,11 @@ def all_gather(x: Tensor, dim: int) -> Tensor:
     return torch.cat(parts, dim=dim)
 
 
-_IMPLEMENTATIONS: dict[str, Callable] = {"all_reduce": all_reduce, "all_gather": all_gather}
+_IMPLEMENTATIONS: dict[str, Callable] = {
+    "all_reduce": all_reduce,
+    "all_gather": all_gather,
+    "all_reduce_residual_norm": all_reduce_residual_norm,
+}
 
 
 def _resolve(name: str) -> Callable:

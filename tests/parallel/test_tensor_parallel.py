@@ -181,3 +181,16 @@ def test_tp8_on_small_config_equals_eager(tmp_path_factory):
         assert rank["max_diff"] < 1e-4
         assert rank["tokens"] == rank["hf_tokens"]
         assert rank["cache"] == [4, 1, 64, 8]  # one replicated KV head of dim 8 per rank
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_fused_all_reduce_residual_norm_equals_eager(tmp_path, nproc):
+    """DSC_FUSED_ALLREDUCE=1: every block's all_reduce joins the residual add and the next
+    RMSNorm (the embedding's sum has no residual add and stays); results unchanged."""
+    proc = torchrun(nproc, "check", tmp_path, "tiny-llama", env={"DSC_FUSED_ALLREDUCE": "1"})
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    for r in range(nproc):
+        rank = json.loads((tmp_path / f"tiny-llama-check-rank{r}.json").read_text())
+        assert rank["fused_all_reduce"] == 2 * LAYERS and rank["all_reduce"] == 1
+        assert rank["max_diff"] < 1e-4 and rank["loaded_diff"] == 0.0
+        assert rank["tokens"] == rank["hf_tokens"]
