@@ -34,7 +34,10 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["enabled", "launch_options", "prefetch_l2", "prefetch_weights", "wait_and_release"]
+__all__ = [
+    "enabled", "gemv_options", "launch_options", "prefetch_l2", "prefetch_weights",
+    "wait_and_release",
+]
 
 
 @functools.cache
@@ -58,6 +61,16 @@ def launch_options(device: torch.device) -> dict:
     if enabled(device):
         return {"USE_PDL": True, "launch_pdl": True}
     return {"USE_PDL": False}
+
+
+def gemv_options(device: torch.device) -> dict:
+    """`launch_options` for the small-batch GEMM; DSC_PDL_GEMV=0 launches it without PDL (it then
+    starts when its predecessor has finished, as without PDL; the kernels around it keep PDL).
+    Back-to-back 4096-wide GEMVs measured slower when placed early (bench/NOTES.md, runs 18-20);
+    this is the switch for that A/B in a whole model."""
+    if os.environ.get("DSC_PDL_GEMV", "1") == "0":
+        return {"USE_PDL": False}
+    return launch_options(device)
 
 
 def prefetch_weights() -> bool:

@@ -491,7 +491,7 @@ def linear_small_batch(
         num_warps=cfg.num_warps,
         PREFETCH=pdl.prefetch_weights(),
         num_stages=cfg.num_stages,
-        **pdl.launch_options(x.device),
+        **pdl.gemv_options(x.device),
     )
     if split_k > 1:
         block = 1024
@@ -510,6 +510,6 @@ def linear_small_batch(
             **epilogue,
             BLOCK=block,
             num_warps=4,
-            **pdl.launch_options(x.device),
+            **pdl.gemv_options(x.device),
         )
     return out

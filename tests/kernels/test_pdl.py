@@ -18,3 +18,14 @@ def test_dsc_pdl_0_turns_it_off(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("DSC_PDL", "0")
     assert pdl.launch_options(torch.device("cuda", 0)) == {"USE_PDL": False}
+
+
+def test_dsc_pdl_gemv_0_turns_it_off_for_the_gemv_only(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("DSC_PDL_GEMV", "0")
+    assert pdl.gemv_options(torch.device("cuda", 0)) == {"USE_PDL": False}
+    monkeypatch.setattr(pdl, "enabled", lambda device: True)  # a Hopper GPU, for the others
+    assert pdl.launch_options(torch.device("cuda", 0))["USE_PDL"] is True
+    assert pdl.prefetch_weights()
+    monkeypatch.setenv("DSC_PDL_PREFETCH", "0")
+    assert not pdl.prefetch_weights()
