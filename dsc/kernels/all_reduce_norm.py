@@ -5,21 +5,25 @@ and starts the next with `rms_norm(h)`. At batch 1 the message is a few KB, so t
 fixed costs: a collective kernel with barriers, then a norm kernel. Here one kernel does all of
 it, one program per row:
 
-1. store this rank's partial row into its symmetric buffer (peers can read it over NVLink);
-2. barrier: set a flag in every peer's flag array (0 -> 1), wait for every peer's flag in ours
-   (1 -> 0). Compare-and-swap both ways, so a flag a peer has not consumed yet is never
-   overwritten: consecutive calls need no epoch counter, which a CUDA graph could not advance;
-3. load every rank's row (volatile: the same addresses hold new data every call), sum in fp32,
-   round to x's dtype as the all_reduce would, add the residual, round h, normalise h in fp32,
-   round, multiply by the weight — the same roundings as the three ops it replaces;
-4. a second barrier, so no rank overwrites its buffer (the next call's step 1) while a peer may
-   still be reading it.
+1. store this rank's partial row into its symmetric buffer (peers read it over NVLink), in the
+   half of the buffer this row's call count selects;
+2. barrier: raise a flag in every peer's flag array (0 -> 1) and take down every peer's flag in
+   ours (1 -> 0), all peers at once (one lane each). Compare-and-swap both ways, so a flag a peer
+   has not consumed yet is never overwritten;
+3. load every rank's row (volatile: the same addresses hold new data every other call), sum in
+   fp32, round to x's dtype as the all_reduce would, add the residual, round h, normalise h in
+   fp32, round, multiply by the weight — the same roundings as the three ops it replaces.
 
-Flags live in a separate symmetric int32 array [2 phases, rows, ranks]; a rank writes only the
-slot [phase, row, its rank] of each peer's array. The flags are scalar compare-and-swaps, done
-by one thread of the program; a CTA barrier orders the other threads' stores before the release
-and their loads after the acquire. A peer that never arrives stops the kernel with a trap after
-about MAX_SPINS tries, so the host sees a CUDA error instead of hanging.
+No second barrier: a row's next call writes the other half, and the call after that — the next
+write to this half — comes after that row's barrier of the call in between, which no peer
+reaches before it has finished reading this half (kernels of one stream run in order). The call
+count lives in this rank's flag array, so it advances under CUDA-graph replay too; every rank
+makes the same calls, so the halves agree.
+
+Flag array (int32, symmetric): [MAX_ROWS rows x world ranks] arrival flags, then MAX_ROWS call
+counts. The flags are atomics on one lane per peer; a CTA barrier orders the other threads'
+stores before the release and their loads after the acquire. A peer that never arrives stops the
+kernel with a trap after MAX_SPINS tries, so the host sees a CUDA error instead of hanging.
 """
 
 from __future__ import annotations
@@ -31,20 +35,38 @@ from torch import Tensor
 
 from dsc.kernels import pdl
 
-__all__ = ["MAX_ROWS", "all_reduce_residual_rms_norm"]
+__all__ = ["MAX_ROWS", "all_reduce_residual_rms_norm", "buffer_elements", "flag_elements"]
 
 MAX_ROWS = 64  # rows (tokens) per call: decode steps; prefill goes to the composite path
 MAX_SPINS = 1 << 24
+MAX_HIDDEN = 16384
+
+
+def buffer_elements() -> int:
+    """Length of each rank's symmetric data buffer: two halves of MAX_ROWS rows of MAX_HIDDEN."""
+    return 2 * MAX_ROWS * MAX_HIDDEN
+
+
+def flag_elements(world: int) -> int:
+    """Length of each rank's int32 flag array: arrival flags, then per-row call counts."""
+    return MAX_ROWS * world + MAX_ROWS
+
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
-def _flip(addr, expect, new, MAX_SPINS: tl.constexpr, CAN_TRAP: tl.constexpr):
-    """Compare-and-swap addr from expect to new, retrying until it succeeds."""
-    seen = tl.atomic_cas(addr, expect, new, sem="acq_rel", scope="sys")
+def _flip_all(ptrs, expect, new, WORLD: tl.constexpr, MAX_SPINS: tl.constexpr,
+              CAN_TRAP: tl.constexpr):
+    """Compare-and-swap every pointer of ptrs [WORLD] from expect to new, retrying the lanes
+    that have not succeeded yet (a done lane compares against -1, which no flag holds)."""
+    want = tl.full((WORLD,), expect, tl.int32)
+    to = tl.full((WORLD,), new, tl.int32)
+    done = tl.atomic_cas(ptrs, want, to, sem="acq_rel", scope="sys") == expect
     spins = 0
-    while (seen != expect) & (spins < MAX_SPINS):
-        seen = tl.atomic_cas(addr, expect, new, sem="acq_rel", scope="sys")
+    while (tl.sum(done.to(tl.int32), axis=0) < WORLD) & (spins < MAX_SPINS):
+        seen = tl.atomic_cas(ptrs, tl.where(done, -1, want), to, sem="acq_rel", scope="sys")
+        done = done | (seen == expect)
         spins += 1
     if CAN_TRAP:
         if spins >= MAX_SPINS:
@@ -53,17 +75,16 @@ def _flip(addr, expect, new, MAX_SPINS: tl.constexpr, CAN_TRAP: tl.constexpr):
 
 
 @triton.jit
-def _barrier(flag_ptrs, rank, row, phase, WORLD: tl.constexpr, MAX_ROWS_: tl.constexpr,
-             MAX_SPINS: tl.constexpr, CAN_TRAP: tl.constexpr):
-    tl.debug_barrier()  # every thread's earlier stores/loads come before the signals
-    base = (phase * MAX_ROWS_ + row) * WORLD
-    for peer in tl.static_range(WORLD):
-        theirs = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
-        _flip(theirs + base + rank, 0, 1, MAX_SPINS, CAN_TRAP)
+def _barrier(flag_ptrs, rank, row, WORLD: tl.constexpr, MAX_SPINS: tl.constexpr,
+             CAN_TRAP: tl.constexpr):
+    tl.debug_barrier()  # every thread's stores come before the signals
+    peers = tl.arange(0, WORLD)
+    slot = row * WORLD
+    theirs = tl.load(flag_ptrs + peers).to(tl.pointer_type(tl.int32))
+    _flip_all(theirs + slot + rank, 0, 1, WORLD, MAX_SPINS, CAN_TRAP)
     mine = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32))
-    for peer in tl.static_range(WORLD):
-        _flip(mine + base + peer, 1, 0, MAX_SPINS, CAN_TRAP)
-    tl.debug_barrier()  # ... and every thread's later loads come after them
+    _flip_all(mine + slot + peers, 1, 0, WORLD, MAX_SPINS, CAN_TRAP)
+    tl.debug_barrier()  # ... and every thread's loads come after them
 
 
 @triton.jit
@@ -96,16 +117,20 @@ def _all_reduce_residual_norm_kernel(
     cols = tl.arange(0, BLOCK_H)
     ok = cols < H
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
-    slot = row * H + cols
+    # This row's call count (in our own flag array, after the arrival flags) picks the half.
+    count_ptr = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32)) + MAX_ROWS_ * WORLD + row
+    count = tl.load(count_ptr, volatile=True)
+    half = count & 1
+    slot = (half * MAX_ROWS_ + row) * H + cols
     mine = tl.load(buf_ptrs + rank).to(tl.pointer_type(x_ptr.dtype.element_ty))
     tl.store(mine + slot, x, mask=ok)
-    _barrier(flag_ptrs, rank, row, 0, WORLD, MAX_ROWS_, MAX_SPINS, CAN_TRAP)
+    _barrier(flag_ptrs, rank, row, WORLD, MAX_SPINS, CAN_TRAP)
 
     total = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for peer in tl.static_range(WORLD):
         theirs = tl.load(buf_ptrs + peer).to(tl.pointer_type(x_ptr.dtype.element_ty))
         total += tl.load(theirs + slot, mask=ok, other=0.0, volatile=True).to(tl.float32)
-    _barrier(flag_ptrs, rank, row, 1, WORLD, MAX_ROWS_, MAX_SPINS, CAN_TRAP)
+    tl.store(count_ptr, count + 1)  # wraps after 2**31 calls; the low bit still alternates
 
     reduced = total.to(x_ptr.dtype.element_ty).to(tl.float32)
     res = tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
@@ -137,8 +162,9 @@ def all_reduce_residual_rms_norm(
 
     x, residual [..., H] of one shape; weight [H] or None. buffer_ptrs / flag_ptrs: int64 device
     tensors [world] with every rank's symmetric data buffer (x's dtype, buffer_elements long)
-    and flag array (int32, 2 * MAX_ROWS * world long, zeroed before first use). Every rank must
-    call it with the same shapes, in the same order.
+    and flag array (int32, flag_elements(world) long, zeroed before first use). Every rank must
+    call it with the same shapes, in the same order, and with one H for the life of the buffers
+    (a model's hidden size).
     """
     h_dim = x.shape[-1]
     rows = x.numel() // h_dim
@@ -146,7 +172,7 @@ def all_reduce_residual_rms_norm(
         raise ValueError(f"residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
     if weight is not None and tuple(weight.shape) != (h_dim,):
         raise ValueError(f"weight must be [{h_dim}], got {tuple(weight.shape)}")
-    if rows > MAX_ROWS or rows * h_dim > buffer_elements:
+    if rows > MAX_ROWS or 2 * MAX_ROWS * h_dim > buffer_elements:
         raise ValueError(f"{rows} rows of {h_dim} do not fit the fused all-reduce "
                          f"({MAX_ROWS} rows, {buffer_elements} elements)")
     x2 = x.reshape(rows, h_dim).contiguous()

@@ -143,11 +143,11 @@ def _fused_buffers(dtype: torch.dtype, device: torch.device) -> _FusedBuffers | 
         from torch.distributed import _symmetric_memory as symm_mem
 
         group = dist.group.WORLD.group_name
-        elements = ONE_SHOT_MAX_BYTES // dtype.itemsize
+        elements = all_reduce_norm.buffer_elements()
         data = symm_mem.empty(elements, dtype=dtype, device=device)
         data_handle = symm_mem.rendezvous(data, group)
         world = distributed.world_size()
-        flags = symm_mem.empty(2 * all_reduce_norm.MAX_ROWS * world, dtype=torch.int32,
+        flags = symm_mem.empty(all_reduce_norm.flag_elements(world), dtype=torch.int32,
                                device=device)
         flags.zero_()
         flag_handle = symm_mem.rendezvous(flags, group)
@@ -172,9 +172,8 @@ def _fusable(x: Tensor, residual: Tensor, weight: Tensor | None) -> bool:
         and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and distributed.world_size() in _ONE_SHOT_WORLDS
         and residual.shape == x.shape
-        and 0 < h_dim <= 16384
+        and 0 < h_dim <= all_reduce_norm.MAX_HIDDEN
         and x.numel() // h_dim <= all_reduce_norm.MAX_ROWS
-        and x.numel() * x.element_size() <= ONE_SHOT_MAX_BYTES
         and (weight is None or tuple(weight.shape) == (h_dim,))
         and x.device not in _unavailable
     )

@@ -1,39 +1,53 @@
 """The fused all-reduce + residual + RMSNorm kernel, in one process: the peers' partials are
-already in their buffers and their flags already raised, so rank 0's program runs straight
-through both barriers (the interpreter runs one program at a time)."""
+already in their buffers and their arrival flags already raised, so this rank's programs run
+straight through the barrier (the interpreter runs one program at a time)."""
 
 import pytest
 import torch
 
-from dsc.kernels.all_reduce_norm import MAX_ROWS, all_reduce_residual_rms_norm
+from dsc.kernels.all_reduce_norm import (
+    MAX_ROWS,
+    all_reduce_residual_rms_norm,
+    flag_elements,
+)
 from dsc.ops.norms import rms_norm
 
 
-def _run(world: int, shape: tuple[int, ...], dtype: torch.dtype, weight: bool, rank: int = 0):
-    gen = torch.Generator().manual_seed(world * 100 + shape[-1])
-    h_dim = shape[-1]
-    rows = 1
-    for d in shape[:-1]:
-        rows *= d
+class SimulatedPeers:
+    """Every rank's symmetric buffer and flag array in this process; `call` plays `rank`."""
+
+    def __init__(self, world: int, h_dim: int, dtype: torch.dtype, rank: int = 0):
+        self.world, self.h_dim, self.dtype, self.rank = world, h_dim, dtype, rank
+        self.elements = 2 * MAX_ROWS * h_dim
+        self.buffers = [torch.zeros(self.elements, dtype=dtype) for _ in range(world)]
+        self.flags = [torch.zeros(flag_elements(world), dtype=torch.int32) for _ in range(world)]
+        table = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa
+        self.buffer_ptrs, self.flag_ptrs = table(self.buffers), table(self.flags)
+
+    def call(self, parts, residual, weight):
+        rows = parts[0].numel() // self.h_dim
+        for row in range(rows):
+            half = int(self.flags[self.rank][MAX_ROWS * self.world + row]) & 1
+            at = (half * MAX_ROWS + row) * self.h_dim
+            for peer in range(self.world):
+                if peer != self.rank:
+                    # The peer took down our last arrival, stored its row, raised its flag here.
+                    self.flags[peer][row * self.world + self.rank] = 0
+                    self.buffers[peer][at:at + self.h_dim] = parts[peer].reshape(rows, -1)[row]
+                    self.flags[self.rank][row * self.world + peer] = 1
+        return all_reduce_residual_rms_norm(
+            parts[self.rank], residual, weight, 1e-5, self.dtype, rank=self.rank,
+            world=self.world, buffer_ptrs=self.buffer_ptrs, flag_ptrs=self.flag_ptrs,
+            buffer_elements=self.elements)
+
+
+def _inputs(world, shape, dtype, weight, seed):
+    gen = torch.Generator().manual_seed(seed)
     parts = [torch.randn(shape, generator=gen).to(dtype) for _ in range(world)]
     residual = torch.randn(shape, generator=gen).to(dtype)
-    w = torch.randn(h_dim, generator=gen).to(dtype) if weight else None
-    elements = rows * h_dim + 7
-    buffers = [torch.zeros(elements, dtype=dtype) for _ in range(world)]
-    flags = [torch.zeros(2 * MAX_ROWS * world, dtype=torch.int32) for _ in range(world)]
-    for peer in range(world):
-        if peer != rank:
-            buffers[peer][: rows * h_dim] = parts[peer].reshape(-1)
-            for phase in range(2):  # the peer has arrived at both barriers of every row
-                for row in range(rows):
-                    flags[rank][(phase * MAX_ROWS + row) * world + peer] = 1
-    table = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa: E731
-    h, normed = all_reduce_residual_rms_norm(
-        parts[rank], residual, w, 1e-5, dtype, rank=rank, world=world,
-        buffer_ptrs=table(buffers), flag_ptrs=table(flags), buffer_elements=elements)
-    total = sum(p.float() for p in parts).to(dtype)
-    want_h = residual + total
-    return h, normed, want_h, rms_norm(want_h, w, 1e-5, dtype), flags, rows
+    w = torch.randn(shape[-1], generator=gen).to(dtype) if weight else None
+    want_h = residual + sum(p.float() for p in parts).to(dtype)
+    return parts, residual, w, want_h, rms_norm(want_h, w, 1e-5, dtype)
 
 
 @pytest.mark.parametrize("world,shape,dtype,weight", [
@@ -43,22 +57,26 @@ def _run(world: int, shape: tuple[int, ...], dtype: torch.dtype, weight: bool, r
     (4, (1, 1, 64), torch.bfloat16, True),
 ])
 def test_sum_residual_and_norm_equal_the_three_ops(world, shape, dtype, weight):
-    h, normed, want_h, want_n, _, _ = _run(world, shape, dtype, weight)
+    peers = SimulatedPeers(world, shape[-1], dtype)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(h, want_h, **tol)
-    torch.testing.assert_close(normed, want_n, **tol)
+    for seed in range(3):  # consecutive calls alternate the buffer halves
+        parts, residual, w, want_h, want_n = _inputs(world, shape, dtype, weight, seed)
+        h, normed = peers.call(parts, residual, w)
+        torch.testing.assert_close(h, want_h, **tol)
+        torch.testing.assert_close(normed, want_n, **tol)
 
 
-def test_flags_are_consumed_here_and_raised_at_the_peers():
-    world, rank = 4, 2
-    *_, flags, rows = _run(world, (2, 1, 24), torch.float32, True, rank=rank)
-    assert int(flags[rank].abs().sum()) == 0  # every arrival consumed, ready for the next call
+def test_flags_consumed_here_raised_at_the_peers_and_calls_counted():
+    world, rank, rows = 4, 2, 2
+    peers = SimulatedPeers(world, 24, torch.float32, rank=rank)
+    parts, residual, w, *_ = _inputs(world, (rows, 1, 24), torch.float32, True, 0)
+    peers.call(parts, residual, w)
+    mine = peers.flags[rank]
+    assert int(mine[: MAX_ROWS * world].abs().sum()) == 0  # every arrival consumed
+    assert mine[MAX_ROWS * world:][:rows].tolist() == [1] * rows  # one call for each row
     for peer in range(world):
-        if peer == rank:
-            continue
-        for phase in range(2):
-            for row in range(rows):  # our signals wait there for the peer to consume them
-                assert int(flags[peer][(phase * MAX_ROWS + row) * world + rank]) == 1
+        if peer != rank:  # our arrival waits there for the peer to take it down
+            assert [int(peers.flags[peer][row * world + rank]) for row in range(rows)] == [1, 1]
 
 
 def test_too_many_rows_are_refused():
