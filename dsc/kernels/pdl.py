@@ -35,8 +35,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 __all__ = [
-    "enabled", "gemv_options", "launch_options", "prefetch_l2", "prefetch_weights",
-    "wait_and_release",
+    "enabled", "gemv_options", "launch_options", "prefetch_l2", "prefetch_weights", "release",
+    "wait", "wait_and_release",
 ]
 
 
@@ -64,13 +64,15 @@ def launch_options(device: torch.device) -> dict:
 
 
 def gemv_options(device: torch.device) -> dict:
-    """`launch_options` for the small-batch GEMM; DSC_PDL_GEMV=0 launches it without PDL (it then
-    starts when its predecessor has finished, as without PDL; the kernels around it keep PDL).
-    Back-to-back 4096-wide GEMVs measured slower when placed early (bench/NOTES.md, runs 18-20);
-    this is the switch for that A/B in a whole model."""
-    if os.environ.get("DSC_PDL_GEMV", "1") == "0":
-        return {"USE_PDL": False}
-    return launch_options(device)
+    """`launch_options` for the small-batch GEMM, with `RELEASE_LATE`. Back-to-back 4096-wide
+    GEMVs measured slower when placed early (bench/NOTES.md, runs 18-20); DSC_PDL_GEMV picks the
+    variant for a whole-model A/B: `1` (default) waits and releases first, like every kernel;
+    `late` waits first but lets the next kernel be placed only once its weight stream is done;
+    `0` launches it without PDL (the kernels around it keep theirs)."""
+    mode = os.environ.get("DSC_PDL_GEMV", "1")
+    if mode == "0":
+        return {"USE_PDL": False, "RELEASE_LATE": False}
+    return {**launch_options(device), "RELEASE_LATE": mode == "late"}
 
 
 def prefetch_weights() -> bool:
@@ -83,6 +85,20 @@ def wait_and_release(USE_PDL: tl.constexpr):
     """Wait for the previous kernel of the stream, then let the next one be placed."""
     if USE_PDL:
         gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def wait(USE_PDL: tl.constexpr):
+    """Wait for the previous kernel of the stream (its writes are then visible)."""
+    if USE_PDL:
+        gdc_wait()
+
+
+@triton.jit
+def release(USE_PDL: tl.constexpr):
+    """Let the next kernel of the stream be placed (it still waits for this one's writes)."""
+    if USE_PDL:
         gdc_launch_dependents()
 
 

@@ -146,6 +146,7 @@ def _small_batch_gemm_kernel(
     NUM_STAGES: tl.constexpr,
     USE_PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
+    RELEASE_LATE: tl.constexpr,
     NORM: tl.constexpr,
     HAS_NW: tl.constexpr,
     HAS_NB: tl.constexpr,
@@ -184,7 +185,9 @@ def _small_batch_gemm_kernel(
         # the previous kernel, whose output x may be.
         lines = rows_w[:, None] * stride_wn + (k_lo + tl.arange(0, BLOCK_K // 64) * 64)[None, :]
         pdl.prefetch_l2(w_ptr + lines * stride_wk)
-    pdl.wait_and_release(USE_PDL)
+    pdl.wait(USE_PDL)
+    if not RELEASE_LATE:
+        pdl.release(USE_PDL)
 
     if NORM != 0:
         # Norm prologue: this program's rows' statistics over all of K (x is a few KB and stays
@@ -249,6 +252,9 @@ def _small_batch_gemm_kernel(
         acc, acc_u = _accumulate(acc, acc_u, w, u, x, k_cur, mean, rstd, nw_ptr, nb_ptr, K,
                                  NORM, HAS_NW, HAS_NB, GATED, BLOCK_M, DOT_PRECISION)
 
+    if RELEASE_LATE:
+        pdl.release(USE_PDL)  # the weight stream is done: the next kernel may be placed now
+
     # Bring the accumulator to out^T for this block: [BLOCK_N columns, BLOCK_M rows].
     if BLOCK_M == 1:
         acc = tl.sum(acc, axis=1)[:, None]
@@ -290,6 +296,7 @@ def _split_k_reduce_kernel(
     GATED: tl.constexpr,
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
+    RELEASE_LATE: tl.constexpr,  # for the shared launch options; the reduce is short
 ):
     pdl.wait_and_release(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -20,12 +20,17 @@ def test_dsc_pdl_0_turns_it_off(monkeypatch):
     assert pdl.launch_options(torch.device("cuda", 0)) == {"USE_PDL": False}
 
 
-def test_dsc_pdl_gemv_0_turns_it_off_for_the_gemv_only(monkeypatch):
+def test_dsc_pdl_gemv_picks_the_gemv_variant_only(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("DSC_PDL_GEMV", "0")
-    assert pdl.gemv_options(torch.device("cuda", 0)) == {"USE_PDL": False}
+    gpu = torch.device("cuda", 0)
+    assert pdl.gemv_options(gpu) == {"USE_PDL": False, "RELEASE_LATE": False}
     monkeypatch.setattr(pdl, "enabled", lambda device: True)  # a Hopper GPU, for the others
-    assert pdl.launch_options(torch.device("cuda", 0))["USE_PDL"] is True
+    assert pdl.launch_options(gpu)["USE_PDL"] is True
+    monkeypatch.setenv("DSC_PDL_GEMV", "late")
+    assert pdl.gemv_options(gpu) == {"USE_PDL": True, "launch_pdl": True, "RELEASE_LATE": True}
+    monkeypatch.delenv("DSC_PDL_GEMV")
+    assert pdl.gemv_options(gpu)["RELEASE_LATE"] is False
     assert pdl.prefetch_weights()
     monkeypatch.setenv("DSC_PDL_PREFETCH", "0")
     assert not pdl.prefetch_weights()
