@@ -70,8 +70,9 @@ def _flip_all(ptrs, expect, new, WORLD: tl.constexpr, MAX_SPINS: tl.constexpr,
         spins += 1
     if CAN_TRAP:
         if spins >= MAX_SPINS:
-            tl.inline_asm_elementwise("trap;", "=r,r", [spins], dtype=tl.int32, is_pure=False,
-                                      pack=1)
+            # A one-element block: inline assembly takes blocks, not scalars.
+            tl.inline_asm_elementwise("trap;", "=r,r", [tl.full((1,), spins, tl.int32)],
+                                      dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
