@@ -25,6 +25,7 @@ not attended are zeroed on load so they cannot poison the sums.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -389,7 +390,16 @@ def pick_decode_config(batch: int, hkv: int, t: int, sm_count: int) -> DecodeCon
         # 1.28 -> 1.20 ms/token on an H100, bench/NOTES.md run 6).
         block_n = 64
     splits = min(splits, triton.cdiv(t, block_n))
+    if t <= _single_pass_keys():
+        # A short cache in one pass per (sequence, kv head): no merge launch, fewer programs.
+        return DecodeConfig(block_n=64, num_splits=1, num_warps=4, num_stages=2)
     return DecodeConfig(block_n=block_n, num_splits=splits, num_warps=4, num_stages=2)
+
+
+def _single_pass_keys() -> int:
+    """Caches up to this many slots skip the key split (DSC_DECODE_SINGLE_PASS_KEYS, default 0:
+    always split as above). For the A/B of a merge launch against fewer, longer programs."""
+    return int(os.environ.get("DSC_DECODE_SINGLE_PASS_KEYS", "0"))
 
 
 def decode_attention(

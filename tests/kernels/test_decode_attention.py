@@ -189,3 +189,11 @@ def test_rotary_needs_the_new_rows_and_matching_tables():
     with pytest.raises(ValueError, match="do not broadcast"):
         decode_attention(q, k, v, valid, st, True, 0.3, new_k=new, new_v=new,
                          rotary=(torch.zeros(1, 1, 1, 8), table))
+
+
+def test_short_caches_in_one_pass_when_asked(monkeypatch):
+    assert pick_decode_config(batch=1, hkv=25, t=200, sm_count=132).num_splits > 1
+    monkeypatch.setenv("DSC_DECODE_SINGLE_PASS_KEYS", "256")
+    one = pick_decode_config(batch=1, hkv=25, t=200, sm_count=132)
+    assert (one.num_splits, one.block_n) == (1, 64)
+    assert pick_decode_config(batch=1, hkv=25, t=2048, sm_count=132).num_splits > 1
