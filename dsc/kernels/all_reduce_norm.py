@@ -35,7 +35,9 @@ from torch import Tensor
 
 from dsc.kernels import pdl
 
-__all__ = ["MAX_ROWS", "all_reduce_residual_rms_norm", "buffer_elements", "flag_elements"]
+__all__ = [
+    "MAX_HIDDEN", "MAX_ROWS", "all_reduce_residual_rms_norm", "buffer_elements", "flag_elements",
+]
 
 MAX_ROWS = 64  # rows (tokens) per call: decode steps; prefill goes to the composite path
 MAX_SPINS = 1 << 24
