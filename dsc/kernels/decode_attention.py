@@ -13,8 +13,10 @@ live prefix must come through device memory once. The kernel is arranged around 
   kernel merges the partials of each query row. With one split the first kernel writes the output
   directly and the merge kernel is skipped;
 * the cache position `start` is read from device memory and the grid is sized from the cache
-  capacity T, never from start, so a captured CUDA graph stays valid as the sequence grows:
-  programs whose chunk lies beyond the live length run an empty loop and store nothing.
+  capacity T, never from start, so a captured CUDA graph stays valid as the sequence grows. The
+  chunks divide the *live* length (start + S, read in the kernel), not T: a cache allocated for
+  4096 tokens holding 300 still spreads them over every split program instead of leaving them
+  to the first. A program whose chunk is empty stores nothing.
 
 Semantics (shared with `flash_attention`): query i of sequence b sits at slot start + i and may
 attend key slot j iff j < start + S, kv_valid[b, j], and (not causal or j <= start + i). A query
@@ -69,6 +71,12 @@ def _rotate(x, x_pair, cos_ptr, sin_ptr, base, s, d, row_ok, d_ok, stride_cs, st
 
 
 @triton.jit
+def _chunk(live, num_splits, BLOCK_N: tl.constexpr):
+    """Keys per split program: the live length in whole key tiles, shared evenly."""
+    return tl.cdiv(tl.cdiv(live, BLOCK_N), num_splits) * BLOCK_N
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,
     k_ptr,
@@ -110,7 +118,6 @@ def _decode_split_kernel(
     S,
     T,
     HKV,
-    keys_per_split,
     num_splits,
     scale_log2e,
     GROUP: tl.constexpr,
@@ -135,8 +142,9 @@ def _decode_split_kernel(
     # The live length comes from device memory (CUDA-graph replay changes it between runs).
     start = tl.load(start_ptr).to(tl.int32)
     live = tl.minimum(start + S, T)
-    n_lo = pid_split * keys_per_split
-    n_hi = tl.minimum(n_lo + keys_per_split, live)
+    chunk = _chunk(live, num_splits, BLOCK_N)
+    n_lo = pid_split * chunk
+    n_hi = tl.minimum(n_lo + chunk, live)
 
     # Row r of the block is query token s = r % S of query head kvh * GROUP + r // S.
     r = tl.arange(0, BLOCK_R)
@@ -270,9 +278,9 @@ def _decode_combine_kernel(
     S,
     T,
     HQ,
-    keys_per_split,
     num_splits,
     HEAD_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLITS_P2: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -287,7 +295,7 @@ def _decode_combine_kernel(
 
     # Only splits whose chunk starts inside the live length wrote partials.
     sp = tl.arange(0, SPLITS_P2)
-    sp_ok = (sp < num_splits) & (sp * keys_per_split < live)
+    sp_ok = (sp < num_splits) & (sp * _chunk(live, num_splits, BLOCK_N) < live)
     slot = row.to(tl.int64) * num_splits + sp
     m = tl.load(part_ml_ptr + slot * 2, mask=sp_ok, other=float("-inf"))
     l = tl.load(part_ml_ptr + slot * 2 + 1, mask=sp_ok, other=0.0)
@@ -470,8 +478,9 @@ def decode_attention(
     block_r = max(16, triton.next_power_of_2(group * s))
     blocks = triton.cdiv(t, cfg.block_n)
     splits = max(1, min(cfg.num_splits, blocks))
-    keys_per_split = triton.cdiv(blocks, splits) * cfg.block_n
-    splits = triton.cdiv(t, keys_per_split)
+    # Splits whose chunk would start beyond T at a full cache are dropped (the kernels divide
+    # the live length, which is at most T, over the rest).
+    splits = triton.cdiv(t, triton.cdiv(blocks, splits) * cfg.block_n)
 
     if out is None:
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -509,7 +518,6 @@ def decode_attention(
         s,
         t,
         hkv,
-        keys_per_split,
         splits,
         float(scale) * _LOG2E,
         GROUP=group,
@@ -537,9 +545,9 @@ def decode_attention(
             s,
             t,
             hq,
-            keys_per_split,
             splits,
             HEAD_D=d,
+            BLOCK_N=cfg.block_n,
             BLOCK_D=block_d,
             SPLITS_P2=triton.next_power_of_2(splits),
             num_warps=4,
