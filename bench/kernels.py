@@ -42,6 +42,7 @@ from triton.testing import do_bench
 
 from dsc.kernels.decode_attention import DecodeConfig, decode_attention, pick_decode_config
 from dsc.kernels.flash_attention import FlashConfig, flash_attention
+from dsc.kernels.flash_attention_tma import TmaFlashConfig, flash_attention_tma
 from dsc.kernels.gemm import GemmConfig, gated_linear, linear_fused
 from dsc.kernels.norms import layer_norm, rms_norm
 from dsc.kernels.reference import (
@@ -339,33 +340,48 @@ def bench_decode(
     return results
 
 
-def bench_flash(
-    gemm_rate: float, configs: dict[str, FlashConfig | None], padded: bool = True
-) -> list[Result]:
-    """Causal 2048-token prefill; padded=False times the kernel's no-padding fast path."""
-    results = []
-    b, h, s, d = 1, 32, 2048, 128
-    scale = 1 / math.sqrt(d)
+def _flash_sets(b: int, h: int, s: int, d: int) -> list[tuple]:
     sets = []
     for _ in range(4):
         q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=DTYPE) for _ in range(3))
         valid = torch.ones(b, s, device="cuda", dtype=torch.bool)
         start = torch.zeros(1, device="cuda", dtype=torch.int64)
         sets.append((q, k, v, valid, start))
+    return sets
+
+
+def bench_flash(
+    gemm_rate: float, configs: dict[str, FlashConfig | TmaFlashConfig | None],
+    padded: bool = True,
+) -> list[Result]:
+    """Causal 2048-token prefill; padded=False times the kernel's no-padding fast path, and a
+    TmaFlashConfig the descriptor kernel (always unpadded)."""
+    results = []
+    b, h, s, d = 1, 32, 2048, 128
+    scale = 1 / math.sqrt(d)
+    sets = _flash_sets(b, h, s, d)
     want = attention_reference(*sets[0], True, scale)
     flops = 4 * b * h * d * (s * (s + 1) // 2)  # causal: only the attended (i, j) pairs
     t_ref, t_ref_nf = time_calls([partial(_sdpa_causal, *x[:3]) for x in sets])
     for label, cfg in configs.items():
-        run = partial(flash_attention, config=cfg, padded=padded)
-        err = rel_err(run(*sets[0], True, scale), want)
+        tma = isinstance(cfg, TmaFlashConfig)
+        if tma:
+            def run(q, k, v, valid, start, causal, sc, cfg=cfg):
+                return flash_attention_tma(q, k, v, start, causal, sc, torch.empty_like(q), cfg)
+        else:
+            run = partial(flash_attention, config=cfg, padded=padded)
+        try:
+            err = rel_err(run(*sets[0], True, scale), want)
+        except Exception as exc:  # a tile shape over the SM's resources: report, go on
+            print(f"  flash [{label}]: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            continue
         t_mine, t_mine_nf = time_calls([partial(run, *x, True, scale) for x in sets])
         tflops = flops / t_mine / 1e9
         pct = 100 * tflops / gemm_rate
+        name = "flash_attention" + (" tma" if tma else "" if padded else " unpadded")
         results.append(
             Result(
-                kernel="flash_attention"
-                + ("" if padded else " unpadded")
-                + ("" if cfg is None else f" [{label}]"),
+                kernel=name + ("" if cfg is None else f" [{label}]"),
                 shape=f"B={b} H={h} S={s} D={d} causal",
                 ms=t_mine,
                 rate=tflops,
@@ -377,7 +393,7 @@ def bench_flash(
                 rel_err=err,
                 ms_no_flush=t_mine_nf,
                 torch_ms_no_flush=t_ref_nf,
-                extra={**asdict(cfg or FlashConfig()), "padded": padded},
+                extra={**asdict(cfg or FlashConfig()), "padded": padded and not tma, "tma": tma},
             )
         )
     return results
@@ -490,6 +506,14 @@ def decode_sweep_configs(pairs: int, sm: int) -> dict[str, DecodeConfig | None]:
                 configs[label] = DecodeConfig(bn, splits, warps, stages)
     return configs
 
+
+FLASH_TMA = {  # the descriptor kernel (DSC_FLASH_TMA=1), opt-in until one of these wins
+    "128x64 w8 s3": TmaFlashConfig(128, 64, 8, 3),
+    "128x64 w8 s2": TmaFlashConfig(128, 64, 8, 2),
+    "128x128 w8 s2": TmaFlashConfig(128, 128, 8, 2),
+    "64x64 w4 s3": TmaFlashConfig(64, 64, 4, 3),
+    "64x128 w4 s2": TmaFlashConfig(64, 128, 4, 2),
+}
 
 FLASH_SWEEP = {
     "128x64 w8 s3": FlashConfig(128, 64, 8, 3),
@@ -610,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     # kernel that must allow for padding.
     section("flash", lambda: record(bench_flash(gemm_rate, {"default": None}, padded=False)))
     section("flash", lambda: record(bench_flash(gemm_rate, {"default": None})))
+    section("flash:tma", lambda: record(bench_flash(gemm_rate, FLASH_TMA)))
     section("gemm", lambda: record(bench_gemm(gemm_rate, {"default": None})))
     if args.sweep:
         section("sbgemm:sweep", lambda: record_sweep(sweep_small_batch_gemm(copy_bw, sm)))

@@ -40,6 +40,7 @@ from dsc.kernels.decode_attention import (
     decode_attention,
     uses_decode_kernel,
 )
+from dsc.kernels.flash_attention_tma import flash_attention_tma, tma_eligible
 
 __all__ = ["FlashConfig", "attention", "flash_attention", "keys_unpadded"]
 
@@ -303,6 +304,8 @@ def flash_attention(
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     else:
         check_out(out, tuple(q.shape), q)
+    if not padded and config is None and tma_eligible(q, k_cache, v_cache, out):
+        return flash_attention_tma(q, k_cache, v_cache, start, causal, scale, out)
     valid = kv_valid.view(torch.uint8)
     grid = (triton.cdiv(s, cfg.block_m), batch * hq)
     _flash_attention_kernel[grid](
