@@ -109,7 +109,7 @@ def stream_per_token(compiled, ids, reps: int = 5) -> float:
 
 
 @contextlib.contextmanager
-def _environment(env: dict[str, str]):
+def held_environment(env: dict[str, str]):
     """Hold environment settings for the duration of the block."""
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
@@ -180,7 +180,7 @@ def bench_model(
         variants = {"a": ({}, compiled)}
         for letter, spec in zip("bcd", ab_envs):
             env = dict(item.split("=", 1) for item in spec.split(","))
-            with _environment(env):
+            with held_environment(env):
                 variants[letter] = (env, dsc.compile(model, target))
         if len(variants) > 1:
             runs = {letter: {"ms": [], "stream": [], "graph": []} for letter in variants}
@@ -190,7 +190,7 @@ def bench_model(
                 for letter, (env, model_v) in variants.items():
                     if letter == "a" and rep == 0:
                         continue  # the default's first run is the one above
-                    with _environment(env):
+                    with held_environment(env):
                         runs[letter]["ms"].append(per_token(
                             lambda n, m=model_v: m.generate(ids, max_new_tokens=n, eos_token_id=[])
                         ) * 1e3)

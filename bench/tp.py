@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dsc  # noqa: E402
 from dsc import zoo  # noqa: E402
-from bench.e2e import copy_bandwidth, stream_per_token  # noqa: E402
+from bench.e2e import copy_bandwidth, held_environment, stream_per_token  # noqa: E402
 from dsc.kernels import pdl  # noqa: E402
 from dsc.ops.norms import rms_norm  # noqa: E402
 from dsc.runtime import allreduce, distributed  # noqa: E402
@@ -101,7 +101,8 @@ def fused_all_reduce_us(batch: int, hidden: int) -> tuple[float, float]:
     return us, diff
 
 
-def bench(name: str, layers: int | None, batches: list[int], bandwidth: float) -> list[dict]:
+def bench(name: str, layers: int | None, batches: list[int], bandwidth: float,
+          ab_env: dict[str, str] | None = None) -> list[dict]:
     tp = distributed.world_size()
     overrides = {"num_hidden_layers": layers} if layers else {}
     model = zoo.build(name, dtype=torch.bfloat16, device="cuda", **overrides)
@@ -113,6 +114,12 @@ def bench(name: str, layers: int | None, batches: list[int], bandwidth: float) -
     t0 = time.perf_counter()
     compiled = dsc.compile(model, target)
     compile_s = time.perf_counter() - t0
+    variant = None
+    if ab_env:
+        # The same model compiled with the variant's settings held (read at compile, capture
+        # and launch time); every rank compiles and runs it at the same point.
+        with held_environment(ab_env):
+            variant = dsc.compile(model, target)
     vocab = model.config.vocab_size
     gen = torch.Generator(device="cuda").manual_seed(0)  # the same prompt on every rank
     rows = []
@@ -128,6 +135,15 @@ def bench(name: str, layers: int | None, batches: list[int], bandwidth: float) -
 
             ms = per_token(run) * 1e3
             stream_ms = stream_per_token(compiled, ids)
+            variant_ms = None
+            if variant is not None:
+                # Alternating with the default, so drift of card or host hits both alike.
+                base, other = [stream_ms], []
+                for _ in range(2):
+                    with held_environment(ab_env):
+                        other.append(stream_per_token(variant, ids))
+                    base.append(stream_per_token(compiled, ids))
+                stream_ms, variant_ms = statistics.median(base), statistics.median(other)
             tokens = compiled.generate(ids[:1], max_new_tokens=16, eos_token_id=[])[0, PROMPT:]
             same = distributed.gather_to_first(tokens.tolist())
             us, kind = all_reduce_us(batch, hidden)
@@ -147,6 +163,8 @@ def bench(name: str, layers: int | None, batches: list[int], bandwidth: float) -
                     "dsc_ms": ms,
                     "dsc_over_floor": ms / floor_ms,
                     "dsc_stream_ms": stream_ms,
+                    "ab_env": ab_env or None,
+                    "dsc_stream_ms_b": variant_ms,
                     "pdl": pdl.enabled(torch.device("cuda")),
                     "all_reduce_us": us,
                     "all_reduce_transport": kind,
@@ -170,12 +188,17 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="cut the model to K layers")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--ab-env", default=None, metavar="NAME=VALUE[,NAME=VALUE]",
+                        help="also time a plan compiled with these settings held, in stream "
+                        "alternating with the default (e.g. DSC_FUSED_ALLREDUCE=1)")
     args = parser.parse_args()
+    ab_env = dict(item.split("=", 1) for item in args.ab_env.split(",")) if args.ab_env else None
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; 1 when run alone
     # Join first: it picks this process's GPU, so the model below lands on it.
     distributed.init("cuda", world)
     bandwidth = copy_bandwidth()
-    rows = bench(args.model, args.layers, [int(b) for b in args.batches.split(",")], bandwidth)
+    rows = bench(args.model, args.layers, [int(b) for b in args.batches.split(",")], bandwidth,
+                 ab_env)
     if distributed.rank() != 0:
         return
     gpu = torch.cuda.get_device_name().replace(" ", "-")
@@ -198,6 +221,9 @@ def main() -> None:
             f"{r['dsc_stream_ms']:>9.3f} {r['all_reduce_us']:>7.1f} {r['all_reduce_transport']:>9} "
             f"{r['fused_all_reduce_norm_us']:>10.1f} {r['first_logits_rel_err']:>8.1e}"
         )
+        if r["dsc_stream_ms_b"] is not None:
+            print(f"{'':<10} {'':>6} {r['tp']:>3} {r['batch']:>5} with {r['ab_env']}: stream "
+                  f"{r['dsc_stream_ms_b']:.3f} ms against {r['dsc_stream_ms']:.3f}")
 
 
 if __name__ == "__main__":
