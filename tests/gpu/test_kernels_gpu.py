@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(
 
 from dsc.kernels.decode_attention import DecodeConfig, decode_attention
 from dsc.kernels.flash_attention import attention, flash_attention
+from dsc.kernels.flash_attention_tma import TmaFlashConfig, flash_attention_tma
 from dsc.kernels.gemm import gated_linear, linear_fused
 from dsc.kernels.norms import layer_norm, rms_norm
 from dsc.kernels.reference import (
@@ -186,6 +187,20 @@ def test_flash_attention_unpadded_fast_path(case):
     scale = 1 / math.sqrt(d)
     out = flash_attention(q, k, v, valid, st, causal, scale, out=nan_like(q.shape, torch.bfloat16),
                           padded=False)
+    close(out, attention_reference(q, k, v, valid, st, causal, scale))
+
+
+@pytest.mark.parametrize("tiles", ["128x64 w8 s3", "64x64 w4 s3", "128x128 w8 s2"])
+@pytest.mark.parametrize("case", [FLASH_CASES[0], FLASH_CASES[1], FLASH_CASES[4]])
+def test_flash_attention_through_descriptors(case, tiles):
+    """The TMA kernel (DSC_FLASH_TMA=1) on real shapes; D = 80 is not a descriptor case."""
+    b, hq, hkv, s, t, d, start, causal = case
+    q, k, v, valid, st = make_cache(b, hq, hkv, s, t, d, start, torch.bfloat16, seed=s, pad=False)
+    scale = 1 / math.sqrt(d)
+    shape, warps, stages = tiles.split()
+    block_m, block_n = map(int, shape.split("x"))
+    cfg = TmaFlashConfig(block_m, block_n, int(warps[1:]), int(stages[1:]))
+    out = flash_attention_tma(q, k, v, st, causal, scale, nan_like(q.shape, torch.bfloat16), cfg)
     close(out, attention_reference(q, k, v, valid, st, causal, scale))
 
 
