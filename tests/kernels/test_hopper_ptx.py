@@ -5,7 +5,9 @@ TRITON_INTERPRET=1 the kernels are interpreter objects.
 * the fused all-reduce: system-scope compare-and-swap done by one lane per peer, volatile peer
   loads, the trap for a peer that never arrives, the PDL wait;
 * the descriptor flash attention: tensor-memory-accelerator copies and warpgroup MMAs, and no
-  pointer loads of Q/K/V."""
+  pointer loads of Q/K/V;
+* the small-batch GEMM with DSC_PDL_GEMV=late: its successor released after the weight stream;
+* the decode attention's split kernel, whose chunks come from the live length."""
 
 import json
 import os
@@ -38,6 +40,30 @@ def _compile(name: str) -> str:
         constexprs = {"WORLD": 4, "HAS_WEIGHT": True, "PRODUCT": tl.bfloat16, "BLOCK_H": 4096,
                       "MAX_ROWS_": module.MAX_ROWS, "MAX_SPINS": module.MAX_SPINS,
                       "CAN_TRAP": True, "USE_PDL": True}
+    elif name in ("gemv_late", "decode_split"):
+        from dsc.kernels import decode_attention, small_batch_gemm
+
+        if name == "gemv_late":
+            kernel, warps = small_batch_gemm._small_batch_gemm_kernel, 4
+            constexprs = dict(
+                HAS_BIAS=False, HAS_RESIDUAL=True, ACTIVATION="none", GATED=False,
+                IS_SPLIT=False, DOT_PRECISION="tf32", BLOCK_M=1, BLOCK_N=8, BLOCK_K=512,
+                NUM_STAGES=4, USE_PDL=True, PREFETCH=True, RELEASE_LATE=True, NORM=0,
+                HAS_NW=False, HAS_NB=False)
+            pointers = {"part_ptr": "*fp32"}
+        else:
+            kernel, warps = decode_attention._decode_split_kernel, 4
+            constexprs = dict(
+                GROUP=4, CAUSAL=True, IS_SPLIT=True, WRITE_NEW=True, ROTARY=True, BLOCK_S=1,
+                HEAD_D=128, BLOCK_R=16, BLOCK_N=64, BLOCK_D=128, DOT_PRECISION="tf32",
+                USE_PDL=True)
+            pointers = {"valid_ptr": "*u8", "start_ptr": "*i64", "part_acc_ptr": "*fp32",
+                        "part_ml_ptr": "*fp32"}
+        signature = {
+            arg: pointers.get(arg, "*bf16") if arg.endswith("_ptr")
+            else "fp32" if arg in ("norm_eps", "scale_log2e") else "i32"
+            for arg in kernel.arg_names if arg not in constexprs
+        }
     else:
         from dsc.kernels import flash_attention_tma as module
 
@@ -78,6 +104,20 @@ def test_descriptor_flash_attention_uses_tma_and_wgmma():
     assert re.search(r"cp\.async\.bulk\.tensor", ptx)
     assert re.search(r"wgmma\.mma_async", ptx)
     assert len(re.findall(r"ld\.global", ptx)) <= 1  # the start position only
+
+
+def test_gemv_late_release_follows_the_weight_stream():
+    lines = _ptx("gemv_late").splitlines()
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    release = next(i for i, line in enumerate(lines) if "griddepcontrol.launch_dependents" in line)
+    loads = [i for i, line in enumerate(lines) if "ld.global" in line or "cp.async" in line]
+    # Released after the loop's loads, not at the start as by default.
+    assert wait < loads[0] and release > loads[len(loads) // 2]
+
+
+def test_decode_split_kernel_compiles():
+    ptx = _ptx("decode_split")
+    assert "griddepcontrol.wait" in ptx and "mma" in ptx
 
 
 if __name__ == "__main__":
