@@ -35,7 +35,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 __all__ = [
-    "enabled", "gemv_options", "launch_options", "prefetch_l2", "prefetch_weights", "release",
+    "enabled", "gemv_options", "gemv_release_late", "launch_options", "prefetch_l2", "prefetch_weights", "release",
     "wait", "wait_and_release",
 ]
 
@@ -64,15 +64,20 @@ def launch_options(device: torch.device) -> dict:
 
 
 def gemv_options(device: torch.device) -> dict:
-    """`launch_options` for the small-batch GEMM, with `RELEASE_LATE`. Back-to-back 4096-wide
+    """`launch_options` for the small-batch GEMM and its split-K reduce. Back-to-back 4096-wide
     GEMVs measured slower when placed early (bench/NOTES.md, runs 18-20); DSC_PDL_GEMV picks the
     variant for a whole-model A/B: `1` (default) waits and releases first, like every kernel;
-    `late` waits first but lets the next kernel be placed only once its weight stream is done;
-    `0` launches it without PDL (the kernels around it keep theirs)."""
-    mode = os.environ.get("DSC_PDL_GEMV", "1")
-    if mode == "0":
-        return {"USE_PDL": False, "RELEASE_LATE": False}
-    return {**launch_options(device), "RELEASE_LATE": mode == "late"}
+    `late` (see `gemv_release_late`); `0` launches them without PDL (the kernels around them
+    keep theirs)."""
+    if os.environ.get("DSC_PDL_GEMV", "1") == "0":
+        return {"USE_PDL": False}
+    return launch_options(device)
+
+
+def gemv_release_late() -> bool:
+    """DSC_PDL_GEMV=late: the GEMV waits first but lets the next kernel be placed only once its
+    weight stream is done."""
+    return os.environ.get("DSC_PDL_GEMV", "1") == "late"
 
 
 def prefetch_weights() -> bool:

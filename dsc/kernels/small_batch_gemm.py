@@ -296,7 +296,6 @@ def _split_k_reduce_kernel(
     GATED: tl.constexpr,
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
-    RELEASE_LATE: tl.constexpr,  # for the shared launch options; the reduce is short
 ):
     pdl.wait_and_release(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -463,6 +462,7 @@ def linear_small_batch(
                     ACTIVATION=activation, GATED=gated)
     grid = (triton.cdiv(n, cfg.block_n), split_k, triton.cdiv(m, cfg.block_m))
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    launch = pdl.gemv_options(x.device)
     _small_batch_gemm_kernel[grid](
         x,
         weight,
@@ -497,8 +497,9 @@ def linear_small_batch(
         HAS_NB=norm_b is not None,
         num_warps=cfg.num_warps,
         PREFETCH=pdl.prefetch_weights(),
+        RELEASE_LATE=pdl.gemv_release_late(),
         num_stages=cfg.num_stages,
-        **pdl.gemv_options(x.device),
+        **launch,
     )
     if split_k > 1:
         block = 1024
@@ -517,6 +518,6 @@ def linear_small_batch(
             **epilogue,
             BLOCK=block,
             num_warps=4,
-            **pdl.gemv_options(x.device),
+            **launch,
         )
     return out

@@ -24,13 +24,15 @@ def test_dsc_pdl_gemv_picks_the_gemv_variant_only(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("DSC_PDL_GEMV", "0")
     gpu = torch.device("cuda", 0)
-    assert pdl.gemv_options(gpu) == {"USE_PDL": False, "RELEASE_LATE": False}
+    assert pdl.gemv_options(gpu) == {"USE_PDL": False} and not pdl.gemv_release_late()
     monkeypatch.setattr(pdl, "enabled", lambda device: True)  # a Hopper GPU, for the others
     assert pdl.launch_options(gpu)["USE_PDL"] is True
     monkeypatch.setenv("DSC_PDL_GEMV", "late")
-    assert pdl.gemv_options(gpu) == {"USE_PDL": True, "launch_pdl": True, "RELEASE_LATE": True}
+    assert pdl.gemv_options(gpu) == {"USE_PDL": True, "launch_pdl": True}
+    assert pdl.gemv_release_late()
     monkeypatch.delenv("DSC_PDL_GEMV")
-    assert pdl.gemv_options(gpu)["RELEASE_LATE"] is False
+    assert pdl.gemv_options(gpu) == {"USE_PDL": True, "launch_pdl": True}
+    assert not pdl.gemv_release_late()
     assert pdl.prefetch_weights()
     monkeypatch.setenv("DSC_PDL_PREFETCH", "0")
     assert not pdl.prefetch_weights()
