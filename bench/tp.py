@@ -76,12 +76,19 @@ def _graph_us(fn, calls: int = 64) -> float:
     return statistics.median(timed(graph.replay) for _ in range(5)) / calls * 1e6
 
 
-def all_reduce_us(batch: int, hidden: int) -> tuple[float, str]:
-    """Per-call time of dsc's all-reduce of a [batch, hidden] bf16 activation, in a CUDA graph."""
+def all_reduce_us(batch: int, hidden: int) -> dict[str, float]:
+    """Per-call time of dsc's all-reduce of a [batch, hidden] bf16 activation, in a CUDA graph,
+    through each transport it can pick for it."""
     x = torch.randn(batch, hidden, dtype=torch.bfloat16, device="cuda")
     if not distributed.is_parallel():
-        return 0.0, "none"
-    return _graph_us(lambda: allreduce.all_reduce(x)), allreduce.transport(x)
+        return {}
+    times = {}
+    for push in ("0", "1"):
+        with held_environment({"DSC_PUSH_ALLREDUCE": push}):
+            kind = allreduce.transport(x)
+            if kind not in times:
+                times[kind] = _graph_us(lambda: allreduce.all_reduce(x))
+    return times
 
 
 def fused_all_reduce_us(batch: int, hidden: int) -> tuple[float, float]:
@@ -102,7 +109,7 @@ def fused_all_reduce_us(batch: int, hidden: int) -> tuple[float, float]:
 
 
 def bench(name: str, layers: int | None, batches: list[int], bandwidth: float,
-          ab_env: dict[str, str] | None = None) -> list[dict]:
+          ab_envs: list[dict[str, str]] = ()) -> list[dict]:
     tp = distributed.world_size()
     overrides = {"num_hidden_layers": layers} if layers else {}
     model = zoo.build(name, dtype=torch.bfloat16, device="cuda", **overrides)
@@ -114,12 +121,12 @@ def bench(name: str, layers: int | None, batches: list[int], bandwidth: float,
     t0 = time.perf_counter()
     compiled = dsc.compile(model, target)
     compile_s = time.perf_counter() - t0
-    variant = None
-    if ab_env:
+    variants = []
+    for ab_env in ab_envs:
         # The same model compiled with the variant's settings held (read at compile, capture
         # and launch time); every rank compiles and runs it at the same point.
         with held_environment(ab_env):
-            variant = dsc.compile(model, target)
+            variants.append(dsc.compile(model, target))
     vocab = model.config.vocab_size
     gen = torch.Generator(device="cuda").manual_seed(0)  # the same prompt on every rank
     rows = []
@@ -135,18 +142,20 @@ def bench(name: str, layers: int | None, batches: list[int], bandwidth: float,
 
             ms = per_token(run) * 1e3
             stream_ms = stream_per_token(compiled, ids)
-            variant_ms = None
-            if variant is not None:
-                # Alternating with the default, so drift of card or host hits both alike.
-                base, other = [stream_ms], []
+            variant_ms = []
+            if variants:
+                # Alternating with the default, so drift of card or host hits all alike.
+                base, others = [stream_ms], [[] for _ in variants]
                 for _ in range(2):
-                    with held_environment(ab_env):
-                        other.append(stream_per_token(variant, ids))
+                    for ab_env, variant, times in zip(ab_envs, variants, others):
+                        with held_environment(ab_env):
+                            times.append(stream_per_token(variant, ids))
                     base.append(stream_per_token(compiled, ids))
-                stream_ms, variant_ms = statistics.median(base), statistics.median(other)
+                stream_ms = statistics.median(base)
+                variant_ms = [statistics.median(times) for times in others]
             tokens = compiled.generate(ids[:1], max_new_tokens=16, eos_token_id=[])[0, PROMPT:]
             same = distributed.gather_to_first(tokens.tolist())
-            us, kind = all_reduce_us(batch, hidden)
+            transports = all_reduce_us(batch, hidden)
             fused_us, fused_diff = fused_all_reduce_us(batch, hidden)
             floor_ms = weight_bytes / tp / bandwidth * 1e3
             rows.append(
@@ -163,11 +172,10 @@ def bench(name: str, layers: int | None, batches: list[int], bandwidth: float,
                     "dsc_ms": ms,
                     "dsc_over_floor": ms / floor_ms,
                     "dsc_stream_ms": stream_ms,
-                    "ab_env": ab_env or None,
-                    "dsc_stream_ms_b": variant_ms,
+                    "ab_envs": list(ab_envs),
+                    "ab_stream_ms": variant_ms,
                     "pdl": pdl.enabled(torch.device("cuda")),
-                    "all_reduce_us": us,
-                    "all_reduce_transport": kind,
+                    "all_reduce_us": transports,
                     "all_reduce_bytes": batch * hidden * 2,
                     "fused_all_reduce_norm_us": fused_us,
                     "fused_all_reduce_norm_max_diff": fused_diff,
@@ -188,17 +196,18 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="cut the model to K layers")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--ab-env", default=None, metavar="NAME=VALUE[,NAME=VALUE]",
+    parser.add_argument("--ab-env", action="append", default=[],
+                        metavar="NAME=VALUE[,NAME=VALUE]",
                         help="also time a plan compiled with these settings held, in stream "
-                        "alternating with the default (e.g. DSC_FUSED_ALLREDUCE=1)")
+                        "alternating with the default (e.g. DSC_FUSED_ALLREDUCE=1); repeatable")
     args = parser.parse_args()
-    ab_env = dict(item.split("=", 1) for item in args.ab_env.split(",")) if args.ab_env else None
+    ab_envs = [dict(item.split("=", 1) for item in spec.split(",")) for spec in args.ab_env]
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; 1 when run alone
     # Join first: it picks this process's GPU, so the model below lands on it.
     distributed.init("cuda", world)
     bandwidth = copy_bandwidth()
     rows = bench(args.model, args.layers, [int(b) for b in args.batches.split(",")], bandwidth,
-                 ab_env)
+                 ab_envs)
     if distributed.rank() != 0:
         return
     gpu = torch.cuda.get_device_name().replace(" ", "-")
@@ -210,7 +219,7 @@ def main() -> None:
     print(f"{rows[0]['gpu']} x{rows[0]['tp']}: copy {bandwidth / 1e9:.0f} GB/s; -> {out}")
     header = (
         f"{'model':<10} {'layers':>6} {'tp':>3} {'batch':>5} {'floor/GPU ms':>12} "
-        f"{'dsc ms':>8} {'x floor':>8} {'stream ms':>9} {'AR us':>7} {'AR via':>9} "
+        f"{'dsc ms':>8} {'x floor':>8} {'stream ms':>9} {'AR us by transport':>26} "
         f"{'AR+norm us':>10} {'rel err':>8}"
     )
     print(header)
@@ -218,12 +227,13 @@ def main() -> None:
         print(
             f"{r['model']:<10} {r['layers']:>6} {r['tp']:>3} {r['batch']:>5} "
             f"{r['floor_ms_per_gpu']:>12.3f} {r['dsc_ms']:>8.3f} {r['dsc_over_floor']:>8.2f} "
-            f"{r['dsc_stream_ms']:>9.3f} {r['all_reduce_us']:>7.1f} {r['all_reduce_transport']:>9} "
+            f"{r['dsc_stream_ms']:>9.3f} "
+            f"{' '.join(f'{k} {v:.1f}' for k, v in r['all_reduce_us'].items()) or '-':>26} "
             f"{r['fused_all_reduce_norm_us']:>10.1f} {r['first_logits_rel_err']:>8.1e}"
         )
-        if r["dsc_stream_ms_b"] is not None:
-            print(f"{'':<10} {'':>6} {r['tp']:>3} {r['batch']:>5} with {r['ab_env']}: stream "
-                  f"{r['dsc_stream_ms_b']:.3f} ms against {r['dsc_stream_ms']:.3f}")
+        for ab_env, ms in zip(r["ab_envs"], r["ab_stream_ms"]):
+            print(f"{'':<10} {'':>6} {r['tp']:>3} {r['batch']:>5} with {ab_env}: stream "
+                  f"{ms:.3f} ms against {r['dsc_stream_ms']:.3f}")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ Rewrite to:
     f = dsc.all_reduce_residual_norm(p, stream, w, eps, dtype)
     h = f[0]; n = f[1]
 
-On CUDA the op is one kernel (dsc/kernels/all_reduce_norm.py): each rank stores its partial
-into symmetric memory, signals its peers, sums every peer's copy, adds the residual and
-normalises the row; elsewhere it runs the three ops in turn.
+On CUDA the op is one kernel (dsc/kernels/push_all_reduce.py): each rank writes its partial,
+flagged with the call's sequence number, into every peer's symmetric buffer, sums what it
+received, adds the residual and normalises the row; elsewhere it runs the three ops in turn.
 
 Does not match: an all_reduce read by anything else too (its sum would be needed on its own), a
 sum that is not added to the residual stream (the vocab-parallel embedding's), an add not

@@ -5,25 +5,31 @@ A decode step of a tensor-parallel model reduces one small activation per block 
 Llama-7B at batch 1, bf16): NCCL spends 20-40 us on each, more than the GEMVs around it. So
 `all_reduce` picks its transport per message:
 
+    CUDA, at most MAX_ROWS rows of at most MAX_ROW_WORDS 32-bit words, 2/4/8 ranks, torch
+    symmetric memory present, multicast off, DSC_PUSH_ALLREDUCE=1
+        -> dsc's push kernel (dsc/kernels/push_all_reduce.py): every rank writes its partial,
+           flagged with the call's sequence number, into every peer's buffer over NVLink and
+           sums what it received (one kernel, no barrier; safe in CUDA graphs)
     CUDA, sum of a float32/bfloat16 tensor of at most ONE_SHOT_MAX_BYTES, 16-byte sized and
-    aligned, 2/4/8 ranks, torch symmetric memory present, multicast off
-        -> symmetric memory one-shot all-reduce: every rank loads all peers' copies over NVLink
-           and sums them (one kernel, with a barrier before and after; safe in CUDA graphs)
+    aligned, the same ranks and memory
+        -> torch's symmetric memory one-shot all-reduce: every rank loads all peers' copies
+           over NVLink after a barrier
     other CUDA messages                -> NCCL
     CPU                                -> gloo
 
-The symmetric buffer is allocated (a collective: every rank at the same step) on the first
+The symmetric buffers are allocated (a collective: every rank at the same step) on the first
 eligible call outside a CUDA-graph capture; the eager prefill comes before any capture.
 A failure (a peer died, a timeout) is raised as `CollectiveError`. Nothing here touches CUDA
 unless the tensor is on a GPU.
 
-`all_reduce_residual_norm` (h = residual + all_reduce(x), then RMSNorm of h) is one dsc kernel
-(dsc/kernels/all_reduce_norm.py) under the same conditions as the one-shot path, for decode-sized
-messages; otherwise it is all_reduce followed by the add and the norm.
+`all_reduce_residual_norm` (h = residual + all_reduce(x), then RMSNorm of h) is the push kernel
+with the add and the norm fused in, for messages the push kernel takes; otherwise all_reduce
+followed by the add and the norm.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dsc.kernels import all_reduce_norm
+from dsc.kernels import push_all_reduce
 from dsc.ops.norms import rms_norm
 from dsc.runtime import distributed
 from dsc.runtime.executor import register_kernel_namespace
@@ -68,10 +74,18 @@ def _symmetric_buffer(dtype: torch.dtype, device: torch.device) -> Tensor | None
     return buffer
 
 
+def push_enabled() -> bool:
+    """DSC_PUSH_ALLREDUCE=1 sends decode-sized all-reduces through the push kernel; `0`
+    (default) through torch's one-shot kernel."""
+    return os.environ.get("DSC_PUSH_ALLREDUCE", "0") == "1"
+
+
 def transport(x: Tensor) -> str:
-    """Which transport all_reduce uses for x: 'one_shot', 'nccl' or 'gloo'."""
+    """Which transport all_reduce uses for x: 'push', 'one_shot', 'nccl' or 'gloo'."""
     if not x.is_cuda:
         return "gloo"
+    if push_enabled() and _pushable(x):
+        return "push"
     nbytes = x.numel() * x.element_size()
     if (
         distributed.multicast_disabled()
@@ -111,7 +125,13 @@ def all_reduce(x: Tensor) -> Tensor:
     if not distributed.is_parallel():
         return x.clone()
     x = x.contiguous()
-    if transport(x) == "one_shot":
+    kind = transport(x)
+    if kind == "push":
+        out = distributed.guarded("all_reduce (push)", lambda: _push_sum(x))
+        if out is not None:
+            return out
+        kind = transport(x)  # no symmetric memory here after all
+    if kind == "one_shot":
         out = distributed.guarded("all_reduce (symmetric memory)", lambda: _one_shot(x))
         if out is not None:
             return out
@@ -121,77 +141,79 @@ def all_reduce(x: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class _FusedBuffers:
-    """Every rank's symmetric data buffer and flag array, as device pointer tables."""
+class _PushBuffers:
+    """Every rank's symmetric receive buffer as a device pointer table, and this rank's state."""
 
     buffer_ptrs: Tensor
-    flag_ptrs: Tensor
-    elements: int
-    keep: tuple = ()  # the arrays and handles: they must outlive every launch using the pointers
+    state: Tensor
+    keep: tuple = ()  # the buffer and its handle: they must outlive every launch using the pointers
 
 
-_fused: dict[tuple[torch.dtype, torch.device], _FusedBuffers] = {}
+_push: dict[torch.device, _PushBuffers] = {}
 
 
-def _fused_buffers(dtype: torch.dtype, device: torch.device) -> _FusedBuffers | None:
-    key = (dtype, device)
-    if key in _fused:
-        return _fused[key]
+def _push_buffers(device: torch.device) -> _PushBuffers | None:
+    """The push kernel's buffers on this device, rendezvoused with the peers on first use (a
+    collective: every rank makes the same calls); None where symmetric memory is missing."""
+    if device in _push:
+        return _push[device]
     if device in _unavailable or torch.cuda.is_current_stream_capturing():
         return None
+    world = distributed.world_size()
     try:
         from torch.distributed import _symmetric_memory as symm_mem
 
-        group = dist.group.WORLD.group_name
-        elements = all_reduce_norm.buffer_elements()
-        data = symm_mem.empty(elements, dtype=dtype, device=device)
-        data_handle = symm_mem.rendezvous(data, group)
-        world = distributed.world_size()
-        flags = symm_mem.empty(all_reduce_norm.flag_elements(world), dtype=torch.int32,
-                               device=device)
-        flags.zero_()
-        flag_handle = symm_mem.rendezvous(flags, group)
+        data = symm_mem.empty(push_all_reduce.buffer_words(world), dtype=torch.int64,
+                              device=device)
+        data.zero_()
+        handle = symm_mem.rendezvous(data, dist.group.WORLD.group_name)
     except (ImportError, AttributeError, RuntimeError):
         _unavailable.add(device)  # every rank takes the same branch
         return None
     torch.cuda.synchronize(device)
-    dist.barrier()  # every rank's flags are zero before anyone signals
-    table = {"dtype": torch.int64, "device": device}
-    buffers = _FusedBuffers(torch.tensor(data_handle.buffer_ptrs, **table),
-                            torch.tensor(flag_handle.buffer_ptrs, **table), elements,
-                            keep=(data, flags, data_handle, flag_handle))
-    _fused[key] = buffers
+    dist.barrier()  # every rank's buffer is zero before anyone pushes into it
+    buffers = _PushBuffers(
+        torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device),
+        torch.zeros(push_all_reduce.state_elements(), dtype=torch.int32, device=device),
+        keep=(data, handle),
+    )
+    _push[device] = buffers
     return buffers
 
 
-def _fusable(x: Tensor, residual: Tensor, weight: Tensor | None) -> bool:
-    h_dim = x.shape[-1] if x.dim() else 0
+def _pushable(x: Tensor) -> bool:
     return (
         x.is_cuda
         and distributed.multicast_disabled()
-        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and distributed.world_size() in _ONE_SHOT_WORLDS
-        and residual.shape == x.shape
-        and 0 < h_dim <= all_reduce_norm.MAX_HIDDEN
-        and x.numel() // h_dim <= all_reduce_norm.MAX_ROWS
-        and (weight is None or tuple(weight.shape) == (h_dim,))
+        and push_all_reduce.fits(x)
         and x.device not in _unavailable
     )
+
+
+def _push_kwargs(buffers: _PushBuffers) -> dict:
+    return dict(rank=distributed.rank(), world=distributed.world_size(),
+                buffer_ptrs=buffers.buffer_ptrs, state=buffers.state)
+
+
+def _push_sum(x: Tensor) -> Tensor | None:
+    buffers = _push_buffers(x.device)
+    if buffers is None:
+        return None
+    return push_all_reduce.push_all_reduce(x, **_push_kwargs(buffers))
 
 
 def all_reduce_residual_norm(x: Tensor, residual: Tensor, weight: Tensor | None, eps: float,
                              out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(h, rms_norm(h)) with h = residual + the sum of x over all ranks."""
-    if distributed.is_parallel() and _fusable(x, residual, weight):
-        buffers = _fused_buffers(x.dtype, x.device)
+    if (distributed.is_parallel() and _pushable(x) and residual.shape == x.shape
+            and (weight is None or tuple(weight.shape) == (x.shape[-1],))):
+        buffers = _push_buffers(x.device)
         if buffers is not None:
             return distributed.guarded(
-                "all_reduce + residual + RMSNorm (symmetric memory)",
-                lambda: all_reduce_norm.all_reduce_residual_rms_norm(
-                    x, residual, weight, eps, out_dtype, rank=distributed.rank(),
-                    world=distributed.world_size(), buffer_ptrs=buffers.buffer_ptrs,
-                    flag_ptrs=buffers.flag_ptrs, buffer_elements=buffers.elements,
-                ),
+                "all_reduce + residual + RMSNorm (push)",
+                lambda: push_all_reduce.push_all_reduce_residual_norm(
+                    x, residual, weight, eps, out_dtype, **_push_kwargs(buffers)),
             )
     h = residual + all_reduce(x)
     return h, rms_norm(h, weight, eps, out_dtype)

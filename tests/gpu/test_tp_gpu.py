@@ -1,6 +1,7 @@
-"""On two GPUs (NCCL, symmetric memory): the fused all-reduce + residual + RMSNorm kernel equals
-the three ops, eagerly and under CUDA-graph replay, and a tp=2 plan using it generates HF's
-tokens. Skipped with fewer than two GPUs."""
+"""On two and four GPUs (NCCL, symmetric memory): the push all-reduce gives the bits of a
+rank-order sum, the fused all-reduce + residual + RMSNorm kernel equals the three ops, eagerly
+and under CUDA-graph replay, and a tp=N plan using both generates HF's tokens. Skipped without
+the GPUs."""
 
 import json
 import os
@@ -18,18 +19,22 @@ pytestmark = pytest.mark.skipif(
 WORKER = Path(__file__).with_name("tp_worker.py")
 
 
-def test_fused_all_reduce_norm_on_two_gpus(tmp_path):
+@pytest.mark.parametrize("world", [2, 4])
+def test_push_all_reduce_on_gpus(tmp_path, world):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
                NVSHMEM_DISABLE_NVLS="1", DSC_COLLECTIVE_TIMEOUT="120")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
          str(WORKER), str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=400, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-6000:]
-    for rank in range(2):
+    for rank in range(world):
         found = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert found["fusable_1x4096"] and found["fusable_16x4096"]  # the kernel, not the ops
+        assert all(value for key, value in found.items() if key.startswith("push_exact_"))
         for key, value in found.items():
             if key.startswith(("eager_", "graph_")):
                 assert value <= 1e-2, (key, value)  # a bf16 rounding at most

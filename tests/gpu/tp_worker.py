@@ -1,7 +1,8 @@
-"""Run by tests/gpu/test_tp_gpu.py under torchrun, one process per GPU (NCCL): the fused
-all-reduce + residual + RMSNorm kernel against the three ops, eagerly and replayed in a CUDA
-graph with new inputs each time; then tiny-llama at tp=N with the fused op in its plan against
-the same model on one GPU. Each rank writes its findings as JSON."""
+"""Run by tests/gpu/test_tp_gpu.py under torchrun, one process per GPU (NCCL): the push
+all-reduce against the rank-order sum of the gathered partials (bit for bit), the fused
+all-reduce + residual + RMSNorm against the three ops, eagerly and replayed in a CUDA graph with
+new inputs each time; then tiny-llama at tp=N with both in its plan against the same model on
+one GPU. Each rank writes its findings as JSON."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ def _three_ops(x, res, w):
     return h, rms_norm(h, w, 1e-5, x.dtype)
 
 
+def _gathered_sum(x):
+    """The all-reduce's expected bits: every rank's x summed in rank order in fp32, rounded."""
+    parts = [torch.empty_like(x) for _ in range(distributed.world_size())]
+    torch.distributed.all_gather(parts, x)
+    return sum(p.float() for p in parts).to(x.dtype)
+
+
 def op_checks(rank: int) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(10 + rank)
     found = {}
@@ -33,7 +41,10 @@ def op_checks(rank: int) -> dict:
         x, res = (torch.randn(rows, hidden, device="cuda", dtype=dtype, generator=gen)
                   for _ in range(2))
         w = torch.rand(hidden, device="cuda", dtype=dtype, generator=gen) + 0.5
-        found[f"fusable_{rows}x{hidden}"] = allreduce._fusable(x, res, w)
+        found[f"fusable_{rows}x{hidden}"] = allreduce._pushable(x)
+        found[f"push_exact_{rows}x{hidden}"] = bool(
+            allreduce.transport(x) == "push" and torch.equal(allreduce.all_reduce(x),
+                                                             _gathered_sum(x)))
         h, n = allreduce.all_reduce_residual_norm(x, res, w, 1e-5, dtype)
         want_h, want_n = _three_ops(x, res, w)
         found[f"eager_{rows}x{hidden}"] = max(
@@ -80,6 +91,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     world = int(os.environ["WORLD_SIZE"])
     os.environ["DSC_FUSED_ALLREDUCE"] = "1"
+    os.environ["DSC_PUSH_ALLREDUCE"] = "1"  # the plain all-reduces too
     rank = distributed.init("cuda", world)
     found = {"rank": rank, **op_checks(rank), **model_check(world)}
     (out / f"rank{rank}.json").write_text(json.dumps(found))

@@ -2,8 +2,9 @@
 ptxas), and their PTX has what they rely on. Compiled in a child process: under
 TRITON_INTERPRET=1 the kernels are interpreter objects.
 
-* the fused all-reduce: system-scope compare-and-swap done by one lane per peer, volatile peer
-  loads, the trap for a peer that never arrives, the PDL wait;
+* the push all-reduce (fused with the norm): 64-bit stores of the flagged words, volatile
+  64-bit loads of the receive buffer, the row's ticket, the trap for a peer that never
+  writes, the PDL wait;
 * the descriptor flash attention: tensor-memory-accelerator copies and warpgroup MMAs, and no
   pointer loads of Q/K/V;
 * the small-batch GEMM with DSC_PDL_GEMV=late: its successor released after the weight stream;
@@ -27,18 +28,19 @@ def _compile(name: str) -> str:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if name == "all_reduce_norm":
-        from dsc.kernels import all_reduce_norm as module
+    if name == "push_all_reduce":
+        from dsc.kernels import push_all_reduce as module
 
-        kernel, warps = module._all_reduce_residual_norm_kernel, 4
+        kernel, warps = module._push_all_reduce_kernel, 4
         signature = {
-            "x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "h_ptr": "*bf16",
-            "n_ptr": "*bf16", "buf_ptrs": "*i64", "flag_ptrs": "*i64", "rank": "i32",
-            "H": "i32", "eps": "fp32", "stride_x": "i32", "stride_r": "i32", "stride_h": "i32",
-            "stride_n": "i32",
+            "x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
+            "n_ptr": "*bf16", "buf_ptrs": "*i64", "state_ptr": "*i32", "rank": "i32",
+            "H": "i32", "W": "i32", "eps": "fp32", "stride_x": "i32", "stride_r": "i32",
+            "stride_o": "i32", "stride_n": "i32", "max_spins": "i32",
         }
-        constexprs = {"WORLD": 4, "HAS_WEIGHT": True, "PRODUCT": tl.bfloat16, "BLOCK_H": 4096,
-                      "MAX_ROWS_": module.MAX_ROWS, "MAX_SPINS": module.MAX_SPINS,
+        constexprs = {"WORLD": 4, "PACK": 2, "FUSE_NORM": True, "HAS_WEIGHT": True,
+                      "PRODUCT": tl.bfloat16, "BLOCK_W": 2048, "CHUNK_W": 256,
+                      "MAX_ROWS_": module.MAX_ROWS, "ROW_WORDS": module.MAX_ROW_WORDS,
                       "CAN_TRAP": True, "USE_PDL": True}
     elif name in ("gemv_late", "decode_split"):
         from dsc.kernels import decode_attention, small_batch_gemm
@@ -91,12 +93,12 @@ def _ptx(name: str) -> str:
     return json.loads(proc.stdout)["ptx"]
 
 
-def test_fused_all_reduce_has_its_protocol():
-    ptx = _ptx("all_reduce_norm")
-    cas = re.findall(r"atom\.global\.[a-z_.]*cas\.b32", ptx)
-    assert cas and all(".acq_rel.sys." in op for op in cas)
-    assert re.search(r"@%p\d+ atom\.global", ptx)  # predicated: one lane per peer
-    assert "ld.volatile.global" in ptx and "trap;" in ptx and "griddepcontrol.wait" in ptx
+def test_push_all_reduce_has_its_protocol():
+    ptx = _ptx("push_all_reduce")
+    assert re.search(r"st\.global(\.v2)?\.b64", ptx)  # whole 64-bit words: data and flag
+    assert re.search(r"ld\.volatile\.global(\.v2)?\.b64", ptx)
+    assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx)  # the row's ticket
+    assert "trap;" in ptx and "griddepcontrol.wait" in ptx
 
 
 def test_descriptor_flash_attention_uses_tma_and_wgmma():
