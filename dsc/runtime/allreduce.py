@@ -22,9 +22,10 @@ eligible call outside a CUDA-graph capture; the eager prefill comes before any c
 A failure (a peer died, a timeout) is raised as `CollectiveError`. Nothing here touches CUDA
 unless the tensor is on a GPU.
 
-`all_reduce_residual_norm` (h = residual + all_reduce(x), then RMSNorm of h) is the push kernel
-with the add and the norm fused in, for messages the push kernel takes; otherwise all_reduce
-followed by the add and the norm.
+`all_gather` along the last dimension takes the push kernel under the same conditions, NCCL
+otherwise. `all_reduce_residual_norm` (h = residual + all_reduce(x), then RMSNorm of h) is the
+push kernel with the add and the norm fused in, for messages the push kernel takes; otherwise
+all_reduce followed by the add and the norm.
 """
 
 from __future__ import annotations
@@ -221,12 +222,20 @@ def all_reduce_residual_norm(x: Tensor, residual: Tensor, weight: Tensor | None,
 
 
 def all_gather(x: Tensor, dim: int) -> Tensor:
-    """Every rank's x concatenated along dim, in rank order."""
+    """Every rank's x concatenated along dim, in rank order. Along the last dimension, a message
+    the push kernel takes goes through it (the decode step's vocab-parallel logits)."""
     world = distributed.world_size()
     if world == 1:
         return x.clone()
+    x = x.contiguous()
+    if dim in (-1, x.dim() - 1) and push_enabled() and _pushable(x):
+        buffers = _push_buffers(x.device)
+        if buffers is not None:
+            return distributed.guarded(
+                "all_gather (push)",
+                lambda: push_all_reduce.push_all_gather(x, **_push_kwargs(buffers)))
     parts = [torch.empty_like(x) for _ in range(world)]
-    distributed.guarded("all_gather", lambda: dist.all_gather(parts, x.contiguous()))
+    distributed.guarded("all_gather", lambda: dist.all_gather(parts, x))
     return torch.cat(parts, dim=dim)
 
 

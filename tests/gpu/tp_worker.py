@@ -26,11 +26,15 @@ def _three_ops(x, res, w):
     return h, rms_norm(h, w, 1e-5, x.dtype)
 
 
-def _gathered_sum(x):
-    """The all-reduce's expected bits: every rank's x summed in rank order in fp32, rounded."""
+def _gathered(x):
     parts = [torch.empty_like(x) for _ in range(distributed.world_size())]
     torch.distributed.all_gather(parts, x)
-    return sum(p.float() for p in parts).to(x.dtype)
+    return parts
+
+
+def _gathered_sum(x):
+    """The all-reduce's expected bits: every rank's x summed in rank order in fp32, rounded."""
+    return sum(p.float() for p in _gathered(x)).to(x.dtype)
 
 
 def op_checks(rank: int) -> dict:
@@ -45,6 +49,8 @@ def op_checks(rank: int) -> dict:
         found[f"push_exact_{rows}x{hidden}"] = bool(
             allreduce.transport(x) == "push" and torch.equal(allreduce.all_reduce(x),
                                                              _gathered_sum(x)))
+        found[f"push_exact_gather_{rows}x{hidden}"] = torch.equal(
+            allreduce.all_gather(x, -1), torch.cat(_gathered(x), dim=-1))
         h, n = allreduce.all_reduce_residual_norm(x, res, w, 1e-5, dtype)
         want_h, want_n = _three_ops(x, res, w)
         found[f"eager_{rows}x{hidden}"] = max(

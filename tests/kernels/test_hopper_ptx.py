@@ -3,8 +3,8 @@ ptxas), and their PTX has what they rely on. Compiled in a child process: under
 TRITON_INTERPRET=1 the kernels are interpreter objects.
 
 * the push all-reduce (fused with the norm): 64-bit stores of the flagged words, volatile
-  64-bit loads of the receive buffer, the row's ticket, the trap for a peer that never
-  writes, the PDL wait;
+  64-bit loads of the receive buffer, the row's ticket and barrier, the trap for a peer that
+  never writes, the PDL wait;
 * the descriptor flash attention: tensor-memory-accelerator copies and warpgroup MMAs, and no
   pointer loads of Q/K/V;
 * the small-batch GEMM with DSC_PDL_GEMV=late: its successor released after the weight stream;
@@ -39,8 +39,8 @@ def _compile(name: str) -> str:
             "stride_o": "i32", "stride_n": "i32", "max_spins": "i32",
         }
         constexprs = {"WORLD": 4, "PACK": 2, "FUSE_NORM": True, "HAS_WEIGHT": True,
-                      "PRODUCT": tl.bfloat16, "BLOCK_W": 2048, "CHUNK_W": 256,
-                      "MAX_ROWS_": module.MAX_ROWS, "ROW_WORDS": module.MAX_ROW_WORDS,
+                      "PRODUCT": tl.bfloat16, "CHUNK_W": 256, "MAX_ROWS_": module.MAX_ROWS,
+                      "MAX_CHUNKS_": module.MAX_CHUNKS, "ROW_WORDS": module.MAX_ROW_WORDS,
                       "CAN_TRAP": True, "USE_PDL": True}
     elif name in ("gemv_late", "decode_split"):
         from dsc.kernels import decode_attention, small_batch_gemm
@@ -98,6 +98,10 @@ def test_push_all_reduce_has_its_protocol():
     assert re.search(r"st\.global(\.v2)?\.b64", ptx)  # whole 64-bit words: data and flag
     assert re.search(r"ld\.volatile\.global(\.v2)?\.b64", ptx)
     assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx)  # the row's ticket
+    # The row's barrier for the norm: the count released by the last program, acquired by all.
+    assert re.search(r"atom\.global\.gpu\.release\.exch", ptx)
+    assert re.search(r"ld\.global\.gpu\.acquire", ptx) or re.search(
+        r"atom\.global\.gpu\.acquire\.add", ptx)
     assert "trap;" in ptx and "griddepcontrol.wait" in ptx
 
 

@@ -1,15 +1,20 @@
 """The push all-reduce kernel (plain and fused with residual + RMSNorm), in one process: the
-peers' flagged words are already in this rank's receive buffer, as if they had pushed them
-(the interpreter runs one program at a time, so nothing else could)."""
+peers' flagged words are already in this rank's receive buffer, as if they had pushed them.
+The interpreter runs one program at a time, so a fused row of several programs cannot meet at
+its barrier: there the other programs' partial sums of squares are in place beforehand too,
+and the waiting programs give up after a few tries and read them (on the GPU they meet;
+tests/gpu/tp_worker.py checks that path)."""
 
 import pytest
 import torch
 
 from dsc.kernels.push_all_reduce import (
+    MAX_CHUNKS,
     MAX_ROW_WORDS,
     MAX_ROWS,
     buffer_words,
     fits,
+    push_all_gather,
     push_all_reduce,
     push_all_reduce_residual_norm,
     state_elements,
@@ -47,6 +52,18 @@ class SimulatedPeers:
                 at = self.slot(count & 1, row, src)
                 self.buffers[self.rank][at:at + words.numel()] = words
 
+    def arrive(self, h: torch.Tensor):
+        """Put the partial sums of squares of h's rows, a chunk each, where the row's programs
+        leave them."""
+        pack = 4 // h.element_size()
+        per = self.chunk_words * pack
+        rows = h.reshape(-1, h.shape[-1]).float()
+        partials = self.state.view(torch.float32)
+        for row in range(rows.shape[0]):
+            for c, start in enumerate(range(0, rows.shape[1], per)):
+                part = rows[row, start:start + per]
+                partials[2 * MAX_ROWS + row * MAX_CHUNKS + c] = (part * part).sum()
+
     def kwargs(self):
         return dict(rank=self.rank, world=self.world, buffer_ptrs=self.ptrs, state=self.state,
                     chunk_words=self.chunk_words)
@@ -77,11 +94,14 @@ def test_fused_equals_the_three_ops(world, shape, dtype, weight, chunk):
     for seed in range(3):  # consecutive calls alternate the halves and the sequence numbers
         parts, residual, w, total = _inputs(world, shape, dtype, weight, seed)
         peers.deliver(parts)
+        if chunk is not None:
+            peers.arrive(residual + total)
         h, normed = push_all_reduce_residual_norm(parts[peers.rank], residual, w, 1e-5, dtype,
                                                   **peers.kwargs())
         want_h = residual + total
         torch.testing.assert_close(h, want_h, **_tol(dtype))
         torch.testing.assert_close(normed, rms_norm(want_h, w, 1e-5, dtype), **_tol(dtype))
+    assert int(peers.state[0]) == 3 and int(peers.state[MAX_ROWS]) == 0  # counted; ticket reset
 
 
 @pytest.mark.parametrize("world,shape,dtype,chunk", [
@@ -103,6 +123,20 @@ def test_plain_sum_is_exact_and_alike_on_every_rank(world, shape, dtype, chunk):
         if dtype == torch.float32:
             assert torch.equal(got, total)
         torch.testing.assert_close(got, total, **_tol(dtype))
+
+
+@pytest.mark.parametrize("world,shape,dtype,chunk", [
+    (2, (1, 1, 40), torch.float32, None),
+    (4, (3, 1, 18), torch.bfloat16, 4),   # several programs a row
+    (4, (2, 6), torch.float16, None),
+])
+def test_gather_places_every_rank_side_by_side(world, shape, dtype, chunk):
+    peers = SimulatedPeers(world, rank=1, chunk_words=chunk)
+    for seed in range(2):
+        parts, *_ = _inputs(world, shape, dtype, False, seed)
+        peers.deliver(parts)
+        got = push_all_gather(parts[1], **peers.kwargs())
+        assert torch.equal(got, torch.cat(parts, dim=-1))  # copied, bit for bit
 
 
 def test_words_pushed_to_every_rank_and_counts_advanced():
