@@ -111,17 +111,6 @@ def _receive(at, in_row, seq, max_spins, CAN_TRAP: tl.constexpr):
 
 
 @triton.jit
-def _elements(bits, DTYPE: tl.constexpr, PACK: tl.constexpr, CHUNK_W: tl.constexpr):
-    """32-bit words as fp32 elements in memory order: two 16-bit floats each, or one fp32."""
-    if PACK == 2:
-        lo = _half_to_float(bits, DTYPE)
-        hi = _half_to_float(bits >> 16, DTYPE)
-        return tl.reshape(tl.join(lo, hi), (2 * CHUNK_W,))  # elements 2i, 2i+1
-    else:
-        return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _push_all_reduce_kernel(
     x_ptr,
     res_ptr,
@@ -173,26 +162,38 @@ def _push_all_reduce_kernel(
         theirs = tl.load(buf_ptrs + dst).to(tl.pointer_type(tl.int64))
         tl.store(theirs + (row_slot + rank) * ROW_WORDS + words, flagged, mask=in_row)
 
+    chunks = tl.num_programs(1)
+    if not FUSE_NORM:
+        # Early, so the ticket's round trip overlaps the wait for the peers' words.
+        _advance_count(state_ptr, row, count, chunks, max_spins, False, MAX_ROWS_, CAN_TRAP)
+
     # This chunk's words from every rank: placed side by side (gather), or summed in rank order.
     received = tl.load(buf_ptrs + rank).to(tl.pointer_type(tl.int64))
-    cols = chunk * CHUNK_W * PACK + tl.arange(0, CHUNK_W * PACK)
-    ok = cols < H
-    total = tl.zeros((CHUNK_W * PACK,), dtype=tl.float32)
+    lo = tl.zeros((CHUNK_W,), dtype=tl.float32)
+    hi = tl.zeros((CHUNK_W,), dtype=tl.float32)
     for src in tl.static_range(WORLD):
         bits = _receive(received + (row_slot + src) * ROW_WORDS + words, in_row, seq, max_spins,
                         CAN_TRAP)
-        values = _elements(bits, dtype, PACK, CHUNK_W)
         if GATHER:
-            tl.store(out_ptr + row * stride_o + src * H + cols, values.to(dtype), mask=ok)
+            out_words = out_ptr.to(tl.pointer_type(tl.int32)) + row * (stride_o // PACK)
+            tl.store(out_words + src * W + words, bits, mask=in_row)
+        elif PACK == 2:
+            lo += _half_to_float(bits, dtype)
+            hi += _half_to_float(bits >> 16, dtype)
         else:
-            total += values
+            lo += bits.to(tl.float32, bitcast=True)
+    if GATHER:
+        return
+    if PACK == 2:
+        total = tl.reshape(tl.join(lo, hi), (2 * CHUNK_W,))  # elements 2i, 2i+1
+    else:
+        total = lo
     reduced = total.to(dtype)
+    cols = chunk * CHUNK_W * PACK + tl.arange(0, CHUNK_W * PACK)
+    ok = cols < H
 
-    chunks = tl.num_programs(1)
     if not FUSE_NORM:
-        if not GATHER:
-            tl.store(out_ptr + row * stride_o + cols, reduced, mask=ok)
-        _advance_count(state_ptr, row, count, chunks, max_spins, False, MAX_ROWS_, CAN_TRAP)
+        tl.store(out_ptr + row * stride_o + cols, reduced, mask=ok)
     else:
         res = tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
         h = (res + reduced.to(tl.float32)).to(out_ptr.dtype.element_ty)
