@@ -6,7 +6,8 @@ The 7B shapes behind `pick_config` keep every SM busy with 8-row blocks; GPT-2 X
 Llama-1.1B (2048 wide) give only 200-320 such blocks for 132 SMs. This times block widths and
 K splits on those shapes, in one run with the copy bandwidth, and prints the best per shape.
 `--rows 16`: the 7B's projections at batch 16 (the `tl.dot` path), over block widths, K steps,
-K splits and pipeline depths.
+K splits and pipeline depths. `--tp`: the 7B's projections as one rank of tp=2 / tp=4 holds
+them (narrower or shorter: the per-GPU weight of a tensor-parallel decode step).
 
     PYTHONPATH=. python bench/sweep_gemv.py --out bench/results/sweep-gemv.jsonl
 """
@@ -45,6 +46,30 @@ SHAPES_BATCHED = {  # the 7B's projections, several rows
 }
 
 
+SHAPES_TP = {  # the 7B's projections as one rank of tp=2 / tp=4 holds them (batch 1)
+    "7b tp2 qkv 6144x4096": (6144, 4096, False),
+    "7b tp2 o 4096x2048": (4096, 2048, False),
+    "7b tp2 gate/up gated 11008x4096": (11008, 4096, True),
+    "7b tp2 down 4096x5504": (4096, 5504, False),
+    "7b tp4 qkv 3072x4096": (3072, 4096, False),
+    "7b tp4 o 4096x1024": (4096, 1024, False),
+    "7b tp4 gate/up gated 5504x4096": (5504, 4096, True),
+    "7b tp4 down 4096x2752": (4096, 2752, False),
+}
+
+
+SHAPES_7B = {  # the 7B's projections at batch 1 (one GPU)
+    "7b qkv 12288x4096": (12288, 4096, False),
+    "7b o 4096x4096": (4096, 4096, False),
+    "7b down 4096x11008": (4096, 11008, False),
+}
+
+# A few one-row configurations timed in several rounds (medians), on every one-row shape: to
+# choose between close candidates that one round's noise cannot separate.
+FOCUS = [SmallBatchConfig(1, block_n, block_k, 1, 4, 4)
+         for block_n, block_k in ((8, 512), (8, 256), (16, 256), (4, 256), (16, 512))]
+
+
 def candidates(rows: int) -> list[SmallBatchConfig]:
     out = []
     if rows == 1:
@@ -66,8 +91,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--rows", type=int, default=1, help="rows of x (1, or a batch like 16)")
+    parser.add_argument("--tp", action="store_true",
+                        help="the 7B's projections as one rank of tp=2 and tp=4 holds them")
+    parser.add_argument("--focus", type=int, default=0, metavar="ROUNDS",
+                        help="time only FOCUS's configurations, in ROUNDS rounds, on every "
+                        "one-row shape")
     args = parser.parse_args()
-    shapes = SHAPES if args.rows == 1 else SHAPES_BATCHED
+    shapes = SHAPES_TP if args.tp else SHAPES if args.rows == 1 else SHAPES_BATCHED
+    if args.focus:
+        shapes = {**SHAPES, **SHAPES_7B, **SHAPES_TP}
     copy_bw = measure_copy_bandwidth()
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     lines = []
@@ -79,7 +111,9 @@ def main() -> None:
         ref = (torch.nn.functional.silu(linear_reference(x, ws[0][:half])) *
                linear_reference(x, ws[0][half:])) if gated else linear_reference(x, ws[0])
         default = pick_config(args.rows, n, k, sm, gated=gated)
-        for cfg in dict.fromkeys([default, *candidates(args.rows)]):
+        configs = list(dict.fromkeys([default, *(FOCUS if args.focus else
+                                                 candidates(args.rows))]))
+        for cfg in configs * max(1, args.focus):
             kw = dict(activation="silu", gated=True) if gated else {}
             try:
                 err = rel_err(linear_small_batch(x, ws[0], config=cfg, **kw), ref)
@@ -91,6 +125,15 @@ def main() -> None:
             pct = 100 * ((n * k + args.rows * k) * 2 / t / 1e6) / copy_bw  # GB/s over GB/s
             lines.append({"shape": name, "rows": args.rows, "cfg": asdict(cfg), "default": cfg == default,
                           "us": t * 1e3, "pct_copy": pct, "err": err})
+        if args.focus:  # one line per configuration: the median of its rounds
+            mine = [ln for ln in lines if ln["shape"] == name]
+            lines = [ln for ln in lines if ln["shape"] != name]
+            for cfg in configs:
+                runs = sorted((ln for ln in mine if ln["cfg"] == asdict(cfg)),
+                              key=lambda ln: ln["pct_copy"])
+                if runs:
+                    lines.append({**runs[len(runs) // 2],
+                                  "rounds": [round(ln["pct_copy"], 1) for ln in runs]})
         best = max((ln for ln in lines if ln["shape"] == name), key=lambda ln: ln["pct_copy"])
         dflt = next(ln for ln in lines if ln["shape"] == name and ln["default"])
         print(f"{name:32} default {dflt['pct_copy']:5.1f}% {dflt['us']:7.2f} us   best "

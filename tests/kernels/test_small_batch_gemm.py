@@ -166,3 +166,13 @@ def test_bad_dtype_and_out_raise():
 def test_cpu_tensors_need_cuda(no_interpreter):
     with pytest.raises(ValueError, match="needs CUDA"):
         linear_small_batch(torch.randn(2, 8), torch.randn(4, 8))
+
+
+def test_pick_config_takes_measured_one_row_shapes():
+    o_proj = pick_config(1, 4096, 4096, sm_count=132)
+    assert (o_proj.block_n, o_proj.block_k, o_proj.split_k) == (4, 256, 1)
+    tp4_gate_up = pick_config(1, 5504, 4096, sm_count=132, gated=True)
+    assert (tp4_gate_up.block_n, tp4_gate_up.block_k) == (8, 256)
+    assert pick_config(1, 5504, 4096, sm_count=132).block_k == 512  # not gated: not measured
+    other = pick_config(1, 12288, 4096, sm_count=132)
+    assert (other.block_n, other.block_k) == (8, 512)
