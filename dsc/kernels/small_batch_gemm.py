@@ -345,19 +345,14 @@ def _fit_stages(cfg: SmallBatchConfig, gated: bool, shared_memory: int) -> Small
     return dataclasses.replace(cfg, num_stages=stages)
 
 
-# One row, measured per shape (bench/sweep_gemv.py --focus 3, H100, medians of three rounds;
-# bench/NOTES.md): (N, K, gated) -> (block_n, block_k) where it beat 8 x 512 by 2+ points of
-# copy bandwidth. No rule separates them: the 7B's 4096-row outputs want 256-wide K steps at any
-# K (o 66 -> 86 %, down 73 -> 87 %), its wide projections keep 512.
+# One row, measured per shape (bench/sweep_gemv.py --focus 3, H100, medians of three rounds):
+# (N, K, gated) -> (block_n, block_k) where 256-wide K steps beat 8 x 512 in the sweep *and* in
+# the model (GPT-2 XL stream 1.88 ms per token with them, run 21; 2.07 without, run 19). The
+# sweep also favoured 4 x 256 for
+# Llama-7B's o and down projections (66 -> 86 %, 73 -> 87 % of copy bandwidth, GEMV after GEMV)
+# and for the tp=2/4 shards, but the model's step got slower with them (7B 5.17 -> 5.36 ms,
+# tp=2 3.13 -> 3.22): kept at 8 x 512 (bench/NOTES.md, tp run 7).
 _ONE_ROW = {
-    (4096, 4096, False): (4, 256),    # Llama-7B o
-    (4096, 11008, False): (4, 256),   # Llama-7B down
-    (4096, 2048, False): (4, 256),    # Llama-7B o, tp=2
-    (4096, 5504, False): (4, 256),    # Llama-7B down, tp=2
-    (3072, 4096, False): (4, 256),    # Llama-7B qkv, tp=4
-    (4096, 1024, False): (16, 256),   # Llama-7B o, tp=4
-    (5504, 4096, True): (8, 256),     # Llama-7B gate/up, tp=4
-    (4096, 2752, False): (4, 256),    # Llama-7B down, tp=4
     (4800, 1600, False): (8, 256),    # GPT-2 XL qkv
     (1600, 1600, False): (4, 256),    # GPT-2 XL out
     (6400, 1600, False): (16, 256),   # GPT-2 XL up
