@@ -348,10 +348,9 @@ def _fit_stages(cfg: SmallBatchConfig, gated: bool, shared_memory: int) -> Small
 # One row, measured per shape (bench/sweep_gemv.py --focus 3, H100, medians of three rounds):
 # (N, K, gated) -> (block_n, block_k) where 256-wide K steps beat 8 x 512 in the sweep *and* in
 # the model (GPT-2 XL stream 1.88 ms per token with them, run 21; 2.07 without, run 19). The
-# sweep also favoured 4 x 256 for
-# Llama-7B's o and down projections (66 -> 86 %, 73 -> 87 % of copy bandwidth, GEMV after GEMV)
-# and for the tp=2/4 shards, but the model's step got slower with them (7B 5.17 -> 5.36 ms,
-# tp=2 3.13 -> 3.22): kept at 8 x 512 (bench/NOTES.md, tp run 7).
+# sweep also favoured 4 x 256 for Llama-7B's o and down projections (66 -> 86 %, 73 -> 87 % of
+# copy bandwidth, GEMV after GEMV) and for the tp=2/4 shards, but the model's step got slower
+# with them (7B 5.17 -> 5.36 ms, tp=2 3.13 -> 3.22): kept at 8 x 512 (bench/NOTES.md).
 _ONE_ROW = {
     (4800, 1600, False): (8, 256),    # GPT-2 XL qkv
     (1600, 1600, False): (4, 256),    # GPT-2 XL out
