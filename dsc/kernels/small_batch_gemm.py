@@ -24,6 +24,8 @@ autotuning, so a first call never stalls and the interpreter runs the same code 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -358,10 +360,37 @@ _ONE_ROW = {
 }
 
 
+def _power_of_two(v: int) -> bool:
+    return v >= 1 and v & (v - 1) == 0
+
+
+@functools.cache
+def _one_row_overrides(spec: str) -> dict[tuple[int, int, bool], tuple[int, int]]:
+    """DSC_GEMV_ONE_ROW, e.g. `4096x4096=4x256,5504x4096g=8x256`: one-row tiles per weight shape
+    (N x K, `g` for a stacked [gate; up] weight) = block_n x block_k, over the table above —
+    for trying a sweep's picks in the whole model (bench/e2e.py --ab-env)."""
+    table = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        try:
+            shape, tiles = item.split("=")
+            gated = shape.endswith("g")
+            n, k = (int(v) for v in shape.rstrip("g").split("x"))
+            block_n, block_k = (int(v) for v in tiles.split("x"))
+        except ValueError:
+            raise ValueError(f"DSC_GEMV_ONE_ROW: cannot read {item!r}; write "
+                             f"NxK[g]=BLOCK_NxBLOCK_K, e.g. 4096x4096=4x256") from None
+        if not (_power_of_two(block_n) and _power_of_two(block_k) and block_k >= 16):
+            raise ValueError(f"DSC_GEMV_ONE_ROW: {item!r} needs block_n and block_k powers of "
+                             f"two, block_k at least 16")
+        table[(n, k, gated)] = (block_n, block_k)
+    return table
+
+
 def _pick(m: int, n: int, k: int, sm_count: int, gated: bool) -> SmallBatchConfig:
     if m == 1:
         block_m, num_stages = 1, 4
-        block_n, block_k = _ONE_ROW.get((n, k, gated), (8, 512))
+        table = {**_ONE_ROW, **_one_row_overrides(os.environ.get("DSC_GEMV_ONE_ROW", ""))}
+        block_n, block_k = table.get((n, k, gated), (8, 512))
     elif m <= 16:
         tiles = triton.cdiv(n, 64)
         if tiles >= sm_count:

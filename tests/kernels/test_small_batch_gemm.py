@@ -176,3 +176,26 @@ def test_pick_config_takes_measured_one_row_shapes():
     assert pick_config(1, 4800, 1600, sm_count=132, gated=True).block_k == 512  # not measured
     o_proj = pick_config(1, 4096, 4096, sm_count=132)
     assert (o_proj.block_n, o_proj.block_k) == (8, 512)  # faster alone, slower in the model
+
+
+def test_one_row_tiles_can_be_overridden_per_shape(monkeypatch):
+    monkeypatch.setenv("DSC_GEMV_ONE_ROW", "4096x4096=4x256, 5504x4096g=16x128")
+    o_proj = pick_config(1, 4096, 4096, sm_count=132)
+    assert (o_proj.block_n, o_proj.block_k) == (4, 256)
+    gate_up = pick_config(1, 5504, 4096, sm_count=132, gated=True)
+    assert (gate_up.block_n, gate_up.block_k) == (16, 128)
+    assert pick_config(1, 5504, 4096, sm_count=132).block_k == 512  # the plain shape is not named
+    gpt2_qkv = pick_config(1, 4800, 1600, sm_count=132)
+    assert (gpt2_qkv.block_n, gpt2_qkv.block_k) == (8, 256)  # the table still applies
+
+
+@pytest.mark.parametrize("spec,complaint", [
+    ("4096x4096:4x256", "cannot read"),
+    ("4096=4x256", "cannot read"),
+    ("4096x4096=3x256", "powers of two"),
+    ("4096x4096=4x8", "at least 16"),
+])
+def test_unreadable_one_row_overrides_say_how_to_write_them(monkeypatch, spec, complaint):
+    monkeypatch.setenv("DSC_GEMV_ONE_ROW", spec)
+    with pytest.raises(ValueError, match=complaint):
+        pick_config(1, 4096, 4096, sm_count=132)
