@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -366,11 +367,12 @@ def _power_of_two(v: int) -> bool:
 
 @functools.cache
 def _one_row_overrides(spec: str) -> dict[tuple[int, int, bool], tuple[int, int]]:
-    """DSC_GEMV_ONE_ROW, e.g. `4096x4096=4x256,5504x4096g=8x256`: one-row tiles per weight shape
+    """DSC_GEMV_ONE_ROW, e.g. `4096x4096=4x256+5504x4096g=8x256`: one-row tiles per weight shape
     (N x K, `g` for a stacked [gate; up] weight) = block_n x block_k, over the table above —
-    for trying a sweep's picks in the whole model (bench/e2e.py --ab-env)."""
+    for trying a sweep's picks in the whole model (bench/e2e.py --ab-env, whose own list is
+    comma-separated: so `+`, `;` or `,` separate the shapes here)."""
     table = {}
-    for item in filter(None, (part.strip() for part in spec.split(","))):
+    for item in filter(None, (part.strip() for part in re.split(r"[+;,]", spec))):
         try:
             shape, tiles = item.split("=")
             gated = shape.endswith("g")

@@ -179,7 +179,7 @@ def test_pick_config_takes_measured_one_row_shapes():
 
 
 def test_one_row_tiles_can_be_overridden_per_shape(monkeypatch):
-    monkeypatch.setenv("DSC_GEMV_ONE_ROW", "4096x4096=4x256, 5504x4096g=16x128")
+    monkeypatch.setenv("DSC_GEMV_ONE_ROW", "4096x4096=4x256+ 5504x4096g=16x128")
     o_proj = pick_config(1, 4096, 4096, sm_count=132)
     assert (o_proj.block_n, o_proj.block_k) == (4, 256)
     gate_up = pick_config(1, 5504, 4096, sm_count=132, gated=True)
