@@ -26,13 +26,14 @@ call k+2, which comes after its call k+1 received our call k+1 words, which we s
 call k had finished reading (a kernel starts after the previous one on its stream has ended;
 under PDL, after `wait`). So two halves suffice, and nothing is ever reset.
 
-Measured on 4 H100s in a CUDA graph, [1, 4096] bf16: 3.0 µs at tp=2, 4.0 at tp=4.
+Measured on 4 H100s in a CUDA graph, [1, 4096] bf16: 3.0–3.3 µs at tp=2, 4.0–4.5 at tp=4
+(bench/NOTES.md, tp runs 4–7).
 
 State (int32, local to each rank): per-row call counts, per-row tickets, per-row partial sums
 of squares. Each program of a row reads the count, pushes, and takes a ticket; the last program
-of the row advances the count (fused, the others wait for that: the barrier). The count lives on the GPU, so it advances under
-CUDA-graph replay too; every rank makes the same calls, so counts, halves and sequence numbers
-agree. A peer that never writes stops the kernel with a trap after MAX_SPINS tries, so the host
+of the row advances the count (fused, the others wait for that: the barrier). The count lives
+on the GPU, so it advances under CUDA-graph replay too; every rank makes the same calls, so
+counts, halves and sequence numbers agree. A peer that never writes stops the kernel with a trap after MAX_SPINS tries, so the host
 sees a CUDA error instead of hanging.
 """
 
