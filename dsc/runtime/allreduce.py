@@ -63,11 +63,17 @@ def _symmetric_buffer(dtype: torch.dtype, device: torch.device) -> Tensor | None
         return None
     try:
         from torch.distributed import _symmetric_memory as symm_mem
-
-        group = dist.group.WORLD.group_name
-        buffer = symm_mem.empty(ONE_SHOT_MAX_BYTES // dtype.itemsize, dtype=dtype, device=device)
-        symm_mem.rendezvous(buffer, group)
-    except (ImportError, AttributeError, RuntimeError):
+    except ImportError:
+        _unavailable.add(device)  # every rank runs the same torch
+        return None
+    buffer = _allocate_everywhere(
+        lambda: symm_mem.empty(ONE_SHOT_MAX_BYTES // dtype.itemsize, dtype=dtype, device=device),
+        device)
+    if buffer is None:
+        return None
+    try:
+        symm_mem.rendezvous(buffer, dist.group.WORLD.group_name)
+    except (AttributeError, RuntimeError):
         # Every rank takes the same branch: the same torch, the same kind of GPU.
         _unavailable.add(device)
         return None
@@ -78,8 +84,23 @@ def _symmetric_buffer(dtype: torch.dtype, device: torch.device) -> Tensor | None
 def push_enabled() -> bool:
     """DSC_PUSH_ALLREDUCE: `1` (default) sends decode-sized all-reduces through the push kernel,
     `0` through torch's one-shot kernel. Measured on 4 H100s in a CUDA graph, [1, 4096] bf16:
-    push 3.0 µs at tp=2 and 4.0 at tp=4, one-shot 8.8 and 9.9 (bench/NOTES.md, tp run 4)."""
+    push 3.0–3.3 µs at tp=2 and 4.0–4.5 at tp=4, one-shot 8.8–9.3 and 9.8–10.0 (bench/NOTES.md,
+    tp runs 4–7)."""
     return os.environ.get("DSC_PUSH_ALLREDUCE", "1") != "0"
+
+
+def _allocate_everywhere(allocate: Callable[[], Tensor], device: torch.device) -> Tensor | None:
+    """allocate() on every rank, or None on every rank if it failed on any (out of memory on
+    one GPU, say): the rendezvous after it is a collective, which a rank that gave up would
+    never join."""
+    try:
+        buffer = allocate()
+    except (AttributeError, RuntimeError):  # torch.OutOfMemoryError is a RuntimeError
+        buffer = None
+    if not distributed.all_agree(buffer is not None, device):
+        _unavailable.add(device)
+        return None
+    return buffer
 
 
 def transport(x: Tensor) -> str:
@@ -164,12 +185,18 @@ def _push_buffers(device: torch.device) -> _PushBuffers | None:
     world = distributed.world_size()
     try:
         from torch.distributed import _symmetric_memory as symm_mem
-
-        data = symm_mem.empty(push_all_reduce.buffer_words(world), dtype=torch.int64,
-                              device=device)
-        data.zero_()
+    except ImportError:
+        _unavailable.add(device)  # every rank runs the same torch
+        return None
+    data = _allocate_everywhere(
+        lambda: symm_mem.empty(push_all_reduce.buffer_words(world), dtype=torch.int64,
+                               device=device).zero_(),
+        device)
+    if data is None:
+        return None
+    try:
         handle = symm_mem.rendezvous(data, dist.group.WORLD.group_name)
-    except (ImportError, AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError):
         _unavailable.add(device)  # every rank takes the same branch
         return None
     torch.cuda.synchronize(device)

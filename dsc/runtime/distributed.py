@@ -157,6 +157,17 @@ def guarded(what: str, fn: Callable[[], T]) -> T:
         ) from exc
 
 
+def all_agree(ok: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank if `ok` is true on every rank, else False on every rank: for a step
+    that may fail on one rank only (an allocation) before a collective that all must join or
+    all skip. `device`: where the group's backend exchanges tensors (a GPU for NCCL)."""
+    if not is_parallel():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    guarded("agreement", lambda: dist.all_reduce(flag, op=dist.ReduceOp.MIN))
+    return bool(flag.item())
+
+
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Overwrite `tensor` on every rank with rank `src`'s (in place); a no-op when alone."""
     if is_parallel():

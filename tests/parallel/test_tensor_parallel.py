@@ -172,6 +172,16 @@ def test_dead_rank_fails_fast_with_clear_error(tmp_path):
     assert time.perf_counter() - start < 60
 
 
+def test_a_step_failed_on_one_rank_is_skipped_on_all(tmp_path):
+    """distributed.all_agree, which guards the symmetric buffers' allocation: one rank out of
+    memory must not leave the others waiting in the rendezvous that follows."""
+    proc = torchrun(2, "agree", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    for r in range(2):
+        found = json.loads((tmp_path / f"agree-rank{r}.json").read_text())
+        assert found == {"all_ok": True, "one_failed": False}
+
+
 def test_tp8_on_small_config_equals_eager(tmp_path_factory):
     """Eight ranks (gloo): a Mistral-shaped config with 8 query heads and 2 KV heads, so each KV
     head is replicated over 4 ranks — the 70B layout (64 heads, 8 KV heads at tp=8) in small."""

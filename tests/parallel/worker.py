@@ -88,9 +88,21 @@ def dead(out: Path) -> dict:
     return {"error": None, "seconds": time.perf_counter() - start}
 
 
+def agree(out: Path) -> dict:
+    """distributed.all_agree: every rank ok, then all but the last."""
+    world = int(__import__("os").environ["WORLD_SIZE"])
+    rank = distributed.init("cpu", world)
+    return {"all_ok": distributed.all_agree(True),
+            "one_failed": distributed.all_agree(rank != world - 1)}
+
+
 def main() -> None:
     scenario, out, models = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     tp = int(__import__("os").environ["WORLD_SIZE"])
+    if scenario == "agree":
+        result = agree(out)
+        (out / f"agree-rank{dist.get_rank()}.json").write_text(json.dumps(result))
+        return
     if scenario == "dead":
         result = dead(out)
         (out / "dead-rank0.json").write_text(json.dumps(result))
