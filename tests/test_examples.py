@@ -74,3 +74,19 @@ def test_demo(tmp_path):
     assert "assistant: The capital" in out  # the streamed answer
     assert "tokens/s" in out and "greedy tokens agree: yes" in out
     assert (tmp_path / "demo.html").is_file()
+
+
+def test_tensor_parallel_under_torchrun(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", DSC_COLLECTIVE_TIMEOUT="300")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(EXAMPLES / "tensor_parallel.py")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = result.stdout
+    assert "equal to the unsharded model's" in out
+    holds = [line for line in out.splitlines() if line.startswith("rank ")]
+    assert len(holds) == 2
+    assert holds[0].split("tokens")[1].split(";")[0] == holds[1].split("tokens")[1].split(";")[0]
