@@ -37,13 +37,13 @@ from torch import Tensor
 
 from dsc.kernels import pdl
 from dsc.kernels.checks import check_device, check_out, sm_count
+from dsc.kernels.online_softmax import LOG2E, online_softmax_step
 
 __all__ = [
     "DecodeConfig", "check_attention_inputs", "decode_attention", "pick_decode_config",
     "uses_decode_kernel",
 ]
 
-_LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
 _MAX_ROWS = 128  # G * S query rows one program can hold
 
@@ -224,13 +224,7 @@ def _decode_split_kernel(
             allowed = allowed & (n[None, :] <= last_allowed[:, None])
         qk = tl.where(allowed, qk, float("-inf"))
 
-        # Online softmax in base 2; a row that has seen only masked keys keeps m = -inf, so the
-        # exponent offset falls back to 0 to avoid inf - inf.
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
         # V tile: slots nobody may attend are zeroed so garbage there cannot reach the sums.
         v = tl.load(
             v_base + n[:, None] * stride_vt + d[None, :] * stride_vd,
@@ -519,7 +513,7 @@ def decode_attention(
         t,
         hkv,
         splits,
-        float(scale) * _LOG2E,
+        float(scale) * LOG2E,
         GROUP=group,
         CAUSAL=bool(causal),
         IS_SPLIT=splits > 1,

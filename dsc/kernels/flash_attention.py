@@ -41,10 +41,10 @@ from dsc.kernels.decode_attention import (
     uses_decode_kernel,
 )
 from dsc.kernels.flash_attention_tma import flash_attention_tma, tma_eligible
+from dsc.kernels.online_softmax import LOG2E, online_softmax_step
 
 __all__ = ["FlashConfig", "attention", "flash_attention", "keys_unpadded"]
 
-_LOG2E = 1.4426950408889634
 
 
 # Set by `keys_unpadded`: the flash calls inside may assume no padding below start + S.
@@ -134,13 +134,7 @@ def _attend_block(
             allowed = allowed & (n[None, :] <= query_pos[:, None])
         qk = tl.where(allowed, qk, float("-inf"))
 
-    # Online softmax; rows that have seen only masked keys keep m = -inf, and their exponent
-    # offset falls back to 0 so no inf - inf appears.
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(qk - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
     # V tile [BLOCK_N, D]; unattendable slots are zeroed so whatever they hold cannot leak in.
     if PADDED or POSITION_MASK or not FULL_D:
         v = tl.load(
@@ -323,7 +317,7 @@ def flash_attention(
         s,
         t,
         hq,
-        float(scale) * _LOG2E,
+        float(scale) * LOG2E,
         GROUP=hq // hkv,
         CAUSAL=bool(causal),
         HEAD_D=d,
