@@ -5,8 +5,10 @@ token = (time for N new tokens - time for 1) / (N - 1), median of 3 (as bench/e2
 is this GPU's share of the weight bytes over the copy bandwidth measured in this run. Also times
 the all-reduce of one decode activation ([batch, hidden] bf16) alone, replayed in a CUDA graph,
 with the transport dsc picks for it, and all-reduce + residual add + RMSNorm as one op (checked
-against the three ops). DSC_FUSED_ALLREDUCE=1 puts that op into the compiled plan. Rank 0
-prints a table and writes JSON lines.
+against the three ops), and each row-parallel projection shard with its all-reduce, the GEMM
+pushing its tiles against the GEMM then the all-reduce. DSC_FUSED_ALLREDUCE=1 puts the fused
+norm op into the compiled plan; DSC_GEMV_PUSH=1 the pushing GEMM. Rank 0 prints a
+table and writes JSON lines.
 
     python bench/tp.py --model llama-7b                       # tp=1 baseline, same script
     torchrun --nproc-per-node 4 bench/tp.py --model llama-7b --batches 1,16
@@ -91,6 +93,31 @@ def all_reduce_us(batch: int, hidden: int) -> dict[str, float]:
     return times
 
 
+def row_gemm_all_reduce_us(batch: int, hidden: int, inner: int) -> dict[str, dict[str, float]]:
+    """Per-call time, in a CUDA graph, of a row-parallel projection shard [hidden, inner / tp]
+    with its all-reduce: the GEMM sending its tiles to the peers (`linear_all_reduce`), and the
+    GEMM then the all-reduce; for the attention output (inner = hidden) and the MLP's down
+    projection (inner = the intermediate size)."""
+    tp = distributed.world_size()
+    if tp == 1:
+        return {}
+    from dsc.runtime.cuda_impls import linear_small_batch
+
+    gen = torch.Generator(device="cuda").manual_seed(2 + distributed.rank())
+    times = {}
+    for label, k in (("o", hidden // tp), ("down", inner // tp)):
+        x = torch.randn(batch, k, dtype=torch.bfloat16, device="cuda", generator=gen)
+        w = torch.randn(hidden, k, dtype=torch.bfloat16, device="cuda", generator=gen) / k**0.5
+        with held_environment({"DSC_GEMV_PUSH": "1"}):
+            pushing = _graph_us(lambda: allreduce.linear_all_reduce(x, w))
+        times[label] = {
+            "gemm_push": pushing,
+            "gemm_then_all_reduce": _graph_us(
+                lambda: allreduce.all_reduce(linear_small_batch(x, w))),
+        }
+    return times
+
+
 def fused_all_reduce_us(batch: int, hidden: int) -> tuple[float, float]:
     """Per-call time of all_reduce + residual add + RMSNorm as one op (the fused kernel where it
     applies), and its largest difference from the three ops run one after another."""
@@ -156,6 +183,7 @@ def bench(name: str, layers: int | None, batches: list[int], bandwidth: float,
             tokens = compiled.generate(ids[:1], max_new_tokens=16, eos_token_id=[])[0, PROMPT:]
             same = distributed.gather_to_first(tokens.tolist())
             transports = all_reduce_us(batch, hidden)
+            row_gemms = row_gemm_all_reduce_us(batch, hidden, model.config.intermediate_size)
             fused_us, fused_diff = fused_all_reduce_us(batch, hidden)
             floor_ms = weight_bytes / tp / bandwidth * 1e3
             rows.append(
@@ -177,6 +205,7 @@ def bench(name: str, layers: int | None, batches: list[int], bandwidth: float,
                     "pdl": pdl.enabled(torch.device("cuda")),
                     "all_reduce_us": transports,
                     "all_reduce_bytes": batch * hidden * 2,
+                    "row_gemm_all_reduce_us": row_gemms,
                     "fused_all_reduce_norm_us": fused_us,
                     "fused_all_reduce_norm_max_diff": fused_diff,
                     "fused_all_reduce_in_plan": os.environ.get("DSC_FUSED_ALLREDUCE", "0") == "1",
@@ -231,6 +260,9 @@ def main() -> None:
             f"{' '.join(f'{k} {v:.1f}' for k, v in r['all_reduce_us'].items()) or '-':>26} "
             f"{r['fused_all_reduce_norm_us']:>10.1f} {r['first_logits_rel_err']:>8.1e}"
         )
+        for label, times in r["row_gemm_all_reduce_us"].items():
+            print(f"{'':<10} {'':>6} {r['tp']:>3} {r['batch']:>5} {label} shard + all-reduce: "
+                  + ", ".join(f"{k} {v:.1f} us" for k, v in times.items()))
         for ab_env, ms in zip(r["ab_envs"], r["ab_stream_ms"]):
             print(f"{'':<10} {'':>6} {r['tp']:>3} {r['batch']:>5} with {ab_env}: stream "
                   f"{ms:.3f} ms against {r['dsc_stream_ms']:.3f}")

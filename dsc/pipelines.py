@@ -45,9 +45,12 @@ def backend(target: Target) -> list[str]:
     """Passes that shape each program for its kernels, after partitioning. `fuse` only on CUDA:
     its regions exist to become generated Triton kernels; on CPU they would run as the reference
     op by op, no faster than unfused. `fold_rotary_into_attention` only on CUDA (its op's
-    only kernel is the Triton decode attention); DSC_ROTARY_IN_ATTENTION=0 turns it off."""
+    only kernel is the Triton decode attention); DSC_ROTARY_IN_ATTENTION=0 turns it off.
+    `fuse_linear_all_reduce` whenever tp > 1 (on CPU its op is the product then the sum, so the
+    multi-process CPU tests run the plans the GPUs run)."""
     cuda = target.device == "cuda"
     fold = (["fold_rotary_into_attention"]
             if cuda and os.environ.get("DSC_ROTARY_IN_ATTENTION", "1") != "0" else [])
     fuse = ["fuse"] if cuda else []
-    return ["addmm_to_linear", "merge_projections", *fold, *fuse, "memory_plan"]
+    rows = ["fuse_linear_all_reduce"] if target.tp > 1 else []
+    return ["addmm_to_linear", *rows, "merge_projections", *fold, *fuse, "memory_plan"]

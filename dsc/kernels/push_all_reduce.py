@@ -19,7 +19,12 @@ every peer's receive buffer and then only reads local memory — one one-way tri
    each adds the shares in chunk order and normalises its chunk — the roundings of the three
    ops it replaces, the squares summed in another order;
 5. gathering, it stores each rank's words side by side instead of summing them (the decode
-   step's vocab-parallel logits).
+   step's vocab-parallel logits);
+6. receiving only (`receive_sum`), steps 1-2 were done by the kernel that computed the partial:
+   the small-batch GEMM's push epilogue packs its output tile with `pack_words` and sends it
+   with `send_words`, so each tile's words are on their way while the GEMM's other programs
+   still stream weights, and no kernel re-reads the partial to send it. Measured slower than
+   the GEMM then this kernel (opt-in, DSC_GEMV_PUSH=1; bench/NOTES.md, tp run 8).
 
 Halves: a row's k-th call writes half k % 2. A peer can write this half again only in its
 call k+2, which comes after its call k+1 received our call k+1 words, which we sent after our
@@ -33,8 +38,10 @@ State (int32, local to each rank): per-row call counts, per-row tickets, per-row
 of squares. Each program of a row reads the count, pushes, and takes a ticket; the last program
 of the row advances the count (fused, the others wait for that: the barrier). The count lives
 on the GPU, so it advances under CUDA-graph replay too; every rank makes the same calls, so
-counts, halves and sequence numbers agree. A peer that never writes stops the kernel with a trap after MAX_SPINS tries, so the host
-sees a CUDA error instead of hanging.
+counts, halves and sequence numbers agree. A kernel that sends for `receive_sum` reads the
+count after its `wait`, so the previous call's receive has advanced it. A peer that never
+writes stops the kernel with a trap after MAX_SPINS tries, so the host sees a CUDA error
+instead of hanging.
 """
 
 from __future__ import annotations
@@ -47,8 +54,9 @@ from torch import Tensor
 from dsc.kernels import pdl
 
 __all__ = [
-    "MAX_ROWS", "MAX_ROW_WORDS", "buffer_words", "fits", "push_all_gather", "push_all_reduce",
-    "push_all_reduce_residual_norm", "state_elements",
+    "MAX_ROWS", "MAX_ROW_WORDS", "buffer_words", "fits", "pack_words", "push_all_gather",
+    "push_all_reduce", "push_all_reduce_residual_norm", "receive_sum", "send_words",
+    "sequence_and_half", "state_elements",
 ]
 
 MAX_ROWS = 32  # rows (tokens) per call: decode steps; larger messages take another transport
@@ -87,6 +95,37 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 def _half_to_float(bits, DTYPE: tl.constexpr):
     """The low 16 bits of int32 `bits` as a 16-bit float of DTYPE, widened to fp32."""
     return bits.to(tl.int16).to(DTYPE, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def sequence_and_half(count):
+    """The sequence number and buffer half of a row's call number `count`. Bit 30 set: never the
+    zero of a fresh buffer; consecutive calls differ in the low bits."""
+    return (count & 0x3FFFFFFF) | 0x40000000, count & 1
+
+
+@triton.jit
+def send_words(buf_ptrs, rank, rows, half, seq, words, at, mask, WORLD: tl.constexpr,
+               MAX_ROWS_: tl.constexpr, ROW_WORDS: tl.constexpr):
+    """Store int32 `words` (of rows `rows`, word indices `at`; all broadcastable) with `seq` in
+    the high half into this rank's slot of every rank's buffer, this rank's own included."""
+    flagged = (seq.to(tl.int64) << 32) | (words.to(tl.int64) & 0xFFFFFFFF)
+    slot = ((half * MAX_ROWS_ + rows) * WORLD + rank).to(tl.int64) * ROW_WORDS + at
+    for dst in tl.static_range(WORLD):
+        theirs = tl.load(buf_ptrs + dst).to(tl.pointer_type(tl.int64))
+        tl.store(theirs + slot, flagged, mask=mask)
+
+
+@triton.jit
+def pack_words(values, PACK: tl.constexpr):
+    """[R, C] float values as [R, C // PACK] int32 words: fp32 bits (PACK 1), or two 16-bit
+    floats a word, element 2i in the low half (PACK 2) — the layout of the row in memory."""
+    if PACK == 1:
+        return values.to(tl.int32, bitcast=True)
+    else:
+        bits = values.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        lo, hi = tl.split(tl.reshape(bits, (values.shape[0], values.shape[1] // 2, 2)))
+        return lo | (hi << 16)
 
 
 @triton.jit
@@ -140,6 +179,7 @@ def _push_all_reduce_kernel(
     MAX_CHUNKS_: tl.constexpr,
     ROW_WORDS: tl.constexpr,
     CAN_TRAP: tl.constexpr,
+    RECEIVE_ONLY: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl.wait_and_release(USE_PDL)
@@ -147,21 +187,18 @@ def _push_all_reduce_kernel(
     chunk = tl.program_id(1)
     dtype = x_ptr.dtype.element_ty
 
-    # This row's call count picks the half and the sequence number (bit 30 set: never the zero
-    # of a fresh buffer; consecutive calls differ in the low bits).
+    # This row's call count picks the half and the sequence number.
     count = tl.load(state_ptr + row, volatile=True)
-    seq = (count & 0x3FFFFFFF) | 0x40000000
-    half = count & 1
+    seq, half = sequence_and_half(count)
 
     words = chunk * CHUNK_W + tl.arange(0, CHUNK_W)
     in_row = words < W
-    x_words = x_ptr.to(tl.pointer_type(tl.int32)) + row * (stride_x // PACK)
-    mine = tl.load(x_words + words, mask=in_row, other=0)
-    flagged = (seq.to(tl.int64) << 32) | (mine.to(tl.int64) & 0xFFFFFFFF)
+    if not RECEIVE_ONLY:
+        x_words = x_ptr.to(tl.pointer_type(tl.int32)) + row * (stride_x // PACK)
+        mine = tl.load(x_words + words, mask=in_row, other=0)
+        send_words(buf_ptrs, rank, row, half, seq, mine, words, in_row, WORLD, MAX_ROWS_,
+                   ROW_WORDS)
     row_slot = (half * MAX_ROWS_ + row) * WORLD
-    for dst in tl.static_range(WORLD):
-        theirs = tl.load(buf_ptrs + dst).to(tl.pointer_type(tl.int64))
-        tl.store(theirs + (row_slot + rank) * ROW_WORDS + words, flagged, mask=in_row)
 
     chunks = tl.num_programs(1)
     if not FUSE_NORM:
@@ -242,7 +279,7 @@ def _advance_count(state_ptr, row, count, chunks, max_spins, WAIT: tl.constexpr,
 def _launch(x2: Tensor, res2: Tensor | None, weight: Tensor | None, out: Tensor,
             normed: Tensor | None, eps: float, product: torch.dtype, *, rank: int, world: int,
             buffer_ptrs: Tensor, state: Tensor, chunk_words: int | None,
-            gather: bool = False) -> None:
+            gather: bool = False, receive_only: bool = False) -> None:
     rows, h_dim = x2.shape
     pack = 4 // x2.element_size()
     n_words = h_dim // pack
@@ -271,6 +308,7 @@ def _launch(x2: Tensor, res2: Tensor | None, weight: Tensor | None, out: Tensor,
         MAX_CHUNKS_=MAX_CHUNKS,
         ROW_WORDS=MAX_ROW_WORDS,
         CAN_TRAP=not interpreted,
+        RECEIVE_ONLY=receive_only,
         num_warps=4 if chunk * pack <= 4096 else 8,
         **pdl.launch_options(x2.device),
     )
@@ -301,6 +339,19 @@ def push_all_reduce(x: Tensor, *, rank: int, world: int, buffer_ptrs: Tensor, st
     _launch(x2, None, None, out, None, 0.0, x2.dtype, rank=rank, world=world,
             buffer_ptrs=buffer_ptrs, state=state, chunk_words=chunk_words)
     return out.view(x.shape)
+
+
+def receive_sum(shape: tuple[int, ...], dtype: torch.dtype, *, rank: int, world: int,
+                buffer_ptrs: Tensor, state: Tensor, chunk_words: int | None = None) -> Tensor:
+    """The sum over all ranks of partials they have already sent with `send_words` (the
+    small-batch GEMM's push epilogue, `small_batch_gemm.linear_push_partial`) for this call:
+    push_all_reduce without its own sending. A new tensor of `shape` and `dtype`; buffers and
+    state as for push_all_reduce (the two share them)."""
+    out = torch.empty(shape, device=buffer_ptrs.device, dtype=dtype)
+    out2 = _rows(out)
+    _launch(out2, None, None, out2, None, 0.0, dtype, rank=rank, world=world,
+            buffer_ptrs=buffer_ptrs, state=state, chunk_words=chunk_words, receive_only=True)
+    return out
 
 
 def push_all_gather(x: Tensor, *, rank: int, world: int, buffer_ptrs: Tensor, state: Tensor,

@@ -16,6 +16,9 @@ memory. The kernel is built around that stream:
   not the CUDA cores, on the arithmetic (a multiply-add path for 2 to 8 rows measured slower);
 * when there are too few column blocks to fill the GPU, K is split across programs ("split-K"):
   each writes an fp32 partial and a second small kernel sums them, adds the bias and casts.
+* `linear_push_partial` (a row-parallel shard under tensor parallelism) sends each output tile
+  into the peers' push all-reduce buffers instead of storing it (opt-in, measured slower; see
+  dsc/runtime/allreduce.py `gemv_push_enabled`).
 
 The launcher picks block sizes from a small table keyed on the shape and the number of SMs (no
 autotuning, so a first call never stalls and the interpreter runs the same code path).
@@ -34,11 +37,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dsc.kernels import pdl
+from dsc.kernels import pdl, push_all_reduce
 from dsc.kernels.checks import check_device, check_out, shared_memory, sm_count
 from dsc.kernels.gemm import ACTIVATIONS, _apply_activation
 
-__all__ = ["SmallBatchConfig", "linear_small_batch", "pick_config"]
+__all__ = [
+    "SmallBatchConfig", "linear_push_partial", "linear_small_batch", "pick_config", "push_config",
+]
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,20 @@ def _epilogue(acc, acc_u, bias_ptr, res_ptr, rows, cols, mask, stride_rm, stride
 
 
 @triton.jit
+def _push_tile(values, count, offs_m, pid_n, M, N, buf_ptrs, rank, BLOCK_N: tl.constexpr,
+               PACK: tl.constexpr, WORLD: tl.constexpr, MAX_ROWS_: tl.constexpr,
+               ROW_WORDS: tl.constexpr):
+    """Send the output tile values [BLOCK_N columns, BLOCK_M rows] to every rank's push
+    all-reduce buffer as flagged words (dsc/kernels/push_all_reduce.py), instead of storing it."""
+    words = push_all_reduce.pack_words(tl.trans(values), PACK)  # [BLOCK_M, BLOCK_N // PACK]
+    at = pid_n * (BLOCK_N // PACK) + tl.arange(0, BLOCK_N // PACK)
+    seq, half = push_all_reduce.sequence_and_half(count)
+    mask = (offs_m < M)[:, None] & (at < N // PACK)[None, :]
+    push_all_reduce.send_words(buf_ptrs, rank, offs_m[:, None], half[:, None], seq[:, None],
+                               words, at[None, :], mask, WORLD, MAX_ROWS_, ROW_WORDS)
+
+
+@triton.jit
 def _small_batch_gemm_kernel(
     x_ptr,
     w_ptr,
@@ -153,6 +172,14 @@ def _small_batch_gemm_kernel(
     NORM: tl.constexpr,
     HAS_NW: tl.constexpr,
     HAS_NB: tl.constexpr,
+    push_ptrs,
+    push_state,
+    push_rank,
+    PUSH: tl.constexpr,
+    PUSH_WORLD: tl.constexpr,
+    PACK: tl.constexpr,
+    MAX_ROWS_: tl.constexpr,
+    ROW_WORDS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -191,6 +218,10 @@ def _small_batch_gemm_kernel(
     pdl.wait(USE_PDL)
     if not RELEASE_LATE:
         pdl.release(USE_PDL)
+    if PUSH:
+        # The rows' call numbers, read after the wait (the previous receive advanced them) and
+        # early, so the load's latency hides behind the weight stream.
+        push_count = tl.load(push_state + offs_m, mask=offs_m < M, other=0, volatile=True)
 
     if NORM != 0:
         # Norm prologue: this program's rows' statistics over all of K (x is a few KB and stays
@@ -276,8 +307,12 @@ def _small_batch_gemm_kernel(
     else:
         acc = _epilogue(acc, acc_u, bias_ptr, res_ptr, offs_m[None, :], offs_n[:, None], mask,
                         stride_rm, stride_rn, HAS_BIAS, HAS_RESIDUAL, ACTIVATION, GATED)
-        out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        if PUSH:
+            _push_tile(acc.to(out_ptr.dtype.element_ty), push_count, offs_m, pid_n, M, N,
+                       push_ptrs, push_rank, BLOCK_N, PACK, PUSH_WORLD, MAX_ROWS_, ROW_WORDS)
+        else:
+            out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -485,18 +520,73 @@ def linear_small_batch(
                              f"{t.device}")
     cfg = config or pick_config(m, 2 * n if gated else n, k, sm_count(x.device), gated=gated,
                                shared_memory=shared_memory(x.device))
-    if cfg.block_m != 1 and (cfg.block_m < 16 or cfg.block_m & (cfg.block_m - 1)):
-        raise ValueError(f"block_m must be 1 or a power of two >= 16; got {cfg.block_m}")
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     else:
         check_out(out, (m, n), x)
+    _launch(x, weight, bias, out, cfg, activation=activation, gated=gated, residual=residual,
+            norm=(norm_kind, norm_w, norm_b, norm_eps))
+    return out
 
-    # Each split covers a whole number of K steps, so only the last split can be ragged.
+
+def _splits(k: int, cfg: SmallBatchConfig) -> tuple[int, int]:
+    """(programs sharing K, K per program): each split covers a whole number of K steps, so only
+    the last split can be ragged."""
     k_steps = triton.cdiv(k, cfg.block_k)
     split_k = max(1, min(cfg.split_k, k_steps))
     k_per_split = triton.cdiv(k_steps, split_k) * cfg.block_k
-    split_k = triton.cdiv(k, k_per_split)
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
+def push_config(x: Tensor, weight: Tensor,
+                config: SmallBatchConfig | None = None) -> SmallBatchConfig | None:
+    """The configuration `linear_push_partial` launches x @ weight^T with (`config`, else the
+    heuristic's), or None when it cannot push that product: a K split (the partial would need
+    the reduce kernel first), an output row the push buffers do not take, or tiles narrower
+    than a 32-bit word."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if not push_all_reduce.fits(torch.empty((m, n), dtype=x.dtype, device="meta")):
+        return None
+    cfg = config or pick_config(m, n, k, sm_count(x.device),
+                                shared_memory=shared_memory(x.device))
+    if _splits(k, cfg)[0] > 1 or cfg.block_n % (4 // x.element_size()):
+        return None
+    return cfg
+
+
+def linear_push_partial(x: Tensor, weight: Tensor, *, rank: int, world: int,
+                        buffer_ptrs: Tensor, state: Tensor,
+                        config: SmallBatchConfig | None = None) -> None:
+    """x @ weight^T, sent tile by tile into every rank's push all-reduce buffer instead of being
+    stored: this rank's share of a row-parallel product, to be summed by
+    `push_all_reduce.receive_sum` (which every rank calls next). x: [M, K] with M at most
+    push_all_reduce.MAX_ROWS; buffers and state as for `push_all_reduce.push_all_reduce`;
+    `config` overrides the heuristic (tests use it)."""
+    _validate(x, weight, None)
+    cfg = push_config(x, weight, config)
+    if cfg is None:
+        raise ValueError(
+            f"x {tuple(x.shape)} @ weight^T {tuple(weight.shape[::-1])} ({x.dtype}) cannot be "
+            f"pushed: it needs at most {push_all_reduce.MAX_ROWS} rows, an output row of whole "
+            f"32-bit words that fits the buffers, and no K split; use linear_small_batch and "
+            f"an all-reduce")
+    _launch(x, weight, None, None, cfg, push=(rank, world, buffer_ptrs, state))
+
+
+def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None,
+            cfg: SmallBatchConfig, *, activation: str | None = None, gated: bool = False,
+            residual: Tensor | None = None, norm: tuple = (None, None, None, 0.0),
+            push: tuple[int, int, Tensor, Tensor] | None = None) -> None:
+    m, k = x.shape
+    n = weight.shape[0] // (2 if gated else 1)
+    norm_kind, norm_w, norm_b, norm_eps = norm
+    if cfg.block_m != 1 and (cfg.block_m < 16 or cfg.block_m & (cfg.block_m - 1)):
+        raise ValueError(f"block_m must be 1 or a power of two >= 16; got {cfg.block_m}")
+    split_k, k_per_split = _splits(k, cfg)
+    if out is None:
+        out = x.new_empty((1, 1))  # pushing: a placeholder that gives the kernel the dtype
+    push_rank, push_world, push_ptrs, push_state = push or (0, 1, out, out)
 
     part = out  # placeholder pointers when unused
     if split_k > 1:
@@ -540,6 +630,14 @@ def linear_small_batch(
         NORM={None: 0, "rms": 1, "layer": 2}[norm_kind],
         HAS_NW=norm_w is not None,
         HAS_NB=norm_b is not None,
+        push_ptrs=push_ptrs,
+        push_state=push_state,
+        push_rank=push_rank,
+        PUSH=push is not None,
+        PUSH_WORLD=push_world,
+        PACK=4 // x.element_size(),
+        MAX_ROWS_=push_all_reduce.MAX_ROWS,
+        ROW_WORDS=push_all_reduce.MAX_ROW_WORDS,
         num_warps=cfg.num_warps,
         PREFETCH=pdl.prefetch_weights(),
         RELEASE_LATE=pdl.gemv_release_late(),
@@ -565,4 +663,3 @@ def linear_small_batch(
             num_warps=4,
             **launch,
         )
-    return out

@@ -1,5 +1,6 @@
-"""Collective ops as graph nodes: `dsc::all_reduce`, `dsc::all_gather`, and
-`dsc::all_reduce_residual_norm` (an all_reduce with the residual add and RMSNorm after it).
+"""Collective ops as graph nodes: `dsc::all_reduce`, `dsc::all_gather`,
+`dsc::all_reduce_residual_norm` (an all_reduce with the residual add and RMSNorm after it), and
+`dsc::linear_all_reduce` (a row-parallel product and the all_reduce of its partials).
 
 They run on the default torch.distributed process group (NCCL on GPUs, gloo on CPU). In a single
 process they are identities, so a partitioned graph can still be checked on one rank.
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from dsc.ops.norms import rms_norm
 
-__all__ = ["all_reduce", "all_gather", "all_reduce_residual_norm"]
+__all__ = ["all_reduce", "all_gather", "all_reduce_residual_norm", "linear_all_reduce"]
 
 
 def _world() -> int:
@@ -71,3 +72,15 @@ def _(x, residual, weight, eps, out_dtype):
     shape = torch.broadcast_shapes(x.shape, residual.shape)
     h = x.new_empty(shape, dtype=torch.promote_types(x.dtype, residual.dtype))
     return h, h.new_empty(shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("dsc::linear_all_reduce", mutates_args=())
+def linear_all_reduce(x: Tensor, weight: Tensor) -> Tensor:
+    """Sum over all ranks of x @ weight^T (each rank's shard of a row-parallel projection), the
+    product rounded to x's dtype before the sum as the two ops it replaces round."""
+    return all_reduce(torch.nn.functional.linear(x, weight))
+
+
+@linear_all_reduce.register_fake
+def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -1,7 +1,8 @@
 """On two and four GPUs (NCCL, symmetric memory): the push all-reduce gives the bits of a
-rank-order sum, the fused all-reduce + residual + RMSNorm kernel equals the three ops, eagerly
-and under CUDA-graph replay, and a tp=N plan using both generates HF's tokens. Skipped without
-the GPUs."""
+rank-order sum, the fused all-reduce + residual + RMSNorm kernel equals the three ops, the
+row-parallel GEMM that pushes its tiles gives the bits of the GEMM then the sum, eagerly and
+under CUDA-graph replay, and tp=N plans using them generate HF's tokens. Skipped without the
+GPUs."""
 
 import json
 import os
@@ -38,5 +39,9 @@ def test_push_all_reduce_on_gpus(tmp_path, world):
         for key, value in found.items():
             if key.startswith(("eager_", "graph_")):
                 assert value <= 1e-2, (key, value)  # a bf16 rounding at most
-        assert found["fused_in_plan"] == 4  # 2 layers x (attention, MLP)
-        assert found["tokens_equal_hf"]
+        assert all(value for key, value in found.items() if key.startswith("gemv_push"))
+        # 2 layers x (attention, MLP): the fused norm takes them all when asked for; by
+        # default the row-parallel GEMMs push their tiles.
+        assert found["fused_norm_fused_in_plan"] == 4
+        assert found["default_gemv_push_in_plan"] == 4
+        assert found["fused_norm_tokens_equal_hf"] and found["default_tokens_equal_hf"]

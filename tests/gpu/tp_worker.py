@@ -1,8 +1,10 @@
 """Run by tests/gpu/test_tp_gpu.py under torchrun, one process per GPU (NCCL): the push
 all-reduce against the rank-order sum of the gathered partials (bit for bit), the fused
 all-reduce + residual + RMSNorm against the three ops, eagerly and replayed in a CUDA graph with
-new inputs each time; then tiny-llama at tp=N with both in its plan against the same model on
-one GPU. Each rank writes its findings as JSON."""
+new inputs each time; the row-parallel GEMM that pushes its tiles against the GEMM then the
+sum (bit for bit, eagerly and replayed); then tiny-llama at tp=N, with the fused norm and with
+the pushing GEMMs in its plan, against the same model on one GPU. Each rank writes its
+findings as JSON."""
 
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import dsc  # noqa: E402
 from dsc import zoo  # noqa: E402
 from dsc.ops.norms import rms_norm  # noqa: E402
+from dsc.kernels.small_batch_gemm import push_config  # noqa: E402
 from dsc.runtime import allreduce, distributed  # noqa: E402
+from dsc.runtime.cuda_impls import linear_small_batch  # noqa: E402
 
 
 def _three_ops(x, res, w):
@@ -80,7 +84,39 @@ def op_checks(rank: int) -> dict:
     return found
 
 
-def model_check(world: int) -> dict:
+def gemv_push_checks(rank: int) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(20 + rank)
+    found = {}
+    # The tp=2 and tp=4 shards of Llama-7B's o projection at batch 1 and 2, and an fp32 shape.
+    for rows, n, k, dtype in ((1, 4096, 2048, torch.bfloat16), (2, 4096, 1024, torch.bfloat16),
+                              (1, 1000, 300, torch.float32)):
+        x = torch.randn(rows, k, device="cuda", dtype=dtype, generator=gen)
+        w = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) / k**0.5
+        name = f"{rows}x{n}x{k}"
+        found[f"gemv_pushable_{name}"] = push_config(x, w) is not None
+        found[f"gemv_push_exact_{name}"] = torch.equal(
+            allreduce.linear_all_reduce(x, w), _gathered_sum(linear_small_batch(x, w)))
+        static_x = x.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            allreduce.linear_all_reduce(static_x, w)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [allreduce.linear_all_reduce(static_x, w) for _ in range(3)]
+        exact = True
+        for _ in range(5):
+            static_x.copy_(torch.randn(rows, k, device="cuda", dtype=dtype, generator=gen))
+            graph.replay()
+            want = _gathered_sum(linear_small_batch(static_x, w))
+            exact &= all(torch.equal(out, want) for out in outs)
+        found[f"gemv_push_exact_graph_{name}"] = bool(exact)
+    return found
+
+
+def model_check(world: int, fused_norm: bool) -> dict:
+    os.environ["DSC_FUSED_ALLREDUCE"] = "1" if fused_norm else "0"
     model = zoo.build("tiny-llama", init_std=0.3, seed=1, device="cuda")
     ids = torch.randint(3, 200, (2, 7), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
@@ -89,17 +125,21 @@ def model_check(world: int) -> dict:
     compiled = dsc.compile(model, dsc.Target(device="cuda", dtype="float32", max_seq_len=64,
                                              tp=world))
     tokens = compiled.generate(ids, max_new_tokens=16, eos_token_id=[])
-    fused = compiled.history[-1].counts.get("dsc.all_reduce_residual_norm", 0)
-    return {"fused_in_plan": fused, "tokens_equal_hf": bool(torch.equal(tokens, ref))}
+    counts = compiled.history[-1].counts
+    tag = "fused_norm" if fused_norm else "default"
+    return {f"{tag}_fused_in_plan": counts.get("dsc.all_reduce_residual_norm", 0),
+            f"{tag}_gemv_push_in_plan": counts.get("dsc.linear_all_reduce", 0),
+            f"{tag}_tokens_equal_hf": bool(torch.equal(tokens, ref))}
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     world = int(os.environ["WORLD_SIZE"])
-    os.environ["DSC_FUSED_ALLREDUCE"] = "1"
     os.environ["DSC_PUSH_ALLREDUCE"] = "1"  # the plain all-reduces too
+    os.environ["DSC_GEMV_PUSH"] = "1"  # and the row-parallel GEMMs that push their tiles
     rank = distributed.init("cuda", world)
-    found = {"rank": rank, **op_checks(rank), **model_check(world)}
+    found = {"rank": rank, **op_checks(rank), **gemv_push_checks(rank),
+             **model_check(world, fused_norm=True), **model_check(world, fused_norm=False)}
     (out / f"rank{rank}.json").write_text(json.dumps(found))
 
 

@@ -8,6 +8,8 @@ TRITON_INTERPRET=1 the kernels are interpreter objects.
 * the descriptor flash attention: tensor-memory-accelerator copies and warpgroup MMAs, and no
   pointer loads of Q/K/V;
 * the small-batch GEMM with DSC_PDL_GEMV=late: its successor released after the weight stream;
+* the small-batch GEMM's push epilogue: the call number read after the PDL wait, the tile sent
+  as 64-bit words, no plain store of the output; the receiving all-reduce: no sends;
 * the decode attention's split kernel, whose chunks come from the live length."""
 
 import json
@@ -28,7 +30,7 @@ def _compile(name: str) -> str:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if name == "push_all_reduce":
+    if name in ("push_all_reduce", "receive_sum"):
         from dsc.kernels import push_all_reduce as module
 
         kernel, warps = module._push_all_reduce_kernel, 4
@@ -41,18 +43,23 @@ def _compile(name: str) -> str:
         constexprs = {"WORLD": 4, "PACK": 2, "FUSE_NORM": True, "HAS_WEIGHT": True,
                       "PRODUCT": tl.bfloat16, "CHUNK_W": 256, "MAX_ROWS_": module.MAX_ROWS,
                       "MAX_CHUNKS_": module.MAX_CHUNKS, "ROW_WORDS": module.MAX_ROW_WORDS,
-                      "CAN_TRAP": True, "USE_PDL": True}
-    elif name in ("gemv_late", "decode_split"):
+                      "CAN_TRAP": True, "USE_PDL": True,
+                      "RECEIVE_ONLY": name == "receive_sum"}
+        if name == "receive_sum":
+            constexprs.update(FUSE_NORM=False, HAS_WEIGHT=False)
+    elif name in ("gemv_late", "gemv_push", "decode_split"):
         from dsc.kernels import decode_attention, small_batch_gemm
 
-        if name == "gemv_late":
+        if name in ("gemv_late", "gemv_push"):
             kernel, warps = small_batch_gemm._small_batch_gemm_kernel, 4
+            push = name == "gemv_push"
             constexprs = dict(
-                HAS_BIAS=False, HAS_RESIDUAL=True, ACTIVATION="none", GATED=False,
+                HAS_BIAS=False, HAS_RESIDUAL=not push, ACTIVATION="none", GATED=False,
                 IS_SPLIT=False, DOT_PRECISION="tf32", BLOCK_M=1, BLOCK_N=8, BLOCK_K=512,
-                NUM_STAGES=4, USE_PDL=True, PREFETCH=True, RELEASE_LATE=True, NORM=0,
-                HAS_NW=False, HAS_NB=False)
-            pointers = {"part_ptr": "*fp32"}
+                NUM_STAGES=4, USE_PDL=True, PREFETCH=True, RELEASE_LATE=not push, NORM=0,
+                HAS_NW=False, HAS_NB=False, PUSH=push, PUSH_WORLD=2, PACK=2, MAX_ROWS_=32,
+                ROW_WORDS=8192)
+            pointers = {"part_ptr": "*fp32", "push_ptrs": "*i64", "push_state": "*i32"}
         else:
             kernel, warps = decode_attention._decode_split_kernel, 4
             constexprs = dict(
@@ -62,7 +69,7 @@ def _compile(name: str) -> str:
             pointers = {"valid_ptr": "*u8", "start_ptr": "*i64", "part_acc_ptr": "*fp32",
                         "part_ml_ptr": "*fp32"}
         signature = {
-            arg: pointers.get(arg, "*bf16") if arg.endswith("_ptr")
+            arg: pointers.get(arg, "*bf16") if arg.endswith("_ptr") or arg in pointers
             else "fp32" if arg in ("norm_eps", "scale_log2e") else "i32"
             for arg in kernel.arg_names if arg not in constexprs
         }
@@ -119,6 +126,21 @@ def test_gemv_late_release_follows_the_weight_stream():
     loads = [i for i, line in enumerate(lines) if "ld.global" in line or "cp.async" in line]
     # Released after the loop's loads, not at the start as by default.
     assert wait < loads[0] and release > loads[len(loads) // 2]
+
+
+def test_gemv_push_epilogue_sends_words_after_the_wait():
+    lines = _ptx("gemv_push").splitlines()
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    count = next(i for i, line in enumerate(lines) if re.search(r"ld\.volatile\.global.*\.b32", line))
+    assert wait < count  # the call number is the previous receive's, read after it ended
+    assert any(re.search(r"st\.global(\.v\d)?\.b64", line) for line in lines)
+    assert not any(re.search(r"st\.global(\.v\d)?\.b16", line) for line in lines)
+
+
+def test_receive_sum_sends_nothing():
+    ptx = _ptx("receive_sum")
+    assert not re.search(r"st\.global(\.v\d)?\.b64", ptx)
+    assert re.search(r"ld\.volatile\.global(\.v2)?\.b64", ptx) and "trap;" in ptx
 
 
 def test_decode_split_kernel_compiles():
