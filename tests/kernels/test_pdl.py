@@ -1,6 +1,7 @@
 """When programmatic dependent launch is used (dsc.kernels.pdl); its ordering is checked on the
 GPU in tests/gpu/test_kernels_gpu.py."""
 
+import pytest
 import torch
 
 from dsc.kernels import pdl
@@ -30,9 +31,16 @@ def test_dsc_pdl_gemv_picks_the_gemv_variant_only(monkeypatch):
     monkeypatch.setenv("DSC_PDL_GEMV", "late")
     assert pdl.gemv_options(gpu) == {"USE_PDL": True, "launch_pdl": True}
     assert pdl.gemv_release_late()
-    monkeypatch.delenv("DSC_PDL_GEMV")
+    monkeypatch.delenv("DSC_PDL_GEMV")  # the default: late
+    assert pdl.gemv_options(gpu) == {"USE_PDL": True, "launch_pdl": True}
+    assert pdl.gemv_release_late()
+    monkeypatch.setenv("DSC_PDL_GEMV", "early")
     assert pdl.gemv_options(gpu) == {"USE_PDL": True, "launch_pdl": True}
     assert not pdl.gemv_release_late()
+    monkeypatch.setenv("DSC_PDL_GEMV", "soon")
+    with pytest.raises(ValueError, match="DSC_PDL_GEMV='soon'"):
+        pdl.gemv_release_late()
+    monkeypatch.setenv("DSC_PDL_GEMV", "late")
     assert pdl.prefetch_weights()
     monkeypatch.setenv("DSC_PDL_PREFETCH", "0")
     assert not pdl.prefetch_weights()
