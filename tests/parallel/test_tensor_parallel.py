@@ -173,7 +173,9 @@ def test_dead_rank_fails_fast_with_clear_error(tmp_path):
     assert "rank 0 of 2: all_reduce failed" in result["error"]
     assert "DSC_COLLECTIVE_TIMEOUT" in result["error"]
     assert result["seconds"] < 5 + 2
-    assert time.perf_counter() - start < 60
+    # Start-up and compile included: generous, as a loaded test machine (several torchrun jobs
+    # at once) has taken over a minute for them; a hang would take the subprocess's timeout.
+    assert time.perf_counter() - start < 150
 
 
 def test_a_step_failed_on_one_rank_is_skipped_on_all(tmp_path):
