@@ -46,6 +46,8 @@ instead of hanging.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -54,7 +56,7 @@ from torch import Tensor
 from dsc.kernels import pdl
 
 __all__ = [
-    "MAX_ROWS", "MAX_ROW_WORDS", "buffer_words", "fits", "pack_words", "push_all_gather",
+    "MAX_ROWS", "MAX_ROW_WORDS", "buffer_words", "fits", "fits_shape", "pack_words", "push_all_gather",
     "push_all_reduce", "push_all_reduce_residual_norm", "receive_sum", "send_words",
     "sequence_and_half", "state_elements",
 ]
@@ -79,13 +81,18 @@ def state_elements() -> int:
 
 
 def fits(x: Tensor) -> bool:
-    """Whether x's rows fit the buffers: at most MAX_ROWS rows of a last dimension that packs
-    into whole 32-bit words, at most MAX_ROW_WORDS of them."""
-    if x.dim() == 0 or x.dtype not in _TL_DTYPES or x.shape[-1] == 0:
+    """Whether x's rows fit the buffers (see `fits_shape`)."""
+    return fits_shape(tuple(x.shape), x.dtype)
+
+
+def fits_shape(shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    """Whether rows of this shape and dtype fit the buffers: at most MAX_ROWS rows of a last
+    dimension that packs into whole 32-bit words, at most MAX_ROW_WORDS of them."""
+    if len(shape) == 0 or dtype not in _TL_DTYPES or shape[-1] == 0:
         return False
-    row_bytes = x.shape[-1] * x.element_size()
+    row_bytes = shape[-1] * dtype.itemsize
     return (row_bytes % 4 == 0 and row_bytes // 4 <= MAX_ROW_WORDS
-            and x.numel() // x.shape[-1] <= MAX_ROWS)
+            and math.prod(shape) // shape[-1] <= MAX_ROWS)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

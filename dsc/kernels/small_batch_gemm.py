@@ -546,7 +546,7 @@ def push_config(x: Tensor, weight: Tensor,
     than a 32-bit word."""
     m, k = x.shape
     n = weight.shape[0]
-    if not push_all_reduce.fits(torch.empty((m, n), dtype=x.dtype, device="meta")):
+    if not push_all_reduce.fits_shape((m, n), x.dtype):
         return None
     cfg = config or pick_config(m, n, k, sm_count(x.device),
                                 shared_memory=shared_memory(x.device))

@@ -224,7 +224,7 @@ def _pushable_as(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
         device.type == "cuda"
         and distributed.multicast_disabled()
         and distributed.world_size() in _ONE_SHOT_WORLDS
-        and push_all_reduce.fits(torch.empty(shape, dtype=dtype, device="meta"))
+        and push_all_reduce.fits_shape(tuple(shape), dtype)
         and device not in _unavailable
     )
 
@@ -278,9 +278,10 @@ def _local_product(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def linear_all_reduce(x: Tensor, weight: Tensor) -> Tensor:
-    """Sum over all ranks of x @ weight^T: on GPUs, for a decode-sized product the small-batch
-    GEMM takes (see `small_batch_gemm.push_config`), the GEMM sends its tiles into the push
-    buffers and `receive_sum` adds them; otherwise the product, then `all_reduce`."""
+    """Sum over all ranks of x @ weight^T: the product, then `all_reduce`. With DSC_GEMV_PUSH=1,
+    on GPUs, for a decode-sized product the small-batch GEMM takes (see
+    `small_batch_gemm.push_config`), the GEMM sends its tiles into the push buffers and
+    `receive_sum` adds them instead."""
     if not distributed.is_parallel():
         return _local_product(x, weight)
     out_shape = (*x.shape[:-1], weight.shape[0])
