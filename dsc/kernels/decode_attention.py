@@ -46,16 +46,21 @@ __all__ = [
 
 _MAX_HEAD_DIM = 256
 _MAX_ROWS = 128  # G * S query rows one program can hold
+_MAX_INLINE_SPLITS = 32  # splits the last program merges itself (its loads are unrolled)
+_PREFETCH_KEYS = 128  # K and V rows a program placed early asks L2 for
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch parameters: keys per tile, number of key splits, warps and pipeline depth."""
+    """Launch parameters: keys per tile, number of key splits, warps and pipeline depth;
+    `merge_in_split`: the last split program of each (sequence, kv head) merges the partials
+    instead of a second launch (up to `_MAX_INLINE_SPLITS` splits)."""
 
     block_n: int = 64
     num_splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    merge_in_split: bool = False
 
 
 @triton.jit
@@ -77,6 +82,65 @@ def _chunk(live, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_chunk(k_base, v_base, start_ptr, S, T, num_splits, pid_split, stride_kt, stride_kd,
+                    stride_vt, stride_vd, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PREFETCH_KEYS: tl.constexpr, LINE_ELEMS: tl.constexpr):
+    """Ask L2 for the first PREFETCH_KEYS K and V rows of this program's chunk, one request per
+    128-byte line."""
+    live = tl.minimum(tl.load(start_ptr).to(tl.int32) + S, T)
+    chunk = _chunk(live, num_splits, BLOCK_N)
+    n_lo = pid_split * chunk
+    n_hi = tl.minimum(tl.minimum(n_lo + chunk, live), n_lo + PREFETCH_KEYS)
+    n = n_lo + tl.arange(0, PREFETCH_KEYS)
+    n = tl.minimum(n, tl.maximum(n_hi - 1, 0))  # requests past the chunk repeat its last row
+    line = tl.arange(0, BLOCK_D // LINE_ELEMS) * LINE_ELEMS
+    if n_lo < live:
+        pdl.prefetch_l2(k_base + n[:, None] * stride_kt + line[None, :] * stride_kd)
+        pdl.prefetch_l2(v_base + n[:, None] * stride_vt + line[None, :] * stride_vd)
+
+
+@triton.jit
+def _last_to_arrive(counter_ptr, num_splits):
+    """True in the last of a group's num_splits programs to get here, once each has stored its
+    partials (the ticket orders every thread's stores before it); that program resets the counter
+    for the next launch."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = ticket == num_splits - 1
+    if last:
+        tl.store(counter_ptr, 0)
+    return last
+
+
+@triton.jit
+def _merge_partials(part_acc_ptr, part_ml_ptr, row_id, row_ok, d, d_ok, live, chunk, num_splits,
+                    SPLITS_P2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The normalised attention output of rows row_id from every split's partial (acc, m, l).
+    The loads are independent (the split loop is unrolled), so they are in flight together
+    rather than one L2 round trip per split; volatile, so no stale L1 line is read."""
+    sp = tl.arange(0, SPLITS_P2)
+    sp_ok = (sp < num_splits) & (sp * chunk < live)
+    slots = row_id.to(tl.int64)[:, None] * num_splits + sp[None, :]
+    ok = row_ok[:, None] & sp_ok[None, :]
+    m = tl.load(part_ml_ptr + slots * 2, mask=ok, other=float("-inf"), volatile=True)
+    l = tl.load(part_ml_ptr + slots * 2 + 1, mask=ok, other=0.0, volatile=True)
+    m_max = tl.max(m, axis=1)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_safe[:, None])
+    l_sum = tl.sum(w * l, axis=1)
+    o = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for j in tl.static_range(SPLITS_P2):
+        j_ok = row_ok & (j < num_splits) & (j * chunk < live)
+        part = tl.load(
+            part_acc_ptr + (row_id.to(tl.int64) * num_splits + j)[:, None] * BLOCK_D + d[None, :],
+            mask=j_ok[:, None] & d_ok[None, :], other=0.0, volatile=True,
+        )
+        w_j = tl.sum(tl.where(sp[None, :] == j, w, 0.0), axis=1)
+        o += part * w_j[:, None]
+    return o / tl.where(l_sum > 0.0, l_sum, 1.0)[:, None]
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,
     k_ptr,
@@ -90,6 +154,7 @@ def _decode_split_kernel(
     v_new_ptr,
     cos_ptr,
     sin_ptr,
+    arrivals_ptr,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -131,13 +196,29 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    MERGE_IN_SPLIT: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+    PREFETCH_KEYS: tl.constexpr,
+    LINE_ELEMS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pdl.wait_and_release(USE_PDL)
     pid_split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     kvh = pid_bh % HKV
+    b64 = b.to(tl.int64)
+    k_base = k_ptr + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = v_ptr + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
+
+    if USE_PDL and PREFETCH_KEYS > 0:
+        # Placed while the previous kernel still runs (dsc.kernels.pdl): the cached rows before
+        # `start` were written by earlier steps, so this program's first keys and values can be
+        # pulled toward L2 now. `start` may still be changing; a stale value only moves what is
+        # prefetched, the loop below reads it again after the wait.
+        _prefetch_chunk(k_base, v_base, start_ptr, S, T, num_splits, pid_split, stride_kt,
+                        stride_kd, stride_vt, stride_vd, BLOCK_N, BLOCK_D, PREFETCH_KEYS,
+                        LINE_ELEMS)
+    pdl.wait_and_release(USE_PDL)
 
     # The live length comes from device memory (CUDA-graph replay changes it between runs).
     start = tl.load(start_ptr).to(tl.int32)
@@ -157,7 +238,6 @@ def _decode_split_kernel(
         d_ok = tl.full((BLOCK_D,), True, tl.int1)
     else:
         d_ok = d < HEAD_D
-    b64 = b.to(tl.int64)
 
     # Load the group's query rows once.
     q_ptrs = (
@@ -177,8 +257,6 @@ def _decode_split_kernel(
         q = _rotate(q, q_pair, cos_ptr, sin_ptr, b64 * stride_cb, s, d, row_ok, d_ok, stride_cs,
                     stride_cd, HEAD_D)
 
-    k_base = k_ptr + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
-    v_base = v_ptr + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
     if WRITE_NEW:
         # The step's own keys/values go into the cache here, not in a launch of their own: the
         # program whose key chunk holds slot start + i writes new row i, then a barrier makes the
@@ -246,6 +324,19 @@ def _decode_split_kernel(
         )
         tl.store(part_ml_ptr + slot * 2, m_i, mask=store_ok)
         tl.store(part_ml_ptr + slot * 2 + 1, l_i, mask=store_ok)
+        if MERGE_IN_SPLIT:
+            if _last_to_arrive(arrivals_ptr + pid_bh, num_splits):
+                o = _merge_partials(part_acc_ptr, part_ml_ptr, row_id, row_ok, d, d_ok, live,
+                                    chunk, num_splits, SPLITS_P2, BLOCK_R, BLOCK_D)
+                out_ptrs = (
+                    out_ptr
+                    + b64 * stride_ob
+                    + head[:, None] * stride_oh
+                    + s[:, None] * stride_os
+                    + d[None, :] * stride_od
+                )
+                tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & d_ok[None, :])
     else:
         # The whole key range was ours: normalise and write; rows with no key get zeros.
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -395,13 +486,45 @@ def pick_decode_config(batch: int, hkv: int, t: int, sm_count: int) -> DecodeCon
     if t <= _single_pass_keys():
         # A short cache in one pass per (sequence, kv head): no merge launch, fewer programs.
         return DecodeConfig(block_n=64, num_splits=1, num_warps=4, num_stages=2)
-    return DecodeConfig(block_n=block_n, num_splits=splits, num_warps=4, num_stages=2)
+    return DecodeConfig(block_n=block_n, num_splits=splits, num_warps=4, num_stages=2,
+                        merge_in_split=_merge_in_split())
 
 
 def _single_pass_keys() -> int:
     """Caches up to this many slots skip the key split (DSC_DECODE_SINGLE_PASS_KEYS, default 0:
     always split as above). For the A/B of a merge launch against fewer, longer programs."""
     return int(os.environ.get("DSC_DECODE_SINGLE_PASS_KEYS", "0"))
+
+
+def _merge_in_split() -> bool:
+    """DSC_DECODE_MERGE: `split` (the last split program merges) or `kernel` (a second launch)."""
+    mode = os.environ.get("DSC_DECODE_MERGE", "kernel")
+    if mode not in ("split", "kernel"):
+        raise ValueError(f"DSC_DECODE_MERGE={mode!r}: expected split or kernel")
+    return mode == "split"
+
+
+def _prefetch_keys() -> int:
+    """K/V rows prefetched before the PDL wait (DSC_DECODE_PREFETCH=0 turns it off)."""
+    return _PREFETCH_KEYS if os.environ.get("DSC_DECODE_PREFETCH", "1") != "0" else 0
+
+
+_arrivals: dict[tuple[int, int], Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, groups: int) -> Tensor:
+    """Zeroed int32 counters, one per (sequence, kv head), for the merge in the split kernel.
+
+    Every launch leaves them at zero again (the last program of a group resets its counter), so
+    one set per device and stream serves every call in order; calls on two streams at once get
+    their own sets. Grown, never shrunk.
+    """
+    key = (device.index or 0, torch.cuda.current_stream(device).stream_id)
+    counters = _arrivals.get(key)
+    if counters is None or counters.numel() < groups:
+        counters = torch.zeros(max(groups, 1024), dtype=torch.int32, device=device)
+        _arrivals[key] = counters
+    return counters
 
 
 def decode_attention(
@@ -480,12 +603,18 @@ def decode_attention(
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     else:
         check_out(out, tuple(q.shape), q)
+    merge_in_split = splits > 1 and cfg.merge_in_split and splits <= _MAX_INLINE_SPLITS
     if splits > 1:
         rows = batch * hq * s
         part_acc = torch.empty((rows, splits, block_d), device=q.device, dtype=torch.float32)
         part_ml = torch.empty((rows, splits, 2), device=q.device, dtype=torch.float32)
     else:
         part_acc = part_ml = out
+    if merge_in_split:
+        arrivals = (_arrival_counters(q.device, batch * hkv) if q.is_cuda
+                    else torch.zeros(batch * hkv, dtype=torch.int32))
+    else:
+        arrivals = start  # placeholder pointer when unused
     valid = kv_valid.view(torch.uint8)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
 
@@ -502,6 +631,7 @@ def decode_attention(
         new_v if new_v is not None else q,
         cos,
         sin,
+        arrivals,
         *q.stride(),
         *k_cache.stride(),
         *v_cache.stride(),
@@ -525,11 +655,15 @@ def decode_attention(
         BLOCK_N=cfg.block_n,
         BLOCK_D=block_d,
         DOT_PRECISION=precision,
+        MERGE_IN_SPLIT=merge_in_split,
+        SPLITS_P2=triton.next_power_of_2(splits),
+        PREFETCH_KEYS=_prefetch_keys(),
+        LINE_ELEMS=min(128 // k_cache.element_size(), block_d),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl.launch_options(q.device),
     )
-    if splits > 1:
+    if splits > 1 and not merge_in_split:
         _decode_combine_kernel[(batch * hq * s,)](
             part_acc,
             part_ml,

@@ -172,6 +172,7 @@ def _small_batch_gemm_kernel(
     NORM: tl.constexpr,
     HAS_NW: tl.constexpr,
     HAS_NB: tl.constexpr,
+    STATS_K: tl.constexpr,
     push_ptrs,
     push_state,
     push_rank,
@@ -226,7 +227,15 @@ def _small_batch_gemm_kernel(
     if NORM != 0:
         # Norm prologue: this program's rows' statistics over all of K (x is a few KB and stays
         # in L1/L2), then each x tile is normalised as it is loaded. mean stays 0 for RMSNorm.
-        if BLOCK_M == 1:
+        if BLOCK_M == 1 and STATS_K > 0:
+            # The whole row in one load: one L2 round trip before the weight stream starts,
+            # where a loop over K steps would wait for each step's load in turn.
+            kk = tl.arange(0, STATS_K)
+            xs = tl.load(x_ptr + rows_x * stride_xm + kk * stride_xk, mask=kk < K,
+                         other=0.0).to(tl.float32)
+            sum1 = tl.sum(xs, axis=0)
+            sum2 = tl.sum(xs * xs, axis=0)
+        elif BLOCK_M == 1:
             s1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
             s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -574,6 +583,12 @@ def linear_push_partial(x: Tensor, weight: Tensor, *, rank: int, world: int,
     _launch(x, weight, None, None, cfg, push=(rank, world, buffer_ptrs, state))
 
 
+def _stats_block(k: int) -> int:
+    """Row length a norm prologue loads at once for its statistics (0: rows longer than 8192
+    elements are summed in K steps instead)."""
+    return triton.next_power_of_2(k) if k <= 8192 else 0
+
+
 def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None,
             cfg: SmallBatchConfig, *, activation: str | None = None, gated: bool = False,
             residual: Tensor | None = None, norm: tuple = (None, None, None, 0.0),
@@ -630,6 +645,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None,
         NORM={None: 0, "rms": 1, "layer": 2}[norm_kind],
         HAS_NW=norm_w is not None,
         HAS_NB=norm_b is not None,
+        STATS_K=_stats_block(k) if norm_kind is not None and cfg.block_m == 1 else 0,
         push_ptrs=push_ptrs,
         push_state=push_state,
         push_rank=push_rank,

@@ -59,6 +59,30 @@ def test_linear_small_batch(m, n, k, dtype):
     close(out, linear_reference(x, w, bias))
 
 
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("case", [("layer", 4800, 1600, torch.float16),
+                                  ("rms", 12288, 4096, torch.bfloat16),
+                                  ("rms", 1000, 12000, torch.bfloat16)],
+                         ids=["layer-4800x1600-fp16", "rms-12288x4096-bf16", "rms-1000x12000-bf16"])
+def test_linear_small_batch_norm_prologue(case, m):
+    """norm(x) @ W^T with the norm applied as x is loaded: row statistics from one load of the
+    row, or from K steps for rows above 8192 elements."""
+    from dsc.ops.norms import layer_norm, rms_norm
+
+    kind, n, k, dtype = case
+    torch.manual_seed(n + k)
+    x = (torch.randn(m, k, device="cuda") * 3 + 1).to(dtype)
+    w = (torch.randn(n, k, device="cuda") / math.sqrt(k)).to(dtype)
+    nw = (torch.rand(k, device="cuda") + 0.5).to(dtype)
+    nb = torch.randn(k, device="cuda").to(dtype)
+    if kind == "rms":
+        normed, norm = rms_norm(x, nw, 1e-5, dtype), ("rms", nw, None, 1e-5)
+    else:
+        normed, norm = layer_norm(x, nw, nb, 1e-5), ("layer", nw, nb, 1e-5)
+    out = linear_small_batch(x, w, norm=norm, out=nan_like((m, n), dtype))
+    close(out, linear_reference(normed, w))
+
+
 @pytest.mark.parametrize(
     "config", [SmallBatchConfig(1, 16, 256, 4), SmallBatchConfig(16, 32, 128, 3)]
 )
@@ -145,16 +169,21 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("merge", ["kernel", "split"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_decode_attention(case, dtype):
+def test_decode_attention(case, dtype, merge, monkeypatch):
+    """Both ways of merging the key splits' partials: a second launch, or the last split
+    program of each (sequence, kv head) (DSC_DECODE_MERGE=split)."""
     if dtype == torch.float16 and case is not DECODE_CASES[0]:
         pytest.skip("fp16 is checked on the first shape only (compile time)")
+    monkeypatch.setenv("DSC_DECODE_MERGE", merge)
     b, hq, hkv, s, t, d, start = case
     q, k, v, valid, st = make_cache(b, hq, hkv, s, t, d, start, dtype)
     scale = 1 / math.sqrt(d)
-    out = decode_attention(q, k, v, valid, st, True, scale, out=nan_like(q.shape, dtype))
-    close(out, attention_reference(q, k, v, valid, st, True, scale))
+    for _ in range(2):  # the second call finds the arrival counters reset by the first
+        out = decode_attention(q, k, v, valid, st, True, scale, out=nan_like(q.shape, dtype))
+        close(out, attention_reference(q, k, v, valid, st, True, scale))
 
 
 FLASH_CASES = [
@@ -204,21 +233,25 @@ def test_flash_attention_through_descriptors(case, tiles):
     close(out, attention_reference(q, k, v, valid, st, causal, scale))
 
 
-def test_decode_attention_replays_in_a_cuda_graph():
-    # The position lives in device memory: one captured graph serves every decode step.
+@pytest.mark.parametrize("merge_in_split", [False, True])
+def test_decode_attention_replays_in_a_cuda_graph(merge_in_split):
+    # The position lives in device memory: one captured graph serves every decode step. Three
+    # calls per replay: the in-split merge's counters must be back at zero after each.
     b, hq, hkv, t, d = 4, 32, 8, 4096, 128
     q, k, v, valid, st = make_cache(b, hq, hkv, 1, t, d, 0, torch.bfloat16, pad=False)
     scale = 1 / math.sqrt(d)
-    cfg = DecodeConfig(block_n=64, num_splits=8)
+    cfg = DecodeConfig(block_n=64, num_splits=8, merge_in_split=merge_in_split)
     decode_attention(q, k, v, valid, st, True, scale, config=cfg)  # compile outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = decode_attention(q, k, v, valid, st, True, scale, config=cfg)
+        outs = [decode_attention(q, k, v, valid, st, True, scale, config=cfg) for _ in range(3)]
     for start in (0, 63, 64, 1000, 4095):
         st.fill_(start)
         graph.replay()
-        close(out, attention_reference(q, k, v, valid, st, True, scale))
+        want = attention_reference(q, k, v, valid, st, True, scale)
+        for out in outs:
+            close(out, want)
 
 
 def test_small_batch_gemm_replays_in_a_cuda_graph():
@@ -235,13 +268,15 @@ def test_small_batch_gemm_replays_in_a_cuda_graph():
         close(out, linear_reference(x, w))
 
 
-def test_dependent_chain_in_a_cuda_graph_sees_each_predecessor():
+@pytest.mark.parametrize("merge", ["kernel", "split"])
+def test_dependent_chain_in_a_cuda_graph_sees_each_predecessor(merge, monkeypatch):
     # Each kernel is placed while its predecessor runs (dsc.kernels.pdl, on by default on
     # Hopper) and must still read that predecessor's finished output: 24 norm -> GEMV -> decode
     # attention links, each reading what the last wrote, replayed with fresh inputs, against
     # the same chain in torch.
     from dsc.kernels import pdl
 
+    monkeypatch.setenv("DSC_DECODE_MERGE", merge)
     torch.manual_seed(0)
     hidden, links, t, d = 1024, 24, 256, 64
     weights = [torch.randn(hidden, hidden, device="cuda") / math.sqrt(hidden) for _ in range(links)]

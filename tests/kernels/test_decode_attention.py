@@ -9,6 +9,8 @@ from dsc.kernels.reference import attention_reference
 CONFIGS = {
     "one-split": DecodeConfig(block_n=16, num_splits=1, num_warps=1, num_stages=1),
     "three-splits": DecodeConfig(block_n=16, num_splits=3, num_warps=1, num_stages=1),
+    "three-splits-merged-in-split": DecodeConfig(block_n=16, num_splits=3, num_warps=1,
+                                                 num_stages=1, merge_in_split=True),
 }
 
 
@@ -199,14 +201,26 @@ def test_short_caches_in_one_pass_when_asked(monkeypatch):
     assert pick_decode_config(batch=1, hkv=25, t=2048, sm_count=132).num_splits > 1
 
 
+def test_merge_mode_comes_from_the_environment(monkeypatch):
+    assert not pick_decode_config(batch=1, hkv=8, t=8192, sm_count=132).merge_in_split
+    monkeypatch.setenv("DSC_DECODE_MERGE", "split")
+    assert pick_decode_config(batch=1, hkv=8, t=8192, sm_count=132).merge_in_split
+    monkeypatch.setenv("DSC_DECODE_MERGE", "inline")
+    with pytest.raises(ValueError, match="DSC_DECODE_MERGE='inline'.*split or kernel"):
+        pick_decode_config(batch=1, hkv=8, t=8192, sm_count=132)
+
+
+@pytest.mark.parametrize("merge_in_split", [False, True])
 @pytest.mark.parametrize("s,start", [(1, 5), (2, 20), (1, 70)])
-def test_splits_share_the_live_length_not_the_capacity(s, start, assert_close, poisoned):
+def test_splits_share_the_live_length_not_the_capacity(s, start, merge_in_split, assert_close,
+                                                       poisoned):
     """A cache of 96 slots split 6 ways holding start + s tokens: the chunks divide the live
     tokens (16-key tiles over all six programs), and the step's own keys are written by
     whichever program's chunk holds their slot."""
     q, k, v, valid, st = make_inputs(b=2, hq=4, hkv=2, s=s, t=96, start=start, seed=start)
     new_k, new_v = torch.randn(2, 2, s, 16), torch.randn(2, 2, s, 16)
-    config = DecodeConfig(block_n=16, num_splits=6, num_warps=1, num_stages=1)
+    config = DecodeConfig(block_n=16, num_splits=6, num_warps=1, num_stages=1,
+                          merge_in_split=merge_in_split)
     out = decode_attention(q, k, v, valid, st, True, 0.3, out=poisoned(q.shape), config=config,
                            new_k=new_k, new_v=new_v)
     torch.testing.assert_close(k[:, :, start:start + s], new_k)

@@ -10,7 +10,8 @@ TRITON_INTERPRET=1 the kernels are interpreter objects.
 * the small-batch GEMM with DSC_PDL_GEMV=late: its successor released after the weight stream;
 * the small-batch GEMM's push epilogue: the call number read after the PDL wait, the tile sent
   as 64-bit words, no plain store of the output; the receiving all-reduce: no sends;
-* the decode attention's split kernel, whose chunks come from the live length."""
+* the decode attention's split kernel, whose chunks come from the live length: its first K/V
+  lines prefetched before the PDL wait, and, merging in the split, the group's arrival ticket."""
 
 import json
 import os
@@ -47,7 +48,7 @@ def _compile(name: str) -> str:
                       "RECEIVE_ONLY": name == "receive_sum"}
         if name == "receive_sum":
             constexprs.update(FUSE_NORM=False, HAS_WEIGHT=False)
-    elif name in ("gemv_late", "gemv_push", "decode_split"):
+    elif name in ("gemv_late", "gemv_push", "decode_split", "decode_split_merge"):
         from dsc.kernels import decode_attention, small_batch_gemm
 
         if name in ("gemv_late", "gemv_push"):
@@ -65,9 +66,10 @@ def _compile(name: str) -> str:
             constexprs = dict(
                 GROUP=4, CAUSAL=True, IS_SPLIT=True, WRITE_NEW=True, ROTARY=True, BLOCK_S=1,
                 HEAD_D=128, BLOCK_R=16, BLOCK_N=64, BLOCK_D=128, DOT_PRECISION="tf32",
-                USE_PDL=True)
+                MERGE_IN_SPLIT=name == "decode_split_merge", SPLITS_P2=4, PREFETCH_KEYS=128,
+                LINE_ELEMS=64, USE_PDL=True)
             pointers = {"valid_ptr": "*u8", "start_ptr": "*i64", "part_acc_ptr": "*fp32",
-                        "part_ml_ptr": "*fp32"}
+                        "part_ml_ptr": "*fp32", "arrivals_ptr": "*i32"}
         signature = {
             arg: pointers.get(arg, "*bf16") if arg.endswith("_ptr") or arg in pointers
             else "fp32" if arg in ("norm_eps", "scale_log2e") else "i32"
@@ -144,8 +146,19 @@ def test_receive_sum_sends_nothing():
 
 
 def test_decode_split_kernel_compiles():
-    ptx = _ptx("decode_split")
-    assert "griddepcontrol.wait" in ptx and "mma" in ptx
+    lines = _ptx("decode_split").splitlines()
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    prefetch = [i for i, line in enumerate(lines) if "prefetch.global.L2" in line]
+    # The chunk's first K/V lines are requested before the wait; nothing merges in this variant.
+    assert prefetch and max(prefetch) < wait
+    assert any("mma" in line for line in lines)
+    assert not any(re.search(r"atom\.global", line) for line in lines)
+
+
+def test_decode_split_kernel_merging_its_partials_has_a_ticket():
+    ptx = _ptx("decode_split_merge")
+    assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx)  # the group's arrival ticket
+    assert re.search(r"ld\.volatile\.global", ptx)  # the partials, past any stale L1 line
 
 
 if __name__ == "__main__":

@@ -57,12 +57,18 @@ def test_gated_epilogue(m, k, n, activation, config, assert_close, poisoned):
     assert_close(out, ref)
 
 
+@pytest.mark.parametrize("stats", ["one-load", "k-steps"])
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 @pytest.mark.parametrize("m,k,n", [(1, 37, 19), (3, 40, 21)])
 @pytest.mark.parametrize("kind", ["rms", "layer"])
-def test_norm_prologue(m, k, n, kind, config, assert_close, poisoned):
-    # norm(x) @ W^T, the norm as dsc.ops.norms computes it (rows of irregular length K).
+def test_norm_prologue(m, k, n, kind, config, stats, assert_close, poisoned, monkeypatch):
+    # norm(x) @ W^T, the norm as dsc.ops.norms computes it (rows of irregular length K). The
+    # row statistics come from one load of the row, or (rows above 8192) from a loop over K.
+    from dsc.kernels import small_batch_gemm
     from dsc.ops.norms import layer_norm, rms_norm
+
+    if stats == "k-steps":
+        monkeypatch.setattr(small_batch_gemm, "_stats_block", lambda k: 0)
 
     torch.manual_seed(m + 3 * k + n)
     x = torch.randn(m, k) * 3 + 1
