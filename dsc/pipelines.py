@@ -34,11 +34,17 @@ def cached(target: Target) -> list[str]:
 def partition(target: Target) -> list[str]:
     """Passes that cut each program down to this rank's share: after kv_cache (the cache then
     holds the rank's own KV heads), before backend (which sees the per-rank shapes).
-    `fuse_all_reduce_norm` with DSC_FUSED_ALLREDUCE=1, until measured on several GPUs."""
+    `fuse_all_reduce_norm` with DSC_FUSED_ALLREDUCE=1, until measured on several GPUs;
+    `fuse_all_reduce_residual` while norm prologues are on (the add then needs no launch: the
+    norm after it runs in the next GEMM), on CPU too, so the multi-process CPU tests run the
+    plans the GPUs run."""
     if target.tp == 1:
         return []
     fused = os.environ.get("DSC_FUSED_ALLREDUCE", "0") == "1"
-    return ["tensor_parallel", *(["fuse_all_reduce_norm"] if fused else [])]
+    from dsc.passes.fuse import prologues_enabled
+
+    add = ["fuse_all_reduce_residual"] if prologues_enabled() else []
+    return ["tensor_parallel", *(["fuse_all_reduce_norm"] if fused else []), *add]
 
 
 def backend(target: Target) -> list[str]:

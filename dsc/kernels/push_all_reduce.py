@@ -56,9 +56,10 @@ from torch import Tensor
 from dsc.kernels import pdl
 
 __all__ = [
-    "MAX_ROWS", "MAX_ROW_WORDS", "buffer_words", "fits", "fits_shape", "pack_words", "push_all_gather",
-    "push_all_reduce", "push_all_reduce_residual_norm", "receive_sum", "send_words",
-    "sequence_and_half", "state_elements",
+    "MAX_ROWS", "MAX_ROW_WORDS", "buffer_words", "fits", "fits_shape", "pack_words",
+    "push_all_gather", "push_all_reduce", "push_all_reduce_residual",
+    "push_all_reduce_residual_norm", "receive_sum", "send_words", "sequence_and_half",
+    "state_elements",
 ]
 
 MAX_ROWS = 32  # rows (tokens) per call: decode steps; larger messages take another transport
@@ -179,6 +180,7 @@ def _push_all_reduce_kernel(
     PACK: tl.constexpr,
     GATHER: tl.constexpr,
     FUSE_NORM: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     PRODUCT: tl.constexpr,
     CHUNK_W: tl.constexpr,
@@ -200,6 +202,11 @@ def _push_all_reduce_kernel(
 
     words = chunk * CHUNK_W + tl.arange(0, CHUNK_W)
     in_row = words < W
+    cols = chunk * CHUNK_W * PACK + tl.arange(0, CHUNK_W * PACK)
+    ok = cols < H
+    if FUSE_NORM or ADD_RESIDUAL:
+        # Issued now, needed after the peers' words: its latency hides behind the wait for them.
+        res = tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
     if not RECEIVE_ONLY:
         x_words = x_ptr.to(tl.pointer_type(tl.int32)) + row * (stride_x // PACK)
         mine = tl.load(x_words + words, mask=in_row, other=0)
@@ -234,13 +241,14 @@ def _push_all_reduce_kernel(
     else:
         total = lo
     reduced = total.to(dtype)
-    cols = chunk * CHUNK_W * PACK + tl.arange(0, CHUNK_W * PACK)
-    ok = cols < H
 
-    if not FUSE_NORM:
+    if not FUSE_NORM and not ADD_RESIDUAL:
         tl.store(out_ptr + row * stride_o + cols, reduced, mask=ok)
+    elif not FUSE_NORM:
+        # The residual add alone (the next norm is applied by the GEMM that reads h).
+        tl.store(out_ptr + row * stride_o + cols,
+                 (res + reduced.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=ok)
     else:
-        res = tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
         h = (res + reduced.to(tl.float32)).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + row * stride_o + cols, h, mask=ok)
         hf = tl.where(ok, h.to(tl.float32), 0.0)
@@ -295,11 +303,12 @@ def _launch(x2: Tensor, res2: Tensor | None, weight: Tensor | None, out: Tensor,
                 triton.next_power_of_2(triton.cdiv(n_words, MAX_CHUNKS)))
     chunk = min(chunk, triton.next_power_of_2(n_words))
     interpreted = not x2.is_cuda
-    fused = res2 is not None
+    fused = normed is not None  # residual + RMSNorm; a residual without `normed`: the add alone
+    has_res = res2 is not None
     _push_all_reduce_kernel[(rows, triton.cdiv(n_words, chunk))](
-        x2, res2 if fused else x2, weight if weight is not None else x2, out,
+        x2, res2 if has_res else x2, weight if weight is not None else x2, out,
         normed if fused else out, buffer_ptrs, state, rank, h_dim, n_words, float(eps),
-        x2.stride(0), res2.stride(0) if fused else 0, out.stride(0),
+        x2.stride(0), res2.stride(0) if has_res else 0, out.stride(0),
         normed.stride(0) if fused else 0,
         # The interpreter runs one program at a time: a missing word there is a test's bug,
         # so give up soon and let the comparison fail.
@@ -308,6 +317,7 @@ def _launch(x2: Tensor, res2: Tensor | None, weight: Tensor | None, out: Tensor,
         PACK=pack,
         GATHER=gather,
         FUSE_NORM=fused,
+        ADD_RESIDUAL=has_res and not fused,
         HAS_WEIGHT=weight is not None,
         PRODUCT=_TL_DTYPES[product],
         CHUNK_W=chunk,
@@ -370,6 +380,22 @@ def push_all_gather(x: Tensor, *, rank: int, world: int, buffer_ptrs: Tensor, st
     _launch(x2, None, None, out, None, 0.0, x2.dtype, rank=rank, world=world,
             buffer_ptrs=buffer_ptrs, state=state, chunk_words=chunk_words, gather=True)
     return out.view(*x.shape[:-1], world * x.shape[-1])
+
+
+def push_all_reduce_residual(
+    x: Tensor, residual: Tensor, *, rank: int, world: int, buffer_ptrs: Tensor, state: Tensor,
+    chunk_words: int | None = None,
+) -> Tensor:
+    """h = residual + the sum of x over all ranks (rounded to x's dtype before the add, as the
+    two ops round), in the promoted dtype; buffers and state as for push_all_reduce."""
+    if residual.shape != x.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
+    x2 = _rows(x)
+    r2 = residual.reshape(x2.shape).contiguous()
+    h = torch.empty(x2.shape, device=x.device, dtype=torch.promote_types(x.dtype, residual.dtype))
+    _launch(x2, r2, None, h, None, 0.0, h.dtype, rank=rank, world=world,
+            buffer_ptrs=buffer_ptrs, state=state, chunk_words=chunk_words)
+    return h.view(x.shape)
 
 
 def push_all_reduce_residual_norm(

@@ -1,4 +1,5 @@
 """Collective ops as graph nodes: `dsc::all_reduce`, `dsc::all_gather`,
+`dsc::all_reduce_residual` (an all_reduce with the residual add after it),
 `dsc::all_reduce_residual_norm` (an all_reduce with the residual add and RMSNorm after it), and
 `dsc::linear_all_reduce` (a row-parallel product and the all_reduce of its partials).
 
@@ -14,7 +15,8 @@ from torch import Tensor
 
 from dsc.ops.norms import rms_norm
 
-__all__ = ["all_reduce", "all_gather", "all_reduce_residual_norm", "linear_all_reduce"]
+__all__ = ["all_reduce", "all_gather", "all_reduce_residual", "all_reduce_residual_norm",
+           "linear_all_reduce"]
 
 
 def _world() -> int:
@@ -51,6 +53,19 @@ def _(x, dim):
     shape = list(x.shape)
     shape[dim] = shape[dim] * _world()
     return x.new_empty(shape)
+
+
+@torch.library.custom_op("dsc::all_reduce_residual", mutates_args=())
+def all_reduce_residual(x: Tensor, residual: Tensor) -> Tensor:
+    """h = residual + all_reduce(x): a row-parallel block's output joined to the residual stream,
+    the sum rounded to x.dtype before the add as the two ops it replaces round."""
+    return residual + all_reduce(x)
+
+
+@all_reduce_residual.register_fake
+def _(x, residual):
+    shape = torch.broadcast_shapes(x.shape, residual.shape)
+    return x.new_empty(shape, dtype=torch.promote_types(x.dtype, residual.dtype))
 
 
 @torch.library.custom_op("dsc::all_reduce_residual_norm", mutates_args=())

@@ -43,8 +43,8 @@ Cost rule (what joins a region, and what stays out):
   4. Fold into a GEMM only what a registered GEMM kernel applies to its accumulator:
      `linear_fused` (bias, activation, residual) and `gated_linear` (act(gate) * up), and as a
      prologue the input norm the small-batch kernel applies to its rows (at larger row counts
-     the region's launcher runs the norm kernel first; prologues are opt-in,
-     DSC_NORM_PROLOGUE=1, until measured on the GPU). A residual add whose sum feeds a norm
+     the region's launcher runs the norm kernel first; DSC_NORM_PROLOGUE=0 keeps the norm a
+     kernel of its own). A residual add whose sum feeds a norm
      that stays a kernel of its own joins that norm's region; when the norm becomes the next
      GEMM's prologue, the add goes into the producing GEMM's epilogue instead — a Llama layer is
      then [norm + QKV], rotary, attention, [O + add], [norm + gate/up + SiLU], [down + add].
@@ -348,9 +348,13 @@ def _slice_of(node: Any, source: fx.Node) -> tuple[int, int] | None:
 
 
 def prologues_enabled() -> bool:
-    """Norm prologues (rule 4) are built only with DSC_NORM_PROLOGUE=1 until measured on the GPU:
-    they trade the norm's launch for a pass over x in every GEMM program."""
-    return os.environ.get("DSC_NORM_PROLOGUE", "0") == "1"
+    """Norm prologues (rule 4), on unless DSC_NORM_PROLOGUE=0: they trade the norm's launch for
+    the row's sums in every GEMM program, taken from the x tiles its stream loads anyway
+    (bench/NOTES.md, run 27)."""
+    mode = os.environ.get("DSC_NORM_PROLOGUE", "1")
+    if mode not in ("0", "1"):
+        raise ValueError(f"DSC_NORM_PROLOGUE={mode!r}: expected 1 (default) or 0")
+    return mode == "1"
 
 
 def _prologue_norm(head: Any) -> fx.Node | None:

@@ -745,6 +745,7 @@ def tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 _COLLECTIVE_IMPLS = {
     dsc_ops.all_reduce.default: "collective::all_reduce",
     dsc_ops.all_gather.default: "collective::all_gather",
+    dsc_ops.all_reduce_residual.default: "collective::all_reduce_residual",
     dsc_ops.all_reduce_residual_norm.default: "collective::all_reduce_residual_norm",
     dsc_ops.linear_all_reduce.default: "collective::linear_all_reduce",
 }

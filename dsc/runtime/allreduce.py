@@ -1,5 +1,5 @@
 """The collectives plan steps call: `collective::all_reduce`, `collective::all_gather`,
-`collective::all_reduce_residual_norm`.
+`collective::all_reduce_residual`, `collective::all_reduce_residual_norm`.
 
 A decode step of a tensor-parallel model reduces one small activation per block (8 KB for
 Llama-7B at batch 1, bf16): NCCL spends 20-40 us on each, more than the GEMVs around it. So
@@ -27,7 +27,9 @@ unless the tensor is on a GPU.
 straight into the push buffers and a second kernel receives and sums them (measured slower:
 see `gemv_push_enabled`).
 `all_gather` along the last dimension takes the push kernel under the same conditions, NCCL
-otherwise. `all_reduce_residual_norm` (h = residual + all_reduce(x), then RMSNorm of h) is the
+otherwise. `all_reduce_residual` (h = residual + all_reduce(x)) is the push kernel adding the
+residual as it writes the sum, under the same conditions; otherwise all_reduce then the add.
+`all_reduce_residual_norm` (h = residual + all_reduce(x), then RMSNorm of h) is the
 push kernel with the add and the norm fused in, for messages the push kernel takes; otherwise
 all_reduce followed by the add and the norm.
 """
@@ -47,8 +49,8 @@ from dsc.ops.norms import rms_norm
 from dsc.runtime import distributed
 from dsc.runtime.executor import register_kernel_namespace
 
-__all__ = ["ONE_SHOT_MAX_BYTES", "all_gather", "all_reduce", "all_reduce_residual_norm",
-           "linear_all_reduce", "transport"]
+__all__ = ["ONE_SHOT_MAX_BYTES", "all_gather", "all_reduce", "all_reduce_residual",
+           "all_reduce_residual_norm", "linear_all_reduce", "transport"]
 
 ONE_SHOT_MAX_BYTES = 512 * 1024  # one-shot wins below this on NVLink; larger goes to NCCL's rings
 _ONE_SHOT_DTYPES = (torch.float32, torch.bfloat16)  # what torch's one-shot kernel is built for
@@ -241,6 +243,19 @@ def _push_sum(x: Tensor) -> Tensor | None:
     return push_all_reduce.push_all_reduce(x, **_push_kwargs(buffers))
 
 
+def all_reduce_residual(x: Tensor, residual: Tensor) -> Tensor:
+    """h = residual + the sum of x over all ranks."""
+    if distributed.is_parallel() and _pushable(x) and residual.shape == x.shape:
+        buffers = _push_buffers(x.device)
+        if buffers is not None:
+            return distributed.guarded(
+                "all_reduce + residual (push)",
+                lambda: push_all_reduce.push_all_reduce_residual(x, residual,
+                                                                 **_push_kwargs(buffers)),
+            )
+    return residual + all_reduce(x)
+
+
 def all_reduce_residual_norm(x: Tensor, residual: Tensor, weight: Tensor | None, eps: float,
                              out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(h, rms_norm(h)) with h = residual + the sum of x over all ranks."""
@@ -326,6 +341,7 @@ def all_gather(x: Tensor, dim: int) -> Tensor:
 _IMPLEMENTATIONS: dict[str, Callable] = {
     "all_reduce": all_reduce,
     "all_gather": all_gather,
+    "all_reduce_residual": all_reduce_residual,
     "all_reduce_residual_norm": all_reduce_residual_norm,
     "linear_all_reduce": linear_all_reduce,
 }

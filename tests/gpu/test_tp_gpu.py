@@ -41,7 +41,10 @@ def test_push_all_reduce_on_gpus(tmp_path, world):
                 assert value <= 1e-2, (key, value)  # a bf16 rounding at most
         assert all(value for key, value in found.items() if key.startswith("gemv_push"))
         # 2 layers x (attention, MLP): the fused norm takes them all when asked for; by
-        # default the row-parallel GEMMs push their tiles.
+        # default each sum takes the residual add (the norm goes to the next GEMM); without
+        # norm prologues the row-parallel GEMMs push their tiles.
         assert found["fused_norm_fused_in_plan"] == 4
-        assert found["default_gemv_push_in_plan"] == 4
-        assert found["fused_norm_tokens_equal_hf"] and found["default_tokens_equal_hf"]
+        assert found["default_residual_in_plan"] == 4
+        assert found["no_prologue_gemv_push_in_plan"] == 4
+        assert all(found[f"{tag}_tokens_equal_hf"]
+                   for tag in ("fused_norm", "default", "no_prologue"))

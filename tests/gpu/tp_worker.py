@@ -115,8 +115,13 @@ def gemv_push_checks(rank: int) -> dict:
     return found
 
 
-def model_check(world: int, fused_norm: bool) -> dict:
-    os.environ["DSC_FUSED_ALLREDUCE"] = "1" if fused_norm else "0"
+def model_check(world: int, tag: str) -> dict:
+    """tiny-llama at tp=world against HF, compiled three ways: `fused_norm` (all-reduce +
+    residual + RMSNorm in one kernel), `default` (all-reduce + residual, the norm in the next
+    GEMM), `no_prologue` (the norm a kernel of its own; the row-parallel GEMMs push their tiles,
+    DSC_GEMV_PUSH=1)."""
+    os.environ["DSC_FUSED_ALLREDUCE"] = "1" if tag == "fused_norm" else "0"
+    os.environ["DSC_NORM_PROLOGUE"] = "0" if tag == "no_prologue" else "1"
     model = zoo.build("tiny-llama", init_std=0.3, seed=1, device="cuda")
     ids = torch.randint(3, 200, (2, 7), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
@@ -126,8 +131,8 @@ def model_check(world: int, fused_norm: bool) -> dict:
                                              tp=world))
     tokens = compiled.generate(ids, max_new_tokens=16, eos_token_id=[])
     counts = compiled.history[-1].counts
-    tag = "fused_norm" if fused_norm else "default"
     return {f"{tag}_fused_in_plan": counts.get("dsc.all_reduce_residual_norm", 0),
+            f"{tag}_residual_in_plan": counts.get("dsc.all_reduce_residual", 0),
             f"{tag}_gemv_push_in_plan": counts.get("dsc.linear_all_reduce", 0),
             f"{tag}_tokens_equal_hf": bool(torch.equal(tokens, ref))}
 
@@ -139,7 +144,8 @@ def main() -> None:
     os.environ["DSC_GEMV_PUSH"] = "1"  # and the row-parallel GEMMs that push their tiles
     rank = distributed.init("cuda", world)
     found = {"rank": rank, **op_checks(rank), **gemv_push_checks(rank),
-             **model_check(world, fused_norm=True), **model_check(world, fused_norm=False)}
+             **model_check(world, "fused_norm"), **model_check(world, "default"),
+             **model_check(world, "no_prologue")}
     (out / f"rank{rank}.json").write_text(json.dumps(found))
 
 

@@ -41,25 +41,27 @@ def _compile(name: str) -> str:
             "H": "i32", "W": "i32", "eps": "fp32", "stride_x": "i32", "stride_r": "i32",
             "stride_o": "i32", "stride_n": "i32", "max_spins": "i32",
         }
-        constexprs = {"WORLD": 4, "PACK": 2, "FUSE_NORM": True, "HAS_WEIGHT": True,
+        constexprs = {"WORLD": 4, "PACK": 2, "FUSE_NORM": True, "ADD_RESIDUAL": False,
+                      "HAS_WEIGHT": True,
                       "PRODUCT": tl.bfloat16, "CHUNK_W": 256, "MAX_ROWS_": module.MAX_ROWS,
                       "MAX_CHUNKS_": module.MAX_CHUNKS, "ROW_WORDS": module.MAX_ROW_WORDS,
                       "CAN_TRAP": True, "USE_PDL": True,
                       "RECEIVE_ONLY": name == "receive_sum"}
         if name == "receive_sum":
             constexprs.update(FUSE_NORM=False, HAS_WEIGHT=False)
-    elif name in ("gemv_late", "gemv_push", "decode_split", "decode_split_merge"):
+    elif name in ("gemv_late", "gemv_push", "gemv_norm", "decode_split", "decode_split_merge"):
         from dsc.kernels import decode_attention, small_batch_gemm
 
-        if name in ("gemv_late", "gemv_push"):
+        if name in ("gemv_late", "gemv_push", "gemv_norm"):
             kernel, warps = small_batch_gemm._small_batch_gemm_kernel, 4
             push = name == "gemv_push"
+            norm = name == "gemv_norm"
             constexprs = dict(
-                HAS_BIAS=False, HAS_RESIDUAL=not push, ACTIVATION="none", GATED=False,
-                IS_SPLIT=False, DOT_PRECISION="tf32", BLOCK_M=1, BLOCK_N=8, BLOCK_K=512,
-                NUM_STAGES=4, USE_PDL=True, PREFETCH=True, RELEASE_LATE=not push, NORM=0,
-                HAS_NW=False, HAS_NB=False, PUSH=push, PUSH_WORLD=2, PACK=2, MAX_ROWS_=32,
-                ROW_WORDS=8192)
+                HAS_BIAS=False, HAS_RESIDUAL=not push, ACTIVATION="silu" if norm else "none",
+                GATED=norm, IS_SPLIT=False, DOT_PRECISION="tf32", BLOCK_M=1, BLOCK_N=8,
+                BLOCK_K=512, NUM_STAGES=4, USE_PDL=True, PREFETCH=True, RELEASE_LATE=not push,
+                NORM=1 if norm else 0, HAS_NW=norm, HAS_NB=False, STATS_K=0, DEFER_NORM=norm,
+                PUSH=push, PUSH_WORLD=2, PACK=2, MAX_ROWS_=32, ROW_WORDS=8192)
             pointers = {"part_ptr": "*fp32", "push_ptrs": "*i64", "push_state": "*i32"}
         else:
             kernel, warps = decode_attention._decode_split_kernel, 4
@@ -128,6 +130,16 @@ def test_gemv_late_release_follows_the_weight_stream():
     loads = [i for i, line in enumerate(lines) if "ld.global" in line or "cp.async" in line]
     # Released after the loop's loads, not at the start as by default.
     assert wait < loads[0] and release > loads[len(loads) // 2]
+
+
+def test_gemv_with_a_deferred_norm_streams_from_the_start():
+    # RMSNorm + gated product, the norm applied after the loop: no statistics loads stand
+    # between the wait and the weight stream's first loads.
+    lines = _ptx("gemv_norm").splitlines()
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    first = next(line for line in lines[wait:] if re.search(r"(ld|cp\.async)\.global", line))
+    assert "evict_first" in first  # a weight tile, not the row of x
+    assert any("rsqrt" in line for line in lines)
 
 
 def test_gemv_push_epilogue_sends_words_after_the_wait():

@@ -16,6 +16,7 @@ from dsc.kernels.push_all_reduce import (
     fits,
     push_all_gather,
     push_all_reduce,
+    push_all_reduce_residual,
     push_all_reduce_residual_norm,
     state_elements,
 )
@@ -102,6 +103,25 @@ def test_fused_equals_the_three_ops(world, shape, dtype, weight, chunk):
         torch.testing.assert_close(h, want_h, **_tol(dtype))
         torch.testing.assert_close(normed, rms_norm(want_h, w, 1e-5, dtype), **_tol(dtype))
     assert int(peers.state[0]) == 3 and int(peers.state[MAX_ROWS]) == 0  # counted; ticket reset
+
+
+@pytest.mark.parametrize("world,shape,dtype,chunk", [
+    (2, (1, 1, 40), torch.float32, None),
+    (4, (3, 1, 34), torch.float32, 8),     # several programs a row
+    (4, (1, 66), torch.bfloat16, 4),
+    (2, (2, 1, 36), torch.float16, None),
+])
+def test_residual_add_equals_the_two_ops(world, shape, dtype, chunk):
+    peers = SimulatedPeers(world, rank=1, chunk_words=chunk)
+    for seed in range(3):
+        parts, residual, _, total = _inputs(world, shape, dtype, False, seed)
+        peers.deliver(parts)
+        h = push_all_reduce_residual(parts[peers.rank], residual, **peers.kwargs())
+        assert h.shape == residual.shape and h.dtype == dtype
+        torch.testing.assert_close(h, residual + total, **_tol(dtype))
+    assert int(peers.state[0]) == 3 and int(peers.state[MAX_ROWS]) == 0
+    with pytest.raises(ValueError, match="residual .* must match"):
+        push_all_reduce_residual(parts[0], residual[..., :-2], **peers.kwargs())
 
 
 @pytest.mark.parametrize("world,shape,dtype,chunk", [

@@ -57,17 +57,20 @@ def test_gated_epilogue(m, k, n, activation, config, assert_close, poisoned):
     assert_close(out, ref)
 
 
-@pytest.mark.parametrize("stats", ["one-load", "k-steps"])
+@pytest.mark.parametrize("mode", ["deferred", "exact-one-load", "exact-k-steps"])
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 @pytest.mark.parametrize("m,k,n", [(1, 37, 19), (3, 40, 21)])
 @pytest.mark.parametrize("kind", ["rms", "layer"])
-def test_norm_prologue(m, k, n, kind, config, stats, assert_close, poisoned, monkeypatch):
-    # norm(x) @ W^T, the norm as dsc.ops.norms computes it (rows of irregular length K). The
-    # row statistics come from one load of the row, or (rows above 8192) from a loop over K.
+def test_norm_prologue(m, k, n, kind, config, mode, assert_close, poisoned, monkeypatch):
+    # norm(x) @ W^T, the norm as dsc.ops.norms computes it (rows of irregular length K). One-row
+    # tiles apply it after the weight stream by default; DSC_NORM_PROLOGUE_EXACT=1 takes the row
+    # statistics first, from one load of the row or (rows above 8192) from a loop over K.
     from dsc.kernels import small_batch_gemm
     from dsc.ops.norms import layer_norm, rms_norm
 
-    if stats == "k-steps":
+    if mode != "deferred":
+        monkeypatch.setenv("DSC_NORM_PROLOGUE_EXACT", "1")
+    if mode == "exact-k-steps":
         monkeypatch.setattr(small_batch_gemm, "_stats_block", lambda k: 0)
 
     torch.manual_seed(m + 3 * k + n)
@@ -81,13 +84,16 @@ def test_norm_prologue(m, k, n, kind, config, stats, assert_close, poisoned, mon
     assert_close(out, linear_reference(normed, w))
 
 
-def test_norm_prologue_with_gated_epilogue(assert_close):
+@pytest.mark.parametrize("config", ["fma", "fma-split2"])
+def test_norm_prologue_with_gated_epilogue(config, assert_close):
+    # Without a K split the norm is applied after the stream (both halves share the row's
+    # statistics); split, it is applied first.
     from dsc.ops.norms import rms_norm
 
     torch.manual_seed(5)
     x, w, nw = torch.randn(1, 40), torch.randn(42, 40), torch.randn(40)
     out = linear_small_batch(x, w, activation="silu", gated=True, norm=("rms", nw, None, 1e-6),
-                             config=CONFIGS["fma-split2"])
+                             config=CONFIGS[config])
     normed = rms_norm(x, nw, 1e-6, x.dtype)
     ref = _act(linear_reference(normed, w[:21]), "silu") * linear_reference(normed, w[21:])
     assert_close(out, ref)

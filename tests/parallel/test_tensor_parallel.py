@@ -95,14 +95,32 @@ def test_logits_and_greedy_tokens_equal_eager(run_name, name, request):
 
 @pytest.mark.parametrize("run_name,name", CASES)
 def test_one_all_reduce_per_block_and_one_gather(run_name, name, request):
+    # attention + MLP (or MoE) per layer, and the vocab-parallel embedding. With the norm
+    # prologues on (the default) a sum added straight to the residual stream takes the add
+    # (fuse_all_reduce_residual); one with a bias to add first (GPT-2, OPT) goes with its
+    # product instead (fuse_linear_all_reduce); the MoE block's sum and the embedding's stay
+    # plain all_reduces.
+    with_residual, with_product = {
+        "tiny-llama": (2 * LAYERS, 0), "tiny-mixtral": (LAYERS, 0),
+    }.get(name, (0, 2 * LAYERS))
     for rank in _results(request.getfixturevalue(run_name), name):
-        # attention + MLP (or MoE) per layer, and the vocab-parallel embedding; the row-parallel
-        # projections' sums go with their products (fuse_linear_all_reduce), the MoE block's
-        # and the embedding's stay plain all_reduces
-        rows = LAYERS if name == "tiny-mixtral" else 2 * LAYERS
-        assert rank["linear_all_reduce"] == rows
-        assert rank["all_reduce"] + rank["linear_all_reduce"] == 2 * LAYERS + 1
+        assert rank["all_reduce_residual"] == with_residual
+        assert rank["linear_all_reduce"] == with_product
+        assert rank["all_reduce"] + with_residual + with_product == 2 * LAYERS + 1
         assert rank["all_gather"] == 1  # the logits
+
+
+@pytest.mark.parametrize("nproc", [2])
+def test_without_norm_prologues_row_products_take_their_sums(tmp_path, nproc):
+    """DSC_NORM_PROLOGUE=0: the adds stay apart, and the row-parallel projections' sums go with
+    their products (fuse_linear_all_reduce); results unchanged."""
+    proc = torchrun(nproc, "check", tmp_path, "tiny-llama", env={"DSC_NORM_PROLOGUE": "0"})
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    for r in range(nproc):
+        rank = json.loads((tmp_path / f"tiny-llama-check-rank{r}.json").read_text())
+        assert rank["linear_all_reduce"] == 2 * LAYERS and rank["all_reduce"] == 1
+        assert rank["all_reduce_residual"] == 0
+        assert rank["max_diff"] < 1e-4 and rank["tokens"] == rank["hf_tokens"]
 
 
 @pytest.mark.parametrize("run_name,name", CASES)

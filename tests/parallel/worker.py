@@ -55,6 +55,7 @@ def check(name: str, tp: int, out: Path) -> dict:
         "moe": graph.get("dsc.moe", 0),
         "all_reduce": graph.get("dsc.all_reduce", 0),
         "linear_all_reduce": graph.get("dsc.linear_all_reduce", 0),
+        "all_reduce_residual": graph.get("dsc.all_reduce_residual", 0),
         "fused_all_reduce": graph.get("dsc.all_reduce_residual_norm", 0),
         "all_gather": graph.get("dsc.all_gather", 0),
         "logits_shape": list(logits.shape),

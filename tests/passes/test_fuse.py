@@ -143,14 +143,20 @@ def test_norm_read_twice_is_not_a_prologue(monkeypatch):
     assert structure(gm) == ["region(pointwise)[layer_norm] (x0, g) -> 1", "linear", "linear"]
 
 
-def test_norm_prologue_is_off_by_default(monkeypatch):
-    monkeypatch.delenv("DSC_NORM_PROLOGUE", raising=False)
-
+def test_norm_prologue_is_on_by_default_and_can_be_turned_off(monkeypatch):
     def before(x, g, w):
         return F.linear(dsc.rms_norm(x, g, 1e-6, torch.float32), w)
 
-    gm = _fuse(before, torch.randn(3, 8), weights={"g": torch.randn(8), "w": torch.randn(12, 8)})
+    weights = {"g": torch.randn(8), "w": torch.randn(12, 8)}
+    monkeypatch.delenv("DSC_NORM_PROLOGUE", raising=False)
+    gm = _fuse(before, torch.randn(3, 8), weights=weights)
+    assert structure(gm) == ["region(gemm)[rms_norm, linear] (x0, g, w) -> 1"]
+    monkeypatch.setenv("DSC_NORM_PROLOGUE", "0")
+    gm = _fuse(before, torch.randn(3, 8), weights=weights)
     assert structure(gm) == ["region(pointwise)[rms_norm] (x0, g) -> 1", "linear"]
+    monkeypatch.setenv("DSC_NORM_PROLOGUE", "yes")
+    with pytest.raises(ValueError, match="DSC_NORM_PROLOGUE='yes'"):
+        _fuse(before, torch.randn(3, 8), weights=weights)
 
 
 def test_residual_add_without_a_norm_folds_into_the_gemm():
