@@ -312,8 +312,17 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    out_ptrs = (
+        out_ptr
+        + b64 * stride_ob
+        + head[:, None] * stride_oh
+        + s[:, None] * stride_os
+        + d[None, :] * stride_od
+    )
+    out_ok = row_ok[:, None] & d_ok[None, :]
     if IS_SPLIT:
-        # Unnormalised partials of this chunk, merged by the combine kernel.
+        # Unnormalised partials of this chunk, merged by the combine kernel (or by the group's
+        # last split program).
         row_id = (b * (HKV * GROUP) + head) * S + s
         slot = row_id.to(tl.int64) * num_splits + pid_split
         store_ok = row_ok & (n_lo < live)
@@ -328,26 +337,11 @@ def _decode_split_kernel(
             if _last_to_arrive(arrivals_ptr + pid_bh, num_splits):
                 o = _merge_partials(part_acc_ptr, part_ml_ptr, row_id, row_ok, d, d_ok, live,
                                     chunk, num_splits, SPLITS_P2, BLOCK_R, BLOCK_D)
-                out_ptrs = (
-                    out_ptr
-                    + b64 * stride_ob
-                    + head[:, None] * stride_oh
-                    + s[:, None] * stride_os
-                    + d[None, :] * stride_od
-                )
-                tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & d_ok[None, :])
+                tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_ok)
     else:
         # The whole key range was ours: normalise and write; rows with no key get zeros.
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        out_ptrs = (
-            out_ptr
-            + b64 * stride_ob
-            + head[:, None] * stride_oh
-            + s[:, None] * stride_os
-            + d[None, :] * stride_od
-        )
-        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit

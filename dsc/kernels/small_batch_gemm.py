@@ -16,6 +16,9 @@ memory. The kernel is built around that stream:
   not the CUDA cores, on the arithmetic (a multiply-add path for 2 to 8 rows measured slower);
 * when there are too few column blocks to fill the GPU, K is split across programs ("split-K"):
   each writes an fp32 partial and a second small kernel sums them, adds the bias and casts.
+* an input norm (RMSNorm / LayerNorm of x) can ride along: a one-row program adds the row's sum
+  and sum of squares from the x tiles it loads anyway and applies the norm to its finished sums,
+  so no statistics pass delays the weight stream and the norm needs no launch of its own;
 * `linear_push_partial` (a row-parallel shard under tensor parallelism) sends each output tile
   into the peers' push all-reduce buffers instead of storing it (opt-in, measured slower; see
   dsc/runtime/allreduce.py `gemv_push_enabled`).
@@ -570,7 +573,10 @@ def linear_small_batch(
     ([2N, K], no bias) and the result is act(x @ gate^T) * (x @ up^T), [M, N] — the gated MLP's
     merged up projection with its activation, in one weight stream. residual: [M, N] added last.
     norm: ("rms" | "layer", weight [K] or None, bias [K] or None (layer only), eps) normalises
-    each row of x first, as `dsc.ops.norms` does (the input norm of a QKV or up projection).
+    each row of x, as `dsc.ops.norms` does (the input norm of a QKV or up projection): one-row
+    tiles apply it inside the kernel, to the finished sums when the whole of K is theirs (see
+    `_defer_norm`: the unfused ops' roundings to x's dtype are skipped), otherwise statistics
+    first; row tiles run the norm kernel, then the GEMM.
     Correct for any M; fastest for M <= 32 (past 64 rows each program re-reads the weight once
     per 64 rows: use `gemm.linear_fused` there). `out` ([M, N], any strides) receives the result
     if given; `config` overrides the heuristic (tests and tuning use it).

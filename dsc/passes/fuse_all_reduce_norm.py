@@ -35,7 +35,7 @@ import torch.fx as fx
 import dsc.ops.collectives  # noqa: F401  (registers dsc::all_reduce_residual_norm)
 from dsc.passes import register
 from dsc.passes.context import PassContext
-from dsc.passes.graph_utils import call, is_op, tensor_meta
+from dsc.passes.graph_utils import all_reduce_into_residual, call, is_op
 
 __all__ = ["fuse_all_reduce_norm"]
 
@@ -49,29 +49,13 @@ def _norm_of(h: fx.Node) -> fx.Node | None:
     return None
 
 
-def _same_shape(a: fx.Node, b: fx.Node) -> bool:
-    va, vb = tensor_meta(a), tensor_meta(b)
-    return va is not None and vb is not None and [str(d) for d in va.shape] == [
-        str(d) for d in vb.shape
-    ]
-
-
 @register("fuse_all_reduce_norm")
 def fuse_all_reduce_norm(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     graph = gm.graph
     for add in list(graph.nodes):
-        if not is_op(add, dsc_ops.residual_add):
+        if (match := all_reduce_into_residual(add)) is None or (norm := _norm_of(add)) is None:
             continue
-        first, second = add.args[0], add.args[1]
-        if is_op(second, dsc_ops.all_reduce):
-            stream, reduced = first, second
-        elif is_op(first, dsc_ops.all_reduce):
-            stream, reduced = second, first
-        else:
-            continue
-        norm = _norm_of(add)
-        if len(reduced.users) != 1 or norm is None or not _same_shape(stream, reduced):
-            continue
+        stream, reduced = match
         weight, eps, out_dtype = norm.args[1], norm.args[2], norm.args[3]
         with graph.inserting_before(add):
             fused = call(graph, dsc_ops.all_reduce_residual_norm.default,

@@ -33,35 +33,20 @@ import torch.fx as fx
 import dsc.ops.collectives  # noqa: F401  (registers dsc::all_reduce_residual)
 from dsc.passes import register
 from dsc.passes.context import PassContext
-from dsc.passes.graph_utils import call, is_op, tensor_meta
+from dsc.passes.graph_utils import all_reduce_into_residual, call
 
 __all__ = ["fuse_all_reduce_residual"]
 
 dsc_ops = torch.ops.dsc
 
 
-def _same_shape(a: fx.Node, b: fx.Node) -> bool:
-    va, vb = tensor_meta(a), tensor_meta(b)
-    return va is not None and vb is not None and [str(d) for d in va.shape] == [
-        str(d) for d in vb.shape
-    ]
-
-
 @register("fuse_all_reduce_residual")
 def fuse_all_reduce_residual(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     graph = gm.graph
     for add in list(graph.nodes):
-        if not is_op(add, dsc_ops.residual_add):
+        if (match := all_reduce_into_residual(add)) is None:
             continue
-        first, second = add.args[0], add.args[1]
-        if is_op(second, dsc_ops.all_reduce):
-            stream, reduced = first, second
-        elif is_op(first, dsc_ops.all_reduce):
-            stream, reduced = second, first
-        else:
-            continue
-        if len(reduced.users) != 1 or not _same_shape(stream, reduced):
-            continue
+        stream, reduced = match
         with graph.inserting_before(add):
             fused = call(graph, dsc_ops.all_reduce_residual.default, (reduced.args[0], stream),
                          like=add)

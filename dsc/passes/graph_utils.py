@@ -9,12 +9,14 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 __all__ = [
+    "all_reduce_into_residual",
     "is_op",
     "only_user",
     "set_meta",
     "fake_mode_of",
     "weight_name",
     "tensor_meta",
+    "same_shape",
     "replace_with",
     "call",
     "ancestors",
@@ -42,6 +44,14 @@ def only_user(node: fx.Node) -> fx.Node | None:
 def tensor_meta(node: Any) -> torch.Tensor | None:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return val if isinstance(val, torch.Tensor) else None
+
+
+def same_shape(a: Any, b: Any) -> bool:
+    """Both nodes carry tensor metadata of one shape (symbolic sizes compared as written)."""
+    va, vb = tensor_meta(a), tensor_meta(b)
+    return va is not None and vb is not None and [str(d) for d in va.shape] == [
+        str(d) for d in vb.shape
+    ]
 
 
 def fake_mode_of(gm: fx.GraphModule):
@@ -106,3 +116,20 @@ def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
         seen.add(n)
         stack.extend(n.all_input_nodes)
     return seen
+
+
+def all_reduce_into_residual(add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(stream, reduced) when `add` is dsc.residual_add(stream, dsc.all_reduce(p)) (operands in
+    either order), the sum read by the add alone and of the stream's shape; else None."""
+    if not is_op(add, torch.ops.dsc.residual_add):
+        return None
+    first, second = add.args[0], add.args[1]
+    if is_op(second, torch.ops.dsc.all_reduce):
+        stream, reduced = first, second
+    elif is_op(first, torch.ops.dsc.all_reduce):
+        stream, reduced = second, first
+    else:
+        return None
+    if len(reduced.users) != 1 or not same_shape(stream, reduced):
+        return None
+    return stream, reduced
