@@ -12,6 +12,11 @@ live prefix must come through device memory once. The kernel is arranged around 
   its chunk and writes an unnormalised partial (acc, running max m, running sum l); a second small
   kernel merges the partials of each query row. With one split the first kernel writes the output
   directly and the merge kernel is skipped;
+* placed early under programmatic dependent launch, each program asks L2 for the first K/V rows
+  of its chunk before waiting for the kernel that writes q (those rows were written steps ago);
+* with `DecodeConfig.merge_in_split` (DSC_DECODE_MERGE=split) the last split program of each
+  (sequence, kv head), found by an arrival counter, merges the partials itself instead of the
+  second kernel (measured mixed: bench/NOTES.md, sixth session);
 * the cache position `start` is read from device memory and the grid is sized from the cache
   capacity T, never from start, so a captured CUDA graph stays valid as the sequence grows. The
   chunks divide the *live* length (start + S, read in the kernel), not T: a cache allocated for
