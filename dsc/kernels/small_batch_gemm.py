@@ -693,6 +693,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None,
     if cfg.block_m != 1 and (cfg.block_m < 16 or cfg.block_m & (cfg.block_m - 1)):
         raise ValueError(f"block_m must be 1 or a power of two >= 16; got {cfg.block_m}")
     split_k, k_per_split = _splits(k, cfg)
+    defer = _defer_norm(norm_kind, cfg, split_k, gated)
     if out is None:
         out = x.new_empty((1, 1))  # pushing: a placeholder that gives the kernel the dtype
     push_rank, push_world, push_ptrs, push_state = push or (0, 1, out, out)
@@ -739,8 +740,9 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None,
         NORM={None: 0, "rms": 1, "layer": 2}[norm_kind],
         HAS_NW=norm_w is not None,
         HAS_NB=norm_b is not None,
-        STATS_K=_stats_block(k) if norm_kind is not None and cfg.block_m == 1 else 0,
-        DEFER_NORM=_defer_norm(norm_kind, cfg, split_k, gated),
+        # Only the statistics-first prologue reads the row at once.
+        STATS_K=_stats_block(k) if norm_kind and cfg.block_m == 1 and not defer else 0,
+        DEFER_NORM=defer,
         push_ptrs=push_ptrs,
         push_state=push_state,
         push_rank=push_rank,

@@ -50,6 +50,15 @@ def context(weights: dict[str, torch.Tensor] | None = None, **target) -> PassCon
     return PassContext(target=Target(**target), weights=dict(weights or {}), info=info, inputs=[])
 
 
+def export_and_run_passes(fn, *example: torch.Tensor, passes: list[str],
+                          weights: dict[str, torch.Tensor] | None = None):
+    """`export_fn`, then the named passes over the graph: (gm, weights)."""
+    from dsc.passes.manager import PassManager
+
+    gm, weights = export_fn(fn, *example, weights=weights)
+    return PassManager(context(weights)).run(gm, passes), weights
+
+
 def ops(gm: fx.GraphModule) -> Counter:
     """Counter of call_function targets by short name ('rms_norm', 'mul', ...)."""
     out = Counter()

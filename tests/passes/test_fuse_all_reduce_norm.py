@@ -2,16 +2,13 @@ import torch
 
 import dsc.ops  # noqa: F401  (registers the dsc ops)
 from dsc.passes.fuse_all_reduce_norm import fuse_all_reduce_norm  # noqa: F401  (registers)
-from dsc.passes.manager import PassManager
-from tests.passes.helpers import context, export_fn, ops, run
+from tests.passes.helpers import export_and_run_passes, ops, run
 
 dsc_ops = torch.ops.dsc
 
 
 def _fuse(fn, *inputs, weights=None):
-    gm, weights = export_fn(fn, *inputs, weights=weights)
-    gm = PassManager(context(weights)).run(gm, ["fuse_all_reduce_norm"])
-    return gm, weights
+    return export_and_run_passes(fn, *inputs, passes=["fuse_all_reduce_norm"], weights=weights)
 
 
 def test_all_reduce_add_norm_before_expected():

@@ -3,16 +3,14 @@ import torch
 import dsc.ops  # noqa: F401  (registers the dsc ops)
 from dsc.passes.fuse_linear_all_reduce import fuse_linear_all_reduce  # noqa: F401  (registers)
 from dsc.passes.manager import PassManager
-from tests.passes.helpers import context, export_fn, ops, run
+from tests.passes.helpers import context, export_and_run_passes, export_fn, ops, run
 
 dsc_ops = torch.ops.dsc
 F = torch.nn.functional
 
 
 def _fuse(fn, *inputs, weights=None):
-    gm, weights = export_fn(fn, *inputs, weights=weights)
-    gm = PassManager(context(weights)).run(gm, ["fuse_linear_all_reduce"])
-    return gm, weights
+    return export_and_run_passes(fn, *inputs, passes=["fuse_linear_all_reduce"], weights=weights)
 
 
 def test_row_product_and_its_sum_before_expected():
