@@ -15,6 +15,7 @@ RECOGNISE = [
     "recognize_layer_norm",
     "recognize_rotary",
     "recognize_attention",
+    "fold_query_scale",
     "recognize_moe",  # before mlp: expert activations stay inside the MoE block
     "recognize_mlp",
     "recognize_residual",  # after moe: dsc.moe counts as a projection

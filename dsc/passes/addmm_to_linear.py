@@ -9,11 +9,17 @@ when nothing else reads it):
 
     y = linear(x, W_t, b)         y = linear(x, W_t)          W_t = W.t().contiguous()  [N, K]
 
+and, where x flattens the lead dims of an x0 [*lead, K] and the product's only reader restores
+them (Conv1D's spelling: view(addmm(b, view(x0, [-1, K]), W), [*lead, N])):
+
+    y = linear(x0, W_t, b)        (the two views gone; linear keeps the lead dims itself)
+
 Why: the decode GEMV streams each weight row along K with 16-byte loads; an [in, out] weight read
 as [out, in] is a strided walk that reaches a fraction of the bandwidth, and every later pass and
-kernel then sees one spelling of a projection.
+kernel then sees one spelling of a projection — without the views around it, a norm before
+the product and a residual add after it meet the linear directly and fuse into its kernel.
 Does not match: a weight computed in the graph, a bias of more than one dimension, beta/alpha
-arguments, 3-D operands.
+arguments, 3-D operands; views that change the lead dims (the flat product then stays flat).
 Ordering: backend, before merge_projections (which merges linears only).
 """
 
@@ -49,6 +55,25 @@ def _operands(node: fx.Node):
     return x, weight, bias
 
 
+def _lead_dims_restored(x: fx.Node, product: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(x0, view) when x = view(x0, [-1, K]) and the product's only reader views it back to
+    x0's lead dims; sizes compared as expressions."""
+    flat, restored = x, next(iter(product.users)) if len(product.users) == 1 else None
+    if not is_op(flat, aten.view, aten._unsafe_view, aten.reshape) or not is_op(
+        restored, aten.view, aten._unsafe_view, aten.reshape
+    ):
+        return None
+    x0 = flat.args[0]
+    a, b, c = tensor_meta(x0), tensor_meta(flat), tensor_meta(restored)
+    if a is None or b is None or c is None or a.dim() < 2 or c.dim() != a.dim():
+        return None
+    if str(a.shape[-1]) != str(b.shape[-1]) or c.shape[-1] != tensor_meta(product).shape[-1]:
+        return None
+    if [str(d) for d in a.shape[:-1]] != [str(d) for d in c.shape[:-1]]:
+        return None
+    return x0, restored
+
+
 def _transposed(gm: fx.GraphModule, ctx: PassContext, weight: fx.Node, cache: dict) -> fx.Node:
     name = weight_name(weight)
     if name not in cache:
@@ -77,10 +102,15 @@ def addmm_to_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         x, weight, bias = found
         w_t = _transposed(gm, ctx, weight, cache)
+        flat, unflattened = x, _lead_dims_restored(x, node)
+        x, result = unflattened if unflattened is not None else (x, node)
         with gm.graph.inserting_before(node):
             linear = call(gm.graph, aten.linear.default, (x, w_t, bias), like=node)
-        node.replace_all_uses_with(linear)
-        gm.graph.erase_node(node)
+        result.replace_all_uses_with(linear)
+        for dead in dict.fromkeys((result, node)):
+            gm.graph.erase_node(dead)
+        if unflattened is not None and not flat.users:  # other readers keep the flat view
+            gm.graph.erase_node(flat)
         originals.add(weight)
     for weight in originals:
         if not weight.users:  # the compiler keeps only weights some program reads

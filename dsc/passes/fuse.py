@@ -390,7 +390,7 @@ def _feeds_norm(node: fx.Node, hops: int = 3) -> bool:
             for user in v.users:
                 if is_op(user, *_NORMS) and user.args[0] is v:
                     reader = only_user(user)
-                    if v is node and reader is not None and _prologue_norm(reader) is user:
+                    if reader is not None and _prologue_norm(reader) is user:
                         continue
                     return True
                 if is_op(user, *_VIEWS, aten.clone, aten._to_copy):
@@ -411,11 +411,13 @@ def _sink_views(graph: fx.Graph, mode) -> None:
 
     Row ops commute with reshapes of the leading dims when their other operands are per-column
     (weights, biases) or scalars; OPT flattens the stream to [rows, hidden] between its residual
-    add and the norm that reads it.
+    add and the norm that reads it. A norm its GEMM takes as a prologue stays where it is.
     """
     for node in list(graph.nodes):
         if not _fusible(node) or _name(node) in _ROW_REDUCTIONS or not node.args:
             continue
+        if (reader := only_user(node)) is not None and _prologue_norm(reader) is node:
+            continue  # the norm stays next to its GEMM, which applies it as a prologue
         view = node.args[0]
         if not isinstance(view, fx.Node) or not view.args or not _fusible(view.args[0]):
             continue

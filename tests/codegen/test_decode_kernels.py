@@ -120,13 +120,31 @@ def test_llama_decode_layer_launches_7_kernels_with_rotary_in_attention(monkeypa
     assert after["cuda::rotary_cached_attention"] == 1 and "cuda::cached_attention" not in after
 
 
-def test_gpt2_decode_layer_launches_7_kernels_after_fusion():
-    """GPT-2: 12 GPU steps per decode layer unfused (LayerNorm, Conv1D projections x4 — linears
-    over transposed weights after addmm_to_linear —, clones, residual adds, GeLU, attention);
-    7 fused: [clone + residual add + LayerNorm] x2, QKV, attention, out, [up + GeLU], down."""
+def test_gpt2_decode_layer_launches_5_kernels_after_fusion():
+    """GPT-2: 10 GPU steps per decode layer unfused (LayerNorm x2, Conv1D projections x4 —
+    linears over transposed weights after addmm_to_linear, the dropout clones gone —, residual
+    adds x2, GeLU, attention); 5 fused, the paper's four regions plus attention: [LayerNorm +
+    QKV], attention, [out + residual add], [LayerNorm + up + GeLU], [down + residual add]."""
     before, after = _per_layer("tiny-gpt2", False), _per_layer("tiny-gpt2", True)
-    assert sum(before.values()) == 12
-    assert sum(after.values()) == 7
+    assert sum(before.values()) == 10
+    assert sum(after.values()) == 5
+    regions = {op: n for op, n in after.items() if op.startswith("kernel::region_")}
+    assert sorted(regions.values()) == [1, 1, 2]  # norm+QKV, norm+up+GeLU, out/down+residual
+    assert after["cuda::cached_attention"] == 1 and "cuda::linear_small_batch" not in after
+
+
+def test_gpt2_decode_layer_keeps_7_kernels_without_norm_prologues(monkeypatch):
+    """DSC_NORM_PROLOGUE=0: each residual add joins the LayerNorm that reads its sum."""
+    monkeypatch.setenv("DSC_NORM_PROLOGUE", "0")
+    assert sum(_per_layer("tiny-gpt2", True).values()) == 7
+
+
+def test_opt_decode_layer_launches_5_kernels_after_fusion():
+    """OPT: its query scaling folds into the attention's scale and its flattened MLP keeps the
+    LayerNorm next to fc1, so its layer is the same five kernels as GPT-2's (ReLU for GeLU)."""
+    after = _per_layer("tiny-opt", True)
+    assert sum(after.values()) == 5
+    assert after["cuda::cached_attention"] == 1 and "cuda::linear_small_batch" not in after
 
 
 def test_tiny_llama_forward_through_generated_kernels():

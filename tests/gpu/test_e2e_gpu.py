@@ -9,15 +9,17 @@ from dsc import zoo
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.mark.parametrize("batch", [1, 2])  # one row: the GEMVs apply the norms after the stream
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-mistral"])
-def test_fp32_greedy_equals_hf(name):
+def test_fp32_greedy_equals_hf(name, batch):
     model = zoo.build(name, init_std=0.3, seed=1, device="cuda")
     compiled = dsc.compile(model, dsc.Target(device="cuda", dtype="float32", max_seq_len=64))
     # GQA models keep their KV heads in the cache (a CUDA trace spells repeat_kv differently).
     config = model.config
     kv_heads = getattr(config, "num_key_value_heads", None) or compiled.plan.model["num_heads"]
     assert {entry["shape"][1] for entry in compiled.plan.model["cache"]} == {kv_heads}
-    ids = torch.randint(3, 200, (2, 7), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    ids = torch.randint(3, 200, (batch, 7), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)
     out = compiled.generate(ids, max_new_tokens=24, eos_token_id=[])
@@ -46,7 +48,8 @@ def test_stamped_layers_greedy_equals_hf(name, key):
     model = zoo.build(name, init_std=0.3, seed=1, device="cuda", **{key: 6})
     compiled = dsc.compile(model, dsc.Target(device="cuda", dtype="float32", max_seq_len=64))
     assert compiled.plan.model["stamped_layers"] == 3
-    ids = torch.randint(3, 200, (2, 7), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    ids = torch.randint(3, 200, (2, 7), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)
     assert torch.equal(compiled.generate(ids, max_new_tokens=24, eos_token_id=[]), ref)
@@ -86,7 +89,8 @@ def test_rotary_in_attention_greedy_equals_hf(name, monkeypatch):
     model = zoo.build(name, init_std=0.3, seed=1, device="cuda")
     compiled = dsc.compile(model, dsc.Target(device="cuda", dtype="float32", max_seq_len=64))
     assert "rotary_cached_attention" in compiled.report()
-    ids = torch.randint(3, 200, (2, 7), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    ids = torch.randint(3, 200, (2, 7), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)
     assert torch.equal(compiled.generate(ids, max_new_tokens=24, eos_token_id=[]), ref)

@@ -59,3 +59,30 @@ def test_does_not_match_computed_weights_2d_bias_or_scaled_addmm():
     gm, ctx = _run(fn, x, {"w": w, "b2": b2})
     assert ops(gm)["linear"] == 0
     assert not [k for k in ctx.weights if k.startswith("transposed:")]
+
+
+def test_before_expected_conv1d_views_fold_into_the_linear():
+    # Before: view(addmm(b, view(x, [-1, K]), W), [B, S, N])   (GPT-2's Conv1D)
+    # Expected: linear(x, W^T, b) over the 3-D x, neither view left.
+    w, b, x = torch.randn(6, 10), torch.randn(10), torch.randn(2, 3, 6)
+
+    def fn(x, w, b):
+        return torch.addmm(b, x.view(-1, 6), w).view(2, 3, 10)
+
+    gm, ctx = _run(fn, x, {"w": w, "b": b})
+    assert ops(gm) == {"linear": 1}
+    linear = next(n for n in gm.graph.nodes if n.op == "call_function")
+    assert linear.args[0].op == "placeholder" and tuple(linear.meta["val"].shape) == (2, 3, 10)
+
+
+def test_does_not_match_views_that_change_the_lead_dims():
+    # The product is viewed to other lead dims ([3, 2] from [2, 3]), or the flat x is read
+    # elsewhere too: the linear keeps the flat input, and the view after it stays.
+    w, b, x = torch.randn(6, 10), torch.randn(10), torch.randn(2, 3, 6)
+
+    def fn(x, w, b):
+        flat = x.view(-1, 6)
+        return torch.addmm(b, flat, w).view(3, 2, 10), flat.sum()
+
+    gm, ctx = _run(fn, x, {"w": w, "b": b})
+    assert ops(gm)["linear"] == 1 and ops(gm)["view"] == 2

@@ -16,6 +16,32 @@ def test_noops_are_removed():
     torch.testing.assert_close(run(gm, weights, x)[0], noisy(x))
 
 
+def test_layout_keeping_clone_is_removed():
+    # Before: y = clone(x * 2) + 1 (eval-mode dropout traces to the clone).
+    # Expected: y = (x * 2) + 1.
+    def dropped(x):
+        return torch.ops.aten.clone(x * 2) + 1
+
+    x = torch.randn(3, 4)
+    gm, weights = export_fn(dropped, x)
+    assert ops(gm)["clone"] == 1
+    gm = PassManager(context(weights)).run(gm, ["canonicalize"])
+    assert ops(gm) == {"mul": 1, "add": 1}
+    torch.testing.assert_close(run(gm, weights, x)[0], dropped(x))
+
+
+def test_clone_of_an_input_or_a_graph_output_is_kept():
+    def copies(x):
+        y = x * 2
+        return torch.ops.aten.clone(x) + 1, torch.ops.aten.clone(y)
+
+    x = torch.randn(3, 4)
+    gm, weights = export_fn(copies, x)
+    gm = PassManager(context(weights)).run(gm, ["canonicalize"])
+    assert ops(gm)["clone"] == 2  # an input's copy, and a result returned as the copy
+    torch.testing.assert_close(run(gm, weights, x), list(copies(x)))
+
+
 def test_clone_and_real_casts_are_kept():
     def copies(x):
         return x.t().contiguous().view(-1).to(torch.float64)

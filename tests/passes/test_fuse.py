@@ -185,6 +185,25 @@ def test_lead_dim_view_sinks_past_the_norm():
     ]
 
 
+def test_flattened_norm_stays_the_gemm_prologue_and_the_add_joins_the_producing_gemm():
+    # OPT's MLP: the stream is flattened, normalised and read by fc1; its sum comes from the out
+    # projection. Expected: [out + residual add], view, [layer_norm + fc1] — the view does not
+    # sink past a norm its GEMM takes as a prologue, and the add sees through the view to it.
+    def before(x, s, wo, g, b, w1):
+        h = dsc.residual_add(s, F.linear(x, wo))
+        flat = h.view(-1, 8)
+        return flat, F.linear(dsc.layer_norm(flat, g, b, 1e-5), w1)
+
+    weights = {"wo": torch.randn(8, 8), "g": torch.randn(8), "b": torch.randn(8),
+               "w1": torch.randn(12, 8)}
+    gm = _fuse(before, torch.randn(2, 3, 8), torch.randn(2, 3, 8), weights=weights)
+    assert structure(gm) == [
+        "region(gemm)[linear, residual_add] (x0, wo, x1) -> 1",
+        "view",
+        "region(gemm)[layer_norm, linear] (view, g, b, w1) -> 1",
+    ]
+
+
 # ---- the cost rule -------------------------------------------------------------------------
 def test_value_read_outside_is_an_extra_output_computed_once():
     def before(x, w):
