@@ -16,9 +16,10 @@ memory. The kernel is built around that stream:
   not the CUDA cores, on the arithmetic (a multiply-add path for 2 to 8 rows measured slower);
 * when there are too few column blocks to fill the GPU, K is split across programs ("split-K"):
   each writes an fp32 partial and a second small kernel sums them, adds the bias and casts.
-* an input norm (RMSNorm / LayerNorm of x) can ride along: a one-row program adds the row's sum
-  and sum of squares from the x tiles it loads anyway and applies the norm to its finished sums,
-  so no statistics pass delays the weight stream and the norm needs no launch of its own;
+* an input norm (RMSNorm / LayerNorm of x) can ride along, so it needs no launch of its own: a
+  one-row program adds an RMSNorm row's sum of squares from the x tiles it loads anyway and
+  applies the norm to its finished sums (no statistics pass delays the weight stream); a
+  LayerNorm row's statistics come first, from one load of the row;
 * `linear_push_partial` (a row-parallel shard under tensor parallelism) sends each output tile
   into the peers' push all-reduce buffers instead of storing it (opt-in, measured slower; see
   dsc/runtime/allreduce.py `gemv_push_enabled`).
@@ -107,50 +108,25 @@ def _accumulate(acc, acc_u, w, u, x, k, mean, rstd, nw_ptr, nb_ptr, K, NORM: tl.
 
 
 @triton.jit
-def _accumulate_deferred(acc, acc_u, acc_g, acc_b, s1, s2, w, u, x, k, nw_ptr, nb_ptr, K,
-                         NORM: tl.constexpr, HAS_NW: tl.constexpr, HAS_NB: tl.constexpr,
+def _accumulate_deferred(acc, acc_u, s2, w, u, x, k, nw_ptr, K, HAS_NW: tl.constexpr,
                          GATED: tl.constexpr):
-    """One K step of a one-row product whose norm is applied after the loop: the row's sums
-    (s1, s2) grow from the x tiles the stream loads anyway, and the products take x * gamma.
-    For LayerNorm, W·gamma and W·beta accumulate beside them (see `_deferred_norm`)."""
+    """One K step of a one-row product whose RMSNorm is applied after the loop: the row's sum
+    of squares grows from the x tiles the stream loads anyway, and the products take
+    x * gamma (see `_deferred_rms_norm`)."""
     xf = x.to(tl.float32)
-    s1 += xf
     s2 += xf * xf
-    k_ok = k < K
     if HAS_NW:
-        g = tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-        xg = xf * g
-    else:
-        xg = xf
-    wf = w.to(tl.float32)
-    acc += wf * xg[None, :]
+        xf = xf * tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    acc += w.to(tl.float32) * xf[None, :]
     if GATED:
-        acc_u += u.to(tl.float32) * xg[None, :]
-    if NORM == 2:
-        if HAS_NW:
-            acc_g += wf * g[None, :]
-        else:
-            acc_g += wf
-        if HAS_NB:
-            acc_b += wf * tl.load(nb_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-    return acc, acc_u, acc_g, acc_b, s1, s2
+        acc_u += u.to(tl.float32) * xf[None, :]
+    return acc, acc_u, s2
 
 
 @triton.jit
-def _deferred_norm(acc, s1, s2, acc_g, acc_b, K, norm_eps, NORM: tl.constexpr,
-                   HAS_NB: tl.constexpr):
-    """W·norm(x) from the loop's sums, per output column: RMSNorm rstd * W·(x*gamma);
-    LayerNorm rstd * (W·(x*gamma) - mean * W·gamma) + W·beta."""
-    sum1 = tl.sum(s1, axis=0)
-    sum2 = tl.sum(s2, axis=0)
-    if NORM == 1:
-        return tl.sum(acc, axis=1) * tl.math.rsqrt(sum2 / K + norm_eps)
-    mean = sum1 / K
-    rstd = tl.math.rsqrt(tl.maximum(sum2 / K - mean * mean, 0.0) + norm_eps)
-    out = (tl.sum(acc, axis=1) - mean * tl.sum(acc_g, axis=1)) * rstd
-    if HAS_NB:
-        out += tl.sum(acc_b, axis=1)
-    return out
+def _deferred_rms_norm(acc, s2, K, norm_eps):
+    """W·rms_norm(x) per output column, from the loop's sums: rstd * W·(x*gamma)."""
+    return tl.sum(acc, axis=1) * tl.math.rsqrt(tl.sum(s2, axis=0) / K + norm_eps)
 
 
 @triton.jit
@@ -321,19 +297,15 @@ def _small_batch_gemm_kernel(
 
     # The weight stream: NUM_STAGES tiles in flight through shared memory (cp.async), each read
     # once and marked evict-first so it does not push reused data out of L2.
-    acc_g = tl.zeros_like(acc)
-    acc_b = tl.zeros_like(acc)
-    s1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)  # the deferred RMSNorm's sum of squares
     for _ in tl.range(k_lo, k_full, BLOCK_K, num_stages=NUM_STAGES):
         w = tl.load(w_ptrs, eviction_policy="evict_first")
         u = w
         if GATED:
             u = tl.load(u_ptrs, eviction_policy="evict_first")
         if DEFER_NORM:
-            acc, acc_u, acc_g, acc_b, s1, s2 = _accumulate_deferred(
-                acc, acc_u, acc_g, acc_b, s1, s2, w, u, tl.load(x_ptrs), k_cur, nw_ptr, nb_ptr,
-                K, NORM, HAS_NW, HAS_NB, GATED)
+            acc, acc_u, s2 = _accumulate_deferred(acc, acc_u, s2, w, u, tl.load(x_ptrs), k_cur,
+                                                  nw_ptr, K, HAS_NW, GATED)
         else:
             acc, acc_u = _accumulate(acc, acc_u, w, u, tl.load(x_ptrs), k_cur, mean, rstd,
                                      nw_ptr, nb_ptr, K, NORM, HAS_NW, HAS_NB, GATED, BLOCK_M,
@@ -354,9 +326,8 @@ def _small_batch_gemm_kernel(
         else:
             x = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
         if DEFER_NORM:
-            acc, acc_u, acc_g, acc_b, s1, s2 = _accumulate_deferred(
-                acc, acc_u, acc_g, acc_b, s1, s2, w, u, x, k_cur, nw_ptr, nb_ptr, K, NORM,
-                HAS_NW, HAS_NB, GATED)
+            acc, acc_u, s2 = _accumulate_deferred(acc, acc_u, s2, w, u, x, k_cur, nw_ptr, K,
+                                                  HAS_NW, GATED)
         else:
             acc, acc_u = _accumulate(acc, acc_u, w, u, x, k_cur, mean, rstd, nw_ptr, nb_ptr, K,
                                      NORM, HAS_NW, HAS_NB, GATED, BLOCK_M, DOT_PRECISION)
@@ -366,11 +337,10 @@ def _small_batch_gemm_kernel(
 
     # Bring the accumulator to out^T for this block: [BLOCK_N columns, BLOCK_M rows].
     if DEFER_NORM:
-        # Gated products share the row's statistics (LayerNorm is never deferred when gated).
-        acc_n = _deferred_norm(acc, s1, s2, acc_g, acc_b, K, norm_eps, NORM, HAS_NB)
+        # Gated products share the row's statistics.
+        acc_n = _deferred_rms_norm(acc, s2, K, norm_eps)
         if GATED:
-            acc_u = _deferred_norm(acc_u, s1, s2, acc_g, acc_b, K, norm_eps, NORM,
-                                   HAS_NB)[:, None]
+            acc_u = _deferred_rms_norm(acc_u, s2, K, norm_eps)[:, None]
         acc = acc_n[:, None]
     elif BLOCK_M == 1:
         acc = tl.sum(acc, axis=1)[:, None]
@@ -469,12 +439,21 @@ def _fit_stages(cfg: SmallBatchConfig, gated: bool, shared_memory: int) -> Small
 # (N, K, gated) -> (block_n, block_k) where 256-wide K steps beat 8 x 512 in the sweep *and* in
 # the model (GPT-2 XL stream 1.88 ms per token with them, run 21; 2.07 without, run 19). The
 # sweep also favoured 4 x 256 for Llama-7B's o and down projections (66 -> 86 %, 73 -> 87 % of
-# copy bandwidth, GEMV after GEMV) and for the tp=2/4 shards, but the model's step got slower
-# with them (7B 5.17 -> 5.36 ms, tp=2 3.13 -> 3.22): kept at 8 x 512 (bench/NOTES.md).
+# copy bandwidth, GEMV after GEMV), but under the early PDL release the model's step got slower
+# with them (7B 5.17 -> 5.36 ms, tp=2 3.13 -> 3.22). Under the late release the o projection
+# gains in the model (tp run 18, stream: tp=1 4.956 -> 4.944 ms, tp=2 2.998 -> 2.985 with its
+# 4096 x 2048 shard; run 11: 3.026 -> 3.008); the down projection stays at 8 x 512.
 _ONE_ROW = {
+    (4096, 4096, False): (4, 256),    # Llama-7B o
+    (4096, 2048, False): (4, 256),    # Llama-7B o, tp=2 shard
     (4800, 1600, False): (8, 256),    # GPT-2 XL qkv
     (1600, 1600, False): (4, 256),    # GPT-2 XL out
     (6400, 1600, False): (16, 256),   # GPT-2 XL up
+    # OPT-1.3B as a set, in the model: 1.290 -> 1.247 ms a token (bench/NOTES.md, run 30);
+    # the 2048 x 2048 entry is Llama-1.1B's o projection too (1.046 -> 1.045, run 29)
+    (6144, 2048, False): (8, 256),    # qkv
+    (2048, 2048, False): (4, 256),    # out
+    (8192, 2048, False): (16, 256),   # fc1
 }
 
 
@@ -667,13 +646,14 @@ def linear_push_partial(x: Tensor, weight: Tensor, *, rank: int, world: int,
 
 
 def _defer_norm(norm_kind: str | None, cfg: SmallBatchConfig, split_k: int, gated: bool) -> bool:
-    """Apply a one-row norm prologue after the weight stream instead of before it: no
-    statistics pass holds the stream back, the row's sums come from the x tiles the loop loads.
-    Needs the whole of K in one program; not for gated LayerNorm (no such model); skips the
-    roundings of the unfused ops (normalised value, then times gamma, each to x's dtype), so
-    DSC_NORM_PROLOGUE_EXACT=1 keeps the statistics-first order that reproduces them."""
-    return (norm_kind is not None and cfg.block_m == 1 and split_k == 1
-            and not (gated and norm_kind == "layer")
+    """Apply a one-row RMSNorm prologue after the weight stream instead of before it: no
+    statistics pass holds the stream back, the row's sum of squares comes from the x tiles the
+    loop loads. Needs the whole of K in one program; skips the roundings of the unfused ops
+    (normalised value, then times gamma, each to x's dtype), so DSC_NORM_PROLOGUE_EXACT=1 keeps
+    the statistics-first order that reproduces them. LayerNorm always takes its statistics
+    first: deferred, it needed W·gamma and W·beta summed beside W·x, three accumulators in the
+    loop — GPT-2 XL 1.863 -> 2.056 ms a token, OPT-1.3B 1.290 -> 1.486 (bench/NOTES.md, run 30)."""
+    return (norm_kind == "rms" and cfg.block_m == 1 and split_k == 1
             and os.environ.get("DSC_NORM_PROLOGUE_EXACT", "0") != "1")
 
 

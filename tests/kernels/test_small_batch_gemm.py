@@ -63,8 +63,9 @@ def test_gated_epilogue(m, k, n, activation, config, assert_close, poisoned):
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 def test_norm_prologue(m, k, n, kind, config, mode, assert_close, poisoned, monkeypatch):
     # norm(x) @ W^T, the norm as dsc.ops.norms computes it (rows of irregular length K). One-row
-    # tiles apply it after the weight stream by default; DSC_NORM_PROLOGUE_EXACT=1 takes the row
-    # statistics first, from one load of the row or (rows above 8192) from a loop over K.
+    # tiles apply an RMSNorm after the weight stream by default; a LayerNorm, and any norm with
+    # DSC_NORM_PROLOGUE_EXACT=1, takes the row statistics first, from one load of the row or
+    # (rows above 8192) from a loop over K.
     from dsc.kernels import small_batch_gemm
     from dsc.ops.norms import layer_norm, rms_norm
 
@@ -187,13 +188,15 @@ def test_pick_config_takes_measured_one_row_shapes():
     assert (gpt2_out.block_n, gpt2_out.block_k) == (4, 256)
     assert pick_config(1, 4800, 1600, sm_count=132, gated=True).block_k == 512  # not measured
     o_proj = pick_config(1, 4096, 4096, sm_count=132)
-    assert (o_proj.block_n, o_proj.block_k) == (8, 512)  # faster alone, slower in the model
+    assert (o_proj.block_n, o_proj.block_k) == (4, 256)
+    down = pick_config(1, 4096, 11008, sm_count=132)
+    assert (down.block_n, down.block_k) == (8, 512)  # faster alone, slower in the model
 
 
 def test_one_row_tiles_can_be_overridden_per_shape(monkeypatch):
-    monkeypatch.setenv("DSC_GEMV_ONE_ROW", "4096x4096=4x256+ 5504x4096g=16x128")
+    monkeypatch.setenv("DSC_GEMV_ONE_ROW", "4096x4096=8x512+ 5504x4096g=16x128")
     o_proj = pick_config(1, 4096, 4096, sm_count=132)
-    assert (o_proj.block_n, o_proj.block_k) == (4, 256)
+    assert (o_proj.block_n, o_proj.block_k) == (8, 512)
     gate_up = pick_config(1, 5504, 4096, sm_count=132, gated=True)
     assert (gate_up.block_n, gate_up.block_k) == (16, 128)
     assert pick_config(1, 5504, 4096, sm_count=132).block_k == 512  # the plain shape is not named
