@@ -10,6 +10,8 @@ K splits and pipeline depths. `--tp`: the 7B's projections as one rank of tp=2 /
 them (narrower or shorter: the per-GPU weight of a tensor-parallel decode step).
 
     PYTHONPATH=. python bench/sweep_gemv.py --out bench/results/sweep-gemv.jsonl
+    PYTHONPATH=. python bench/sweep_gemv.py --only "7b o" --block-n 2,4 --block-k 128,256 \
+        --stages 4,8 --splits 1 --focus 0        # one shape, a grid of one-row tiles
 """
 
 from __future__ import annotations
@@ -70,13 +72,15 @@ FOCUS = [SmallBatchConfig(1, block_n, block_k, 1, 4, 4)
          for block_n, block_k in ((8, 512), (8, 256), (16, 256), (4, 256), (16, 512))]
 
 
-def candidates(rows: int) -> list[SmallBatchConfig]:
+def candidates(rows: int, block_ns=(4, 8, 16), block_ks=(256, 512), stages=(4,),
+               splits=(1, 2, 3, 4)) -> list[SmallBatchConfig]:
     out = []
     if rows == 1:
-        for block_n in (4, 8, 16):
-            for block_k in (256, 512):
-                for split in (1, 2, 3, 4):
-                    out.append(SmallBatchConfig(1, block_n, block_k, split, 4, 4))
+        for block_n in block_ns:
+            for block_k in block_ks:
+                for split in splits:
+                    for depth in stages:
+                        out.append(SmallBatchConfig(1, block_n, block_k, split, 4, depth))
         return out
     block_m = max(16, triton.next_power_of_2(rows))
     for block_n in (16, 32, 64):
@@ -85,6 +89,10 @@ def candidates(rows: int) -> list[SmallBatchConfig]:
                 for stages in (3, 5):
                     out.append(SmallBatchConfig(block_m, block_n, block_k, split, 4, stages))
     return out
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
 
 
 def main() -> None:
@@ -96,10 +104,19 @@ def main() -> None:
     parser.add_argument("--focus", type=int, default=0, metavar="ROUNDS",
                         help="time only FOCUS's configurations, in ROUNDS rounds, on every "
                         "one-row shape")
+    parser.add_argument("--only", default="", help="shapes whose name holds this text")
+    parser.add_argument("--block-n", default="4,8,16", help="one-row block widths")
+    parser.add_argument("--block-k", default="256,512", help="one-row K steps")
+    parser.add_argument("--stages", default="4", help="one-row pipeline depths")
+    parser.add_argument("--splits", default="1,2,3,4", help="one-row K splits")
     args = parser.parse_args()
     shapes = SHAPES_TP if args.tp else SHAPES if args.rows == 1 else SHAPES_BATCHED
-    if args.focus:
+    if args.focus or args.only:
         shapes = {**SHAPES, **SHAPES_7B, **SHAPES_TP}
+    if args.only:
+        shapes = {name: shape for name, shape in shapes.items() if args.only in name}
+    grid = dict(block_ns=_ints(args.block_n), block_ks=_ints(args.block_k),
+                stages=_ints(args.stages), splits=_ints(args.splits))
     copy_bw = measure_copy_bandwidth()
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     lines = []
@@ -112,7 +129,7 @@ def main() -> None:
                linear_reference(x, ws[0][half:])) if gated else linear_reference(x, ws[0])
         default = pick_config(args.rows, n, k, sm, gated=gated)
         configs = list(dict.fromkeys([default, *(FOCUS if args.focus else
-                                                 candidates(args.rows))]))
+                                                 candidates(args.rows, **grid))]))
         for cfg in configs * max(1, args.focus):
             kw = dict(activation="silu", gated=True) if gated else {}
             try:
