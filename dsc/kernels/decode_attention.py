@@ -476,10 +476,12 @@ def pick_decode_config(batch: int, hkv: int, t: int, sm_count: int) -> DecodeCon
     pairs = batch * hkv
     splits = max(1, triton.cdiv(2 * sm_count, pairs))
     block_n = 64 if splits == 1 else 128
-    if pairs * triton.cdiv(t, block_n) < 32:
-        # A short cache over few kv heads (GQA at batch 1) leaves a handful of programs, each a
-        # chain of dependent loads: 64-key tiles double them (Llama-1.1B: 8 -> 16 programs,
-        # 1.28 -> 1.20 ms/token on an H100, bench/NOTES.md run 6).
+    if pairs * triton.cdiv(t, block_n) < _min_programs():
+        # A short cache over few kv heads leaves few programs, each a chain of dependent loads:
+        # 64-key tiles double them (Llama-1.1B: 8 -> 16 programs, 1.28 -> 1.20 ms/token on an
+        # H100, bench/NOTES.md run 6; under 128 programs rather than 32: GPT-2 XL 1.860 ->
+        # 1.818 ms, OPT-1.3B 1.250 -> 1.239, Llama-7B 4.934 -> 4.910, at tp=2 2.980 -> 2.964,
+        # runs 34 and tp 19).
         block_n = 64
     splits = min(splits, triton.cdiv(t, block_n))
     if t <= _single_pass_keys():
@@ -487,6 +489,15 @@ def pick_decode_config(batch: int, hkv: int, t: int, sm_count: int) -> DecodeCon
         return DecodeConfig(block_n=64, num_splits=1, num_warps=4, num_stages=2)
     return DecodeConfig(block_n=block_n, num_splits=splits, num_warps=4, num_stages=2,
                         merge_in_split=_merge_in_split())
+
+
+def _min_programs() -> int:
+    """Fewer programs than this with 128-key tiles take 64-key tiles
+    (DSC_DECODE_MIN_PROGRAMS, default 128)."""
+    value = os.environ.get("DSC_DECODE_MIN_PROGRAMS", "128")
+    if not value.isdigit():
+        raise ValueError(f"DSC_DECODE_MIN_PROGRAMS={value!r}: expected a number of programs")
+    return int(value)
 
 
 def _single_pass_keys() -> int:

@@ -111,7 +111,20 @@ def test_default_config():
     short = pick_decode_config(batch=1, hkv=4, t=200, sm_count=132)
     assert (short.block_n, short.num_splits) == (64, 4)
     assert pick_decode_config(batch=1, hkv=32, t=8192, sm_count=132).block_n == 128
-    assert pick_decode_config(batch=1, hkv=25, t=200, sm_count=132).block_n == 128
+    # GPT-2 XL's 25 heads over 200 slots: 50 programs at 128 keys, under the floor of 128.
+    assert pick_decode_config(batch=1, hkv=25, t=200, sm_count=132).block_n == 64
+    assert pick_decode_config(batch=1, hkv=32, t=1024, sm_count=132).block_n == 128
+
+
+def test_program_floor_for_short_tiles_is_a_setting(monkeypatch):
+    # 16 kv heads (a 7B at tp=2) over 200 slots: 32 programs at 128 keys.
+    cfg = pick_decode_config(batch=1, hkv=16, t=200, sm_count=132)
+    assert (cfg.block_n, cfg.num_splits) == (64, 4)
+    monkeypatch.setenv("DSC_DECODE_MIN_PROGRAMS", "32")  # the floor before run 34
+    assert pick_decode_config(batch=1, hkv=16, t=200, sm_count=132).block_n == 128
+    monkeypatch.setenv("DSC_DECODE_MIN_PROGRAMS", "many")
+    with pytest.raises(ValueError, match="DSC_DECODE_MIN_PROGRAMS"):
+        pick_decode_config(batch=1, hkv=16, t=200, sm_count=132)
 
 
 def _bad(**changes):
