@@ -652,7 +652,8 @@ def _defer_norm(norm_kind: str | None, cfg: SmallBatchConfig, split_k: int, gate
     (normalised value, then times gamma, each to x's dtype), so DSC_NORM_PROLOGUE_EXACT=1 keeps
     the statistics-first order that reproduces them. LayerNorm always takes its statistics
     first: deferred, it needed W·gamma and W·beta summed beside W·x, three accumulators in the
-    loop — GPT-2 XL 1.863 -> 2.056 ms a token, OPT-1.3B 1.290 -> 1.486 (bench/NOTES.md, run 30)."""
+    loop — GPT-2 XL 1.863 -> 2.056 ms a token, OPT-1.3B 1.290 -> 1.486 (bench/NOTES.md,
+    run 30)."""
     return (norm_kind == "rms" and cfg.block_m == 1 and split_k == 1
             and os.environ.get("DSC_NORM_PROLOGUE_EXACT", "0") != "1")
 

@@ -44,9 +44,11 @@ def _scaled_queries(q: fx.Node) -> tuple[fx.Node, float] | None:
         node = node.args[0]
     if not is_op(node, aten.mul) or len(node.users) != 1 or node.kwargs or len(node.args) != 2:
         return None
-    factor = node.args[1]
-    if not isinstance(node.args[0], fx.Node) or isinstance(factor, bool) or not isinstance(factor, (int, float)):
+    source, factor = node.args
+    if not isinstance(source, fx.Node) or isinstance(factor, bool):
         return None
+    if not isinstance(factor, (int, float)):
+        return None  # a tensor or a symbolic factor
     return node, float(factor)
 
 
