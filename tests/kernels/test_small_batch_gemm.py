@@ -1,5 +1,7 @@
 """linear_small_batch against the reference, on the Triton interpreter (tiny irregular shapes)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -57,7 +59,7 @@ def test_gated_epilogue(m, k, n, activation, config, assert_close, poisoned):
     assert_close(out, ref)
 
 
-@pytest.mark.parametrize("mode", ["deferred", "exact-one-load", "exact-k-steps"])
+@pytest.mark.parametrize("mode", ["default", "exact-one-load", "exact-k-steps"])
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 @pytest.mark.parametrize("m,k,n", [(1, 37, 19), (3, 40, 21)])
 @pytest.mark.parametrize("kind", ["rms", "layer"])
@@ -69,7 +71,7 @@ def test_norm_prologue(m, k, n, kind, config, mode, assert_close, poisoned, monk
     from dsc.kernels import small_batch_gemm
     from dsc.ops.norms import layer_norm, rms_norm
 
-    if mode != "deferred":
+    if mode != "default":
         monkeypatch.setenv("DSC_NORM_PROLOGUE_EXACT", "1")
     if mode == "exact-k-steps":
         monkeypatch.setattr(small_batch_gemm, "_stats_block", lambda k: 0)
@@ -83,6 +85,18 @@ def test_norm_prologue(m, k, n, kind, config, mode, assert_close, poisoned, monk
         normed, norm = layer_norm(x, nw, nb, 1e-5), ("layer", nw, nb, 1e-5)
     out = linear_small_batch(x, w, norm=norm, out=poisoned((m, n)), config=config)
     assert_close(out, linear_reference(normed, w))
+
+
+def test_only_a_one_row_rms_norm_is_applied_after_the_stream(monkeypatch):
+    from dsc.kernels.small_batch_gemm import _defer_norm
+
+    one_row, rows = CONFIGS["fma"], dataclasses.replace(CONFIGS["fma"], block_m=16)
+    assert _defer_norm("rms", one_row, 1, gated=True)
+    assert not _defer_norm("layer", one_row, 1, gated=False)  # statistics first
+    assert not _defer_norm("rms", one_row, 2, gated=False)  # K split: no program sees the row
+    assert not _defer_norm("rms", rows, 1, gated=False)
+    monkeypatch.setenv("DSC_NORM_PROLOGUE_EXACT", "1")
+    assert not _defer_norm("rms", one_row, 1, gated=False)
 
 
 @pytest.mark.parametrize("config", ["fma", "fma-split2"])
