@@ -12,6 +12,7 @@ them (narrower or shorter: the per-GPU weight of a tensor-parallel decode step).
     PYTHONPATH=. python bench/sweep_gemv.py --out bench/results/sweep-gemv.jsonl
     PYTHONPATH=. python bench/sweep_gemv.py --only "7b o" --block-n 2,4 --block-k 128,256 \
         --stages 4,8 --splits 1 --focus 0        # one shape, a grid of one-row tiles
+    PYTHONPATH=. python bench/sweep_gemv.py --rows 16 --only "7b o,7b qkv"   # batch 16
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def main() -> None:
     parser.add_argument("--focus", type=int, default=0, metavar="ROUNDS",
                         help="time only FOCUS's configurations, in ROUNDS rounds, on every "
                         "one-row shape")
-    parser.add_argument("--only", default="", help="shapes whose name holds this text")
+    parser.add_argument("--only", default="",
+                        help="shapes whose name holds this text (or one of a comma list)")
     parser.add_argument("--block-n", default="4,8,16", help="one-row block widths")
     parser.add_argument("--block-k", default="256,512", help="one-row K steps")
     parser.add_argument("--stages", default="4", help="one-row pipeline depths")
@@ -112,9 +114,11 @@ def main() -> None:
     args = parser.parse_args()
     shapes = SHAPES_TP if args.tp else SHAPES if args.rows == 1 else SHAPES_BATCHED
     if args.focus or args.only:
-        shapes = {**SHAPES, **SHAPES_7B, **SHAPES_TP}
+        shapes = {**SHAPES, **(SHAPES_7B if args.rows == 1 else SHAPES_BATCHED), **SHAPES_TP}
     if args.only:
-        shapes = {name: shape for name, shape in shapes.items() if args.only in name}
+        wanted = args.only.split(",")
+        shapes = {name: shape for name, shape in shapes.items()
+                  if any(part in name for part in wanted)}
     grid = dict(block_ns=_ints(args.block_n), block_ks=_ints(args.block_k),
                 stages=_ints(args.stages), splits=_ints(args.splits))
     copy_bw = measure_copy_bandwidth()

@@ -413,12 +413,11 @@ def pick_config(m: int, n: int, k: int, sm_count: int, gated: bool = False,
                 shared_memory: int = 232448) -> SmallBatchConfig:
     """Choose launch parameters for an [m, k] x [n, k]^T product on a GPU with sm_count SMs.
 
-    The table comes from sweeps on an H100 (bench/kernels.py --sweep, bench/sweep_gemv.py;
-    bench/NOTES-kernels.md). One row streams best through the multiply-add path with 8-row
-    blocks (many programs, each a long pipelined stream). Up to 16 rows: 64-row blocks with five
-    stages in flight won on every 7B projection, even where that leaves 64 programs (o_proj);
-    K is split only to put a program on each SM when K is long (the down projection) — the bytes
-    in flight, not the program count, decide. More rows use `tl.dot` with 64-row blocks when that
+    The table comes from sweeps on an H100 and an H200 (bench/kernels.py --sweep,
+    bench/sweep_gemv.py; bench/NOTES-kernels.md). One row streams best through the multiply-add
+    path with 8-row blocks (many programs, each a long pipelined stream). Up to 16 rows: 64-row
+    blocks, 128-wide K steps, three stages when the blocks fill the GPU, else K split until
+    blocks x splits cover the SMs (the o and down projections). More rows use `tl.dot` with 64-row blocks when that
     gives every SM a program, else narrower blocks, and split-K when K is long and blocks are few.
     `gated`: the weight stacks [gate; up] and each stage loads two tiles. `shared_memory`
     (bytes per program; an H100's by default) caps the stages in flight on smaller GPUs.
@@ -484,7 +483,37 @@ def _one_row_overrides(spec: str) -> dict[tuple[int, int, bool], tuple[int, int]
     return table
 
 
+@functools.cache
+def _row_tile_overrides(spec: str) -> dict[tuple[int, int, bool], tuple[int, int, int, int]]:
+    """DSC_GEMV_ROWS, e.g. `12288x4096=64x128/1/3+4096x4096=64x128/2/5`: tiles for 2 to 16
+    rows per weight shape (N x K, `g` for a stacked [gate; up] weight) = block_n x block_k /
+    K splits / pipeline stages, over the heuristic — for trying a sweep's picks in the model."""
+    table = {}
+    for item in filter(None, (part.strip() for part in re.split(r"[+;,]", spec))):
+        try:
+            shape, tiles = item.split("=")
+            gated = shape.endswith("g")
+            n, k = (int(v) for v in shape.rstrip("g").split("x"))
+            size, split_k, stages = tiles.split("/")
+            block_n, block_k = (int(v) for v in size.split("x"))
+            split_k, stages = int(split_k), int(stages)
+        except ValueError:
+            raise ValueError(f"DSC_GEMV_ROWS: cannot read {item!r}; write "
+                             f"NxK[g]=BLOCK_NxBLOCK_K/SPLIT_K/STAGES, e.g. "
+                             f"4096x4096=64x128/2/5") from None
+        if not (_power_of_two(block_n) and _power_of_two(block_k) and block_n >= 16
+                and block_k >= 16 and split_k >= 1 and stages >= 1):
+            raise ValueError(f"DSC_GEMV_ROWS: {item!r} needs block_n and block_k powers of two "
+                             f"of at least 16, and at least one split and one stage")
+        table[(n, k, gated)] = (block_n, block_k, split_k, stages)
+    return table
+
+
 def _pick(m: int, n: int, k: int, sm_count: int, gated: bool) -> SmallBatchConfig:
+    rows_override = _row_tile_overrides(os.environ.get("DSC_GEMV_ROWS", "")).get((n, k, gated))
+    if 1 < m <= 16 and rows_override:
+        block_n, block_k, split_k, stages = rows_override
+        return SmallBatchConfig(16, block_n, block_k, split_k, 4, stages)
     if m == 1:
         block_m, num_stages = 1, 4
         table = {**_ONE_ROW, **_one_row_overrides(os.environ.get("DSC_GEMV_ONE_ROW", ""))}
@@ -492,10 +521,13 @@ def _pick(m: int, n: int, k: int, sm_count: int, gated: bool) -> SmallBatchConfi
     elif m <= 16:
         tiles = triton.cdiv(n, 64)
         if tiles >= sm_count:
-            block_k, num_stages = (128, 4) if gated else (256, 5)
-            return SmallBatchConfig(16, 64, block_k, 1, 4, num_stages)
-        per_sm = sm_count // tiles if k >= 2 * n else sm_count // (2 * tiles)
-        split_k = max(1, min(per_sm, k // 256))
+            # 128-wide K steps, three stages (three programs an SM) for a plain weight: the 7B
+            # qkv at 4-16 rows 82 -> 86-90 % of copy bandwidth on an H200, where 256 x 5 stages
+            # (one program an SM) had won the H100 sweep (bench/NOTES-kernels.md).
+            return SmallBatchConfig(16, 64, 128, 1, 4, 4 if gated else 3)
+        # Too few column blocks: split K until blocks x splits cover the SMs (the 7B o
+        # projection: 64 blocks, 2 splits, 67 -> 72 % on an H200).
+        split_k = max(1, min(sm_count // tiles, k // 256))
         return SmallBatchConfig(16, 64, 128, split_k, 4, 4 if gated else 5)
     else:
         block_m = max(16, min(64, triton.next_power_of_2(m)))

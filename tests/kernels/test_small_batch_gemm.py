@@ -158,12 +158,15 @@ def test_pick_config_fills_the_gpu():
 
 
 def test_pick_config_fits_the_stages_in_shared_memory():
-    h100 = pick_config(16, 12288, 4096, sm_count=132)
-    assert (h100.block_n, h100.block_k, h100.num_stages) == (64, 256, 5)  # 200 KB of tiles
-    smaller = pick_config(16, 12288, 4096, sm_count=108, shared_memory=166912)
-    assert smaller.num_stages == 4  # 4 x 40 KB fit in 163 KB
+    qkv = pick_config(16, 12288, 4096, sm_count=132)
+    assert (qkv.block_n, qkv.block_k, qkv.num_stages) == (64, 128, 3)  # 60 KB of tiles
+    o_proj = pick_config(16, 4096, 4096, sm_count=132)
+    assert (o_proj.block_n, o_proj.split_k, o_proj.num_stages) == (64, 2, 5)  # 64 blocks x 2
     gated = pick_config(16, 22016, 4096, sm_count=132, gated=True)
     assert (2 * gated.block_n + gated.block_m) * gated.block_k * 2 * gated.num_stages <= 232448
+    assert gated.num_stages == 4
+    smaller = pick_config(16, 22016, 4096, sm_count=108, gated=True, shared_memory=101376)
+    assert smaller.num_stages == 2  # 36 KB a stage in 99 KB
 
 
 @pytest.mark.parametrize(
@@ -228,3 +231,20 @@ def test_unreadable_one_row_overrides_say_how_to_write_them(monkeypatch, spec, c
     monkeypatch.setenv("DSC_GEMV_ONE_ROW", spec)
     with pytest.raises(ValueError, match=complaint):
         pick_config(1, 4096, 4096, sm_count=132)
+
+
+def test_row_tiles_can_be_overridden_per_shape(monkeypatch):
+    monkeypatch.setenv("DSC_GEMV_ROWS", "12288x4096=64x128/1/3+4096x4096=64x128/2/5")
+    qkv = pick_config(16, 12288, 4096, sm_count=132)
+    assert (qkv.block_m, qkv.block_n, qkv.block_k, qkv.split_k, qkv.num_stages) == (
+        16, 64, 128, 1, 3)
+    o_proj = pick_config(4, 4096, 4096, sm_count=132)
+    assert (o_proj.block_n, o_proj.block_k, o_proj.split_k, o_proj.num_stages) == (64, 128, 2, 5)
+    assert pick_config(1, 4096, 4096, sm_count=132).block_m == 1  # one row: not these tiles
+    assert pick_config(32, 4096, 4096, sm_count=132).block_m == 32  # past 16 rows: neither
+    monkeypatch.setenv("DSC_GEMV_ROWS", "4096x4096=64x128/2")
+    with pytest.raises(ValueError, match="cannot read"):
+        pick_config(16, 4096, 4096, sm_count=132)
+    monkeypatch.setenv("DSC_GEMV_ROWS", "4096x4096=8x128/2/5")
+    with pytest.raises(ValueError, match="of at least 16"):
+        pick_config(16, 4096, 4096, sm_count=132)
