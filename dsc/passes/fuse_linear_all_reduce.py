@@ -3,7 +3,7 @@ op, so the runtime may let the GEMM send its output tiles to the peers itself.
 
 Matches (W a weight input; the product read by the all_reduce alone):
 
-    p = linear(x, W)            (no bias: tensor_parallel adds a row's bias after the sum)
+    p = linear(x, W)            (no bias)
     r = dsc.all_reduce(p)
 
 Rewrite to:
@@ -17,10 +17,10 @@ small-batch GEMM with a push epilogue — each output tile goes to every rank's 
 flagged words when it is done — then a kernel that waits for the words and sums them. That is
 opt-in: it measured slower on H100s (bench/NOTES.md, tp run 8).
 
-Does not match: a product with a bias (column-parallel, or a bias not yet moved after the sum),
-a product read by anything else (its partial would be needed on its own), an all_reduce of
-anything but a linear (the vocab-parallel embedding's, the MoE block's), a weight computed in
-the graph.
+Does not match: a product with a bias (tensor_parallel puts a row's bias in rank 0's product;
+the push epilogue takes none), a product read by anything else (its partial would be needed on
+its own), an all_reduce of anything but a linear (the vocab-parallel embedding's, the MoE
+block's), a weight computed in the graph.
 Ordering: backend, after addmm_to_linear (GPT-2's row products become linears there), before
 fuse (which stops at collectives either way). Runs when Target.tp > 1.
 """

@@ -21,7 +21,7 @@ Rewrite to (rank r of tp; explicit head counts and sizes in view/expand/split ar
     q = linear(h, Wq[r-th Hq/tp heads])
     k = linear(h, Wk[r-th Hkv/tp heads, or the one KV head rank r's query heads read])
     a = attention(...)  /  cached_attention(..., k_cache [Bmax, Hkv_local, Smax, D], ...)
-    o = all_reduce(linear(view(transpose(a), [B, S, -1]), Wo[:, r-th Hq*D/tp]))   (+ bias)
+    o = all_reduce(linear(view(transpose(a), [B, S, -1]), Wo[:, r-th Hq*D/tp], bo or 0))
     out = ids < lo | ids >= hi                               # lo, hi: rank r's vocab rows
     e = all_reduce(masked_fill(embedding(E[lo:hi], masked_fill(ids - lo, out, 0)), out[..., None], 0))
     y = slice(all_gather(linear(x, W_head[lo:hi]), -1), -1, 0, V)
@@ -31,7 +31,9 @@ The vocabulary is padded with zero rows to a multiple of tp (rank r holds ceil(V
 weight both the embedding and the head read (tied) is cut once, the same way for both. A fused
 projection whose output is split on its last dim (GPT-2's c_attn -> q, k, v) is cut segment by
 segment. GPT-2's Conv1D is addmm(b, x, W) with W [in, out]: cut on dim 1 as a column, dim 0 as a
-row. A row's bias is added once, after the all_reduce. When there are fewer KV heads than ranks
+row. A row's stored bias is added once: rank 0's product carries it, the other ranks hold zeros
+in its place (`Cut.zero`); a bias computed in the graph is added after the all_reduce. When
+there are fewer KV heads than ranks
 each rank keeps the KV head its query heads read (replication); the KV cache holds the local
 heads, so cache placeholders shrink and `ctx.notes["cache"]` is rewritten.
 
@@ -443,11 +445,13 @@ def _find_regions(gm: fx.GraphModule) -> list[_Region]:
 @dataclass(frozen=True)
 class Cut:
     """How a weight is cut: along `dim`, each (size, parts, index) segment in order keeps part
-    `index` of `parts`; `pad_to` first pads `dim` with zeros (the vocabulary)."""
+    `index` of `parts`; `pad_to` first pads `dim` with zeros (the vocabulary); `zero` makes the
+    shard zeros of the cut's shape (a row-parallel bias on every rank but the first)."""
 
     dim: int
     segments: tuple[tuple[int, int, int], ...]
     pad_to: int | None = None
+    zero: bool = False
 
     def apply(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.pad_to is not None and self.pad_to > tensor.shape[self.dim]:
@@ -459,7 +463,8 @@ class Cut:
             step = size // n
             parts.append(tensor.narrow(self.dim, start + index * step, step))
             start += size
-        return torch.cat(parts, self.dim)  # a new tensor: the whole one can be freed
+        shard = torch.cat(parts, self.dim)  # a new tensor: the whole one can be freed
+        return torch.zeros_like(shard) if self.zero else shard
 
 
 class _Weights:
@@ -584,7 +589,13 @@ def _rewrite_region(region: _Region, tp: int, rank: int, weights: _Weights) -> l
 def _reduce_rows(
     gm: fx.GraphModule, rows: list[fx.Node], tp: int, rank: int, weights: _Weights
 ) -> None:
-    """row(x, W) -> all_reduce(row(x, W[:, rank's inputs])) + bias."""
+    """row(x, W, b) -> all_reduce(row(x, W[:, rank's inputs], b on rank 0, zeros elsewhere)).
+
+    A stored bias only this row reads rides in the first rank's product, so the sum adds it
+    once and the all_reduce stays next to the residual add (`fuse_all_reduce_residual`; GPT-2's
+    and OPT's blocks) with the bias in the GEMM's epilogue; any other bias is added after the
+    all_reduce.
+    """
     graph = gm.graph
     for row in rows:
         w, _, in_dim = _weight_arg(row)
@@ -592,18 +603,43 @@ def _reduce_rows(
         weights.cut(w, Cut(in_dim, ((features, tp, rank),)))
         x = _activation_arg(row)
         bias = _bias_arg(row)
+        inside = (bias is not None and weight_name(bias) is not None
+                  and set(bias.users) == {row})
+        if inside:
+            outputs = tensor_meta(bias).shape[0]
+            weights.cut(bias, Cut(0, ((outputs, 1, 0),), zero=rank != 0))
         with graph.inserting_after(row):
             if is_op(row, aten.linear):
-                product = call(graph, aten.linear.default, (x, w), like=row)
+                args = (x, w, bias) if inside else (x, w)
+                product = call(graph, aten.linear.default, args, like=row)
+            elif inside:
+                product = call(graph, aten.addmm.default, (bias, x, w), like=row)
             else:
                 product = call(graph, aten.mm.default, (x, w), like=row)
         with graph.inserting_after(product):
             out = call(graph, dsc_ops.all_reduce.default, (product,), like=row)
-        if bias is not None:
+        if bias is not None and not inside:
             with graph.inserting_after(out):
                 out = call(graph, aten.add.Tensor, (out, bias), like=row)
         row.replace_all_uses_with(out)
         graph.erase_node(row)
+        if inside:
+            _reduce_after_view(graph, out)
+
+
+def _reduce_after_view(graph: fx.Graph, reduced: fx.Node) -> None:
+    """all_reduce(p) read by one view only -> all_reduce(view(p)): the same sum, and the
+    all_reduce then meets the residual add that reads it (GPT-2's Conv1D product is unflattened
+    from [B*S, N] to [B, S, N] before its residual add)."""
+    users = list(reduced.users)
+    if len(users) != 1 or not is_op(users[0], aten.view, aten._unsafe_view, aten.reshape):
+        return
+    view = users[0]
+    view.replace_input_with(reduced, reduced.args[0])
+    with graph.inserting_after(view):
+        moved = call(graph, dsc_ops.all_reduce.default, (view,), like=view)
+    view.replace_all_uses_with(moved, delete_user_cb=lambda user: user is not moved)
+    graph.erase_node(reduced)
 
 
 # ---- vocabulary, experts -----------------------------------------------------------------------

@@ -46,5 +46,6 @@ def test_push_all_reduce_on_gpus(tmp_path, world):
         assert found["fused_norm_fused_in_plan"] == 4
         assert found["default_residual_in_plan"] == 4
         assert found["no_prologue_gemv_push_in_plan"] == 4
+        assert found["gpt2_residual_in_plan"] == 4
         assert all(found[f"{tag}_tokens_equal_hf"]
-                   for tag in ("fused_norm", "default", "no_prologue"))
+                   for tag in ("fused_norm", "default", "no_prologue", "gpt2"))

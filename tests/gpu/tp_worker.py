@@ -115,14 +115,14 @@ def gemv_push_checks(rank: int) -> dict:
     return found
 
 
-def model_check(world: int, tag: str) -> dict:
-    """tiny-llama at tp=world against HF, compiled three ways: `fused_norm` (all-reduce +
-    residual + RMSNorm in one kernel), `default` (all-reduce + residual, the norm in the next
-    GEMM), `no_prologue` (the norm a kernel of its own; the row-parallel GEMMs push their tiles,
-    DSC_GEMV_PUSH=1)."""
+def model_check(world: int, tag: str, name: str = "tiny-llama") -> dict:
+    """A tiny model (tiny-llama unless named) at tp=world against HF, compiled three ways:
+    `fused_norm` (all-reduce + residual + RMSNorm in one kernel), `default` (all-reduce +
+    residual, the norm in the next GEMM), `no_prologue` (the norm a kernel of its own; the
+    row-parallel GEMMs push their tiles, DSC_GEMV_PUSH=1); any other tag as `default`."""
     os.environ["DSC_FUSED_ALLREDUCE"] = "1" if tag == "fused_norm" else "0"
     os.environ["DSC_NORM_PROLOGUE"] = "0" if tag == "no_prologue" else "1"
-    model = zoo.build("tiny-llama", init_std=0.3, seed=1, device="cuda")
+    model = zoo.build(name, init_std=0.3, seed=1, device="cuda")
     ids = torch.randint(3, 200, (2, 7), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
@@ -145,7 +145,9 @@ def main() -> None:
     rank = distributed.init("cuda", world)
     found = {"rank": rank, **op_checks(rank), **gemv_push_checks(rank),
              **model_check(world, "fused_norm"), **model_check(world, "default"),
-             **model_check(world, "no_prologue")}
+             **model_check(world, "no_prologue"),
+             # GPT-2: its row biases ride in rank 0's product, so its sums take the adds too.
+             **model_check(world, "gpt2", "tiny-gpt2")}
     (out / f"rank{rank}.json").write_text(json.dumps(found))
 
 

@@ -97,12 +97,9 @@ def test_logits_and_greedy_tokens_equal_eager(run_name, name, request):
 def test_one_all_reduce_per_block_and_one_gather(run_name, name, request):
     # attention + MLP (or MoE) per layer, and the vocab-parallel embedding. With the norm
     # prologues on (the default) a sum added straight to the residual stream takes the add
-    # (fuse_all_reduce_residual); one with a bias to add first (GPT-2, OPT) goes with its
-    # product instead (fuse_linear_all_reduce); the MoE block's sum and the embedding's stay
-    # plain all_reduces.
-    with_residual, with_product = {
-        "tiny-llama": (2 * LAYERS, 0), "tiny-mixtral": (LAYERS, 0),
-    }.get(name, (0, 2 * LAYERS))
+    # (fuse_all_reduce_residual) — GPT-2's and OPT's too, their row biases riding in rank 0's
+    # product; the MoE block's sum and the embedding's stay plain all_reduces.
+    with_residual, with_product = {"tiny-mixtral": (LAYERS, 0)}.get(name, (2 * LAYERS, 0))
     for rank in _results(request.getfixturevalue(run_name), name):
         assert rank["all_reduce_residual"] == with_residual
         assert rank["linear_all_reduce"] == with_product

@@ -56,7 +56,7 @@ def test_mlp_before_expected():
     torch.testing.assert_close(sum(outputs), mlp(x, weights["w1"], weights["w2"]))
 
 
-def test_row_bias_is_added_once_after_the_reduction():
+def test_row_bias_rides_in_the_first_ranks_product():
     def biased(x, w1, b1, w2, b2):
         return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
 
@@ -70,13 +70,53 @@ def test_row_bias_is_added_once_after_the_reduction():
     outputs = []
     for rank in range(2):
         gm, ctx = _partition(biased, [x], weights, tp=2, rank=rank)
-        assert _steps(gm) == ["linear", "gelu", "linear", "all_reduce", "add"]
+        # Expected: the row's bias inside its linear, nothing after the all_reduce (so the
+        # residual add can join it), the bias itself on rank 0 only.
+        assert _steps(gm) == ["linear", "gelu", "linear", "all_reduce"]
         assert ctx.weights[f"b1.tp{rank}of2"].shape == (8,)
-        assert ctx.weights["b2"].shape == (8,)  # replicated, added after the sum
+        expected_b2 = weights["b2"] if rank == 0 else torch.zeros(8)
+        torch.testing.assert_close(ctx.weights[f"b2.tp{rank}of2"], expected_b2)
+        outputs.append(run(gm, ctx.weights, x)[0])
+    torch.testing.assert_close(sum(outputs), biased(x, *weights.values()))
+
+
+def test_conv1d_row_reduces_after_its_unflatten_view():
+    # GPT-2's Conv1D: addmm(b, view(x, [-1, K]), W [K, N]) then view back to [B, S, N].
+    def conv1d_mlp(x, w1, b1, w2, b2):
+        b, s, h = x.shape
+        up = F.gelu(torch.addmm(b1, x.view(-1, h), w1).view(b, s, -1))
+        return torch.addmm(b2, up.view(-1, up.shape[-1]), w2).view(b, s, h)
+
+    x = torch.randn(2, 3, 8)
+    weights = {"w1": torch.randn(8, 16), "b1": torch.randn(16), "w2": torch.randn(16, 8),
+               "b2": torch.randn(8)}
+    before, _ = export_fn(conv1d_mlp, x, weights=weights)
+    assert _steps(before) == ["view", "addmm", "view", "gelu", "view", "addmm", "view"]
+    outputs = []
+    for rank in range(2):
+        gm, ctx = _partition(conv1d_mlp, [x], weights, tp=2, rank=rank)
+        # Expected: the sum after the unflatten view, last, where a residual add would read it.
+        assert _steps(gm) == ["view", "addmm", "view", "gelu", "view", "addmm", "view",
+                              "all_reduce"]
+        torch.testing.assert_close(ctx.weights[f"w2.tp{rank}of2"], weights["w2"].chunk(2, 0)[rank])
+        outputs.append(run(gm, ctx.weights, x)[0])
+    torch.testing.assert_close(sum(outputs), conv1d_mlp(x, *weights.values()))
+
+
+def test_computed_row_bias_is_added_once_after_the_reduction():
+    # Does not match: a bias computed in the graph has no rank-0 shard to carry it.
+    def biased(x, w1, w2, b2):
+        return F.linear(F.relu(F.linear(x, w1)), w2, b2 * 2)
+
+    x = torch.randn(2, 4, 8)
+    weights = {"w1": torch.randn(16, 8), "w2": torch.randn(8, 16), "b2": torch.randn(8)}
+    outputs = []
+    for rank in range(2):
+        gm, ctx = _partition(biased, [x], weights, tp=2, rank=rank)
+        assert _steps(gm) == ["linear", "relu", "mul", "linear", "all_reduce", "add"]
         # Summing partials adds the bias tp times in one process; a real all_reduce adds it once.
-        outputs.append(run(gm, ctx.weights, x)[0] - weights["b2"])
-    expected = biased(x, *weights.values())
-    torch.testing.assert_close(sum(outputs) + weights["b2"], expected)
+        outputs.append(run(gm, ctx.weights, x)[0] - 2 * weights["b2"])
+    torch.testing.assert_close(sum(outputs) + 2 * weights["b2"], biased(x, *weights.values()))
 
 
 def _attention(q_heads, kv_heads, explicit):
