@@ -460,26 +460,39 @@ def _power_of_two(v: int) -> bool:
     return v >= 1 and v & (v - 1) == 0
 
 
-@functools.cache
-def _one_row_overrides(spec: str) -> dict[tuple[int, int, bool], tuple[int, int]]:
-    """DSC_GEMV_ONE_ROW, e.g. `4096x4096=4x256+5504x4096g=8x256`: one-row tiles per weight shape
-    (N x K, `g` for a stacked [gate; up] weight) = block_n x block_k, over the table above —
-    for trying a sweep's picks in the whole model (bench/e2e.py --ab-env, whose own list is
-    comma-separated: so `+`, `;` or `,` separate the shapes here)."""
-    table = {}
+def _shape_entries(spec: str, variable: str, form: str) -> list[tuple[str, tuple, tuple]]:
+    """The entries `NxK[g]=TILES` of an override variable, split at `+`, `;` or `,` (bench/e2e.py
+    --ab-env's own list is comma-separated): (item, (N, K, gated), the integers of TILES in
+    order, read across `x` and `/`). `form` shows how to write one when an item cannot be
+    read."""
+    entries = []
     for item in filter(None, (part.strip() for part in re.split(r"[+;,]", spec))):
         try:
             shape, tiles = item.split("=")
             gated = shape.endswith("g")
             n, k = (int(v) for v in shape.rstrip("g").split("x"))
-            block_n, block_k = (int(v) for v in tiles.split("x"))
+            numbers = tuple(int(v) for v in re.split(r"[x/]", tiles))
         except ValueError:
-            raise ValueError(f"DSC_GEMV_ONE_ROW: cannot read {item!r}; write "
-                             f"NxK[g]=BLOCK_NxBLOCK_K, e.g. 4096x4096=4x256") from None
+            raise ValueError(f"{variable}: cannot read {item!r}; write {form}") from None
+        entries.append((item, (n, k, gated), numbers))
+    return entries
+
+
+@functools.cache
+def _one_row_overrides(spec: str) -> dict[tuple[int, int, bool], tuple[int, int]]:
+    """DSC_GEMV_ONE_ROW, e.g. `4096x4096=4x256+5504x4096g=8x256`: one-row tiles per weight shape
+    (N x K, `g` for a stacked [gate; up] weight) = block_n x block_k, over the table above —
+    for trying a sweep's picks in the whole model."""
+    form = "NxK[g]=BLOCK_NxBLOCK_K, e.g. 4096x4096=4x256"
+    table = {}
+    for item, shape, tiles in _shape_entries(spec, "DSC_GEMV_ONE_ROW", form):
+        if len(tiles) != 2 or "/" in item:
+            raise ValueError(f"DSC_GEMV_ONE_ROW: cannot read {item!r}; write {form}")
+        block_n, block_k = tiles
         if not (_power_of_two(block_n) and _power_of_two(block_k) and block_k >= 16):
             raise ValueError(f"DSC_GEMV_ONE_ROW: {item!r} needs block_n and block_k powers of "
                              f"two, block_k at least 16")
-        table[(n, k, gated)] = (block_n, block_k)
+        table[shape] = (block_n, block_k)
     return table
 
 
@@ -488,24 +501,17 @@ def _row_tile_overrides(spec: str) -> dict[tuple[int, int, bool], tuple[int, int
     """DSC_GEMV_ROWS, e.g. `12288x4096=64x128/1/3+4096x4096=64x128/2/5`: tiles for 2 to 16
     rows per weight shape (N x K, `g` for a stacked [gate; up] weight) = block_n x block_k /
     K splits / pipeline stages, over the heuristic — for trying a sweep's picks in the model."""
+    form = "NxK[g]=BLOCK_NxBLOCK_K/SPLIT_K/STAGES, e.g. 4096x4096=64x128/2/5"
     table = {}
-    for item in filter(None, (part.strip() for part in re.split(r"[+;,]", spec))):
-        try:
-            shape, tiles = item.split("=")
-            gated = shape.endswith("g")
-            n, k = (int(v) for v in shape.rstrip("g").split("x"))
-            size, split_k, stages = tiles.split("/")
-            block_n, block_k = (int(v) for v in size.split("x"))
-            split_k, stages = int(split_k), int(stages)
-        except ValueError:
-            raise ValueError(f"DSC_GEMV_ROWS: cannot read {item!r}; write "
-                             f"NxK[g]=BLOCK_NxBLOCK_K/SPLIT_K/STAGES, e.g. "
-                             f"4096x4096=64x128/2/5") from None
+    for item, shape, tiles in _shape_entries(spec, "DSC_GEMV_ROWS", form):
+        if len(tiles) != 4 or item.count("/") != 2:
+            raise ValueError(f"DSC_GEMV_ROWS: cannot read {item!r}; write {form}")
+        block_n, block_k, split_k, stages = tiles
         if not (_power_of_two(block_n) and _power_of_two(block_k) and block_n >= 16
                 and block_k >= 16 and split_k >= 1 and stages >= 1):
             raise ValueError(f"DSC_GEMV_ROWS: {item!r} needs block_n and block_k powers of two "
                              f"of at least 16, and at least one split and one stage")
-        table[(n, k, gated)] = (block_n, block_k, split_k, stages)
+        table[shape] = tiles
     return table
 
 
