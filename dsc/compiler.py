@@ -36,10 +36,16 @@ def _load_passes() -> None:
         importlib.import_module(f"dsc.passes.{module.name}")
 
 
-def _is_decoder(gm: fx.GraphModule) -> bool:
-    """True when every recognised attention is causal: a model that generates."""
+def _not_a_decoder_because(gm: fx.GraphModule) -> str | None:
+    """Why the model cannot generate (None when it can: every recognised attention is causal)."""
     attentions = [n for n in gm.graph.nodes if n.target is torch.ops.dsc.attention.default]
-    return bool(attentions) and all(n.args[4] for n in attentions)
+    if not attentions:
+        return ("no attention was recognised in its graph (recognize_attention takes scaled dot "
+                "product attention with a causal or padding mask; a position bias such as ALiBi "
+                "or a sliding window is not matched), so it has no KV cache")
+    if not all(n.args[4] for n in attentions):
+        return "its attention is not causal (an encoder)"
+    return None
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -86,12 +92,14 @@ def compile(model: torch.nn.Module, target: Target | str | dict[str, Any] = "cpu
     manager = PassManager(ctx)
     shared = manager.run(traced.gm, trunk(target), program="forward")
     recognised_weights = dict(ctx.weights)
-    decoder = _copy(shared) if _is_decoder(shared) else None
+    not_a_decoder_because = _not_a_decoder_because(shared)
+    decoder = _copy(shared) if not_a_decoder_because is None else None
     forward = manager.run(shared, partition(target) + backend(target), program="forward")
     programs = {"forward": lower(forward, "forward", _kernels(forward, "forward", target))}
     model_facts = {**traced.info.to_dict(), "default_positions": positions,
                    "stamped_layers": traced.stamped_layers,
-                   "not_stamped_because": traced.not_stamped_because}
+                   "not_stamped_because": traced.not_stamped_because,
+                   "not_a_decoder_because": not_a_decoder_because}
     if decoder is not None:
         if "position_ids" not in traced.inputs:
             raise TraceError(

@@ -128,9 +128,11 @@ class CompiledModel:
     # ---- generation ----------------------------------------------------------------------
     def _require_decoder(self) -> KVCache:
         if self.cache is None:
+            why = self.info.get("not_a_decoder_because") or "no KV cache was compiled"
             raise TypeError(
-                f"{self.info.get('name', 'this model')} is not a causal LM (no KV cache was "
-                "compiled); generate() needs a decoder model"
+                f"{self.info.get('name', 'this model')} cannot generate: {why}. generate() needs "
+                f"a causal LM whose attention dsc recognises; its forward (logits) works as "
+                f"compiled"
             )
         return self.cache
 

@@ -105,8 +105,24 @@ def test_limits_are_refused_before_work():
 
 def test_encoder_cannot_generate():
     compiled = dsc.compile(zoo.build("tiny-bert"), "cpu")
-    with pytest.raises(TypeError, match="not a causal LM"):
+    with pytest.raises(TypeError, match="cannot generate: its attention is not causal"):
         compiled.generate(torch.ones(1, 4, dtype=torch.long))
+
+
+def test_unrecognised_attention_says_why_it_cannot_generate():
+    # BLOOM's ALiBi position bias is not an attention dsc recognises: forward still equals HF,
+    # generate() names the reason instead of calling the model no causal LM.
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2)
+    model = transformers.BloomForCausalLM(config).eval()
+    compiled = dsc.compile(model, "cpu")
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="no attention was recognised.*ALiBi"):
+        compiled.generate(ids, max_new_tokens=2)
 
 
 def _fixed_logits(tokens: list[int], vocab: int = 10) -> torch.Tensor:
