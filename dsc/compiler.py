@@ -76,7 +76,7 @@ def compile(model: torch.nn.Module, target: Target | str | dict[str, Any] = "cpu
     target.check_machine()
     if isinstance(model, torch.nn.Module):  # refuse a split the model cannot take before any work
         info = model_info(model)
-        target.check_against(info.num_heads, info.num_kv_heads)
+        target.check_against(info)
     rank = _rank(target)
     limits = dict(dtype=target.torch_dtype, max_batch=target.max_batch,
                   max_seq_len=target.max_seq_len)
@@ -86,7 +86,7 @@ def compile(model: torch.nn.Module, target: Target | str | dict[str, Any] = "cpu
     positions = default_positions(model, traced) if "position_ids" in traced.inputs else None
     if "position_ids" in traced.inputs and positions is None:
         traced = trace(model, **limits)  # defaults we cannot name: let the graph compute them
-    target.check_against(traced.info.num_heads, traced.info.num_kv_heads)
+    target.check_against(traced.info)
     ctx = PassContext(target=target, weights=traced.weights, info=traced.info, inputs=traced.inputs,
                       rank=rank)
     manager = PassManager(ctx)

@@ -52,6 +52,7 @@ class ModelInfo:
     pad_token_id: int | None = None
     max_positions: int | None = None
     name: str = ""
+    sliding_window: int | None = None  # keys a query may see, when some layer limits them
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -92,6 +93,19 @@ def _config_int(config: Any, *names: str) -> int | None:
     return None
 
 
+def _sliding_window(config: Any) -> int | None:
+    """The attention window of the model's sliding-window layers, if it has any: HF configs name
+    it `sliding_window`, switched off by `use_sliding_window=False` (Qwen2) or by `layer_types`
+    holding no "sliding_attention" layer."""
+    window = _config_int(config, "sliding_window")
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return window
+
+
 def model_info(model: torch.nn.Module) -> ModelInfo:
     """Facts about the model read from its config (heads, vocabulary, stop tokens)."""
     config = getattr(model, "config", None)
@@ -113,6 +127,7 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
         pad_token_id=_config_int(config, "pad_token_id"),
         max_positions=_config_int(config, "max_position_embeddings", "n_positions"),
         name=type(model).__name__,
+        sliding_window=_sliding_window(config),
     )
 
 

@@ -84,12 +84,24 @@ class Target:
                 "use dtype='float32' or 'bfloat16' on CPU."
             )
 
-    def check_against(self, num_heads: int | None, num_kv_heads: int | None) -> None:
-        """Refuse a target the model's shapes cannot be split for."""
+    def check_against(self, info) -> None:
+        """Refuse a target the model (its `dsc.frontend.ModelInfo`) cannot be compiled for: heads
+        tp does not divide, or sequences longer than the model's sliding attention window."""
+        num_heads = info.num_heads
         if self.tp > 1 and num_heads is not None and num_heads % self.tp:
             raise TargetError(
                 f"tp={self.tp} does not divide the model's {num_heads} attention heads; "
                 f"choose tp among the divisors of {num_heads}."
+            )
+        window = info.sliding_window
+        if window is not None and window < self.max_seq_len:
+            # Within the window a sliding-window mask is the causal mask, which is all dsc's
+            # attention models; past it the model would attend to keys it must not see.
+            raise TargetError(
+                f"{info.name or 'the model'} attends within a sliding window of {window} tokens, "
+                f"which dsc's attention does not model, and max_seq_len={self.max_seq_len} would "
+                f"let sequences outgrow it; compile with dsc.Target(max_seq_len={window}) or "
+                f"less (the window then never applies)."
             )
 
 

@@ -45,6 +45,48 @@ def test_tp_must_divide_heads_when_target_meets_model():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def _windowed_mistral(window: int):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(
+        vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        sliding_window=window)
+    model = transformers.MistralForCausalLM(config).eval()
+    for p in model.parameters():
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=0.3)
+    return model
+
+
+def test_sequences_longer_than_a_sliding_window_are_refused():
+    # The window (8 keys) is longer than the mask probe, so the attention looks causal; past 8
+    # tokens it is not, and a plan allowing 64 would answer wrongly: refused, with the fix.
+    model = _windowed_mistral(8)
+    with pytest.raises(dsc.TargetError, match=r"sliding window of 8 tokens.*max_seq_len=8\) or less"):
+        dsc.compile(model, dsc.Target(device="cpu", max_seq_len=64))
+    # Within the window the mask is the causal one: the plan equals HF.
+    compiled = dsc.compile(model, dsc.Target(device="cpu", max_seq_len=8))
+    ids = torch.randint(3, 200, (1, 5))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=3, do_sample=False)
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=3, eos_token_id=[]), ref)
+
+
+def test_sliding_window_switched_off_in_the_config_is_no_window():
+    import transformers
+
+    from dsc.frontend import _sliding_window
+
+    assert _sliding_window(transformers.Qwen2Config(sliding_window=16)) is None  # not in use
+    assert _sliding_window(transformers.Qwen2Config(use_sliding_window=True,
+                                                    sliding_window=16)) == 16
+    assert _sliding_window(transformers.MistralConfig(sliding_window=None)) is None
+    assert _sliding_window(transformers.Gemma2Config()) == 4096  # alternate layers slide
+
+
 def test_cuda_without_gpu_is_refused():
     with pytest.raises(dsc.TargetError, match="no CUDA GPU"):
         dsc.compile(zoo.build("tiny-llama"), "cuda")
