@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
+from dsc.dynamic_rope import rope_switch_length, traceable_dynamic_rope
 from dsc.errors import TraceError
 from dsc.repeat_layers import (
     TRACED_LAYERS,
@@ -53,6 +54,7 @@ class ModelInfo:
     max_positions: int | None = None
     name: str = ""
     sliding_window: int | None = None  # keys a query may see, when some layer limits them
+    rope_switch_at: int | None = None  # longrope: past this length the long factors apply
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -128,6 +130,7 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
         max_positions=_config_int(config, "max_position_embeddings", "n_positions"),
         name=type(model).__name__,
         sliding_window=_sliding_window(config),
+        rope_switch_at=rope_switch_length(model),
     )
 
 
@@ -257,7 +260,7 @@ def _export(
 ) -> torch.export.ExportedProgram:
     """torch.export of the wrapper with dynamic batch and sequence, decomposed to aten."""
     try:
-        with _cast_parameters(model, dtype), torch.no_grad():
+        with _cast_parameters(model, dtype), torch.no_grad(), traceable_dynamic_rope(model):
             try:
                 exported = torch.export.export(wrapper, args, dynamic_shapes=(dynamic,),
                                                strict=False)

@@ -139,6 +139,7 @@ def generate_tokens(
     pad_id: int,
     agree: Callable[[torch.Tensor], None] | None = None,
     greedy_steps: Callable[..., Iterator[torch.Tensor]] | None = None,
+    reprefill_at: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield [batch] tensors of new tokens, one per step; finished rows yield pad_id.
 
@@ -147,6 +148,10 @@ def generate_tokens(
     chosen tokens the same on every rank (in place) before the next step reads them.
     `greedy_steps(first, next_pos, slot, finished)`, if given and decoding is greedy, yields the
     tokens after the first itself (a captured whole step, runtime/greedy_graph.py).
+    `reprefill_at` (a longrope model's switch length, `dsc.dynamic_rope`): when a prompt of at
+    most that many tokens grows past it, the step that crosses runs prefill over the whole
+    sequence instead of decode, so every cached key is rotated with the long factors (what HF's
+    Phi-3 generate means to do by dropping its cache there).
     """
     ids, mask = left_pad(input_ids, mask, pad_id)
     batch, seq = ids.shape
@@ -155,7 +160,8 @@ def generate_tokens(
     finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     eos = torch.tensor(request.eos or [-1], device=ids.device)
     next_pos = positions[:, -1] + 1
-    if greedy_steps is not None and not request.do_sample:
+    crosses = reprefill_at is not None and seq <= reprefill_at < seq + request.max_new_tokens - 1
+    if greedy_steps is not None and not request.do_sample and not crosses:
         token = select_next(logits, False, 1.0, None, None, None)
         if request.eos:
             finished = torch.isin(token, eos)
@@ -182,7 +188,13 @@ def generate_tokens(
             all_done.copy_(finished.all()[None], non_blocking=True)
             if done_event is not None:
                 done_event.record()
-        if not last:
+        if crosses:
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+        if not last and crosses and ids.shape[1] == reprefill_at + 1:
+            logits = prefill(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+            next_pos = next_pos + 1
+        elif not last:
             logits = decode(token[:, None], next_pos[:, None], seq + step)
             next_pos = next_pos + 1
         yield token

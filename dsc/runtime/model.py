@@ -214,7 +214,7 @@ class CompiledModel:
         with torch.no_grad():
             for token in generate_tokens(self._prefill, self._decode, ids,
                                          mask.to(self.device, torch.long), request, pad, agree,
-                                         greedy_steps):
+                                         greedy_steps, self.info.get("rope_switch_at")):
                 if callback is not None:
                     callback(token)
                 yield token
