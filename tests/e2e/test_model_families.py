@@ -1,0 +1,50 @@
+"""More HF decoder families, from tiny configs with random weights: the compiled plan's logits and
+greedy tokens equal eager HF's (fp32, CPU). The tiny zoo models (Llama, Mistral, Mixtral, GPT-2,
+OPT, BERT) are covered in test_compile_models.py; rotary embeddings that change with the length
+in test_dynamic_rope.py."""
+
+import pytest
+import torch
+import transformers as T
+
+import dsc
+
+SIZES = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=128)
+
+FAMILIES = {
+    "qwen2": lambda: T.Qwen2Config(**SIZES, num_key_value_heads=2),  # q/k/v biases
+    "qwen3": lambda: T.Qwen3Config(**SIZES, num_key_value_heads=2, head_dim=16),  # q/k norms
+    "phi3": lambda: T.Phi3Config(**SIZES, num_key_value_heads=2, pad_token_id=0),  # fused qkv
+    "gemma": lambda: T.GemmaConfig(**SIZES, num_key_value_heads=1, head_dim=16),
+    "gemma2": lambda: T.Gemma2Config(**SIZES, num_key_value_heads=2, head_dim=16),  # softcaps
+    "gpt_neox": lambda: T.GPTNeoXConfig(**SIZES, rotary_pct=0.25),  # parallel residual
+    "phi": lambda: T.PhiConfig(**SIZES, partial_rotary_factor=0.5),
+    "stablelm": lambda: T.StableLmConfig(**SIZES, num_key_value_heads=2),
+    "olmo": lambda: T.OlmoConfig(**SIZES, num_key_value_heads=2),
+    "granite": lambda: T.GraniteConfig(**SIZES, num_key_value_heads=2),
+    "cohere": lambda: T.CohereConfig(**SIZES, num_key_value_heads=2),
+    "gptj": lambda: T.GPTJConfig(vocab_size=211, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                                 n_positions=128),
+    "falcon": lambda: T.FalconConfig(vocab_size=211, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, new_decoder_architecture=False,
+                                     multi_query=True, parallel_attn=True, bias=False),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_and_greedy_tokens_equal_hf(family):
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
+    for p in model.parameters():
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=0.2)
+    model.generation_config.eos_token_id = model.config.eos_token_id = None  # all 8 tokens
+    ids = torch.randint(3, 200, (2, 7))
+    with torch.no_grad():
+        ref = model(ids).logits
+        ref_tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                    do_sample=False, pad_token_id=0)
+    compiled = dsc.compile(model, target="cpu")
+    torch.testing.assert_close(compiled(ids).logits, ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=8), ref_tokens)
