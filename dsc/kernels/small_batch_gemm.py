@@ -417,8 +417,9 @@ def pick_config(m: int, n: int, k: int, sm_count: int, gated: bool = False,
     bench/sweep_gemv.py; bench/NOTES-kernels.md). One row streams best through the multiply-add
     path with 8-row blocks (many programs, each a long pipelined stream). Up to 16 rows: 64-row
     blocks, 128-wide K steps, three stages when the blocks fill the GPU, else K split until
-    blocks x splits cover the SMs (the o and down projections). More rows use `tl.dot` with 64-row blocks when that
-    gives every SM a program, else narrower blocks, and split-K when K is long and blocks are few.
+    blocks x splits cover the SMs (the o and down projections). More rows use `tl.dot` with
+    64-row blocks when that gives every SM a program, else narrower blocks, and split-K when K is
+    long and blocks are few.
     `gated`: the weight stacks [gate; up] and each stage loads two tiles. `shared_memory`
     (bytes per program; an H100's by default) caps the stages in flight on smaller GPUs.
     """

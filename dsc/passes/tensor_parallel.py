@@ -33,9 +33,9 @@ projection whose output is split on its last dim (GPT-2's c_attn -> q, k, v) is 
 segment. GPT-2's Conv1D is addmm(b, x, W) with W [in, out]: cut on dim 1 as a column, dim 0 as a
 row. A row's stored bias is added once: rank 0's product carries it, the other ranks hold zeros
 in its place (`Cut.zero`); a bias computed in the graph is added after the all_reduce. When
-there are fewer KV heads than ranks
-each rank keeps the KV head its query heads read (replication); the KV cache holds the local
-heads, so cache placeholders shrink and `ctx.notes["cache"]` is rewritten.
+there are fewer KV heads than ranks each rank keeps the KV head its query heads read
+(replication); the KV cache holds the local heads, so cache placeholders shrink and
+`ctx.notes["cache"]` is rewritten.
 
 Does not match: a projection that feeds a norm, a reduction over the sharded dim or the output
 (it stays replicated); an op outside the rule tables inside a candidate region, an operand that
