@@ -53,8 +53,14 @@ def op_name(node: fx.Node) -> str:
 def _unsupported(node: fx.Node, op: str) -> str:
     trace = node.meta.get("stack_trace", "").strip().splitlines()
     where = next((line.strip() for line in reversed(trace) if "File" in line), "unknown line")
+    why = ""
+    if "grouped_mm" in op:
+        why = ("It is the expert product of a mixture-of-experts block that recognize_moe did "
+               "not turn into dsc.moe: the block's routing or experts are of a kind dsc.moe does "
+               "not express (grouped top-k, a routing scale or bias, shared experts inside the "
+               "block). ")
     return (
-        f"dsc cannot run op {op} (graph node {node.name}); it comes from {where}. "
+        f"dsc cannot run op {op} (graph node {node.name}); it comes from {where}. {why}"
         "No dsc pass rewrites it and it has no implementation outside its library; "
         "file an issue with this message, or replace the module that uses it."
     )

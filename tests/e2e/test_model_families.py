@@ -48,3 +48,15 @@ def test_logits_and_greedy_tokens_equal_hf(family):
     compiled = dsc.compile(model, target="cpu")
     torch.testing.assert_close(compiled(ids).logits, ref, atol=1e-4, rtol=1e-4)
     assert torch.equal(compiled.generate(ids, max_new_tokens=8), ref_tokens)
+
+
+def test_a_moe_block_dsc_moe_cannot_express_is_named():
+    # PhiMoE routes with sparsemixer: its experts stay HF's grouped product, which a plan cannot
+    # hold; the error says it is an MoE block that was not recognised, and where it comes from.
+    torch.manual_seed(0)
+    config = T.PhimoeConfig(**SIZES, num_key_value_heads=2, num_local_experts=4,
+                            num_experts_per_tok=2)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(dsc.UnsupportedOpError, match="mixture-of-experts block that "
+                                                     "recognize_moe did not turn into dsc.moe"):
+        dsc.compile(model, target="cpu")
