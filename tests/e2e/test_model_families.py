@@ -1,7 +1,7 @@
 """More HF decoder families, from tiny configs with random weights: the compiled plan's logits and
-greedy tokens equal eager HF's (fp32, CPU, one row left-padded). The tiny zoo models (Llama, Mistral, Mixtral, GPT-2,
-OPT, BERT) are covered in test_compile_models.py; rotary embeddings that change with the length
-in test_dynamic_rope.py."""
+greedy tokens equal eager HF's (fp32, CPU, one row left-padded). The tiny zoo models (Llama,
+Mistral, Mixtral, GPT-2, OPT, BERT) are covered in test_compile_models.py; rotary embeddings that
+change with the length in test_dynamic_rope.py."""
 
 import pytest
 import torch
