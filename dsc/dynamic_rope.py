@@ -62,10 +62,10 @@ def _frequencies(module: torch.nn.Module, kind: str, position_ids: torch.Tensor,
 
 def _forward(kind: str):
     def forward(self, x, position_ids, layer_type=None):
-        # HF stacks torch.no_grad() over its frequency update: unwrap both.
-        undecorated = inspect.unwrap(type(self).forward)
         if layer_type is not None:  # per-layer rope parameters: HF's own path
             return type(self).forward(self, x, position_ids, layer_type)
+        # HF stacks torch.no_grad() over its frequency update: unwrap both.
+        undecorated = inspect.unwrap(type(self).forward)
         inv_freq = _frequencies(self, kind, position_ids, x.device)
         # An instance attribute shadows the buffer for this call only.
         self.__dict__["inv_freq"] = inv_freq

@@ -188,14 +188,14 @@ def generate_tokens(
             all_done.copy_(finished.all()[None], non_blocking=True)
             if done_event is not None:
                 done_event.record()
-        if crosses:
+        if crosses and ids.shape[1] <= reprefill_at:  # the sequence is kept up to the switch
             ids = torch.cat([ids, token[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
-        if not last and crosses and ids.shape[1] == reprefill_at + 1:
-            logits = prefill(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
-            next_pos = next_pos + 1
-        elif not last:
-            logits = decode(token[:, None], next_pos[:, None], seq + step)
+        if not last:
+            if crosses and seq + step == reprefill_at:  # this token is the one past the switch
+                logits = prefill(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+            else:
+                logits = decode(token[:, None], next_pos[:, None], seq + step)
             next_pos = next_pos + 1
         yield token
         if last:
