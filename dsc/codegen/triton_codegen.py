@@ -45,13 +45,10 @@ from dsc.plan import Program
 __all__ = ["generate", "kernel_name", "normalize", "region_sources", "supports"]
 
 # GEMM regions: up to EPILOGUE_ROWS rows the product runs on its own and one generated kernel
-# applies the epilogue (decode: the weight stream dominates); the small-batch kernel takes the
-# product where it beat cuBLAS on an H100 (bench/NOTES-kernels.md; dsc.runtime.cuda_impls uses
-# the same rule): at most SMALL_BATCH_ROWS rows, or any decode batch on weights of WIDE_N rows.
-# Past EPILOGUE_ROWS the tiled GEMM applies the epilogue to its accumulator.
+# applies the epilogue (decode: the weight stream dominates), except where the small-batch
+# kernel takes the product and its epilogue together (`small_batch_wins`, the rule the unfused
+# linear follows too). Past EPILOGUE_ROWS the tiled GEMM applies the epilogue to its accumulator.
 EPILOGUE_ROWS = 64
-SMALL_BATCH_ROWS = 2
-WIDE_N = 8192
 _ROUNDED = {"bfloat16": "tl.bfloat16", "float16": "tl.float16"}
 _GEMM_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 _ROW_REDUCTIONS = (
@@ -763,8 +760,7 @@ def _gemm(region: dict, fn: str, kernel: str) -> tuple[list[str], list[str]]:
         normalise = (f"        x2 = rms_norm(x2.contiguous(), {nw}, {norm['eps']!r})"
                      if norm["kind"] == "rms" else
                      f"        x2 = layer_norm(x2.contiguous(), {nw}, {nb}, {norm['eps']!r})")
-    lines.append(f"    if rows <= {SMALL_BATCH_ROWS} or (rows <= {EPILOGUE_ROWS} and "
-                 f"weight.shape[0] >= {WIDE_N}):")
+    lines.append(f"    if rows <= {EPILOGUE_ROWS} and small_batch_wins(rows, weight.shape[0]):")
     lines.append("        # Decode-sized: one kernel streams the weight and applies the epilogue to its sums.")
     lines.append(f"        out = linear_small_batch(x2, weight, bias, {', '.join(small_batch_args)})")
     lines.append(f"    elif rows <= {EPILOGUE_ROWS}:")
@@ -789,7 +785,7 @@ def _gemm(region: dict, fn: str, kernel: str) -> tuple[list[str], list[str]]:
     imports = [
         "from dsc.kernels.gemm import gated_linear, linear_fused",
         "from dsc.kernels.norms import layer_norm, rms_norm",
-        "from dsc.kernels.small_batch_gemm import linear_small_batch",
+        "from dsc.kernels.small_batch_gemm import linear_small_batch, small_batch_wins",
     ]
     return imports, lines
 

@@ -53,6 +53,7 @@ _MAX_HEAD_DIM = 256
 _MAX_ROWS = 128  # G * S query rows one program can hold
 _MAX_INLINE_SPLITS = 32  # splits the last program merges itself (its loads are unrolled)
 _PREFETCH_KEYS = 128  # K and V rows a program placed early asks L2 for
+_SHORT_CHUNK_TILES = 4  # key tiles up to which an unsplit program takes one pipeline stage
 
 
 @dataclass(frozen=True)
@@ -469,7 +470,8 @@ def pick_decode_config(batch: int, hkv: int, t: int, sm_count: int) -> DecodeCon
     """Enough key splits that every SM gets about two programs, each still a long K/V stream.
 
     Two pipeline stages leave shared memory for three or four programs per SM, which measured
-    faster than deeper pipelines with fewer programs; split programs, whose chunks are short,
+    faster than deeper pipelines with fewer programs (an unsplit cache of at most four tiles
+    takes one stage and twice the programs per SM); split programs, whose chunks are short,
     take wider key tiles — unless the cache is so short, and the kv heads so few, that wide
     tiles would leave only a handful of programs.
     """
@@ -487,7 +489,31 @@ def pick_decode_config(batch: int, hkv: int, t: int, sm_count: int) -> DecodeCon
     if t <= _single_pass_keys():
         # A short cache in one pass per (sequence, kv head): no merge launch, fewer programs.
         return DecodeConfig(block_n=64, num_splits=1, num_warps=4, num_stages=2)
-    return DecodeConfig(block_n=block_n, num_splits=splits, num_warps=4, num_stages=2,
+    # Unsplit, a few tiles a program have little to pipeline, and a second stage's shared
+    # memory would halve the programs an SM holds: Llama-7B batch 16 at 160 of 200 keys (512
+    # programs of four tiles) ran in two waves, 4.44 -> 4.30 ms a step with one stage. Split
+    # programs of one to four tiles measured 0.4-1.5 % slower a step with one stage (the b1
+    # models, bench/NOTES.md runs 5 and 7): they keep two.
+    tiles = triton.cdiv(t, block_n)
+    stages = 1 if splits == 1 and tiles <= _SHORT_CHUNK_TILES else 2
+    return DecodeConfig(block_n=block_n, num_splits=splits, num_warps=4, num_stages=stages,
+                        merge_in_split=_merge_in_split())
+
+
+def _config_override() -> DecodeConfig | None:
+    """DSC_DECODE_CONFIG=BLOCK_N/SPLITS/WARPS/STAGES: one launch configuration for every call
+    (tuning and A/B runs; unset: `pick_decode_config`)."""
+    spec = os.environ.get("DSC_DECODE_CONFIG", "")
+    if not spec:
+        return None
+    parts = spec.split("/")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"DSC_DECODE_CONFIG={spec!r}: expected BLOCK_N/SPLITS/WARPS/STAGES, "
+                         f"e.g. 64/1/4/2")
+    block_n, splits, warps, stages = map(int, parts)
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"DSC_DECODE_CONFIG={spec!r}: BLOCK_N must be a power of two >= 16")
+    return DecodeConfig(block_n=block_n, num_splits=splits, num_warps=warps, num_stages=stages,
                         merge_in_split=_merge_in_split())
 
 
@@ -599,7 +625,7 @@ def decode_attention(
             f"decode_attention holds (Hq/Hkv)*S = {group * s} query rows per kv head, above "
             f"{_MAX_ROWS}; use flash_attention for S={s}"
         )
-    cfg = config or pick_decode_config(batch, hkv, t, sm_count(q.device))
+    cfg = config or _config_override() or pick_decode_config(batch, hkv, t, sm_count(q.device))
 
     block_d = max(16, triton.next_power_of_2(d))
     block_r = max(16, triton.next_power_of_2(group * s))

@@ -47,7 +47,16 @@ from dsc.kernels.gemm import ACTIVATIONS, _apply_activation
 
 __all__ = [
     "SmallBatchConfig", "linear_push_partial", "linear_small_batch", "pick_config", "push_config",
+    "small_batch_wins",
 ]
+
+# Up to this many rows the small-batch kernel takes every product (DSC_SMALL_BATCH_ROWS
+# overrides): on an H200 it streams the 7B's o and down projections 1.11-1.22x faster than
+# cuBLAS at 4-16 rows and takes the residual add too (at 32 rows it is slower); weights of at
+# least _WIDE_N output rows take it up to _WIDE_ROWS rows (bench/NOTES-kernels.md).
+_ALL_SHAPES_ROWS = 16
+_WIDE_N = 8192
+_WIDE_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -550,6 +559,20 @@ def _pick(m: int, n: int, k: int, sm_count: int, gated: bool) -> SmallBatchConfi
         # Too few column blocks: share K between programs, keeping >= 2 K steps per program.
         split_k = max(1, min(triton.cdiv(2 * sm_count, tiles), k // (2 * block_k)))
     return SmallBatchConfig(block_m, block_n, block_k, split_k, 4, num_stages)
+
+
+def small_batch_wins(rows: int, out_features: int) -> bool:
+    """Whether this kernel, rather than cuBLAS, should take a product of `rows` rows of x with
+    a weight of `out_features` rows: every shape up to DSC_SMALL_BATCH_ROWS rows (default 16),
+    wide weights (>= 8192 rows) up to 64 rows."""
+    return rows <= _all_shapes_rows() or (rows <= _WIDE_ROWS and out_features >= _WIDE_N)
+
+
+def _all_shapes_rows() -> int:
+    value = os.environ.get("DSC_SMALL_BATCH_ROWS", str(_ALL_SHAPES_ROWS))
+    if not value.isdigit():
+        raise ValueError(f"DSC_SMALL_BATCH_ROWS={value!r}: expected a number of rows")
+    return int(value)
 
 
 def _validate(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:

@@ -302,10 +302,9 @@ def linear_all_reduce(x: Tensor, weight: Tensor) -> Tensor:
     out_shape = (*x.shape[:-1], weight.shape[0])
     if x.is_cuda and gemv_push_enabled() and push_enabled() and x.dtype == weight.dtype:
         from dsc.kernels import small_batch_gemm
-        from dsc.runtime.cuda_impls import small_batch_wins
 
         rows = x.reshape(-1, x.shape[-1])
-        if (small_batch_wins(rows.shape[0], weight.shape[0])
+        if (small_batch_gemm.small_batch_wins(rows.shape[0], weight.shape[0])
                 and _pushable_as(out_shape, x.dtype, x.device)
                 and small_batch_gemm.push_config(rows, weight) is not None):
             buffers = _push_buffers(x.device)

@@ -29,14 +29,9 @@ def unpadded_keys(promise: bool) -> Iterator[None]:
         yield
 
 
-def small_batch_wins(rows: int, out_features: int) -> bool:
-    """Measured on H100 (bench/NOTES-kernels.md): the small-batch kernel beats cuBLAS for one or
-    two rows on every projection shape and for any row count on wide weights."""
-    return rows <= 2 or out_features >= 8192
-
-
 def linear_small_batch(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     from dsc.kernels.small_batch_gemm import linear_small_batch as kernel
+    from dsc.kernels.small_batch_gemm import small_batch_wins
 
     rows = x.reshape(-1, x.shape[-1])
     if not small_batch_wins(rows.shape[0], weight.shape[0]):

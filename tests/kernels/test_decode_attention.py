@@ -239,3 +239,26 @@ def test_splits_share_the_live_length_not_the_capacity(s, start, merge_in_split,
     torch.testing.assert_close(k[:, :, start:start + s], new_k)
     torch.testing.assert_close(v[:, :, start:start + s], new_v)
     assert_close(out, attention_reference(q, k, v, valid, st, True, 0.3))
+
+
+def test_one_configuration_for_every_call_from_the_environment(monkeypatch, assert_close):
+    monkeypatch.setenv("DSC_DECODE_CONFIG", "16/3/1/1")
+    q, k, v, valid, st = make_inputs(start=9, seed=7)
+    out = decode_attention(q, k, v, valid, st, True, 0.3)
+    assert_close(out, attention_reference(q, k, v, valid, st, True, 0.3))
+    for bad in ("16/3/1", "24/1/4/2", "16/0/4/2", "sixteen/1/4/2"):
+        monkeypatch.setenv("DSC_DECODE_CONFIG", bad)
+        with pytest.raises(ValueError, match="DSC_DECODE_CONFIG="):
+            decode_attention(q, k, v, valid, st, True, 0.3)
+
+
+def test_short_chunks_take_one_pipeline_stage():
+    # Llama-7B batch 16 at 200 slots: 512 programs of four 64-key tiles, one stage.
+    short = pick_decode_config(batch=16, hkv=32, t=200, sm_count=132)
+    assert (short.block_n, short.num_splits, short.num_stages) == (64, 1, 1)
+    # The same batch at 2048 slots walks 32 tiles a program: two stages keep it streaming.
+    assert pick_decode_config(batch=16, hkv=32, t=2048, sm_count=132).num_stages == 2
+    assert pick_decode_config(batch=1, hkv=32, t=8192, sm_count=132).num_stages == 2
+    # Split programs of one to four tiles (batch 1 at 200 slots) keep two stages.
+    split = pick_decode_config(batch=1, hkv=32, t=200, sm_count=132)
+    assert (split.block_n, split.num_splits, split.num_stages) == (64, 4, 2)

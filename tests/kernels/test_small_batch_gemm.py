@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from dsc.kernels.reference import linear_reference
-from dsc.kernels.small_batch_gemm import SmallBatchConfig, linear_small_batch, pick_config
+from dsc.kernels.small_batch_gemm import (
+    SmallBatchConfig, linear_small_batch, pick_config, small_batch_wins,
+)
 
 # Small blocks keep the interpreter fast; each config exercises one path of the kernel.
 CONFIGS = {
@@ -248,3 +250,18 @@ def test_row_tiles_can_be_overridden_per_shape(monkeypatch):
     monkeypatch.setenv("DSC_GEMV_ROWS", "4096x4096=8x128/2/5")
     with pytest.raises(ValueError, match="of at least 16"):
         pick_config(16, 4096, 4096, sm_count=132)
+
+
+def test_small_batch_wins_takes_few_rows_everywhere_and_wide_weights_up_to_64_rows():
+    assert small_batch_wins(1, 4096) and small_batch_wins(16, 4096)
+    assert not small_batch_wins(17, 4096) and not small_batch_wins(32, 4096)
+    assert small_batch_wins(32, 12288) and small_batch_wins(64, 8192)
+    assert not small_batch_wins(65, 8192)
+
+
+def test_small_batch_rows_override_and_its_error(monkeypatch):
+    monkeypatch.setenv("DSC_SMALL_BATCH_ROWS", "2")
+    assert small_batch_wins(2, 4096) and not small_batch_wins(3, 4096)
+    monkeypatch.setenv("DSC_SMALL_BATCH_ROWS", "sixteen")
+    with pytest.raises(ValueError, match="DSC_SMALL_BATCH_ROWS='sixteen'"):
+        small_batch_wins(4, 4096)
