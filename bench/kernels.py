@@ -291,10 +291,16 @@ def _cache(b, hq, hkv, t, d, live, dtype=DTYPE):
     return q, k, v, valid, start
 
 
+# (batch, query heads, kv heads, cache slots T, head dim, live keys): long caches, and the
+# e2e models' decode caches (prompt 128 + 64 new tokens in 200 slots; 160 keys mid-generation).
 DECODE_CASES = {
-    "B=16 H=32 D=128 T=2048": (16, 32, 32, 2048, 128),
-    "B=1 H=32 D=128 T=8192": (1, 32, 32, 8192, 128),
-    "B=1 Hq=32 Hkv=8 D=128 T=8192": (1, 32, 8, 8192, 128),
+    "B=16 H=32 D=128 T=2048": (16, 32, 32, 2048, 128, 2048),
+    "B=1 H=32 D=128 T=8192": (1, 32, 32, 8192, 128, 8192),
+    "B=1 Hq=32 Hkv=8 D=128 T=8192": (1, 32, 8, 8192, 128, 8192),
+    "B=16 H=32 D=128 T=200 live=160 (7B b16)": (16, 32, 32, 200, 128, 160),
+    "B=16 H=32 D=128 T=2048 live=160": (16, 32, 32, 2048, 128, 160),
+    "B=1 Hq=32 Hkv=4 D=64 T=200 live=160 (1.1B)": (1, 32, 4, 200, 64, 160),
+    "B=1 H=25 D=64 T=200 live=160 (GPT-2 XL)": (1, 25, 25, 200, 64, 160),
 }
 
 
@@ -302,11 +308,16 @@ def bench_decode(
     copy_bw: float,
     sm: int,
     configs_for: Callable[[int], dict[str, DecodeConfig | None]],
+    cases: str = "",
 ) -> list[Result]:
+    """Every case of DECODE_CASES whose name contains `cases`."""
     results = []
-    for name, (b, hq, hkv, t, d) in DECODE_CASES.items():
-        cache_bytes = 2 * b * hkv * t * d * 2
-        sets = [_cache(b, hq, hkv, t, d, live=t) for _ in range(copies_for(cache_bytes, 2, 8))]
+    for name, (b, hq, hkv, t, d, live) in DECODE_CASES.items():
+        if cases not in name:
+            continue
+        cache_bytes = 2 * b * hkv * live * d * 2  # the live keys and values are read
+        sets = [_cache(b, hq, hkv, t, d, live=live)
+                for _ in range(copies_for(cache_bytes, 2, 8))]
         scale = 1 / math.sqrt(d)
         want = attention_reference(*sets[0], True, scale)
         t_ref, t_ref_nf = time_calls(
@@ -498,10 +509,10 @@ def sweep_small_batch_gemm(copy_bw: float, sm: int) -> list[dict]:
 def decode_sweep_configs(pairs: int, sm: int) -> dict[str, DecodeConfig | None]:
     """Key-tile sizes, pipelining, and splits that put 1 to 8 programs on each SM."""
     configs: dict[str, DecodeConfig | None] = {}
-    splits_options = sorted({triton.cdiv(c * sm, pairs) for c in (1, 2, 4)})
-    for bn in (64, 128):
+    splits_options = sorted({1, 2, *(triton.cdiv(c * sm, pairs) for c in (1, 2, 4))})
+    for bn in (32, 64, 128):
         for splits in splits_options:
-            for warps, stages in ((4, 2), (4, 3)):
+            for warps, stages in ((4, 1), (4, 2), (4, 3), (2, 2), (8, 2)):
                 label = f"bn{bn} s{splits} w{warps} st{stages}"
                 configs[label] = DecodeConfig(bn, splits, warps, stages)
     return configs
@@ -564,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSONL output path")
     parser.add_argument("--sweep", action="store_true", help="also sweep launch configurations")
     parser.add_argument("--only", default="", help="comma list: sbgemm,norms,decode,flash,gemm")
+    parser.add_argument("--decode-cases", default="",
+                        help="only the decode-attention cases whose name contains this text")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
@@ -629,7 +642,8 @@ def main(argv: list[str] | None = None) -> int:
 
     section("sbgemm", lambda: record(bench_small_batch_gemm(copy_bw, sm, sizes=[1, 4, 8, 16, 32])))
     section("norms", lambda: record(bench_norms(copy_bw)))
-    section("decode", lambda: record(bench_decode(copy_bw, sm, lambda _pairs: {"default": None})))
+    section("decode", lambda: record(bench_decode(copy_bw, sm, lambda _pairs: {"default": None},
+                                                  args.decode_cases)))
     # As prefill runs it without padding (the runtime promises that once per prefill), and the
     # kernel that must allow for padding.
     section("flash", lambda: record(bench_flash(gemm_rate, {"default": None}, padded=False)))
@@ -639,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         section("sbgemm:sweep", lambda: record_sweep(sweep_small_batch_gemm(copy_bw, sm)))
         sweep_decode = partial(decode_sweep_configs, sm=sm)
-        section("decode:sweep", lambda: record(bench_decode(copy_bw, sm, sweep_decode), "sweep"))
+        section("decode:sweep", lambda: record(
+            bench_decode(copy_bw, sm, sweep_decode, args.decode_cases), "sweep"))
         section("flash:sweep", lambda: record(bench_flash(gemm_rate, FLASH_SWEEP), "sweep"))
         section("flash:sweep", lambda: record(
             bench_flash(gemm_rate, {"default": None, **FLASH_SWEEP}, padded=False), "sweep"))
