@@ -7,7 +7,10 @@ import torch
 
 from dsc.kernels.reference import linear_reference
 from dsc.kernels.small_batch_gemm import (
-    SmallBatchConfig, linear_small_batch, pick_config, small_batch_wins,
+    SmallBatchConfig,
+    linear_small_batch,
+    pick_config,
+    small_batch_wins,
 )
 
 # Small blocks keep the interpreter fast; each config exercises one path of the kernel.
