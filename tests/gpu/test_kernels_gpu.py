@@ -59,14 +59,15 @@ def test_linear_small_batch(m, n, k, dtype):
     close(out, linear_reference(x, w, bias))
 
 
-@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("m", [1, 4, 16])
 @pytest.mark.parametrize("case", [("layer", 4800, 1600, torch.float16),
                                   ("rms", 12288, 4096, torch.bfloat16),
                                   ("rms", 1000, 12000, torch.bfloat16)],
                          ids=["layer-4800x1600-fp16", "rms-12288x4096-bf16", "rms-1000x12000-bf16"])
 def test_linear_small_batch_norm_prologue(case, m):
-    """norm(x) @ W^T with the norm applied as x is loaded: row statistics from one load of the
-    row, or from K steps for rows above 8192 elements."""
+    """norm(x) @ W^T with the norm applied as x is loaded (one row; row statistics from one
+    load of the row, or from K steps for rows above 8192 elements) or by the norm kernel first
+    (row tiles)."""
     from dsc.ops.norms import layer_norm, rms_norm
 
     kind, n, k, dtype = case
@@ -81,6 +82,24 @@ def test_linear_small_batch_norm_prologue(case, m):
         normed, norm = layer_norm(x, nw, nb, 1e-5), ("layer", nw, nb, 1e-5)
     out = linear_small_batch(x, w, norm=norm, out=nan_like((m, n), dtype))
     close(out, linear_reference(normed, w))
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_linear_small_batch_gated_rms_norm(m):
+    """silu(norm(x) @ gate^T) * (norm(x) @ up^T) at the Llama-7B's shape: one row applies the
+    RMSNorm to the finished sums, a 16-row tile runs the norm kernel first."""
+    from dsc.ops.norms import rms_norm
+
+    torch.manual_seed(m)
+    k, n, dtype = 4096, 11008, torch.bfloat16
+    x = (torch.randn(m, k, device="cuda") * 3 + 1).to(dtype)
+    w = (torch.randn(2 * n, k, device="cuda") / math.sqrt(k)).to(dtype)
+    nw = (torch.rand(k, device="cuda") + 0.5).to(dtype)
+    out = linear_small_batch(x, w, activation="silu", gated=True, norm=("rms", nw, None, 1e-5),
+                             out=nan_like((m, n), dtype))
+    normed = rms_norm(x, nw, 1e-5, dtype)
+    gate, up = linear_reference(normed, w[:n]), linear_reference(normed, w[n:])
+    close(out, torch.nn.functional.silu(gate.float()).to(dtype) * up)
 
 
 @pytest.mark.parametrize(
