@@ -18,8 +18,9 @@ memory. The kernel is built around that stream:
   each writes an fp32 partial and a second small kernel sums them, adds the bias and casts.
 * an input norm (RMSNorm / LayerNorm of x) can ride along, so it needs no launch of its own: a
   one-row program adds an RMSNorm row's sum of squares from the x tiles it loads anyway and
-  applies the norm to its finished sums (no statistics pass delays the weight stream); a
-  LayerNorm row's statistics come first, from one load of the row;
+  applies the norm to its finished sums (no statistics pass delays the weight stream; row
+  tiles the same with DSC_NORM_DEFER_ROWS=1); a LayerNorm row's statistics come first, from
+  one load of the row;
 * `linear_push_partial` (a row-parallel shard under tensor parallelism) sends each output tile
   into the peers' push all-reduce buffers instead of storing it (opt-in, measured slower; see
   dsc/runtime/allreduce.py `gemv_push_enabled`).
@@ -133,9 +134,32 @@ def _accumulate_deferred(acc, acc_u, s2, w, u, x, k, nw_ptr, K, HAS_NW: tl.const
 
 
 @triton.jit
+def _accumulate_deferred_rows(acc, acc_u, s2, w, u, x, k, nw_ptr, K, HAS_NW: tl.constexpr,
+                              GATED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The same for a row tile: x^T [BLOCK_K, BLOCK_M] as in `_accumulate`, s2 per (K lane,
+    row); x * gamma is rounded to x's dtype for `tl.dot`."""
+    xf = x.to(tl.float32)
+    s2 += xf * xf
+    if HAS_NW:
+        xf = xf * tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)[:, None]
+    xg = xf.to(x.dtype)
+    acc = tl.dot(w, xg, acc, input_precision=DOT_PRECISION)
+    if GATED:
+        acc_u = tl.dot(u, xg, acc_u, input_precision=DOT_PRECISION)
+    return acc, acc_u, s2
+
+
+@triton.jit
 def _deferred_rms_norm(acc, s2, K, norm_eps):
-    """W·rms_norm(x) per output column, from the loop's sums: rstd * W·(x*gamma)."""
+    """W·rms_norm(x) per output column of one row, from the loop's sums (acc still per K lane):
+    rstd * W·(x*gamma)."""
     return tl.sum(acc, axis=1) * tl.math.rsqrt(tl.sum(s2, axis=0) / K + norm_eps)
+
+
+@triton.jit
+def _deferred_rms_norm_rows(acc, s2, K, norm_eps):
+    """The same for a row tile: acc [BLOCK_N, BLOCK_M], s2 [BLOCK_K, BLOCK_M]."""
+    return acc * tl.math.rsqrt(tl.sum(s2, axis=0) / K + norm_eps)[None, :]
 
 
 @triton.jit
@@ -306,15 +330,23 @@ def _small_batch_gemm_kernel(
 
     # The weight stream: NUM_STAGES tiles in flight through shared memory (cp.async), each read
     # once and marked evict-first so it does not push reused data out of L2.
-    s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)  # the deferred RMSNorm's sum of squares
+    # The deferred RMSNorm's sums of squares, shaped like the x tiles.
+    if BLOCK_M == 1:
+        s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    else:
+        s2 = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
     for _ in tl.range(k_lo, k_full, BLOCK_K, num_stages=NUM_STAGES):
         w = tl.load(w_ptrs, eviction_policy="evict_first")
         u = w
         if GATED:
             u = tl.load(u_ptrs, eviction_policy="evict_first")
-        if DEFER_NORM:
+        if DEFER_NORM and BLOCK_M == 1:
             acc, acc_u, s2 = _accumulate_deferred(acc, acc_u, s2, w, u, tl.load(x_ptrs), k_cur,
                                                   nw_ptr, K, HAS_NW, GATED)
+        elif DEFER_NORM:
+            acc, acc_u, s2 = _accumulate_deferred_rows(acc, acc_u, s2, w, u, tl.load(x_ptrs),
+                                                       k_cur, nw_ptr, K, HAS_NW, GATED,
+                                                       DOT_PRECISION)
         else:
             acc, acc_u = _accumulate(acc, acc_u, w, u, tl.load(x_ptrs), k_cur, mean, rstd,
                                      nw_ptr, nb_ptr, K, NORM, HAS_NW, HAS_NB, GATED, BLOCK_M,
@@ -334,9 +366,12 @@ def _small_batch_gemm_kernel(
             x = tl.load(x_ptrs, mask=k_ok, other=0.0)
         else:
             x = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
-        if DEFER_NORM:
+        if DEFER_NORM and BLOCK_M == 1:
             acc, acc_u, s2 = _accumulate_deferred(acc, acc_u, s2, w, u, x, k_cur, nw_ptr, K,
                                                   HAS_NW, GATED)
+        elif DEFER_NORM:
+            acc, acc_u, s2 = _accumulate_deferred_rows(acc, acc_u, s2, w, u, x, k_cur, nw_ptr,
+                                                       K, HAS_NW, GATED, DOT_PRECISION)
         else:
             acc, acc_u = _accumulate(acc, acc_u, w, u, x, k_cur, mean, rstd, nw_ptr, nb_ptr, K,
                                      NORM, HAS_NW, HAS_NB, GATED, BLOCK_M, DOT_PRECISION)
@@ -345,12 +380,16 @@ def _small_batch_gemm_kernel(
         pdl.release(USE_PDL)  # the weight stream is done: the next kernel may be placed now
 
     # Bring the accumulator to out^T for this block: [BLOCK_N columns, BLOCK_M rows].
-    if DEFER_NORM:
+    if DEFER_NORM and BLOCK_M == 1:
         # Gated products share the row's statistics.
         acc_n = _deferred_rms_norm(acc, s2, K, norm_eps)
         if GATED:
             acc_u = _deferred_rms_norm(acc_u, s2, K, norm_eps)[:, None]
         acc = acc_n[:, None]
+    elif DEFER_NORM:
+        acc = _deferred_rms_norm_rows(acc, s2, K, norm_eps)
+        if GATED:
+            acc_u = _deferred_rms_norm_rows(acc_u, s2, K, norm_eps)
     elif BLOCK_M == 1:
         acc = tl.sum(acc, axis=1)[:, None]
         if GATED:
@@ -614,10 +653,11 @@ def linear_small_batch(
     ([2N, K], no bias) and the result is act(x @ gate^T) * (x @ up^T), [M, N] — the gated MLP's
     merged up projection with its activation, in one weight stream. residual: [M, N] added last.
     norm: ("rms" | "layer", weight [K] or None, bias [K] or None (layer only), eps) normalises
-    each row of x, as `dsc.ops.norms` does (the input norm of a QKV or up projection): one-row
-    tiles apply it inside the kernel, to the finished sums when the whole of K is theirs (see
-    `_defer_norm`: the unfused ops' roundings to x's dtype are skipped), otherwise statistics
-    first; row tiles run the norm kernel, then the GEMM.
+    each row of x, as `dsc.ops.norms` does (the input norm of a QKV or up projection): a
+    one-row tile applies an RMSNorm inside the kernel to the finished sums when the whole of K
+    is its own (see `_defer_norm`: the unfused ops' roundings to x's dtype are skipped; row
+    tiles too with DSC_NORM_DEFER_ROWS=1); else one-row tiles take the statistics first and
+    row tiles run the norm kernel, then the GEMM.
     Correct for any M; fastest for M <= 32 (past 64 rows each program re-reads the weight once
     per 64 rows: use `gemm.linear_fused` there). `out` ([M, N], any strides) receives the result
     if given; `config` overrides the heuristic (tests and tuning use it).
@@ -650,10 +690,12 @@ def linear_small_batch(
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     else:
         check_out(out, (m, n), x)
-    if norm_kind is not None and cfg.block_m != 1:
-        # Row tiles: a statistics pass per program over [K, rows] costs more than the norm's
-        # own launch (Llama-7B batch 16: 7.86 against 6.00 ms a step, bench/NOTES.md run 27),
-        # so the norm kernel runs first and the GEMM reads its output.
+    if (norm_kind is not None and cfg.block_m != 1
+            and not _defer_norm(norm_kind, cfg, _splits(k, cfg)[0], gated)):
+        # Row tiles that cannot apply the norm after the stream: a statistics pass per program
+        # over [K, rows] costs more than the norm's own launch (Llama-7B batch 16: 7.86
+        # against 6.00 ms a step, bench/NOTES.md run 27), so the norm kernel runs first and
+        # the GEMM reads its output.
         x = (norms.rms_norm(x, norm_w, norm_eps) if norm_kind == "rms"
              else norms.layer_norm(x, norm_w, norm_b, norm_eps))
         norm_kind = None
@@ -708,15 +750,19 @@ def linear_push_partial(x: Tensor, weight: Tensor, *, rank: int, world: int,
 
 
 def _defer_norm(norm_kind: str | None, cfg: SmallBatchConfig, split_k: int, gated: bool) -> bool:
-    """Apply a one-row RMSNorm prologue after the weight stream instead of before it: no
-    statistics pass holds the stream back, the row's sum of squares comes from the x tiles the
-    loop loads. Needs the whole of K in one program; skips the roundings of the unfused ops
+    """Apply an RMSNorm prologue after the weight stream instead of before it: no statistics
+    pass holds the stream back, each row's sum of squares comes from the x tiles the loop
+    loads. Row tiles do so only with DSC_NORM_DEFER_ROWS=1 (instead of the norm kernel first;
+    correct on the GPU, not yet timed in a model). Needs the whole of K in one
+    program; skips the roundings of the unfused ops
     (normalised value, then times gamma, each to x's dtype), so DSC_NORM_PROLOGUE_EXACT=1 keeps
     the statistics-first order that reproduces them. LayerNorm always takes its statistics
     first: deferred, it needed W·gamma and W·beta summed beside W·x, three accumulators in the
     loop — GPT-2 XL 1.863 -> 2.056 ms a token, OPT-1.3B 1.290 -> 1.486 (bench/NOTES.md,
     run 30)."""
-    return (norm_kind == "rms" and cfg.block_m == 1 and split_k == 1
+    if cfg.block_m != 1 and os.environ.get("DSC_NORM_DEFER_ROWS", "0") != "1":
+        return False
+    return (norm_kind == "rms" and split_k == 1
             and os.environ.get("DSC_NORM_PROLOGUE_EXACT", "0") != "1")
 
 

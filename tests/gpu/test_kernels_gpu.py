@@ -64,12 +64,14 @@ def test_linear_small_batch(m, n, k, dtype):
                                   ("rms", 12288, 4096, torch.bfloat16),
                                   ("rms", 1000, 12000, torch.bfloat16)],
                          ids=["layer-4800x1600-fp16", "rms-12288x4096-bf16", "rms-1000x12000-bf16"])
-def test_linear_small_batch_norm_prologue(case, m):
+@pytest.mark.parametrize("defer_rows", ["0", "1"])
+def test_linear_small_batch_norm_prologue(case, m, defer_rows, monkeypatch):
     """norm(x) @ W^T with the norm applied as x is loaded (one row; row statistics from one
     load of the row, or from K steps for rows above 8192 elements) or by the norm kernel first
-    (row tiles)."""
+    (row tiles; with DSC_NORM_DEFER_ROWS=1 an RMSNorm applied to their sums)."""
     from dsc.ops.norms import layer_norm, rms_norm
 
+    monkeypatch.setenv("DSC_NORM_DEFER_ROWS", defer_rows)
     kind, n, k, dtype = case
     torch.manual_seed(n + k)
     x = (torch.randn(m, k, device="cuda") * 3 + 1).to(dtype)
@@ -84,12 +86,15 @@ def test_linear_small_batch_norm_prologue(case, m):
     close(out, linear_reference(normed, w))
 
 
+@pytest.mark.parametrize("defer_rows", ["0", "1"])
 @pytest.mark.parametrize("m", [1, 16])
-def test_linear_small_batch_gated_rms_norm(m):
+def test_linear_small_batch_gated_rms_norm(m, defer_rows, monkeypatch):
     """silu(norm(x) @ gate^T) * (norm(x) @ up^T) at the Llama-7B's shape: one row applies the
-    RMSNorm to the finished sums, a 16-row tile runs the norm kernel first."""
+    RMSNorm to the finished sums; a 16-row tile runs the norm kernel first, or with
+    DSC_NORM_DEFER_ROWS=1 applies it to its sums too."""
     from dsc.ops.norms import rms_norm
 
+    monkeypatch.setenv("DSC_NORM_DEFER_ROWS", defer_rows)
     torch.manual_seed(m)
     k, n, dtype = 4096, 11008, torch.bfloat16
     x = (torch.randn(m, k, device="cuda") * 3 + 1).to(dtype)

@@ -8,6 +8,7 @@ TRITON_INTERPRET=1 the kernels are interpreter objects.
 * the descriptor flash attention: tensor-memory-accelerator copies and warpgroup MMAs, and no
   pointer loads of Q/K/V;
 * the small-batch GEMM with DSC_PDL_GEMV=late: its successor released after the weight stream;
+  with a deferred RMSNorm, in one row and in 16-row tiles (DSC_NORM_DEFER_ROWS=1);
 * the small-batch GEMM's push epilogue: the call number read after the PDL wait, the tile sent
   as 64-bit words, no plain store of the output; the receiving all-reduce: no sends;
 * the decode attention's split kernel, whose chunks come from the live length: its first K/V
@@ -49,17 +50,20 @@ def _compile(name: str) -> str:
                       "RECEIVE_ONLY": name == "receive_sum"}
         if name == "receive_sum":
             constexprs.update(FUSE_NORM=False, HAS_WEIGHT=False)
-    elif name in ("gemv_late", "gemv_push", "gemv_norm", "decode_split", "decode_split_merge"):
+    elif name in ("gemv_late", "gemv_push", "gemv_norm", "gemv_norm_rows", "decode_split",
+                  "decode_split_merge"):
         from dsc.kernels import decode_attention, small_batch_gemm
 
-        if name in ("gemv_late", "gemv_push", "gemv_norm"):
+        if name in ("gemv_late", "gemv_push", "gemv_norm", "gemv_norm_rows"):
             kernel, warps = small_batch_gemm._small_batch_gemm_kernel, 4
             push = name == "gemv_push"
-            norm = name == "gemv_norm"
+            norm = name in ("gemv_norm", "gemv_norm_rows")
+            rows = name == "gemv_norm_rows"
             constexprs = dict(
                 HAS_BIAS=False, HAS_RESIDUAL=not push, ACTIVATION="silu" if norm else "none",
-                GATED=norm, IS_SPLIT=False, DOT_PRECISION="tf32", BLOCK_M=1, BLOCK_N=8,
-                BLOCK_K=512, NUM_STAGES=4, USE_PDL=True, PREFETCH=True, RELEASE_LATE=not push,
+                GATED=norm, IS_SPLIT=False, DOT_PRECISION="tf32", BLOCK_M=16 if rows else 1,
+                BLOCK_N=64 if rows else 8, BLOCK_K=128 if rows else 512,
+                NUM_STAGES=3 if rows else 4, USE_PDL=True, PREFETCH=True, RELEASE_LATE=not push,
                 NORM=1 if norm else 0, HAS_NW=norm, HAS_NB=False, STATS_K=0, DEFER_NORM=norm,
                 PUSH=push, PUSH_WORLD=2, PACK=2, MAX_ROWS_=32, ROW_WORDS=8192)
             pointers = {"part_ptr": "*fp32", "push_ptrs": "*i64", "push_state": "*i32"}
@@ -139,6 +143,17 @@ def test_gemv_with_a_deferred_norm_streams_from_the_start():
     wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
     first = next(line for line in lines[wait:] if re.search(r"(ld|cp\.async)\.global", line))
     assert "evict_first" in first  # a weight tile, not the row of x
+    assert any("rsqrt" in line for line in lines)
+
+
+def test_gemv_row_tiles_with_a_deferred_norm_compile():
+    # DSC_NORM_DEFER_ROWS=1: a 16-row gated tile takes its RMSNorm from the loop's x tiles —
+    # tensor-core products of x * gamma, rstd applied to the sums, no statistics pass.
+    lines = _ptx("gemv_norm_rows").splitlines()
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    first = next(line for line in lines[wait:] if re.search(r"(ld|cp\.async)\.global", line))
+    assert "evict_first" in first  # a weight tile first, not a statistics load of x
+    assert any("mma" in line for line in lines)
     assert any("rsqrt" in line for line in lines)
 
 

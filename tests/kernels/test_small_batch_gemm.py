@@ -92,16 +92,45 @@ def test_norm_prologue(m, k, n, kind, config, mode, assert_close, poisoned, monk
     assert_close(out, linear_reference(normed, w))
 
 
-def test_only_a_one_row_rms_norm_is_applied_after_the_stream(monkeypatch):
+def test_an_unsplit_one_row_rms_norm_is_applied_after_the_stream(monkeypatch):
     from dsc.kernels.small_batch_gemm import _defer_norm
 
     one_row, rows = CONFIGS["fma"], dataclasses.replace(CONFIGS["fma"], block_m=16)
     assert _defer_norm("rms", one_row, 1, gated=True)
     assert not _defer_norm("layer", one_row, 1, gated=False)  # statistics first
     assert not _defer_norm("rms", one_row, 2, gated=False)  # K split: no program sees the row
-    assert not _defer_norm("rms", rows, 1, gated=False)
+    assert not _defer_norm("rms", rows, 1, gated=False)  # row tiles: the norm kernel first
+    monkeypatch.setenv("DSC_NORM_DEFER_ROWS", "1")
+    assert _defer_norm("rms", rows, 1, gated=True)
+    assert not _defer_norm("layer", rows, 1, gated=False)
+    assert not _defer_norm("rms", rows, 2, gated=False)
     monkeypatch.setenv("DSC_NORM_PROLOGUE_EXACT", "1")
     assert not _defer_norm("rms", one_row, 1, gated=False)
+    assert not _defer_norm("rms", rows, 1, gated=False)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_row_tiles_apply_an_rms_norm_after_the_stream_when_asked(gated, assert_close,
+                                                                  monkeypatch):
+    # 17 rows over 16-row tiles (two row blocks, the second ragged), K = 40 (a ragged step):
+    # with DSC_NORM_DEFER_ROWS=1 the GEMM takes the norm itself, the norm kernel never runs.
+    from dsc.kernels import norms
+    from dsc.ops.norms import rms_norm
+
+    def no_norm_kernel(*args, **kwargs):
+        raise AssertionError("the norm kernel ran")
+
+    monkeypatch.setenv("DSC_NORM_DEFER_ROWS", "1")
+    monkeypatch.setattr(norms, "rms_norm", no_norm_kernel)
+    torch.manual_seed(11)
+    x, nw = torch.randn(17, 40) * 3 + 1, torch.randn(40)
+    w = torch.randn(42 if gated else 21, 40)
+    out = linear_small_batch(x, w, activation="silu" if gated else None, gated=gated,
+                             norm=("rms", nw, None, 1e-6), config=CONFIGS["dot"])
+    normed = rms_norm(x, nw, 1e-6, x.dtype)
+    ref = (_act(linear_reference(normed, w[:21]), "silu") * linear_reference(normed, w[21:])
+           if gated else linear_reference(normed, w))
+    assert_close(out, ref)
 
 
 @pytest.mark.parametrize("config", ["fma", "fma-split2"])
