@@ -45,6 +45,7 @@ from dsc.kernels.flash_attention import FlashConfig, flash_attention
 from dsc.kernels.flash_attention_tma import TmaFlashConfig, flash_attention_tma
 from dsc.kernels.gemm import GemmConfig, gated_linear, linear_fused
 from dsc.kernels.norms import layer_norm, rms_norm
+from dsc.kernels.qkv_attention import qkv_attention
 from dsc.kernels.reference import (
     attention_reference,
     gated_linear_reference,
@@ -351,6 +352,84 @@ def bench_decode(
     return results
 
 
+# The small models' QKV projection + attention at one row: (heads, kv heads, D, K, norm, bias,
+# rotary, dtype); caches of 200 slots holding 160 tokens, as in bench/e2e.py mid-generation.
+QKV_ATTENTION_CASES = {
+    "Llama-1.1B 32:4x64 K=2048 rms rotary": (32, 4, 64, 2048, "rms", False, True, torch.bfloat16),
+    "GPT-2 XL 25x64 K=1600 layer bias": (25, 25, 64, 1600, "layer", True, False, torch.float16),
+    "OPT-1.3B 32x64 K=2048 layer bias": (32, 32, 64, 2048, "layer", True, False, torch.float16),
+}
+QKV_ATTENTION_CONFIGS = {"16x256 s4": (16, 256, 4), "8x256 s4": (8, 256, 4),
+                         "16x128 s4": (16, 128, 4), "32x256 s3": (32, 256, 3)}
+
+
+def qkv_attention_pair(dims, x, w, bias, norm, kc, vc, valid, start, rotary):
+    """What the decode step runs now: the one-row GEMV with its norm, then the split decode
+    attention, which rotates q and the new key and writes the new key and value."""
+    hq, hkv, d = dims
+    qkv = linear_small_batch(x, w, bias, norm=norm).view(1, 1, hq + 2 * hkv, d)
+    q = qkv[:, :, :hq].transpose(1, 2)
+    new_k = qkv[:, :, hq:hq + hkv].transpose(1, 2)
+    new_v = qkv[:, :, hq + hkv:].transpose(1, 2)
+    rot = None if rotary is None else tuple(r.view(1, 1, 1, d) for r in rotary)
+    out = decode_attention(q, kc, vc, valid, start, True, d**-0.5, new_k=new_k, new_v=new_v,
+                           rotary=rot)
+    return out.transpose(1, 2).reshape(1, hq * d)
+
+
+def qkv_attention_fused(dims, cfg, x, w, bias, norm, kc, vc, valid, start, rotary):
+    hq, hkv, d = dims
+    block_n, block_k, stages = cfg
+    return qkv_attention(x, w, bias, kc, vc, valid, start, d**-0.5, heads=hq, kv_heads=hkv,
+                         norm=norm, rotary=rotary, block_n=block_n, block_k=block_k,
+                         num_stages=stages)
+
+
+def bench_qkv_attention(copy_bw: float) -> list[Result]:
+    """The fused kernel against the pair the decode step runs now (the one-row GEMV with its
+    norm, then the split decode attention that rotates and writes the new key): both as a layer
+    of a CUDA graph, PDL on where the GPU has it. `torch_ms` holds the pair's time, so the
+    speedup column is pair / fused."""
+    results = []
+    t, live = 200, 160
+    for name, (hq, hkv, d, k, kind, with_bias, with_rotary, dtype) in QKV_ATTENTION_CASES.items():
+        n = (hq + 2 * hkv) * d
+        weight_bytes = n * k * dtype.itemsize
+        sets = []
+        for _ in range(copies_for(weight_bytes, 4, 48)):
+            x = torch.randn(1, k, device="cuda", dtype=dtype)
+            w = (torch.randn(n, k, device="cuda") / math.sqrt(k)).to(dtype)
+            bias = torch.randn(n, device="cuda", dtype=dtype) if with_bias else None
+            nw = torch.rand(k, device="cuda", dtype=dtype) + 0.5
+            nb = torch.randn(k, device="cuda", dtype=dtype) if kind == "layer" else None
+            norm = (kind, nw, nb, 1e-5)
+            kc = torch.randn(1, hkv, t, d, device="cuda", dtype=dtype)
+            vc = torch.randn(1, hkv, t, d, device="cuda", dtype=dtype)
+            valid = torch.ones(1, t, device="cuda", dtype=torch.bool)
+            start = torch.tensor([live - 1], device="cuda", dtype=torch.int64)
+            angle = torch.rand(d // 2, device="cuda") * 6
+            rotary = ((torch.cat([angle.cos()] * 2).to(dtype), torch.cat([angle.sin()] * 2).to(dtype))
+                      if with_rotary else None)
+            sets.append((x, w, bias, norm, kc, vc, valid, start, rotary))
+
+        dims = (hq, hkv, d)
+        want = qkv_attention_pair(dims, *sets[0])
+        t_pair, t_pair_nf = time_calls([partial(qkv_attention_pair, dims, *s_) for s_ in sets])
+        for label, cfg in QKV_ATTENTION_CONFIGS.items():
+            err = rel_err(qkv_attention_fused(dims, cfg, *sets[0]), want)
+            t_mine, t_mine_nf = time_calls(
+                [partial(qkv_attention_fused, dims, cfg, *s_) for s_ in sets])
+            gbps = weight_bytes / t_mine / 1e6
+            results.append(Result(
+                kernel=f"qkv_attention [{label}]", shape=name, ms=t_mine, rate=gbps,
+                unit="GB/s", pct_ceiling=100 * gbps / copy_bw, torch_ms=t_pair,
+                target="faster than the pair", met=err <= 2e-2 and t_mine < t_pair,
+                rel_err=err, ms_no_flush=t_mine_nf, torch_ms_no_flush=t_pair_nf,
+                extra={"pair_pct_copy_bw": 100 * weight_bytes / t_pair / 1e6 / copy_bw}))
+        del sets
+    return results
+
+
 def _flash_sets(b: int, h: int, s: int, d: int) -> list[tuple]:
     sets = []
     for _ in range(4):
@@ -574,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="JSONL output path")
     parser.add_argument("--sweep", action="store_true", help="also sweep launch configurations")
-    parser.add_argument("--only", default="", help="comma list: sbgemm,norms,decode,flash,gemm")
+    parser.add_argument("--only", default="", help="comma list: sbgemm,norms,qkvattn,decode,flash,gemm")
     parser.add_argument("--decode-cases", default="",
                         help="only the decode-attention cases whose name contains this text")
     args = parser.parse_args(argv)
@@ -642,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
 
     section("sbgemm", lambda: record(bench_small_batch_gemm(copy_bw, sm, sizes=[1, 4, 8, 16, 32])))
     section("norms", lambda: record(bench_norms(copy_bw)))
+    section("qkvattn", lambda: record(bench_qkv_attention(copy_bw)))
     section("decode", lambda: record(bench_decode(copy_bw, sm, lambda _pairs: {"default": None},
                                                   args.decode_cases)))
     # As prefill runs it without padding (the runtime promises that once per prefill), and the

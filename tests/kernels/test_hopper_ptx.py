@@ -12,7 +12,9 @@ TRITON_INTERPRET=1 the kernels are interpreter objects.
 * the small-batch GEMM's push epilogue: the call number read after the PDL wait, the tile sent
   as 64-bit words, no plain store of the output; the receiving all-reduce: no sends;
 * the decode attention's split kernel, whose chunks come from the live length: its first K/V
-  lines prefetched before the PDL wait, and, merging in the split, the group's arrival ticket."""
+  lines prefetched before the PDL wait, and, merging in the split, the group's arrival ticket;
+* the QKV projection with its attention (`qkv_attention`): prefetch, wait, late release, the
+  kv group's ticket."""
 
 import json
 import os
@@ -78,6 +80,21 @@ def _compile(name: str) -> str:
                         "part_ml_ptr": "*fp32", "arrivals_ptr": "*i32"}
         signature = {
             arg: pointers.get(arg, "*bf16") if arg.endswith("_ptr") or arg in pointers
+            else "fp32" if arg in ("norm_eps", "scale_log2e") else "i32"
+            for arg in kernel.arg_names if arg not in constexprs
+        }
+    elif name == "qkv_attention":
+        from dsc.kernels import qkv_attention as module
+
+        kernel, warps = module._qkv_attention_kernel, 4
+        constexprs = dict(
+            HQ=32, HKV=4, GROUP=8, PER_GROUP=40, HEAD_D=64, BLOCK_D=64, BLOCK_R=16,
+            BLOCK_KEYS=64, NORM=1, HAS_NW=True, HAS_NB=False, STATS_K=1, HAS_BIAS=False,
+            ROTARY=True, BLOCK_N=16, BLOCK_K=256, NUM_STAGES=4, DOT_PRECISION="tf32",
+            USE_PDL=True)
+        pointers = {"valid_ptr": "*u8", "start_ptr": "*i64", "arrivals_ptr": "*i32"}
+        signature = {
+            arg: pointers.get(arg, "*bf16") if arg.endswith("_ptr")
             else "fp32" if arg in ("norm_eps", "scale_log2e") else "i32"
             for arg in kernel.arg_names if arg not in constexprs
         }
@@ -186,6 +203,20 @@ def test_decode_split_kernel_merging_its_partials_has_a_ticket():
     ptx = _ptx("decode_split_merge")
     assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx)  # the group's arrival ticket
     assert re.search(r"ld\.volatile\.global", ptx)  # the partials, past any stale L1 line
+
+
+def test_qkv_attention_compiles_with_its_ticket_and_the_late_release():
+    lines = _ptx("qkv_attention").splitlines()
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    prefetch = [i for i, line in enumerate(lines) if "prefetch.global.L2" in line]
+    release = next(i for i, line in enumerate(lines) if "griddepcontrol.launch_dependents" in line)
+    ticket = next(i for i, line in enumerate(lines)
+                  if re.search(r"atom\.global\.gpu\.acq_rel\.add", line))
+    # First weight lines requested before the wait; the next kernel let in after the stream,
+    # before the group's ticket; the scratch row read back past L1.
+    assert prefetch and max(prefetch) < wait < release < ticket
+    assert any(re.search(r"ld\.volatile\.global", line) for line in lines)
+    assert any("mma" in line for line in lines)
 
 
 if __name__ == "__main__":
