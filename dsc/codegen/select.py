@@ -64,6 +64,12 @@ def _attention(node: fx.Node, program: str, target: Target) -> bool:
     return _on_gpu(node, target) and q is not None and q.shape[-1] <= 256
 
 
+def _qkv_attention(node: fx.Node, program: str, target: Target) -> bool:
+    x, weight, cache = _val(node.args[0]), _val(node.args[1]), _val(node.args[7])
+    return (_on_gpu(node, target) and x is not None and weight is not None and cache is not None
+            and x.dtype == weight.dtype and cache.shape[-1] <= 256)
+
+
 def _rotary(node: fx.Node, program: str, target: Target) -> bool:
     x, cos = _val(node.args[0]), _val(node.args[1])
     return _on_gpu(node, target) and x is not None and x.dim() == 4 and cos is not None and (
@@ -97,6 +103,8 @@ CANDIDATES: list[Candidate] = [
     Candidate("cuda::rotary_cached_attention", torch.ops.dsc.rotary_cached_attention.default,
               _attention),
     Candidate("cuda::attention", torch.ops.dsc.attention.default, _attention),
+    Candidate("cuda::qkv_cached_attention", torch.ops.dsc.qkv_cached_attention.default,
+              _qkv_attention),
     Candidate(_region_kernel, torch.ops.dsc.fused_region.default, _generated_region),
 ]
 

@@ -47,7 +47,8 @@ __all__ = ["generate", "kernel_name", "normalize", "region_sources", "supports"]
 # GEMM regions: up to EPILOGUE_ROWS rows the product runs on its own and one generated kernel
 # applies the epilogue (decode: the weight stream dominates), except where the small-batch
 # kernel takes the product and its epilogue together (`small_batch_wins`, the rule the unfused
-# linear follows too). Past EPILOGUE_ROWS the tiled GEMM applies the epilogue to its accumulator.
+# linear follows too). Past EPILOGUE_ROWS (small_batch_gemm.MAX_ROWS) the tiled GEMM applies the
+# epilogue to its accumulator.
 EPILOGUE_ROWS = 64
 _ROUNDED = {"bfloat16": "tl.bfloat16", "float16": "tl.float16"}
 _GEMM_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")

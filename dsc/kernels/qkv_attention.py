@@ -38,9 +38,10 @@ from dsc.kernels.checks import check_device
 from dsc.kernels.decode_attention import _last_to_arrive, _rotate
 from dsc.kernels.online_softmax import LOG2E, online_softmax_step
 
-__all__ = ["MAX_KEYS", "fits", "qkv_attention"]
+__all__ = ["BLOCK_N", "MAX_KEYS", "fits", "qkv_attention"]
 
 MAX_KEYS = 1024  # cache slots one program per kv group may walk (not yet measured; see fits)
+BLOCK_N = 16  # projection columns per program by default (a divisor of the head dimension)
 _MAX_STATS_K = 8192  # LayerNorm rows up to this length take their statistics in one load
 
 
@@ -243,7 +244,7 @@ def qkv_attention(
     kv_heads: int,
     norm: tuple[str, Tensor | None, Tensor | None, float] | None = None,
     rotary: tuple[Tensor, Tensor] | None = None,
-    block_n: int = 16,
+    block_n: int = BLOCK_N,
     block_k: int = 256,
     num_stages: int = 4,
 ) -> Tensor:

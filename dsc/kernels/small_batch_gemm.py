@@ -47,17 +47,17 @@ from dsc.kernels.checks import check_device, check_out, shared_memory, sm_count
 from dsc.kernels.gemm import ACTIVATIONS, _apply_activation
 
 __all__ = [
-    "SmallBatchConfig", "linear_push_partial", "linear_small_batch", "pick_config", "push_config",
-    "small_batch_wins",
+    "MAX_ROWS", "SmallBatchConfig", "linear_push_partial", "linear_small_batch", "pick_config",
+    "push_config", "small_batch_wins",
 ]
 
 # Up to this many rows the small-batch kernel takes every product (DSC_SMALL_BATCH_ROWS
 # overrides): on an H200 it streams the 7B's o and down projections 1.11-1.22x faster than
 # cuBLAS at 4-16 rows and takes the residual add too (at 32 rows it is slower); weights of at
-# least _WIDE_N output rows take it up to _WIDE_ROWS rows (bench/NOTES-kernels.md).
+# least _WIDE_N output rows take it up to MAX_ROWS rows (bench/NOTES-kernels.md).
 _ALL_SHAPES_ROWS = 16
 _WIDE_N = 8192
-_WIDE_ROWS = 64
+MAX_ROWS = 64  # past this each program re-reads the weight per row tile: gemm.linear_fused's turn
 
 
 @dataclass(frozen=True)
@@ -604,7 +604,7 @@ def small_batch_wins(rows: int, out_features: int) -> bool:
     """Whether this kernel, rather than cuBLAS, should take a product of `rows` rows of x with
     a weight of `out_features` rows: every shape up to DSC_SMALL_BATCH_ROWS rows (default 16),
     wide weights (>= 8192 rows) up to 64 rows."""
-    return rows <= _all_shapes_rows() or (rows <= _WIDE_ROWS and out_features >= _WIDE_N)
+    return rows <= _all_shapes_rows() or (rows <= MAX_ROWS and out_features >= _WIDE_N)
 
 
 def _all_shapes_rows() -> int:

@@ -5,7 +5,9 @@ fast kernel is tested against) and a fake implementation (shape propagation for 
 Importing this package registers them all; the runtime imports it, passes and codegen too.
 """
 
-from dsc.ops import attention, collectives, fused, mlp, moe, norms, residual, rotary  # noqa: F401
+from dsc.ops import (  # noqa: F401
+    attention, collectives, fused, mlp, moe, norms, qkv_attention, residual, rotary,
+)
 
 __all__ = [
     "attention",
@@ -14,6 +16,7 @@ __all__ = [
     "mlp",
     "moe",
     "norms",
+    "qkv_attention",
     "residual",
     "rotary",
     "direct",
@@ -30,7 +33,8 @@ def direct(name: str):
     import torch
 
     op = getattr(getattr(torch.ops, "dsc"), name)
-    for module in (attention, collectives, fused, mlp, moe, norms, residual, rotary):
+    for module in (attention, collectives, fused, mlp, moe, norms, qkv_attention, residual,
+                   rotary):
         opdef = getattr(module, name, None)
         fn = getattr(opdef, "_init_fn", None)
         if callable(fn):

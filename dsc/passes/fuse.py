@@ -133,7 +133,8 @@ _VIEWS = (
     operator.getitem,
 )
 _NORMS = (dsc_ops.rms_norm, dsc_ops.layer_norm, aten.layer_norm)
-_ATTENTION = (dsc_ops.attention, dsc_ops.cached_attention, dsc_ops.rotary_cached_attention)
+_ATTENTION = (dsc_ops.attention, dsc_ops.cached_attention, dsc_ops.rotary_cached_attention,
+              dsc_ops.qkv_cached_attention)
 
 
 # ---- what a node is ------------------------------------------------------------------------

@@ -90,6 +90,55 @@ def rotary_cached_attention(
                             out=out, new_k=k, new_v=v, rotary=(cos, sin))
 
 
+def qkv_cached_attention(
+    x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None,
+    norm_bias: Tensor | None, norm: str, eps: float, k_cache: Tensor, v_cache: Tensor,
+    valid: Tensor, start: Tensor, cos: Tensor | None, sin: Tensor | None, causal: bool,
+    scale: float, heads: int, kv_heads: int,
+) -> Tensor:
+    """One sequence's decode step over a short cache: the projection and the attention in one
+    kernel (`dsc.kernels.qkv_attention`). Any other step: the projection as a generated GEMM
+    region runs it, then the attention kernels."""
+    from dsc.kernels import qkv_attention as fused
+    from dsc.ops.qkv_attention import split_heads
+
+    batch, seq, d = x.shape[0], x.shape[1], k_cache.shape[-1]
+    prologue = None if norm == "none" else (norm, norm_weight, norm_bias, eps)
+    rotary_ok = cos is None or (cos.numel() == d and sin.numel() == d)
+    if causal and rotary_ok and fused.fits(batch, seq, k_cache.shape[2], d, fused.BLOCK_N):
+        out = fused.qkv_attention(
+            x.reshape(1, -1), weight, bias, k_cache[:1], v_cache[:1], valid[:1], start, scale,
+            heads=heads, kv_heads=kv_heads, norm=prologue,
+            rotary=None if cos is None else (cos, sin))
+        return out.view(1, 1, heads, d).transpose(1, 2)
+    y = _projection(x.reshape(-1, x.shape[-1]), weight, bias, prologue)
+    q, k, v = split_heads(y.view(batch, seq, -1), heads, kv_heads, d)
+    if cos is not None:
+        return rotary_cached_attention(q, k, v, k_cache, v_cache, valid, start, cos, sin, causal,
+                                       scale)
+    return cached_attention(q, k, v, k_cache, v_cache, valid, start, causal, scale)
+
+
+def _projection(x: Tensor, weight: Tensor, bias: Tensor | None,
+                norm: tuple[str, Tensor | None, Tensor | None, float] | None) -> Tensor:
+    """norm(x) @ weight^T + bias the way a generated GEMM region with a norm prologue runs it
+    (dsc.codegen.triton_codegen `_gemm`)."""
+    from dsc.kernels.gemm import linear_fused
+    from dsc.kernels.small_batch_gemm import MAX_ROWS, small_batch_wins
+    from dsc.kernels.small_batch_gemm import linear_small_batch as small_batch
+
+    rows = x.shape[0]
+    if small_batch_wins(rows, weight.shape[0]):
+        return small_batch(x, weight, bias, norm=norm)
+    if norm is not None:
+        kind, norm_w, norm_b, eps = norm
+        x = rms_norm(x, norm_w, eps, x.dtype) if kind == "rms" else layer_norm(x, norm_w, norm_b,
+                                                                               eps)
+    if rows <= MAX_ROWS:
+        return torch.nn.functional.linear(x, weight, bias)
+    return linear_fused(x, weight, bias, None, None)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, causal: bool,
               scale: float) -> Tensor:
     from dsc.kernels.flash_attention import attention as kernel
@@ -125,6 +174,7 @@ IMPLEMENTATIONS: dict[str, Callable] = {
     "layer_norm": layer_norm,
     "cached_attention": cached_attention,
     "rotary_cached_attention": rotary_cached_attention,
+    "qkv_cached_attention": qkv_cached_attention,
     "attention": attention,
 }
 

@@ -164,3 +164,14 @@ def test_tiny_llama_forward_through_generated_kernels():
     (out,) = Executor(program, ctx.weights, torch.device("cpu"))(**feeds)
     (ref,) = Executor(reference, ctx.weights, torch.device("cpu"))(**feeds)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_qkv_attention_takes_the_norm_projection_and_attention_of_a_layer(monkeypatch):
+    """DSC_QKV_ATTENTION=1: [norm + QKV + attention] is one step, so a Llama layer is four:
+    that step, [O GEMM + residual add], [norm + gate/up GEMM + gated SiLU], [down GEMM +
+    residual add]; GPT-2's the same four."""
+    monkeypatch.setenv("DSC_QKV_ATTENTION", "1")
+    for name in ("tiny-llama", "tiny-gpt2"):
+        after = _per_layer(name, True)
+        assert sum(after.values()) == 4, (name, after)
+        assert after["cuda::qkv_cached_attention"] == 1

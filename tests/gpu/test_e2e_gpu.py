@@ -94,3 +94,18 @@ def test_rotary_in_attention_greedy_equals_hf(name, monkeypatch):
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)
     assert torch.equal(compiled.generate(ids, max_new_tokens=24, eos_token_id=[]), ref)
+
+
+@pytest.mark.parametrize("batch", [1, 2])  # one row: the fused kernel; two: its fallback
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_qkv_attention_greedy_equals_hf(name, batch, monkeypatch):
+    """DSC_QKV_ATTENTION=1: each layer's norm, QKV projection and attention as one step."""
+    monkeypatch.setenv("DSC_QKV_ATTENTION", "1")
+    model = zoo.build(name, init_std=0.3, seed=1, device="cuda")
+    compiled = dsc.compile(model, dsc.Target(device="cuda", dtype="float32", max_seq_len=64))
+    assert "qkv_cached_attention" in compiled.report()
+    ids = torch.randint(3, 200, (batch, 7), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=24, eos_token_id=[]), ref)

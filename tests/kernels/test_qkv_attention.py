@@ -115,3 +115,36 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="cos and sin"):
         qkv_attention(x, w, None, cache, cache.clone(), valid, start, 1.0, heads=2, kv_heads=1,
                       rotary=(torch.ones(8), torch.ones(8)))
+
+
+@pytest.mark.parametrize("batch,seq", [(1, 1), (2, 1), (1, 3)])
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_the_runtime_op_equals_its_reference(batch, seq, kind, assert_close):
+    """dsc.runtime.cuda_impls.qkv_cached_attention: the fused kernel for one token of one
+    sequence, the projection and attention kernels otherwise; each equal to the op's reference
+    (logits side and the cache it writes)."""
+    from dsc.ops import direct
+    from dsc.runtime.cuda_impls import qkv_cached_attention
+
+    heads, kv_heads, d, k, t, start = 4, 2, 16, 48, 24, 6
+    g = torch.Generator().manual_seed(batch * 10 + seq)
+    n = (heads + 2 * kv_heads) * d
+    x = torch.randn(batch, seq, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    bias = torch.randn(n, generator=g) if kind == "layer" else None
+    nw = torch.rand(k, generator=g) + 0.5
+    nb = torch.randn(k, generator=g) if kind == "layer" else None
+    caches = [torch.randn(2, kv_heads, t, d, generator=g) for _ in range(2)]
+    valid = torch.ones(batch, t, dtype=torch.bool)
+    pos = torch.tensor([start])
+    angle = torch.rand(1, 1, seq, d // 2, generator=g) * 6
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    mine = [c.clone() for c in caches]
+    want = direct("qkv_cached_attention")(x, w, bias, nw, nb, kind, 1e-5, *caches, valid, pos,
+                                          cos, sin, True, 0.25, heads, kv_heads)
+    got = qkv_cached_attention(x, w, bias, nw, nb, kind, 1e-5, *mine, valid, pos, cos, sin,
+                               True, 0.25, heads, kv_heads)
+    assert got.shape == want.shape == (batch, heads, seq, d)
+    assert_close(got, want)
+    for a, b in zip(mine, caches):
+        assert_close(a[:batch, :, start:start + seq], b[:batch, :, start:start + seq])
