@@ -83,15 +83,18 @@ def _compile(name: str) -> str:
             else "fp32" if arg in ("norm_eps", "scale_log2e") else "i32"
             for arg in kernel.arg_names if arg not in constexprs
         }
-    elif name == "qkv_attention":
+    elif name in ("qkv_attention", "qkv_attention_layer_norm"):
         from dsc.kernels import qkv_attention as module
 
         kernel, warps = module._qkv_attention_kernel, 4
-        constexprs = dict(
+        constexprs = dict(  # Llama-1.1B's layer: RMSNorm, GQA 32:4, rotary
             HQ=32, HKV=4, GROUP=8, PER_GROUP=40, HEAD_D=64, BLOCK_D=64, BLOCK_R=16,
             BLOCK_KEYS=64, NORM=1, HAS_NW=True, HAS_NB=False, STATS_K=1, HAS_BIAS=False,
             ROTARY=True, BLOCK_N=16, BLOCK_K=256, NUM_STAGES=4, DOT_PRECISION="tf32",
             USE_PDL=True)
+        if name == "qkv_attention_layer_norm":  # GPT-2 XL's: LayerNorm, 25 heads, bias
+            constexprs.update(HQ=25, HKV=25, GROUP=1, PER_GROUP=12, NORM=2, HAS_NB=True,
+                              STATS_K=2048, HAS_BIAS=True, ROTARY=False)
         pointers = {"valid_ptr": "*u8", "start_ptr": "*i64", "arrivals_ptr": "*i32"}
         signature = {
             arg: pointers.get(arg, "*bf16") if arg.endswith("_ptr")
@@ -217,6 +220,11 @@ def test_qkv_attention_compiles_with_its_ticket_and_the_late_release():
     assert prefetch and max(prefetch) < wait < release < ticket
     assert any(re.search(r"ld\.volatile\.global", line) for line in lines)
     assert any("mma" in line for line in lines)
+
+
+def test_qkv_attention_compiles_with_a_layer_norm_and_a_bias():
+    ptx = _ptx("qkv_attention_layer_norm")
+    assert "griddepcontrol.wait" in ptx and re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx)
 
 
 if __name__ == "__main__":
