@@ -132,7 +132,7 @@ def hf_generate(model, ids):
 
 def bench_model(
     name: str, batch: int, bandwidth: float, with_compile: bool, prefill: bool,
-    ab_envs: list[str] = (),
+    ab_envs: list[str] = (), max_seq_len: int | None = None,
 ) -> dict:
     dtype = DTYPES[name]
     model = zoo.build(name, dtype=dtype, device="cuda")
@@ -156,11 +156,14 @@ def bench_model(
         row["hf_eager_ms"] = per_token(hf_generate(model, ids)) * 1e3
 
         t0 = time.perf_counter()
+        # The cache's capacity: just the benchmark's tokens, the 2048-token prompt when prefill
+        # is timed too, or --max-seq-len (decode kernels pick launch shapes from it).
+        row["max_seq_len"] = (2048 + 8 if prefill else max_seq_len or PROMPT + NEW + 8)
         target = dsc.Target(
             device="cuda",
             dtype=row["dtype"],
             max_batch=max(batch, 1),
-            max_seq_len=PROMPT + NEW + 8 if not prefill else 2048 + 8,
+            max_seq_len=row["max_seq_len"],
         )
         compiled = dsc.compile(model, target)
         compiled.generate(ids, max_new_tokens=1, eos_token_id=[])
@@ -285,6 +288,8 @@ def main() -> None:
         "--prefill", default="llama-7b", help="models that also time 2048-token prefill"
     )
     parser.add_argument("--out", default=None)
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="cache slots for the decode runs (default: prompt + new tokens + 8)")
     parser.add_argument(
         "--ab-env", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
         help="a variant: dsc compiled and run with these environment settings, timed "
@@ -302,7 +307,8 @@ def main() -> None:
         name, batch = spec.split(":")
         first_of_model = name in args.prefill.split(",") and int(batch) == 1
         row = bench_model(
-            name, int(batch), bandwidth, not args.no_compile, first_of_model, args.ab_env
+            name, int(batch), bandwidth, not args.no_compile, first_of_model, args.ab_env,
+            args.max_seq_len,
         )
         rows.append(row)
         with open(out, "a") as f:
