@@ -805,6 +805,8 @@ def _label_regions(graph: fx.Graph) -> None:
     gemms = [n for n in graph.nodes if _gemm_input(n) is not None]
     for attn in (n for n in graph.nodes if is_op(n, *_ATTENTION)):
         _label(attn, "attention")
+        if is_op(attn, dsc_ops.qkv_cached_attention):
+            continue  # its norm and QKV projection are inside it; its operands are x and W
         for operand in attn.args[:3]:
             source = _source(operand)
             if "dsc::rotary.default" in _region_ops(source):
