@@ -15,8 +15,8 @@ computes the grid, and nothing else. Import the module you need; this package im
 - `decode_attention.decode_attention(...)`: flash-decoding for a few new tokens, GQA-aware,
   graph-replay safe (the cache position is read from device memory).
 - `qkv_attention.qkv_attention(...)`: one sequence's QKV projection and its one-token attention
-  over a short cache in one launch (the kv group's last projection program attends); not yet
-  used by the compiler.
+  over a short cache in one launch (the kv group's last projection program attends); used with
+  DSC_QKV_ATTENTION=1.
 - `decode_step.advance_greedy(...)`: the argmax and bookkeeping between two greedy decode steps
   (token record, eos, next id, position and cache slot), replayed inside the step's CUDA graph.
 - `pdl`: the programmatic-dependent-launch protocol every decode-chain kernel follows on Hopper.

@@ -22,8 +22,9 @@ short caches (a few key tiles), not for thousands of keys, where the split decod
 spreads the cache over the GPU. The caller chooses (see `fits`).
 
 Semantics as `decode_attention` with S = 1, causal: the query at slot start attends slot j iff
-j <= start and kv_valid[0, j]. Not yet used by the compiler; `bench/kernels.py --only qkvattn`
-times it against the unfused pair.
+j <= start and kv_valid[0, j]. The compiler gives it the decode steps of one sequence with
+DSC_QKV_ATTENTION=1 (pass `fuse_qkv_attention`); `bench/kernels.py --only qkvattn` times it
+against the unfused pair.
 """
 
 from __future__ import annotations
