@@ -36,7 +36,7 @@ from torch import Tensor
 
 from dsc.kernels import pdl
 from dsc.kernels.checks import check_device
-from dsc.kernels.decode_attention import _last_to_arrive, _rotate
+from dsc.kernels.decode_attention import _arrival_counters, _last_to_arrive, _rotate
 from dsc.kernels.online_softmax import LOG2E, online_softmax_step
 
 __all__ = ["BLOCK_N", "MAX_KEYS", "fits", "qkv_attention"]
@@ -216,21 +216,6 @@ def fits(batch: int, new_tokens: int, cache_slots: int, head_dim: int, block_n: 
             and head_dim % block_n == 0)
 
 
-_arrivals: dict[tuple[int, int], Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, groups: int) -> Tensor:
-    """Zeroed int32 counters, one per kv group; every launch leaves them at zero (the group's
-    last program resets its counter), so one set per device and stream serves calls in order."""
-    key = (device.index or 0, torch.cuda.current_stream(device).stream_id if device.type == "cuda"
-           else 0)
-    counters = _arrivals.get(key)
-    if counters is None or counters.numel() < groups:
-        counters = torch.zeros(max(groups, 256), dtype=torch.int32, device=device)
-        _arrivals[key] = counters
-    return counters
-
-
 def qkv_attention(
     x: Tensor,
     weight: Tensor,
@@ -294,10 +279,14 @@ def qkv_attention(
     out = torch.empty(1, heads * d, device=x.device, dtype=x.dtype)
     valid = kv_valid.view(torch.uint8)
     x = x.contiguous()
+    # One zeroed counter per kv group; each launch leaves them at zero (shared, in stream order,
+    # with the decode attention's merge tickets).
+    arrivals = (_arrival_counters(x.device, kv_heads) if x.is_cuda
+                else torch.zeros(kv_heads, dtype=torch.int32))
     _qkv_attention_kernel[(n // block_n,)](
         x, weight, bias if bias is not None else x, nw if nw is not None else x,
         nb if nb is not None else x, float(eps),
-        qkv, _arrival_counters(x.device, kv_heads),
+        qkv, arrivals,
         k_cache, v_cache, valid, start, cos, sin, out,
         k, k_cache.shape[2], float(scale) * LOG2E,
         weight.stride(0), weight.stride(1),
