@@ -7,17 +7,20 @@ the forward program runs on the CPU with every fused region as a generated kerne
 import functools
 from collections import Counter
 
+import pytest
 import torch
 from torch import fx
 
 from dsc import zoo
 from dsc.codegen.lower import lower
+from dsc.codegen.triton_codegen import region_sources
 from dsc.codegen.select import choose_kernels
 from dsc.compiler import _load_passes
 from dsc.frontend import trace
 from dsc.passes.context import PassContext
 from dsc.passes.manager import PassManager
 from dsc.pipelines import backend, cached, trunk
+from dsc.runtime import generated
 from dsc.runtime.executor import Executor
 from tests.codegen.helpers import CUDA, generated_program
 
@@ -175,3 +178,45 @@ def test_qkv_attention_takes_the_norm_projection_and_attention_of_a_layer(monkey
         after = _per_layer(name, True)
         assert sum(after.values()) == 4, (name, after)
         assert after["cuda::qkv_cached_attention"] == 1
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_qkv_attention_decode_step_through_the_chosen_kernels(name, batch, monkeypatch):
+    """DSC_QKV_ATTENTION=1: one decode step with every kernel the GPU would run (the fused
+    QKV + attention kernel for one sequence, its fallback for two; generated regions,
+    small-batch GEMMs), on the interpreter, equals the same program run op by op — logits and
+    the cache rows it writes."""
+    import dataclasses
+
+    monkeypatch.setenv("DSC_QKV_ATTENTION", "1")
+    target = dataclasses.replace(CUDA, max_batch=2, max_seq_len=32)  # a cache the kernel takes
+    t = _traced(name, 2)
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(t.gm.graph, {}))
+    ctx = PassContext(target=target, weights=dict(t.weights), info=t.info, inputs=t.inputs)
+    gm = PassManager(ctx).run(fx.GraphModule(torch.nn.Module(), graph),
+                              trunk(target) + cached(target) + backend(target), program="decode")
+    program = lower(gm, "decode", choose_kernels(gm, "decode", target))
+    generated.register_sources(region_sources([program]))
+    assert any(s["op"] == "cuda::qkv_cached_attention" for s in program.steps)
+    reference = lower(gm, "decode", {})
+    g = torch.Generator().manual_seed(batch)
+    start = 9
+    valid = torch.zeros(batch, 32, dtype=torch.bool)
+    valid[:, : start + 1] = True
+    feeds = {
+        "input_ids": torch.randint(3, t.info.vocab_size, (batch, 1), generator=g),
+        "attention_mask": torch.ones(batch, start + 1, dtype=torch.long),
+        "position_ids": torch.full((batch, 1), start),
+        "kv_valid": valid,
+        "cache_start": torch.tensor([start]),
+        **{spec["name"]: torch.randn(spec["shape"], generator=g) for spec in ctx.notes["cache"]},
+    }
+    feeds = {k: feeds[k] for k in program.inputs}
+    twin = {k: v.clone() for k, v in feeds.items()}
+    (out, *_) = Executor(program, ctx.weights, torch.device("cpu"))(**feeds)
+    (ref, *_) = Executor(reference, ctx.weights, torch.device("cpu"))(**twin)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    for key in (spec["name"] for spec in ctx.notes["cache"]):
+        torch.testing.assert_close(feeds[key][:batch, :, start], twin[key][:batch, :, start])
