@@ -13,8 +13,8 @@ from torch import fx
 
 from dsc import zoo
 from dsc.codegen.lower import lower
-from dsc.codegen.triton_codegen import region_sources
 from dsc.codegen.select import choose_kernels
+from dsc.codegen.triton_codegen import region_sources
 from dsc.compiler import _load_passes
 from dsc.frontend import trace
 from dsc.passes.context import PassContext
