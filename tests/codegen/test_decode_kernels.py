@@ -180,17 +180,18 @@ def test_qkv_attention_takes_the_norm_projection_and_attention_of_a_layer(monkey
         assert after["cuda::qkv_cached_attention"] == 1
 
 
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch,setting", [(1, "DSC_QKV_ATTENTION"), (2, "DSC_QKV_ATTENTION"),
+                                           (4, "DSC_NORM_DEFER_ROWS")])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
-def test_qkv_attention_decode_step_through_the_chosen_kernels(name, batch, monkeypatch):
-    """DSC_QKV_ATTENTION=1: one decode step with every kernel the GPU would run (the fused
-    QKV + attention kernel for one sequence, its fallback for two; generated regions,
-    small-batch GEMMs), on the interpreter, equals the same program run op by op — logits and
-    the cache rows it writes."""
+def test_opt_in_decode_step_through_the_chosen_kernels(name, batch, setting, monkeypatch):
+    """One decode step with every kernel the GPU would run, on the interpreter, equals the
+    same program run op by op — logits and the cache rows it writes. DSC_QKV_ATTENTION=1: the
+    fused QKV + attention kernel for one sequence, its fallback for two. DSC_NORM_DEFER_ROWS=1:
+    four rows, whose GEMM row tiles apply the input RMSNorm to their sums."""
     import dataclasses
 
-    monkeypatch.setenv("DSC_QKV_ATTENTION", "1")
-    target = dataclasses.replace(CUDA, max_batch=2, max_seq_len=32)  # a cache the kernel takes
+    monkeypatch.setenv(setting, "1")
+    target = dataclasses.replace(CUDA, max_batch=4, max_seq_len=32)  # a cache the kernel takes
     t = _traced(name, 2)
     graph = fx.Graph()
     graph.output(graph.graph_copy(t.gm.graph, {}))
@@ -199,7 +200,8 @@ def test_qkv_attention_decode_step_through_the_chosen_kernels(name, batch, monke
                               trunk(target) + cached(target) + backend(target), program="decode")
     program = lower(gm, "decode", choose_kernels(gm, "decode", target))
     generated.register_sources(region_sources([program]))
-    assert any(s["op"] == "cuda::qkv_cached_attention" for s in program.steps)
+    fused = any(s["op"] == "cuda::qkv_cached_attention" for s in program.steps)
+    assert fused == (setting == "DSC_QKV_ATTENTION")
     reference = lower(gm, "decode", {})
     g = torch.Generator().manual_seed(batch)
     start = 9
