@@ -389,7 +389,7 @@ def bench_qkv_attention(copy_bw: float) -> list[Result]:
     """The fused kernel against the pair the decode step runs now (the one-row GEMV with its
     norm, then the split decode attention that rotates and writes the new key): both as a layer
     of a CUDA graph, PDL on where the GPU has it. `torch_ms` holds the pair's time, so the
-    speedup column is pair / fused."""
+    speedup column is pair / fused; `extra.gemv_alone_ms` the projection's alone."""
     results = []
     t, live = 200, 160
     for name, (hq, hkv, d, k, kind, with_bias, with_rotary, dtype) in QKV_ATTENTION_CASES.items():
@@ -415,6 +415,9 @@ def bench_qkv_attention(copy_bw: float) -> list[Result]:
         dims = (hq, hkv, d)
         want = qkv_attention_pair(dims, *sets[0])
         t_pair, t_pair_nf = time_calls([partial(qkv_attention_pair, dims, *s_) for s_ in sets])
+        # The projection alone: what the attention adds on top, either way.
+        t_gemv, _ = time_calls([partial(linear_small_batch, s_[0], s_[1], s_[2], norm=s_[3])
+                                for s_ in sets])
         for label, cfg in QKV_ATTENTION_CONFIGS.items():
             err = rel_err(qkv_attention_fused(dims, cfg, *sets[0]), want)
             t_mine, t_mine_nf = time_calls(
@@ -425,7 +428,8 @@ def bench_qkv_attention(copy_bw: float) -> list[Result]:
                 unit="GB/s", pct_ceiling=100 * gbps / copy_bw, torch_ms=t_pair,
                 target="faster than the pair", met=err <= 2e-2 and t_mine < t_pair,
                 rel_err=err, ms_no_flush=t_mine_nf, torch_ms_no_flush=t_pair_nf,
-                extra={"pair_pct_copy_bw": 100 * weight_bytes / t_pair / 1e6 / copy_bw}))
+                extra={"pair_pct_copy_bw": 100 * weight_bytes / t_pair / 1e6 / copy_bw,
+                       "gemv_alone_ms": t_gemv}))
         del sets
     return results
 

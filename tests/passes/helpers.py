@@ -77,3 +77,40 @@ def run(gm: fx.GraphModule, weights: dict[str, torch.Tensor], *inputs: torch.Ten
             args.append(weights[n.meta["dsc_weight"]] if "dsc_weight" in n.meta else next(it))
     gm.recompile()
     return gm(*args)
+
+
+def decode_graph(name: str, passes: list[str]):
+    """(PassManager, graph): a zoo model's decode graph after recognition and `passes` (a
+    two-sequence, 16-slot cache)."""
+    from dsc import zoo
+    from dsc.compiler import _load_passes
+    from dsc.frontend import trace
+    from dsc.passes.manager import PassManager
+    from dsc.pipelines import trunk
+
+    _load_passes()
+    model = zoo.build(name, init_std=0.3, seed=3)
+    traced = trace(model, position_ids=True)
+    ctx = PassContext(Target(max_batch=2, max_seq_len=16), traced.weights, traced.info,
+                      traced.inputs)
+    manager = PassManager(ctx)
+    return manager, manager.run(traced.gm, trunk(ctx.target) + passes, program="decode")
+
+
+def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy to rewrite (passes rewrite in place)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def decode_inputs(manager, start: int) -> list[torch.Tensor]:
+    """One decode step's inputs for `decode_graph`: a cache holding `start` random earlier
+    tokens."""
+    g = torch.Generator().manual_seed(start)
+    caches = [torch.randn(spec["shape"], generator=g) for spec in manager.ctx.notes["cache"]]
+    valid = torch.zeros(2, 16, dtype=torch.bool)
+    valid[:, : start + 1] = True
+    ids = torch.randint(3, 100, (2, 1), generator=g)
+    return [ids, torch.ones(2, 1, dtype=torch.long), torch.full((2, 1), start), valid,
+            torch.tensor([start]), *caches]

@@ -1,37 +1,15 @@
 """fold_rotary_into_attention: Before/Expected on a tiny Llama's decode graph, and what it leaves."""
 
-import copy
 
 import torch
 from torch import fx
 
-from dsc import zoo
-from dsc.frontend import trace
-from dsc.passes.context import PassContext
 from dsc.passes.graph_utils import call
-from dsc.passes.manager import PassManager
-from dsc.pipelines import trunk
-from dsc.target import Target
-from tests.passes.helpers import ops, run
+from tests.passes.helpers import copy_graph, decode_graph, decode_inputs, ops, run
 
 
 def _decode_graph(name: str = "tiny-llama"):
-    from dsc.compiler import _load_passes
-
-    _load_passes()
-    model = zoo.build(name, init_std=0.3, seed=3)
-    traced = trace(model, position_ids=True)
-    ctx = PassContext(Target(max_batch=2, max_seq_len=16), traced.weights, traced.info,
-                      traced.inputs)
-    manager = PassManager(ctx)
-    gm = manager.run(traced.gm, trunk(ctx.target) + ["kv_cache"], program="decode")
-    return manager, gm
-
-
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return fx.GraphModule(torch.nn.Module(), graph)
+    return decode_graph(name, ["kv_cache"])
 
 
 def _first_attention_and_its_key(gm: fx.GraphModule) -> tuple[fx.Node, fx.Node]:
@@ -40,28 +18,16 @@ def _first_attention_and_its_key(gm: fx.GraphModule) -> tuple[fx.Node, fx.Node]:
     return attention, attention.args[1]
 
 
-def _decode_inputs(manager, start: int):
-    """One decode step's inputs: a cache holding `start` random earlier tokens."""
-    g = torch.Generator().manual_seed(start)
-    specs = manager.ctx.notes["cache"]
-    caches = [torch.randn(spec["shape"], generator=g) for spec in specs]
-    valid = torch.zeros(2, 16, dtype=torch.bool)
-    valid[:, : start + 1] = True
-    ids = torch.randint(3, 100, (2, 1), generator=g)
-    return [ids, torch.ones(2, 1, dtype=torch.long), torch.full((2, 1), start), valid,
-            torch.tensor([start]), *caches]
-
-
 def test_fold_before_expected_and_same_step():
     manager, gm = _decode_graph()
     before = ops(gm)
     assert before["rotary"] == 2 * 2 and before["cached_attention"] == 2
-    folded = manager.run(_copy(gm), ["fold_rotary_into_attention"], program="decode")
+    folded = manager.run(copy_graph(gm), ["fold_rotary_into_attention"], program="decode")
     after = ops(folded)
     assert after["rotary_cached_attention"] == 2
     assert "rotary" not in after and "cached_attention" not in after
     # The same step: logits and the caches it writes (the rotated new keys at slot 5).
-    inputs = _decode_inputs(manager, start=5)
+    inputs = decode_inputs(manager, start=5)
     twin = [t.clone() for t in inputs]
     want = run(gm, manager.ctx.weights, *inputs)[0]
     got = run(folded, manager.ctx.weights, *twin)[0]
@@ -72,7 +38,7 @@ def test_fold_before_expected_and_same_step():
 
 def test_a_rotated_key_read_elsewhere_is_not_folded():
     manager, gm = _decode_graph()
-    gm = _copy(gm)
+    gm = copy_graph(gm)
     attention, rotated_k = _first_attention_and_its_key(gm)
     with gm.graph.inserting_after(attention):
         extra = call(gm.graph, torch.ops.aten.neg.default, (rotated_k,))
@@ -89,13 +55,13 @@ def test_models_without_rotary_are_left_alone():
     manager, gm = _decode_graph("tiny-gpt2")
     before = ops(gm)
     assert "rotary" not in before
-    folded = manager.run(_copy(gm), ["fold_rotary_into_attention"], program="decode")
+    folded = manager.run(copy_graph(gm), ["fold_rotary_into_attention"], program="decode")
     assert ops(folded) == before
 
 
 def test_rotations_with_different_tables_are_not_folded():
     manager, gm = _decode_graph()
-    gm = _copy(gm)
+    gm = copy_graph(gm)
     attention, rotated_k = _first_attention_and_its_key(gm)
     with gm.graph.inserting_before(rotated_k):
         other_cos = call(gm.graph, torch.ops.aten.neg.default, (rotated_k.args[1],))

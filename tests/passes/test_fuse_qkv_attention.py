@@ -2,50 +2,19 @@
 (LayerNorm, split, bias) decode graphs, the same step afterwards, and what it leaves alone."""
 
 import torch
-from torch import fx
 
-from dsc import zoo
-from dsc.frontend import trace
-from dsc.passes.context import PassContext
 from dsc.passes.graph_utils import call
-from dsc.passes.manager import PassManager
-from dsc.pipelines import trunk
-from dsc.target import Target
-from tests.passes.helpers import ops, run
+from tests.passes.helpers import copy_graph, decode_graph, decode_inputs, ops, run
 
 BEFORE = ["kv_cache", "addmm_to_linear", "merge_projections", "fold_rotary_into_attention"]
 
 
 def _decode_graph(name: str, passes: list[str] = BEFORE):
-    from dsc.compiler import _load_passes
-
-    _load_passes()
-    model = zoo.build(name, init_std=0.3, seed=3)
-    traced = trace(model, position_ids=True)
-    ctx = PassContext(Target(max_batch=2, max_seq_len=16), traced.weights, traced.info,
-                      traced.inputs)
-    manager = PassManager(ctx)
-    return manager, manager.run(traced.gm, trunk(ctx.target) + passes, program="decode")
-
-
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return fx.GraphModule(torch.nn.Module(), graph)
-
-
-def _decode_inputs(manager, start: int):
-    g = torch.Generator().manual_seed(start)
-    caches = [torch.randn(spec["shape"], generator=g) for spec in manager.ctx.notes["cache"]]
-    valid = torch.zeros(2, 16, dtype=torch.bool)
-    valid[:, : start + 1] = True
-    ids = torch.randint(3, 100, (2, 1), generator=g)
-    return [ids, torch.ones(2, 1, dtype=torch.long), torch.full((2, 1), start), valid,
-            torch.tensor([start]), *caches]
+    return decode_graph(name, passes)
 
 
 def _same_step(manager, gm, fused):
-    inputs = _decode_inputs(manager, start=5)
+    inputs = decode_inputs(manager, start=5)
     twin = [t.clone() for t in inputs]
     want = run(gm, manager.ctx.weights, *inputs)[0]
     got = run(fused, manager.ctx.weights, *twin)[0]
@@ -58,7 +27,7 @@ def test_llama_before_expected_and_same_step():
     manager, gm = _decode_graph("tiny-llama")
     before = ops(gm)
     assert before["rotary_cached_attention"] == 2
-    fused = manager.run(_copy(gm), ["fuse_qkv_attention"], program="decode")
+    fused = manager.run(copy_graph(gm), ["fuse_qkv_attention"], program="decode")
     after = ops(fused)
     assert after["qkv_cached_attention"] == 2 and "rotary_cached_attention" not in after
     # The two input norms and the two QKV projections went into the op; the MLP's stay.
@@ -72,7 +41,7 @@ def test_gpt2_layer_norm_split_and_bias_same_step():
     manager, gm = _decode_graph("tiny-gpt2")
     before = ops(gm)
     assert before["cached_attention"] == 2
-    fused = manager.run(_copy(gm), ["fuse_qkv_attention"], program="decode")
+    fused = manager.run(copy_graph(gm), ["fuse_qkv_attention"], program="decode")
     after = ops(fused)
     assert after["qkv_cached_attention"] == 2 and "cached_attention" not in after
     assert after["layer_norm"] == before["layer_norm"] - 2
@@ -82,7 +51,7 @@ def test_gpt2_layer_norm_split_and_bias_same_step():
 
 def test_a_projection_read_elsewhere_is_not_fused():
     manager, gm = _decode_graph("tiny-llama")
-    gm = _copy(gm)
+    gm = copy_graph(gm)
     attention = next(n for n in gm.graph.nodes
                      if n.target is torch.ops.dsc.rotary_cached_attention.default)
     projection = attention.args[0].args[0].args[0].args[0]  # transpose <- view <- slice <- linear
@@ -99,5 +68,5 @@ def test_separate_q_k_v_projections_are_not_fused():
     # Without merge_projections q, k and v come from three linears: nothing to match.
     manager, gm = _decode_graph("tiny-llama", [p for p in BEFORE if p != "merge_projections"])
     before = ops(gm)
-    fused = manager.run(_copy(gm), ["fuse_qkv_attention"], program="decode")
+    fused = manager.run(copy_graph(gm), ["fuse_qkv_attention"], program="decode")
     assert ops(fused) == before
