@@ -98,30 +98,21 @@ def _qkv_attention_kernel(
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+    # Whole K steps unmasked (16-byte loads), a ragged end in one masked step, as in the
+    # small-batch GEMM.
+    k_full = (K // BLOCK_K) * BLOCK_K
+    for k0 in tl.range(0, k_full, BLOCK_K, num_stages=NUM_STAGES):
         k = k0 + offs_k
+        w = tl.load(w_ptrs, eviction_policy="evict_first")
+        acc, s2 = _project_step(acc, s2, w, tl.load(x_ptr + k), k, K, k < K, mean, rstd, nw_ptr,
+                                nb_ptr, NORM, HAS_NW, HAS_NB)
+        w_ptrs += BLOCK_K * stride_wk
+    if k_full < K:
+        k = k_full + offs_k
         k_ok = k < K
         w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
-        x = tl.load(x_ptr + k, mask=k_ok, other=0.0)
-        if NORM == 1:
-            xf = x.to(tl.float32)
-            s2 += xf * xf
-            if HAS_NW:
-                xf = xf * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-        elif NORM == 2:
-            # As the unfused LayerNorm: normalised, scaled and shifted, each rounded to x's dtype.
-            y = ((x.to(tl.float32) - mean) * rstd).to(x.dtype)
-            if HAS_NW:
-                y = (y.to(tl.float32) * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-                     ).to(x.dtype)
-            if HAS_NB:
-                y = (y.to(tl.float32) + tl.load(nb_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-                     ).to(x.dtype)
-            xf = y.to(tl.float32)
-        else:
-            xf = x.to(tl.float32)
-        acc += w.to(tl.float32) * xf[None, :]
-        w_ptrs += BLOCK_K * stride_wk
+        acc, s2 = _project_step(acc, s2, w, tl.load(x_ptr + k, mask=k_ok, other=0.0), k, K,
+                                k_ok, mean, rstd, nw_ptr, nb_ptr, NORM, HAS_NW, HAS_NB)
     pdl.release(USE_PDL)
     y = tl.sum(acc, axis=1)
     if NORM == 1:
@@ -135,6 +126,31 @@ def _qkv_attention_kernel(
                       out_ptr, T, scale_log2e, stride_kh, stride_kt, stride_kd, stride_vh,
                       stride_vt, stride_vd, stride_mt, stride_cd, HQ, HKV, GROUP, HEAD_D,
                       BLOCK_D, BLOCK_R, BLOCK_KEYS, ROTARY, DOT_PRECISION)
+
+
+@triton.jit
+def _project_step(acc, s2, w, x, k, K, k_ok, mean, rstd, nw_ptr, nb_ptr, NORM: tl.constexpr,
+                  HAS_NW: tl.constexpr, HAS_NB: tl.constexpr):
+    """One K step of the projection: x normalised as the unfused ops would (an RMSNorm's sum of
+    squares gathered for after the loop, x * gamma taken now; a LayerNorm's normalised,
+    scaled and shifted values each rounded to x's dtype), times the weight tile."""
+    if NORM == 1:
+        xf = x.to(tl.float32)
+        s2 += xf * xf
+        if HAS_NW:
+            xf = xf * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    elif NORM == 2:
+        y = ((x.to(tl.float32) - mean) * rstd).to(x.dtype)
+        if HAS_NW:
+            y = (y.to(tl.float32) * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+                 ).to(x.dtype)
+        if HAS_NB:
+            y = (y.to(tl.float32) + tl.load(nb_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+                 ).to(x.dtype)
+        xf = y.to(tl.float32)
+    else:
+        xf = x.to(tl.float32)
+    return acc + w.to(tl.float32) * xf[None, :], s2
 
 
 @triton.jit
