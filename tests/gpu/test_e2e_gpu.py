@@ -9,7 +9,9 @@ from dsc import zoo
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("batch", [1, 2])  # one row: the GEMVs apply the norms after the stream
+# One row: the GEMVs apply the norms after the stream; four: every projection in the
+# small-batch GEMM's row tiles (DSC_SMALL_BATCH_ROWS).
+@pytest.mark.parametrize("batch", [1, 2, 4])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-mistral"])
 def test_fp32_greedy_equals_hf(name, batch):
     model = zoo.build(name, init_std=0.3, seed=1, device="cuda")
