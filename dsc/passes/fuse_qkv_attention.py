@@ -20,7 +20,9 @@ On the GPU a decode step of one sequence over a short cache then runs as one ker
 projection's programs attend for their kv group once its last columns are in
 (`dsc.kernels.qkv_attention`); any other step runs the projection and the attention kernels as
 before. Does not match: q, k, v from different projections or out of order, a projection, norm
-or head view read elsewhere too, an RMSNorm whose output dtype is not its input's.
+or head view read elsewhere too, a head view other than [B, S, H, D] over the projection's rows
+or with another head dimension than the cache's, an RMSNorm whose output dtype is not its
+input's.
 Ordering: after merge_projections (one projection for q, k and v) and
 fold_rotary_into_attention, before fuse (which would take the norm and the projection into a
 region). Opt-in with DSC_QKV_ATTENTION=1 until measured on a GPU (bench/NOTES.md).
@@ -80,6 +82,8 @@ def _head_view(operand: object, attention: fx.Node) -> tuple[fx.Node, int, int, 
     y_meta = tensor_meta(y)
     if not is_op(y, aten.linear.default) or y_meta is None or dim % y_meta.dim() != y_meta.dim() - 1:
         return None
+    if str(tuple(heads_view.shape[:2])) != str(tuple(y_meta.shape[:-1])):
+        return None  # not [B, S, H, D] over the projection's [B, S] rows
     return y, lo, lo + width, chain
 
 
@@ -110,6 +114,9 @@ def fuse_qkv_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         n = tensor_meta(y).shape[-1]
         if not (y is y_k is y_v and q_lo == 0 and k_lo == q_hi and v_lo == k_hi and v_hi == n):
             continue
+        head_dims = {tensor_meta(operand).shape[-1] for operand in node.args[:3]}
+        if head_dims != {tensor_meta(node.args[3]).shape[-1]}:
+            continue  # the op splits the projection by the cache's head dimension
         chains = [link for view in views for link in view[3]]
         parts = {link for link in chains if link.args and link.args[0] is y}
         if set(y.users) != parts:
