@@ -127,13 +127,8 @@ def fuse_qkv_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         x, (norm_w, norm_b, kind, eps) = found
         q, k = tensor_meta(node.args[0]), tensor_meta(node.args[1])
         weight, bias = y.args[1], y.args[2] if len(y.args) > 2 else None
-        if rotary:
-            caches = node.args[3:7]
-            cos, sin, causal, scale = node.args[7:11]
-        else:
-            caches = node.args[3:7]
-            cos = sin = None
-            causal, scale = node.args[7:9]
+        caches = node.args[3:7]  # k_cache, v_cache, valid, start
+        cos, sin, causal, scale = node.args[7:11] if rotary else (None, None, *node.args[7:9])
         with gm.graph.inserting_before(node):
             fused = call(gm.graph, dsc_ops.qkv_cached_attention.default,
                          (x, weight, bias, norm_w, norm_b, kind, eps, *caches, cos, sin, causal,
