@@ -55,12 +55,16 @@ def backend(target: Target) -> list[str]:
     only kernel is the Triton decode attention); DSC_ROTARY_IN_ATTENTION=0 turns it off.
     `fuse_linear_all_reduce` whenever tp > 1 (on CPU its op is the product then the sum, so the
     multi-process CPU tests run the plans the GPUs run). `fuse_qkv_attention` on CUDA with
-    DSC_QKV_ATTENTION=1, until measured."""
+    DSC_QKV_ATTENTION=1 (measured slower: bench/NOTES.md); `prefetch_next_weight` on CUDA with
+    DSC_ATTN_PREFETCH=1, until measured."""
     cuda = target.device == "cuda"
     fold = (["fold_rotary_into_attention"]
             if cuda and os.environ.get("DSC_ROTARY_IN_ATTENTION", "1") != "0" else [])
     qkv = (["fuse_qkv_attention"]
            if cuda and os.environ.get("DSC_QKV_ATTENTION", "0") == "1" else [])
     fuse = ["fuse"] if cuda else []
+    prefetch = (["prefetch_next_weight"]
+                if cuda and os.environ.get("DSC_ATTN_PREFETCH", "0") == "1" else [])
     rows = ["fuse_linear_all_reduce"] if target.tp > 1 else []
-    return ["addmm_to_linear", *rows, "merge_projections", *fold, *qkv, *fuse, "memory_plan"]
+    return ["addmm_to_linear", *rows, "merge_projections", *fold, *qkv, *fuse, *prefetch,
+            "memory_plan"]

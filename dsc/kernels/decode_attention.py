@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dsc.kernels import pdl
+from dsc.kernels import l2_prefetch, pdl
 from dsc.kernels.checks import check_device, check_out, sm_count
 from dsc.kernels.online_softmax import LOG2E, online_softmax_step
 
@@ -191,6 +191,11 @@ def _decode_split_kernel(
     HKV,
     num_splits,
     scale_log2e,
+    pf_ptr,
+    pf_rows,
+    pf_lines,
+    pf_stride,
+    pf_bytes,
     GROUP: tl.constexpr,
     CAUSAL: tl.constexpr,
     IS_SPLIT: tl.constexpr,
@@ -206,10 +211,18 @@ def _decode_split_kernel(
     SPLITS_P2: tl.constexpr,
     PREFETCH_KEYS: tl.constexpr,
     LINE_ELEMS: tl.constexpr,
+    PREFETCH_W: tl.constexpr,
+    PF_LINE_ELEMS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pid_split = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    if PREFETCH_W:
+        # The next projection's weight, toward L2 while this short kernel leaves HBM idle
+        # (dsc.kernels.l2_prefetch); weights depend on no earlier kernel, so before the wait.
+        l2_prefetch.prefetch(pf_ptr, pf_rows, pf_lines, pf_stride, pf_bytes,
+                             pid_bh * num_splits + pid_split, num_splits * tl.num_programs(1),
+                             PF_LINE_ELEMS)
     b = pid_bh // HKV
     kvh = pid_bh % HKV
     b64 = b.to(tl.int64)
@@ -577,6 +590,7 @@ def decode_attention(
     new_k: Tensor | None = None,
     new_v: Tensor | None = None,
     rotary: tuple[Tensor, Tensor] | None = None,
+    prefetch: Tensor | None = None,
 ) -> Tensor:
     """Attention of S (small) new query tokens over a KV cache; see the module docstring.
 
@@ -589,6 +603,8 @@ def decode_attention(
     instead of a cache write per tensor).
     `rotary` (cos, sin), broadcastable to [B, 1, S, D]: q and new_k arrive unrotated and are
     rotated as they are loaded (x * cos + rotate_half(x) * sin), sparing the rotary launch.
+    `prefetch`: a weight (K contiguous) whose rows' first lines, within DSC_PREFETCH_MB, the
+    programs request into L2 before they attend (`dsc.kernels.l2_prefetch`).
     """
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
     if (new_k is None) != (new_v is None):
@@ -695,6 +711,8 @@ def decode_attention(
         SPLITS_P2=triton.next_power_of_2(splits),
         PREFETCH_KEYS=_prefetch_keys(),
         LINE_ELEMS=min(128 // k_cache.element_size(), block_d),
+        **l2_prefetch.launch_args(
+            None if prefetch is None else l2_prefetch.weight_lines(prefetch), q),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl.launch_options(q.device),

@@ -70,11 +70,14 @@ def cached_attention(
     start: Tensor,
     causal: bool,
     scale: float,
+    prefetch: Tensor | None = None,
 ) -> Tensor:
     """Write k, v [B,Hkv,S,D] into the cache at slots start..start+S-1, then attend over it.
 
     k_cache, v_cache: [max_batch, Hkv, max_seq, D]; the first B rows are used. valid: [B, max_seq]
     bool; start: int64 tensor of shape [1] (device memory, so CUDA-graph replays can move it).
+    prefetch: a weight the next projection reads, which the GPU's decode kernel pulls toward L2
+    while it attends (`prefetch_next_weight`); it never changes the result.
     """
     batch, _, seq, _ = k.shape
     first = int(start.item())
@@ -88,7 +91,7 @@ def cached_attention(
 
 
 @cached_attention.register_fake
-def _(q, k, v, k_cache, v_cache, valid, start, causal, scale):
+def _(q, k, v, k_cache, v_cache, valid, start, causal, scale, prefetch=None):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
 
 
@@ -105,9 +108,11 @@ def rotary_cached_attention(
     sin: Tensor,
     causal: bool,
     scale: float,
+    prefetch: Tensor | None = None,
 ) -> Tensor:
     """cached_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, ...): one op, so that the
-    decode kernel can rotate the step's queries and keys as it loads them (no rotary launch)."""
+    decode kernel can rotate the step's queries and keys as it loads them (no rotary launch).
+    prefetch: as in cached_attention."""
     from dsc.ops.rotary import rotary
 
     return cached_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, k_cache, v_cache, valid,
@@ -115,5 +120,5 @@ def rotary_cached_attention(
 
 
 @rotary_cached_attention.register_fake
-def _(q, k, v, k_cache, v_cache, valid, start, cos, sin, causal, scale):
+def _(q, k, v, k_cache, v_cache, valid, start, cos, sin, causal, scale, prefetch=None):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)

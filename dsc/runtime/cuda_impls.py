@@ -53,9 +53,10 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 
 def cached_attention(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor,
-    start: Tensor, causal: bool, scale: float,
+    start: Tensor, causal: bool, scale: float, prefetch: Tensor | None = None,
 ) -> Tensor:
-    """Write the new keys/values at slots start.. (device index), then attend over the cache."""
+    """Write the new keys/values at slots start.. (device index), then attend over the cache.
+    A decode step's kernel also pulls `prefetch` (the next projection's weight) toward L2."""
     from dsc.kernels.decode_attention import decode_attention, uses_decode_kernel
     from dsc.kernels.flash_attention import attention as kernel
 
@@ -65,7 +66,7 @@ def cached_attention(
     if uses_decode_kernel(q, k_cache):
         # Decode: the attention kernel writes the new rows itself (no launch per cache tensor).
         return decode_attention(q, k_cache[:batch], v_cache[:batch], valid, start, causal, scale,
-                                out=out, new_k=k, new_v=v)
+                                out=out, new_k=k, new_v=v, prefetch=prefetch)
     slots = start + torch.arange(seq, device=k.device)
     k_cache[:batch].index_copy_(2, slots, k.to(k_cache.dtype))
     v_cache[:batch].index_copy_(2, slots, v.to(v_cache.dtype))
@@ -75,6 +76,7 @@ def cached_attention(
 def rotary_cached_attention(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor,
     start: Tensor, cos: Tensor, sin: Tensor, causal: bool, scale: float,
+    prefetch: Tensor | None = None,
 ) -> Tensor:
     """cached_attention of the rotated q and k: at decode the attention kernel rotates them as it
     loads them; a prompt rotates them first and goes the cached_attention way."""
@@ -87,7 +89,7 @@ def rotary_cached_attention(
     out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device,
                       dtype=q.dtype).transpose(1, 2)
     return decode_attention(q, k_cache[:batch], v_cache[:batch], valid, start, causal, scale,
-                            out=out, new_k=k, new_v=v, rotary=(cos, sin))
+                            out=out, new_k=k, new_v=v, rotary=(cos, sin), prefetch=prefetch)
 
 
 def qkv_cached_attention(

@@ -181,13 +181,14 @@ def test_qkv_attention_takes_the_norm_projection_and_attention_of_a_layer(monkey
 
 
 @pytest.mark.parametrize("batch,setting", [(1, "DSC_QKV_ATTENTION"), (2, "DSC_QKV_ATTENTION"),
-                                           (4, "DSC_NORM_DEFER_ROWS")])
+                                           (4, "DSC_NORM_DEFER_ROWS"), (1, "DSC_ATTN_PREFETCH")])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_opt_in_decode_step_through_the_chosen_kernels(name, batch, setting, monkeypatch):
     """One decode step with every kernel the GPU would run, on the interpreter, equals the
     same program run op by op — logits and the cache rows it writes. DSC_QKV_ATTENTION=1: the
     fused QKV + attention kernel for one sequence, its fallback for two. DSC_NORM_DEFER_ROWS=1:
-    four rows, whose GEMM row tiles apply the input RMSNorm to their sums."""
+    four rows, whose GEMM row tiles apply the input RMSNorm to their sums.
+    DSC_ATTN_PREFETCH=1: each attention step names the next projection's weight."""
     import dataclasses
 
     monkeypatch.setenv(setting, "1")
@@ -202,6 +203,8 @@ def test_opt_in_decode_step_through_the_chosen_kernels(name, batch, setting, mon
     generated.register_sources(region_sources([program]))
     fused = any(s["op"] == "cuda::qkv_cached_attention" for s in program.steps)
     assert fused == (setting == "DSC_QKV_ATTENTION")
+    prefetching = [s for s in program.steps if s["kwargs"].get("prefetch")]
+    assert len(prefetching) == (2 if setting == "DSC_ATTN_PREFETCH" else 0)
     reference = lower(gm, "decode", {})
     g = torch.Generator().manual_seed(batch)
     start = 9

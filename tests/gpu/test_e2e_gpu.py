@@ -98,6 +98,23 @@ def test_rotary_in_attention_greedy_equals_hf(name, monkeypatch):
     assert torch.equal(compiled.generate(ids, max_new_tokens=24, eos_token_id=[]), ref)
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_attention_prefetching_the_next_weight_greedy_equals_hf(name, monkeypatch):
+    """DSC_ATTN_PREFETCH=1: each decode attention requests the output projection into L2."""
+    monkeypatch.setenv("DSC_ATTN_PREFETCH", "1")
+    model = zoo.build(name, init_std=0.3, seed=1, device="cuda")
+    compiled = dsc.compile(model, dsc.Target(device="cuda", dtype="float32", max_seq_len=64))
+    assert "prefetch_next_weight" in compiled.report()
+    decode = compiled.plan.programs["decode"]
+    assert any(step["kwargs"].get("prefetch") for step in decode.steps
+               if step["op"].startswith("cuda::") and "attention" in step["op"])
+    ids = torch.randint(3, 200, (1, 7), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=24, eos_token_id=[]), ref)
+
+
 @pytest.mark.parametrize("batch", [1, 2])  # one row: the fused kernel; two: its fallback
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_qkv_attention_greedy_equals_hf(name, batch, monkeypatch):

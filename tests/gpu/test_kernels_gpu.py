@@ -278,6 +278,30 @@ def test_decode_attention_replays_in_a_cuda_graph(merge_in_split):
             close(out, want)
 
 
+@pytest.mark.parametrize("bulk", ["0", "1"])
+@pytest.mark.parametrize("weight_shape,budget_mb", [((2048, 2048), "16"), ((4096, 11008), "4"),
+                                                     ((97, 1600), "16")])
+def test_decode_attention_prefetching_a_weight_is_unchanged(weight_shape, budget_mb, bulk,
+                                                            monkeypatch):
+    # The next projection's weight requested into L2 (whole, or each row's first lines under a
+    # budget; a ragged one; line by line or in bulk): the attention and the caches it writes
+    # stay bit for bit the same.
+    monkeypatch.setenv("DSC_PREFETCH_MB", budget_mb)
+    monkeypatch.setenv("DSC_PREFETCH_BULK", bulk)
+    b, hq, hkv, t, d = 1, 32, 4, 200, 64
+    q, k, v, valid, st = make_cache(b, hq, hkv, 1, t, d, 159, torch.bfloat16, pad=False)
+    new_k, new_v = (torch.randn(b, hkv, 1, d, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(2))
+    weight = torch.randn(*weight_shape, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for prefetch in (None, weight):
+        kc, vc = k.clone(), v.clone()
+        outs.append((decode_attention(q, kc, vc, valid, st, True, 0.125, new_k=new_k,
+                                      new_v=new_v, prefetch=prefetch), kc, vc))
+    for a, b_ in zip(*outs):
+        assert torch.equal(a, b_)
+
+
 def test_small_batch_gemm_replays_in_a_cuda_graph():
     x = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64

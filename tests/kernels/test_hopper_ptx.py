@@ -13,6 +13,7 @@ TRITON_INTERPRET=1 the kernels are interpreter objects.
   as 64-bit words, no plain store of the output; the receiving all-reduce: no sends;
 * the decode attention's split kernel, whose chunks come from the live length: its first K/V
   lines prefetched before the PDL wait, and, merging in the split, the group's arrival ticket;
+  with a weight to prefetch, its share of the weight's lines requested before the wait too;
 * the QKV projection with its attention (`qkv_attention`): prefetch, wait, late release, the
   kv group's ticket."""
 
@@ -53,7 +54,7 @@ def _compile(name: str) -> str:
         if name == "receive_sum":
             constexprs.update(FUSE_NORM=False, HAS_WEIGHT=False)
     elif name in ("gemv_late", "gemv_push", "gemv_norm", "gemv_norm_rows", "decode_split",
-                  "decode_split_merge"):
+                  "decode_split_merge", "decode_split_prefetch"):
         from dsc.kernels import decode_attention, small_batch_gemm
 
         if name in ("gemv_late", "gemv_push", "gemv_norm", "gemv_norm_rows"):
@@ -75,7 +76,8 @@ def _compile(name: str) -> str:
                 GROUP=4, CAUSAL=True, IS_SPLIT=True, WRITE_NEW=True, ROTARY=True, BLOCK_S=1,
                 HEAD_D=128, BLOCK_R=16, BLOCK_N=64, BLOCK_D=128, DOT_PRECISION="tf32",
                 MERGE_IN_SPLIT=name == "decode_split_merge", SPLITS_P2=4, PREFETCH_KEYS=128,
-                LINE_ELEMS=64, USE_PDL=True)
+                LINE_ELEMS=64, PREFETCH_W=name == "decode_split_prefetch", PF_LINE_ELEMS=64,
+                USE_PDL=True)
             pointers = {"valid_ptr": "*u8", "start_ptr": "*i64", "part_acc_ptr": "*fp32",
                         "part_ml_ptr": "*fp32", "arrivals_ptr": "*i32"}
         signature = {
@@ -200,6 +202,21 @@ def test_decode_split_kernel_compiles():
     assert prefetch and max(prefetch) < wait
     assert any("mma" in line for line in lines)
     assert not any(re.search(r"atom\.global", line) for line in lines)
+
+
+def test_decode_split_kernel_prefetches_the_next_weight_before_the_wait():
+    plain = _ptx("decode_split")
+    lines = _ptx("decode_split_prefetch").splitlines()
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    prefetch = [i for i, line in enumerate(lines) if "prefetch.global.L2" in line]
+    assert max(prefetch) < wait
+    # The weight's lines come in a loop of their own, besides the K/V lines.
+    assert len(prefetch) > plain.count("prefetch.global.L2")
+
+
+def test_decode_split_kernel_can_prefetch_the_weight_in_bulk():
+    ptx = _ptx("decode_split_prefetch")
+    assert "cp.async.bulk.prefetch.L2.global" in ptx and "%tid.x" in ptx
 
 
 def test_decode_split_kernel_merging_its_partials_has_a_ticket():
