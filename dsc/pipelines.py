@@ -56,7 +56,7 @@ def backend(target: Target) -> list[str]:
     `fuse_linear_all_reduce` whenever tp > 1 (on CPU its op is the product then the sum, so the
     multi-process CPU tests run the plans the GPUs run). `fuse_qkv_attention` on CUDA with
     DSC_QKV_ATTENTION=1 (measured slower: bench/NOTES.md); `prefetch_next_weight` on CUDA with
-    DSC_ATTN_PREFETCH=1, until measured."""
+    DSC_ATTN_PREFETCH=1 (measured slower too)."""
     cuda = target.device == "cuda"
     fold = (["fold_rotary_into_attention"]
             if cuda and os.environ.get("DSC_ROTARY_IN_ATTENTION", "1") != "0" else [])

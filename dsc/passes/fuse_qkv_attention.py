@@ -25,7 +25,8 @@ or with another head dimension than the cache's, an RMSNorm whose output dtype i
 input's.
 Ordering: after merge_projections (one projection for q, k and v) and
 fold_rotary_into_attention, before fuse (which would take the norm and the projection into a
-region). Opt-in with DSC_QKV_ATTENTION=1 until measured on a GPU (bench/NOTES.md).
+region). Opt-in with DSC_QKV_ATTENTION=1: measured slower than the kernels it replaces on an
+H200 (bench/NOTES.md, tenth session).
 """
 
 from __future__ import annotations
