@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsc.kernels import pdl  # noqa: E402
 from dsc.kernels.small_batch_gemm import linear_small_batch  # noqa: E402
+from kernels import measure_copy_bandwidth  # noqa: E402  (bench/kernels.py)
 
 # (N, K) of one Llama-1.1B layer's projections, in step order.
 LAYER = [(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632)]
@@ -52,7 +53,7 @@ def _load_acquire(ptr):
 @triton.jit
 def _chain_kernel(w_ptr, act_ptr, table_ptr, bar_ptr, phases,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                  PREFETCH: tl.constexpr):
+                  PREFETCH: tl.constexpr, FLAT: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     offs_n = tl.arange(0, BLOCK_N)
@@ -65,18 +66,37 @@ def _chain_kernel(w_ptr, act_ptr, table_ptr, bar_ptr, phases,
         k = tl.multiple_of(tl.load(row + 2).to(tl.int32), 16)
         in_off = tl.multiple_of(tl.load(row + 3), 16)
         out_off = tl.multiple_of(tl.load(row + 4), 16)
-        for tile in range(pid, n // BLOCK_N, programs):
-            rows = (tile * BLOCK_N + offs_n).to(tl.int64)
-            w_ptrs = w_ptr + w_off + rows[:, None] * k + offs_k[None, :]
-            x_ptrs = act_ptr + in_off + offs_k
+        if FLAT:
+            # All of this program's tiles as one pipelined loop over (tile, K step): the next
+            # tile's first loads are in flight while the last one finishes.
+            steps = k // BLOCK_K
+            mine = (n // BLOCK_N - pid + programs - 1) // programs
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for _ in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
-                w = tl.load(w_ptrs, eviction_policy="evict_first")
-                x = tl.load(x_ptrs, cache_modifier=".cg")  # written by other SMs: skip L1
+            for it in tl.range(0, mine * steps, num_stages=NUM_STAGES):
+                t_local = it // steps
+                kk = it - t_local * steps
+                rows = ((pid + t_local * programs) * BLOCK_N + offs_n).to(tl.int64)
+                w = tl.load(w_ptr + w_off + rows[:, None] * k + (kk * BLOCK_K + offs_k)[None, :],
+                            eviction_policy="evict_first")
+                x = tl.load(act_ptr + in_off + kk * BLOCK_K + offs_k, cache_modifier=".cg")
                 acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-                w_ptrs += BLOCK_K
-                x_ptrs += BLOCK_K
-            tl.store(act_ptr + out_off + rows, tl.sum(acc, axis=1).to(act_ptr.dtype.element_ty))
+                last = kk == steps - 1
+                tl.store(act_ptr + out_off + rows, tl.sum(acc, axis=1).to(act_ptr.dtype.element_ty),
+                         mask=(offs_n < BLOCK_N) & last)
+                acc = tl.where(last, 0.0, acc)
+        else:
+            for tile in range(pid, n // BLOCK_N, programs):
+                rows = (tile * BLOCK_N + offs_n).to(tl.int64)
+                w_ptrs = w_ptr + w_off + rows[:, None] * k + offs_k[None, :]
+                x_ptrs = act_ptr + in_off + offs_k
+                acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+                for _ in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
+                    w = tl.load(w_ptrs, eviction_policy="evict_first")
+                    x = tl.load(x_ptrs, cache_modifier=".cg")  # written by other SMs: skip L1
+                    acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+                    w_ptrs += BLOCK_K
+                    x_ptrs += BLOCK_K
+                tl.store(act_ptr + out_off + rows, tl.sum(acc, axis=1).to(act_ptr.dtype.element_ty))
         if PREFETCH:
             if ph + 1 < phases:
                 # The next phase's weight depends on nothing: ask L2 for this program's first
@@ -151,13 +171,6 @@ def capture(fn) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def copy_bandwidth() -> float:
-    src = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    graph = capture(lambda: dst.copy_(src))
-    return 2 * src.numel() / (time_graph(graph, 10) * 1e-3) / 1e9
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=22)
@@ -165,7 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     shapes, width, weights, views, act, table = build(args.layers)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    gbps = copy_bandwidth()
+    gbps = measure_copy_bandwidth()  # bench/kernels.py's, as e2e.py's floor
     floor_ms = weights.numel() * 2 / gbps / 1e6
     rows = [{"variant": "floor", "ms": floor_ms, "copy_gbps": gbps}]
 
@@ -182,23 +195,26 @@ def main() -> None:
                  "err": check(shapes, width, views, act)})
 
     barrier = torch.zeros(1, device="cuda", dtype=torch.int32)
-    for block_n, block_k, stages, prefetch, programs in (
-        (8, 512, 4, False, sms), (8, 512, 4, True, sms), (8, 512, 4, True, 128),
-        (16, 256, 4, True, sms), (4, 1024, 3, True, sms),
+    # (K of every phase must be a multiple of BLOCK_K: the loops are unmasked.)
+    for block_n, block_k, stages, prefetch, per_sm, flat in (
+        (8, 512, 4, False, 1, False), (8, 512, 4, False, 2, False), (8, 512, 4, False, 4, False),
+        (8, 512, 4, False, 1, True), (8, 512, 4, False, 2, True), (8, 256, 4, False, 4, True),
+        (8, 512, 4, True, 2, True),
     ):
+        programs = per_sm * sms
         act[width:].zero_()
 
         def persistent():
             barrier.zero_()
             _chain_kernel[(programs,)](weights, act, table, barrier, len(shapes),
                                        BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=stages,
-                                       PREFETCH=prefetch, num_warps=4)
+                                       PREFETCH=prefetch, FLAT=flat, num_warps=4)
 
         graph = capture(persistent)
         graph.replay()
         torch.cuda.synchronize()
         rows.append({"variant": f"persistent {block_n}x{block_k} s{stages} P={programs}"
-                                f"{' prefetch' if prefetch else ''}",
+                                f"{' flat' if flat else ''}{' prefetch' if prefetch else ''}",
                      "ms": time_graph(graph), "err": check(shapes, width, views, act)})
 
     stamp = datetime.datetime.now().isoformat(timespec="seconds")

@@ -753,7 +753,8 @@ def _defer_norm(norm_kind: str | None, cfg: SmallBatchConfig, split_k: int, gate
     """Apply an RMSNorm prologue after the weight stream instead of before it: no statistics
     pass holds the stream back, each row's sum of squares comes from the x tiles the loop
     loads. Row tiles do so only with DSC_NORM_DEFER_ROWS=1 (instead of the norm kernel first;
-    correct on the GPU, not yet timed in a model). Needs the whole of K in one
+    correct on the GPU, but Llama-7B batch 16 measured 4.29 -> 5.15 ms a step with it,
+    bench/NOTES.md tenth session). Needs the whole of K in one
     program; skips the roundings of the unfused ops
     (normalised value, then times gamma, each to x's dtype), so DSC_NORM_PROLOGUE_EXACT=1 keeps
     the statistics-first order that reproduces them. LayerNorm always takes its statistics
