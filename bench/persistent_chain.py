@@ -204,11 +204,12 @@ def main() -> None:
         programs = per_sm * sms
         act[width:].zero_()
 
-        def persistent():
+        def persistent(programs=programs, options=dict(  # noqa: B006  (bound per variant)
+                BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=stages, PREFETCH=prefetch,
+                FLAT=flat)):
             barrier.zero_()
-            _chain_kernel[(programs,)](weights, act, table, barrier, len(shapes),
-                                       BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=stages,
-                                       PREFETCH=prefetch, FLAT=flat, num_warps=4)
+            _chain_kernel[(programs,)](weights, act, table, barrier, len(shapes), **options,
+                                       num_warps=4)
 
         graph = capture(persistent)
         graph.replay()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
