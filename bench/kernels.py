@@ -23,6 +23,7 @@ heuristic tables) and writes them as `"kind": "sweep"` lines.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -310,8 +311,10 @@ def bench_decode(
     sm: int,
     configs_for: Callable[[int], dict[str, DecodeConfig | None]],
     cases: str = "",
+    v_with_k: bool = False,
 ) -> list[Result]:
-    """Every case of DECODE_CASES whose name contains `cases`."""
+    """Every case of DECODE_CASES whose name contains `cases`; v_with_k: also the picked
+    configuration with V loaded beside K (DSC_DECODE_V_WITH_K=1's)."""
     results = []
     for name, (b, hq, hkv, t, d, live) in DECODE_CASES.items():
         if cases not in name:
@@ -324,7 +327,11 @@ def bench_decode(
         t_ref, t_ref_nf = time_calls(
             [partial(_sdpa_decode, s[0], s[1], s[2], scale, hq != hkv) for s in sets]
         )
-        for label, cfg in configs_for(b * hkv).items():
+        configs = configs_for(b * hkv)
+        if v_with_k:
+            picked = pick_decode_config(b, hkv, t, sm)
+            configs = {**configs, "v with k": dataclasses.replace(picked, v_with_k=True)}
+        for label, cfg in configs.items():
             err = rel_err(decode_attention(*sets[0], True, scale, config=cfg), want)
             t_mine, t_mine_nf = time_calls(
                 [partial(decode_attention, *s, True, scale, config=cfg) for s in sets]
@@ -727,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     section("norms", lambda: record(bench_norms(copy_bw)))
     section("qkvattn", lambda: record(bench_qkv_attention(copy_bw)))
     section("decode", lambda: record(bench_decode(copy_bw, sm, lambda _pairs: {"default": None},
-                                                  args.decode_cases)))
+                                                  args.decode_cases, v_with_k=True)))
     # As prefill runs it without padding (the runtime promises that once per prefill), and the
     # kernel that must allow for padding.
     section("flash", lambda: record(bench_flash(gemm_rate, {"default": None}, padded=False)))

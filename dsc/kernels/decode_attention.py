@@ -17,6 +17,10 @@ live prefix must come through device memory once. The kernel is arranged around 
 * with `DecodeConfig.merge_in_split` (DSC_DECODE_MERGE=split) the last split program of each
   (sequence, kv head), found by an arrival counter, merges the partials itself instead of the
   second kernel (measured mixed: bench/NOTES.md, sixth session);
+* with `DecodeConfig.v_with_k` (DSC_DECODE_V_WITH_K=1) a tile's V rows are loaded beside its K
+  rows: by default they are requested after the softmax, whose reductions put barriers between
+  the two, so a tile that the pipeline does not prefetch (one stage, or a chunk of one tile)
+  waits for memory twice;
 * the cache position `start` is read from device memory and the grid is sized from the cache
   capacity T, never from start, so a captured CUDA graph stays valid as the sequence grows. The
   chunks divide the *live* length (start + S, read in the kernel), not T: a cache allocated for
@@ -60,13 +64,15 @@ _SHORT_CHUNK_TILES = 4  # key tiles up to which an unsplit program takes one pip
 class DecodeConfig:
     """Launch parameters: keys per tile, number of key splits, warps and pipeline depth;
     `merge_in_split`: the last split program of each (sequence, kv head) merges the partials
-    instead of a second launch (up to `_MAX_INLINE_SPLITS` splits)."""
+    instead of a second launch (up to `_MAX_INLINE_SPLITS` splits); `v_with_k`: each tile's V
+    rows are requested together with its K rows, before the softmax (DSC_DECODE_V_WITH_K=1)."""
 
     block_n: int = 64
     num_splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
     merge_in_split: bool = False
+    v_with_k: bool = False
 
 
 @triton.jit
@@ -208,6 +214,7 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     MERGE_IN_SPLIT: tl.constexpr,
+    V_WITH_K: tl.constexpr,
     SPLITS_P2: tl.constexpr,
     PREFETCH_KEYS: tl.constexpr,
     LINE_ELEMS: tl.constexpr,
@@ -315,6 +322,14 @@ def _decode_split_kernel(
             mask=in_range[:, None] & d_ok[None, :],
             other=0.0,
         )
+        if V_WITH_K:
+            # Requested now, independent of the valid bytes, so K, V and the mask are in flight
+            # together; the rows nobody may attend are zeroed below instead of masked here.
+            v = tl.load(
+                v_base + n[:, None] * stride_vt + d[None, :] * stride_vd,
+                mask=in_range[:, None] & d_ok[None, :],
+                other=0.0,
+            )
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
         allowed = ok[None, :]
         if CAUSAL:
@@ -323,11 +338,14 @@ def _decode_split_kernel(
 
         p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
         # V tile: slots nobody may attend are zeroed so garbage there cannot reach the sums.
-        v = tl.load(
-            v_base + n[:, None] * stride_vt + d[None, :] * stride_vd,
-            mask=ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        if V_WITH_K:
+            v = tl.where(ok[:, None], v, 0.0).to(v_ptr.dtype.element_ty)
+        else:
+            v = tl.load(
+                v_base + n[:, None] * stride_vt + d[None, :] * stride_vd,
+                mask=ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -501,7 +519,8 @@ def pick_decode_config(batch: int, hkv: int, t: int, sm_count: int) -> DecodeCon
     splits = min(splits, triton.cdiv(t, block_n))
     if t <= _single_pass_keys():
         # A short cache in one pass per (sequence, kv head): no merge launch, fewer programs.
-        return DecodeConfig(block_n=64, num_splits=1, num_warps=4, num_stages=2)
+        return DecodeConfig(block_n=64, num_splits=1, num_warps=4, num_stages=2,
+                            v_with_k=_v_with_k())
     # Unsplit, a few tiles a program have little to pipeline, and a second stage's shared
     # memory would halve the programs an SM holds: Llama-7B batch 16 at 160 of 200 keys (512
     # programs of four tiles) ran in two waves, 4.44 -> 4.30 ms a step with one stage. Split
@@ -510,7 +529,7 @@ def pick_decode_config(batch: int, hkv: int, t: int, sm_count: int) -> DecodeCon
     tiles = triton.cdiv(t, block_n)
     stages = 1 if splits == 1 and tiles <= _SHORT_CHUNK_TILES else 2
     return DecodeConfig(block_n=block_n, num_splits=splits, num_warps=4, num_stages=stages,
-                        merge_in_split=_merge_in_split())
+                        merge_in_split=_merge_in_split(), v_with_k=_v_with_k())
 
 
 def _config_override() -> DecodeConfig | None:
@@ -527,7 +546,7 @@ def _config_override() -> DecodeConfig | None:
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"DSC_DECODE_CONFIG={spec!r}: BLOCK_N must be a power of two >= 16")
     return DecodeConfig(block_n=block_n, num_splits=splits, num_warps=warps, num_stages=stages,
-                        merge_in_split=_merge_in_split())
+                        merge_in_split=_merge_in_split(), v_with_k=_v_with_k())
 
 
 def _min_programs() -> int:
@@ -551,6 +570,14 @@ def _merge_in_split() -> bool:
     if mode not in ("split", "kernel"):
         raise ValueError(f"DSC_DECODE_MERGE={mode!r}: expected split or kernel")
     return mode == "split"
+
+
+def _v_with_k() -> bool:
+    """DSC_DECODE_V_WITH_K=1: V rows loaded beside the K rows (`DecodeConfig.v_with_k`)."""
+    value = os.environ.get("DSC_DECODE_V_WITH_K", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"DSC_DECODE_V_WITH_K={value!r}: expected 0 or 1")
+    return value == "1"
 
 
 def _prefetch_keys() -> int:
@@ -708,6 +735,7 @@ def decode_attention(
         BLOCK_D=block_d,
         DOT_PRECISION=precision,
         MERGE_IN_SPLIT=merge_in_split,
+        V_WITH_K=cfg.v_with_k,
         SPLITS_P2=triton.next_power_of_2(splits),
         PREFETCH_KEYS=_prefetch_keys(),
         LINE_ELEMS=min(128 // k_cache.element_size(), block_d),

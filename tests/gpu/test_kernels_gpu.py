@@ -193,15 +193,17 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("merge", ["kernel", "split"])
+@pytest.mark.parametrize("merge,v_with_k", [("kernel", "0"), ("split", "0"), ("kernel", "1")])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_decode_attention(case, dtype, merge, monkeypatch):
+def test_decode_attention(case, dtype, merge, v_with_k, monkeypatch):
     """Both ways of merging the key splits' partials: a second launch, or the last split
-    program of each (sequence, kv head) (DSC_DECODE_MERGE=split)."""
+    program of each (sequence, kv head) (DSC_DECODE_MERGE=split); and V loaded beside K
+    (DSC_DECODE_V_WITH_K=1), over caches whose padded slots hold NaN."""
     if dtype == torch.float16 and case is not DECODE_CASES[0]:
         pytest.skip("fp16 is checked on the first shape only (compile time)")
     monkeypatch.setenv("DSC_DECODE_MERGE", merge)
+    monkeypatch.setenv("DSC_DECODE_V_WITH_K", v_with_k)
     b, hq, hkv, s, t, d, start = case
     q, k, v, valid, st = make_cache(b, hq, hkv, s, t, d, start, dtype)
     scale = 1 / math.sqrt(d)

@@ -11,6 +11,11 @@ CONFIGS = {
     "three-splits": DecodeConfig(block_n=16, num_splits=3, num_warps=1, num_stages=1),
     "three-splits-merged-in-split": DecodeConfig(block_n=16, num_splits=3, num_warps=1,
                                                  num_stages=1, merge_in_split=True),
+    # V requested beside K: the NaN rows of make_inputs must still never reach the sums.
+    "one-split-v-with-k": DecodeConfig(block_n=16, num_splits=1, num_warps=1, num_stages=1,
+                                       v_with_k=True),
+    "three-splits-v-with-k": DecodeConfig(block_n=16, num_splits=3, num_warps=1, num_stages=2,
+                                          v_with_k=True),
 }
 
 
@@ -262,3 +267,17 @@ def test_short_chunks_take_one_pipeline_stage():
     # Split programs of one to four tiles (batch 1 at 200 slots) keep two stages.
     split = pick_decode_config(batch=1, hkv=32, t=200, sm_count=132)
     assert (split.block_n, split.num_splits, split.num_stages) == (64, 4, 2)
+
+
+def test_v_with_k_comes_from_the_environment(monkeypatch, assert_close):
+    assert not pick_decode_config(batch=16, hkv=32, t=200, sm_count=132).v_with_k
+    monkeypatch.setenv("DSC_DECODE_V_WITH_K", "1")
+    assert pick_decode_config(batch=16, hkv=32, t=200, sm_count=132).v_with_k
+    monkeypatch.setenv("DSC_DECODE_CONFIG", "16/3/1/1")
+    q, k, v, valid, st = make_inputs(start=9, seed=8)
+    new_k, new_v = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16)
+    out = decode_attention(q, k, v, valid, st, True, 0.3, new_k=new_k, new_v=new_v)
+    assert_close(out, attention_reference(q, k, v, valid, st, True, 0.3))
+    monkeypatch.setenv("DSC_DECODE_V_WITH_K", "yes")
+    with pytest.raises(ValueError, match="DSC_DECODE_V_WITH_K='yes'"):
+        pick_decode_config(batch=16, hkv=32, t=200, sm_count=132)

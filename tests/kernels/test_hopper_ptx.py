@@ -14,6 +14,7 @@ TRITON_INTERPRET=1 the kernels are interpreter objects.
 * the decode attention's split kernel, whose chunks come from the live length: its first K/V
   lines prefetched before the PDL wait, and, merging in the split, the group's arrival ticket;
   with a weight to prefetch, its share of the weight's lines requested before the wait too;
+  with V beside K, the V rows requested before the tile's first tensor-core product;
 * the QKV projection with its attention (`qkv_attention`): prefetch, wait, late release, the
   kv group's ticket."""
 
@@ -54,7 +55,7 @@ def _compile(name: str) -> str:
         if name == "receive_sum":
             constexprs.update(FUSE_NORM=False, HAS_WEIGHT=False)
     elif name in ("gemv_late", "gemv_push", "gemv_norm", "gemv_norm_rows", "decode_split",
-                  "decode_split_merge", "decode_split_prefetch"):
+                  "decode_split_merge", "decode_split_prefetch", "decode_split_v_with_k"):
         from dsc.kernels import decode_attention, small_batch_gemm
 
         if name in ("gemv_late", "gemv_push", "gemv_norm", "gemv_norm_rows"):
@@ -75,7 +76,8 @@ def _compile(name: str) -> str:
             constexprs = dict(
                 GROUP=4, CAUSAL=True, IS_SPLIT=True, WRITE_NEW=True, ROTARY=True, BLOCK_S=1,
                 HEAD_D=128, BLOCK_R=16, BLOCK_N=64, BLOCK_D=128, DOT_PRECISION="tf32",
-                MERGE_IN_SPLIT=name == "decode_split_merge", SPLITS_P2=4, PREFETCH_KEYS=128,
+                MERGE_IN_SPLIT=name == "decode_split_merge",
+                V_WITH_K=name == "decode_split_v_with_k", SPLITS_P2=4, PREFETCH_KEYS=128,
                 LINE_ELEMS=64, PREFETCH_W=name == "decode_split_prefetch", PF_LINE_ELEMS=64,
                 USE_PDL=True)
             pointers = {"valid_ptr": "*u8", "start_ptr": "*i64", "part_acc_ptr": "*fp32",
@@ -117,7 +119,9 @@ def _compile(name: str) -> str:
     signature.update({name: "constexpr" for name in constexprs})
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "num_stages": 3}).asm["ptx"]
+                          options={"num_warps": warps,
+                                   "num_stages": int(os.environ.get("DSC_PTX_STAGES", "3"))},
+                          ).asm["ptx"]
 
 
 def _ptx(name: str) -> str:
@@ -217,6 +221,25 @@ def test_decode_split_kernel_prefetches_the_next_weight_before_the_wait():
 def test_decode_split_kernel_can_prefetch_the_weight_in_bulk():
     ptx = _ptx("decode_split_prefetch")
     assert "cp.async.bulk.prefetch.L2.global" in ptx and "%tid.x" in ptx
+
+
+def _loads_around_first_mma(name: str) -> tuple[int, int]:
+    """(global loads after the PDL wait and before the first tensor-core product, after it),
+    compiled with one pipeline stage (DSC_PTX_STAGES=1: no cp.async to blur the order)."""
+    lines = _ptx(name).splitlines()
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    body = lines[wait:]
+    first_mma = next(i for i, line in enumerate(body) if "mma" in line)
+    loads = [i for i, line in enumerate(body) if "ld.global" in line]
+    return sum(i < first_mma for i in loads), sum(i > first_mma for i in loads)
+
+
+def test_decode_split_kernel_with_v_beside_k_requests_both_before_the_product(monkeypatch):
+    monkeypatch.setenv("DSC_PTX_STAGES", "1")
+    before, after = _loads_around_first_mma("decode_split_v_with_k")
+    plain_before, plain_after = _loads_around_first_mma("decode_split")
+    # By default V's loads wait behind the softmax; beside K they come before the first mma.
+    assert before > plain_before and after < plain_after
 
 
 def test_decode_split_kernel_merging_its_partials_has_a_ticket():
