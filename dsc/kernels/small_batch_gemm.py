@@ -118,6 +118,23 @@ def _accumulate(acc, acc_u, w, u, x, k, mean, rstd, nw_ptr, nb_ptr, K, NORM: tl.
 
 
 @triton.jit
+def _k_step(acc, acc_u, s2, w, u, x, k, mean, rstd, nw_ptr, nb_ptr, K, NORM: tl.constexpr,
+            HAS_NW: tl.constexpr, HAS_NB: tl.constexpr, GATED: tl.constexpr,
+            BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DEFER_NORM: tl.constexpr):
+    """One K step of the weight stream, whichever way the tile applies its norm."""
+    if DEFER_NORM and BLOCK_M == 1:
+        acc, acc_u, s2 = _accumulate_deferred(acc, acc_u, s2, w, u, x, k, nw_ptr, K, HAS_NW,
+                                              GATED)
+    elif DEFER_NORM:
+        acc, acc_u, s2 = _accumulate_deferred_rows(acc, acc_u, s2, w, u, x, k, nw_ptr, K, HAS_NW,
+                                                   GATED, DOT_PRECISION)
+    else:
+        acc, acc_u = _accumulate(acc, acc_u, w, u, x, k, mean, rstd, nw_ptr, nb_ptr, K, NORM,
+                                 HAS_NW, HAS_NB, GATED, BLOCK_M, DOT_PRECISION)
+    return acc, acc_u, s2
+
+
+@triton.jit
 def _accumulate_deferred(acc, acc_u, s2, w, u, x, k, nw_ptr, K, HAS_NW: tl.constexpr,
                          GATED: tl.constexpr):
     """One K step of a one-row product whose RMSNorm is applied after the loop: the row's sum
@@ -227,6 +244,7 @@ def _small_batch_gemm_kernel(
     NUM_STAGES: tl.constexpr,
     USE_PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
+    PRELOAD: tl.constexpr,
     RELEASE_LATE: tl.constexpr,
     NORM: tl.constexpr,
     HAS_NW: tl.constexpr,
@@ -270,12 +288,24 @@ def _small_batch_gemm_kernel(
         x_ptrs = x_ptr + rows_x[None, :] * stride_xm + (k_lo + offs_k)[:, None] * stride_xk
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_u = tl.zeros_like(acc)
+    k_first = k_lo  # where the prefetch starts (the preloaded step is already on its way)
+    if PRELOAD:
+        # The first K step's weight into registers before the wait (DSC_GEMV_PRELOAD=1): the
+        # step after the wait then needs only x. Masked, so a range shorter than one step is
+        # this step alone.
+        k_ok0 = (k_lo + offs_k) < k_hi
+        w0 = tl.load(w_ptrs, mask=k_ok0[None, :], other=0.0, eviction_policy="evict_first")
+        u0 = w0
+        if GATED:
+            u0 = tl.load(u_ptrs, mask=k_ok0[None, :], other=0.0, eviction_policy="evict_first")
+        k_first = k_lo + BLOCK_K
     if USE_PDL and PREFETCH and BLOCK_K >= 64:
         # Placed before the previous kernel finished (dsc.kernels.pdl): pull this program's first
         # weight tiles toward L2 — weights never depend on earlier kernels — before waiting for
         # the previous kernel, whose output x may be.
-        lines = rows_w[:, None] * stride_wn + (k_lo + tl.arange(0, BLOCK_K // 64) * 64)[None, :]
-        pdl.prefetch_l2(w_ptr + lines * stride_wk)
+        lines = rows_w[:, None] * stride_wn + (k_first + tl.arange(0, BLOCK_K // 64) * 64)[None, :]
+        pdl.prefetch_l2(w_ptr + tl.minimum(lines, rows_w[:, None] * stride_wn + K - 1)
+                        * stride_wk)
     pdl.wait(USE_PDL)
     if not RELEASE_LATE:
         pdl.release(USE_PDL)
@@ -335,27 +365,34 @@ def _small_batch_gemm_kernel(
         s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
     else:
         s2 = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
-    for _ in tl.range(k_lo, k_full, BLOCK_K, num_stages=NUM_STAGES):
-        w = tl.load(w_ptrs, eviction_policy="evict_first")
-        u = w
-        if GATED:
-            u = tl.load(u_ptrs, eviction_policy="evict_first")
-        if DEFER_NORM and BLOCK_M == 1:
-            acc, acc_u, s2 = _accumulate_deferred(acc, acc_u, s2, w, u, tl.load(x_ptrs), k_cur,
-                                                  nw_ptr, K, HAS_NW, GATED)
-        elif DEFER_NORM:
-            acc, acc_u, s2 = _accumulate_deferred_rows(acc, acc_u, s2, w, u, tl.load(x_ptrs),
-                                                       k_cur, nw_ptr, K, HAS_NW, GATED,
-                                                       DOT_PRECISION)
-        else:
-            acc, acc_u = _accumulate(acc, acc_u, w, u, tl.load(x_ptrs), k_cur, mean, rstd,
-                                     nw_ptr, nb_ptr, K, NORM, HAS_NW, HAS_NB, GATED, BLOCK_M,
-                                     DOT_PRECISION)
+    loop_lo = k_lo
+    if PRELOAD:
+        # The preloaded step (one-row tiles only), then the loop from the second.
+        x0 = tl.load(x_ptrs, mask=(k_lo + offs_k) < k_hi, other=0.0)
+        acc, acc_u, s2 = _k_step(acc, acc_u, s2, w0, u0, x0, k_cur, mean, rstd, nw_ptr, nb_ptr,
+                                 K, NORM, HAS_NW, HAS_NB, GATED, BLOCK_M, DOT_PRECISION,
+                                 DEFER_NORM)
         w_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
         k_cur += BLOCK_K
-    if k_full < k_hi:
+        loop_lo = k_lo + BLOCK_K
+    for _ in tl.range(loop_lo, k_full, BLOCK_K, num_stages=NUM_STAGES):
+        w = tl.load(w_ptrs, eviction_policy="evict_first")
+        u = w
+        if GATED:
+            u = tl.load(u_ptrs, eviction_policy="evict_first")
+        acc, acc_u, s2 = _k_step(acc, acc_u, s2, w, u, tl.load(x_ptrs), k_cur, mean, rstd,
+                                 nw_ptr, nb_ptr, K, NORM, HAS_NW, HAS_NB, GATED, BLOCK_M,
+                                 DOT_PRECISION, DEFER_NORM)
+        w_ptrs += BLOCK_K * stride_wk
+        u_ptrs += BLOCK_K * stride_wk
+        x_ptrs += BLOCK_K * stride_xk
+        k_cur += BLOCK_K
+    ragged = k_full < k_hi
+    if PRELOAD:
+        ragged = ragged & (k_full > k_lo)  # a range shorter than one step is already done
+    if ragged:
         # Ragged end of K: one masked step.
         k_ok = (k_full + offs_k) < k_hi
         w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
@@ -366,15 +403,9 @@ def _small_batch_gemm_kernel(
             x = tl.load(x_ptrs, mask=k_ok, other=0.0)
         else:
             x = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
-        if DEFER_NORM and BLOCK_M == 1:
-            acc, acc_u, s2 = _accumulate_deferred(acc, acc_u, s2, w, u, x, k_cur, nw_ptr, K,
-                                                  HAS_NW, GATED)
-        elif DEFER_NORM:
-            acc, acc_u, s2 = _accumulate_deferred_rows(acc, acc_u, s2, w, u, x, k_cur, nw_ptr,
-                                                       K, HAS_NW, GATED, DOT_PRECISION)
-        else:
-            acc, acc_u = _accumulate(acc, acc_u, w, u, x, k_cur, mean, rstd, nw_ptr, nb_ptr, K,
-                                     NORM, HAS_NW, HAS_NB, GATED, BLOCK_M, DOT_PRECISION)
+        acc, acc_u, s2 = _k_step(acc, acc_u, s2, w, u, x, k_cur, mean, rstd, nw_ptr, nb_ptr,
+                                 K, NORM, HAS_NW, HAS_NB, GATED, BLOCK_M, DOT_PRECISION,
+                                 DEFER_NORM)
 
     if RELEASE_LATE:
         pdl.release(USE_PDL)  # the weight stream is done: the next kernel may be placed now
@@ -767,6 +798,15 @@ def _defer_norm(norm_kind: str | None, cfg: SmallBatchConfig, split_k: int, gate
             and os.environ.get("DSC_NORM_PROLOGUE_EXACT", "0") != "1")
 
 
+def _preload_first_step() -> bool:
+    """DSC_GEMV_PRELOAD=1: one-row tiles load their first K step's weight into registers before
+    the PDL wait, so the step after it needs only x (opt-in until timed)."""
+    value = os.environ.get("DSC_GEMV_PRELOAD", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"DSC_GEMV_PRELOAD={value!r}: expected 0 or 1")
+    return value == "1"
+
+
 def _stats_block(k: int) -> int:
     """Row length a norm prologue loads at once for its statistics (0: rows longer than 8192
     elements are summed in K steps instead)."""
@@ -843,6 +883,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None,
         ROW_WORDS=push_all_reduce.MAX_ROW_WORDS,
         num_warps=cfg.num_warps,
         PREFETCH=pdl.prefetch_weights(),
+        PRELOAD=cfg.block_m == 1 and _preload_first_step(),
         RELEASE_LATE=pdl.gemv_release_late(),
         num_stages=cfg.num_stages,
         **launch,

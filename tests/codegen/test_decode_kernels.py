@@ -181,14 +181,17 @@ def test_qkv_attention_takes_the_norm_projection_and_attention_of_a_layer(monkey
 
 
 @pytest.mark.parametrize("batch,setting", [(1, "DSC_QKV_ATTENTION"), (2, "DSC_QKV_ATTENTION"),
-                                           (4, "DSC_NORM_DEFER_ROWS"), (1, "DSC_ATTN_PREFETCH")])
+                                           (4, "DSC_NORM_DEFER_ROWS"), (1, "DSC_ATTN_PREFETCH"),
+                                           (1, "DSC_GEMV_PRELOAD"), (2, "DSC_DECODE_V_WITH_K")])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_opt_in_decode_step_through_the_chosen_kernels(name, batch, setting, monkeypatch):
     """One decode step with every kernel the GPU would run, on the interpreter, equals the
     same program run op by op — logits and the cache rows it writes. DSC_QKV_ATTENTION=1: the
     fused QKV + attention kernel for one sequence, its fallback for two. DSC_NORM_DEFER_ROWS=1:
     four rows, whose GEMM row tiles apply the input RMSNorm to their sums.
-    DSC_ATTN_PREFETCH=1: each attention step names the next projection's weight."""
+    DSC_ATTN_PREFETCH=1: each attention step names the next projection's weight.
+    DSC_GEMV_PRELOAD=1: one-row GEMV tiles take their first weight step before the PDL wait.
+    DSC_DECODE_V_WITH_K=1: decode attention loads V beside K."""
     import dataclasses
 
     monkeypatch.setenv(setting, "1")

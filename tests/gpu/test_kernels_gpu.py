@@ -59,6 +59,19 @@ def test_linear_small_batch(m, n, k, dtype):
     close(out, linear_reference(x, w, bias))
 
 
+@pytest.mark.parametrize("n,k", [(4096, 4096), (2560, 2048), (1000, 999), (64, 100)])
+def test_linear_small_batch_one_row_with_the_first_step_preloaded(n, k, monkeypatch):
+    """DSC_GEMV_PRELOAD=1: one-row tiles load their first weight step before the PDL wait."""
+    monkeypatch.setenv("DSC_GEMV_PRELOAD", "1")
+    torch.manual_seed(n + k)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda") / math.sqrt(k)).to(torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(1, n, device="cuda", dtype=torch.bfloat16)
+    out = linear_small_batch(x, w, bias, residual=res, out=nan_like((1, n), torch.bfloat16))
+    close(out, linear_reference(x, w, bias) + res)
+
+
 @pytest.mark.parametrize("m", [1, 4, 16])
 @pytest.mark.parametrize("case", [("layer", 4800, 1600, torch.float16),
                                   ("rms", 12288, 4096, torch.bfloat16),

@@ -8,6 +8,7 @@ TRITON_INTERPRET=1 the kernels are interpreter objects.
 * the descriptor flash attention: tensor-memory-accelerator copies and warpgroup MMAs, and no
   pointer loads of Q/K/V;
 * the small-batch GEMM with DSC_PDL_GEMV=late: its successor released after the weight stream;
+  with DSC_GEMV_PRELOAD=1, its first weight step loaded before the PDL wait;
   with a deferred RMSNorm, in one row and in 16-row tiles (DSC_NORM_DEFER_ROWS=1);
 * the small-batch GEMM's push epilogue: the call number read after the PDL wait, the tile sent
   as 64-bit words, no plain store of the output; the receiving all-reduce: no sends;
@@ -54,11 +55,12 @@ def _compile(name: str) -> str:
                       "RECEIVE_ONLY": name == "receive_sum"}
         if name == "receive_sum":
             constexprs.update(FUSE_NORM=False, HAS_WEIGHT=False)
-    elif name in ("gemv_late", "gemv_push", "gemv_norm", "gemv_norm_rows", "decode_split",
+    elif name in ("gemv_late", "gemv_push", "gemv_norm", "gemv_norm_rows", "gemv_preload",
+                  "decode_split",
                   "decode_split_merge", "decode_split_prefetch", "decode_split_v_with_k"):
         from dsc.kernels import decode_attention, small_batch_gemm
 
-        if name in ("gemv_late", "gemv_push", "gemv_norm", "gemv_norm_rows"):
+        if name in ("gemv_late", "gemv_push", "gemv_norm", "gemv_norm_rows", "gemv_preload"):
             kernel, warps = small_batch_gemm._small_batch_gemm_kernel, 4
             push = name == "gemv_push"
             norm = name in ("gemv_norm", "gemv_norm_rows")
@@ -67,7 +69,8 @@ def _compile(name: str) -> str:
                 HAS_BIAS=False, HAS_RESIDUAL=not push, ACTIVATION="silu" if norm else "none",
                 GATED=norm, IS_SPLIT=False, DOT_PRECISION="tf32", BLOCK_M=16 if rows else 1,
                 BLOCK_N=64 if rows else 8, BLOCK_K=128 if rows else 512,
-                NUM_STAGES=3 if rows else 4, USE_PDL=True, PREFETCH=True, RELEASE_LATE=not push,
+                NUM_STAGES=3 if rows else 4, USE_PDL=True, PREFETCH=True,
+                PRELOAD=name == "gemv_preload", RELEASE_LATE=not push,
                 NORM=1 if norm else 0, HAS_NW=norm, HAS_NB=False, STATS_K=0, DEFER_NORM=norm,
                 PUSH=push, PUSH_WORLD=2, PACK=2, MAX_ROWS_=32, ROW_WORDS=8192)
             pointers = {"part_ptr": "*fp32", "push_ptrs": "*i64", "push_state": "*i32"}
@@ -160,6 +163,18 @@ def test_gemv_late_release_follows_the_weight_stream():
     loads = [i for i, line in enumerate(lines) if "ld.global" in line or "cp.async" in line]
     # Released after the loop's loads, not at the start as by default.
     assert wait < loads[0] and release > loads[len(loads) // 2]
+
+
+def test_gemv_preloads_its_first_weight_step_before_the_wait():
+    # DSC_GEMV_PRELOAD=1: the first K step's weight tile is loaded (into registers, evict-first)
+    # before griddepcontrol.wait; the default only asks L2 for it there.
+    def weight_loads_before_wait(name: str) -> int:
+        lines = _ptx(name).splitlines()
+        wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+        return sum(bool(re.search(r"ld\.global.*evict_first", line)) for line in lines[:wait])
+
+    assert weight_loads_before_wait("gemv_late") == 0
+    assert weight_loads_before_wait("gemv_preload") > 0
 
 
 def test_gemv_with_a_deferred_norm_streams_from_the_start():

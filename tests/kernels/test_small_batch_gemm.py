@@ -92,6 +92,48 @@ def test_norm_prologue(m, k, n, kind, config, mode, assert_close, poisoned, monk
     assert_close(out, linear_reference(normed, w))
 
 
+ONE_ROW = {name: cfg for name, cfg in CONFIGS.items() if cfg.block_m == 1}
+
+
+@pytest.mark.parametrize("config", ONE_ROW.values(), ids=ONE_ROW.keys())
+@pytest.mark.parametrize("k", [9, 32, 37, 70])  # under one step, whole steps, ragged ends
+@pytest.mark.parametrize("variant", ["bias+residual", "gated", "rms", "layer"])
+def test_one_row_tiles_with_the_first_step_preloaded(k, variant, config, assert_close,
+                                                     poisoned, monkeypatch):
+    # DSC_GEMV_PRELOAD=1: the first K step's weight is loaded before the PDL wait and consumed
+    # in a step of its own; every path of the stream must still add each K position once.
+    from dsc.ops.norms import layer_norm, rms_norm
+
+    monkeypatch.setenv("DSC_GEMV_PRELOAD", "1")
+    torch.manual_seed(k)
+    n = 19
+    x = torch.randn(1, k) * 2 + 0.5
+    nw, nb = torch.randn(k), torch.randn(k)
+    if variant == "bias+residual":
+        w, bias, res = torch.randn(n, k), torch.randn(n), torch.randn(1, n)
+        out = linear_small_batch(x, w, bias, residual=res, out=poisoned((1, n)), config=config)
+        want = linear_reference(x, w, bias) + res
+    elif variant == "gated":
+        w = torch.randn(2 * n, k)
+        out = linear_small_batch(x, w, activation="silu", gated=True, norm=("rms", nw, None, 1e-5),
+                                 out=poisoned((1, n)), config=config)
+        h = rms_norm(x, nw, 1e-5, x.dtype)
+        want = _act(linear_reference(h, w[:n]), "silu") * linear_reference(h, w[n:])
+    else:
+        w = torch.randn(n, k)
+        norm = ("rms", nw, None, 1e-5) if variant == "rms" else ("layer", nw, nb, 1e-5)
+        h = rms_norm(x, nw, 1e-5, x.dtype) if variant == "rms" else layer_norm(x, nw, nb, 1e-5)
+        out = linear_small_batch(x, w, norm=norm, out=poisoned((1, n)), config=config)
+        want = linear_reference(h, w)
+    assert_close(out, want)
+
+
+def test_preload_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("DSC_GEMV_PRELOAD", "on")
+    with pytest.raises(ValueError, match="DSC_GEMV_PRELOAD='on'"):
+        linear_small_batch(torch.randn(1, 8), torch.randn(4, 8), config=CONFIGS["fma"])
+
+
 def test_an_unsplit_one_row_rms_norm_is_applied_after_the_stream(monkeypatch):
     from dsc.kernels.small_batch_gemm import _defer_norm
 
