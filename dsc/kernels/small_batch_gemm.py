@@ -288,7 +288,7 @@ def _small_batch_gemm_kernel(
         x_ptrs = x_ptr + rows_x[None, :] * stride_xm + (k_lo + offs_k)[:, None] * stride_xk
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_u = tl.zeros_like(acc)
-    k_first = k_lo  # where the prefetch starts (the preloaded step is already on its way)
+    k_first = k_lo  # where the L2 prefetch starts: past a preloaded step
     if PRELOAD:
         # The first K step's weight into registers before the wait (DSC_GEMV_PRELOAD=1): the
         # step after the wait then needs only x. Masked, so a range shorter than one step is
@@ -304,8 +304,7 @@ def _small_batch_gemm_kernel(
         # weight tiles toward L2 — weights never depend on earlier kernels — before waiting for
         # the previous kernel, whose output x may be.
         lines = rows_w[:, None] * stride_wn + (k_first + tl.arange(0, BLOCK_K // 64) * 64)[None, :]
-        pdl.prefetch_l2(w_ptr + tl.minimum(lines, rows_w[:, None] * stride_wn + K - 1)
-                        * stride_wk)
+        pdl.prefetch_l2(w_ptr + lines * stride_wk)
     pdl.wait(USE_PDL)
     if not RELEASE_LATE:
         pdl.release(USE_PDL)
