@@ -118,6 +118,16 @@ def _accumulate(acc, acc_u, w, u, x, k, mean, rstd, nw_ptr, nb_ptr, K, NORM: tl.
 
 
 @triton.jit
+def _masked_weight_step(w_ptrs, u_ptrs, k_ok, GATED: tl.constexpr):
+    """A K step's weight tile (and the up half's, gated) with K positions past k_ok as zeros."""
+    w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+    u = w
+    if GATED:
+        u = tl.load(u_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+    return w, u
+
+
+@triton.jit
 def _k_step(acc, acc_u, s2, w, u, x, k, mean, rstd, nw_ptr, nb_ptr, K, NORM: tl.constexpr,
             HAS_NW: tl.constexpr, HAS_NB: tl.constexpr, GATED: tl.constexpr,
             BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DEFER_NORM: tl.constexpr):
@@ -293,11 +303,7 @@ def _small_batch_gemm_kernel(
         # The first K step's weight into registers before the wait (DSC_GEMV_PRELOAD=1): the
         # step after the wait then needs only x. Masked, so a range shorter than one step is
         # this step alone.
-        k_ok0 = (k_lo + offs_k) < k_hi
-        w0 = tl.load(w_ptrs, mask=k_ok0[None, :], other=0.0, eviction_policy="evict_first")
-        u0 = w0
-        if GATED:
-            u0 = tl.load(u_ptrs, mask=k_ok0[None, :], other=0.0, eviction_policy="evict_first")
+        w0, u0 = _masked_weight_step(w_ptrs, u_ptrs, (k_lo + offs_k) < k_hi, GATED)
         k_first = k_lo + BLOCK_K
     if USE_PDL and PREFETCH and BLOCK_K >= 64:
         # Placed before the previous kernel finished (dsc.kernels.pdl): pull this program's first
@@ -394,10 +400,7 @@ def _small_batch_gemm_kernel(
     if ragged:
         # Ragged end of K: one masked step.
         k_ok = (k_full + offs_k) < k_hi
-        w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
-        u = w
-        if GATED:
-            u = tl.load(u_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        w, u = _masked_weight_step(w_ptrs, u_ptrs, k_ok, GATED)
         if BLOCK_M == 1:
             x = tl.load(x_ptrs, mask=k_ok, other=0.0)
         else:
