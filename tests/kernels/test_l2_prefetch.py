@@ -42,6 +42,9 @@ def test_the_budget_comes_from_the_environment(monkeypatch):
 
 
 def test_decode_attention_with_a_weight_to_prefetch_is_unchanged():
+    # On the interpreter the requests themselves are skipped (no inline PTX there): this checks
+    # the argument's path through the launcher; tests/gpu runs the requests, test_hopper_ptx
+    # checks where they sit.
     from dsc.kernels.decode_attention import decode_attention
 
     g = torch.Generator().manual_seed(0)
