@@ -11,10 +11,13 @@ import torch
 
 from dsc.errors import TargetError
 
-__all__ = ["Target", "as_target"]
+__all__ = ["MAX_PROBED_WINDOW", "Target", "as_target"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _OFFLOAD_TIERS = (None, "cpu", "nvme")
+# The longest sliding attention window dsc recognises: recognize_attention runs the model's mask
+# on a probe of window + 4 tokens (a float mask of 8196² is 270 MB).
+MAX_PROBED_WINDOW = 8192
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ class Target:
 
     def check_against(self, info) -> None:
         """Refuse a target the model (its `dsc.frontend.ModelInfo`) cannot be compiled for: heads
-        tp does not divide, or sequences longer than the model's sliding attention window."""
+        tp does not divide, or sequences longer than a sliding attention window too long to
+        recognise (`MAX_PROBED_WINDOW`)."""
         num_heads = info.num_heads
         if self.tp > 1 and num_heads is not None and num_heads % self.tp:
             raise TargetError(
@@ -94,14 +98,14 @@ class Target:
                 f"choose tp among the divisors of {num_heads}."
             )
         window = info.sliding_window
-        if window is not None and window < self.max_seq_len:
-            # Within the window a sliding-window mask is the causal mask, which is all dsc's
-            # attention models; past it the model would attend to keys it must not see.
+        if window is not None and MAX_PROBED_WINDOW < window < self.max_seq_len:
+            # dsc finds a window by running the model's mask on a probe longer than the window;
+            # past this length the probe's mask alone would take gigabytes.
             raise TargetError(
                 f"{info.name or 'the model'} attends within a sliding window of {window} tokens, "
-                f"which dsc's attention does not model, and max_seq_len={self.max_seq_len} would "
-                f"let sequences outgrow it; compile with dsc.Target(max_seq_len={window}) or "
-                f"less (the window then never applies)."
+                f"longer than the {MAX_PROBED_WINDOW} dsc can recognise, and "
+                f"max_seq_len={self.max_seq_len} would let sequences outgrow it; compile with "
+                f"dsc.Target(max_seq_len={window}) or less (the window then never applies)."
             )
 
 

@@ -60,19 +60,25 @@ def _windowed_mistral(window: int):
     return model
 
 
-def test_sequences_longer_than_a_sliding_window_are_refused():
-    # The window (8 keys) is longer than the mask probe, so the attention looks causal; past 8
-    # tokens it is not, and a plan allowing 64 would answer wrongly: refused, with the fix.
+def test_sequences_longer_than_a_sliding_window_attend_within_it():
+    # A window of 8 keys, longer than the six-token mask probe: found at the config's length,
+    # and a 64-slot plan attends within it as HF does past the window (prompt 11, 12 new).
     model = _windowed_mistral(8)
-    with pytest.raises(dsc.TargetError, match=r"sliding window of 8 tokens.*max_seq_len=8\) or less"):
-        dsc.compile(model, dsc.Target(device="cpu", max_seq_len=64))
-    # Within the window the mask is the causal one: the plan equals HF.
-    compiled = dsc.compile(model, dsc.Target(device="cpu", max_seq_len=8))
-    ids = torch.randint(3, 200, (1, 5))
+    compiled = dsc.compile(model, dsc.Target(device="cpu", max_seq_len=64))
+    ids = torch.randint(3, 200, (1, 11))
     with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=3, do_sample=False)
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False)
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
-    assert torch.equal(compiled.generate(ids, max_new_tokens=3, eos_token_id=[]), ref)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=12, eos_token_id=[]), ref)
+
+
+def test_a_window_too_long_to_recognise_is_refused_with_the_fix():
+    from dsc.target import MAX_PROBED_WINDOW
+
+    model = _windowed_mistral(MAX_PROBED_WINDOW + 8)
+    with pytest.raises(dsc.TargetError, match=rf"sliding window of {MAX_PROBED_WINDOW + 8} tokens"
+                                              rf".*max_seq_len={MAX_PROBED_WINDOW + 8}\) or less"):
+        dsc.compile(model, dsc.Target(device="cpu", max_seq_len=2 * MAX_PROBED_WINDOW))
 
 
 def test_sliding_window_switched_off_in_the_config_is_no_window():

@@ -8,7 +8,7 @@ import torch
 import triton
 from torch import Tensor
 
-__all__ = ["check_device", "check_out", "sm_count"]
+__all__ = ["check_device", "check_out", "check_window", "sm_count"]
 
 
 def check_device(*tensors: Tensor) -> None:
@@ -47,3 +47,13 @@ def shared_memory(device: torch.device) -> int:
     if device.type != "cuda":
         return 232448
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def check_window(window: int, causal: bool) -> None:
+    """Raise ValueError unless `window` is 0 (none) or a positive window of causal attention."""
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise ValueError(f"window must be 0 (no window) or a positive number of slots; got "
+                         f"{window!r}")
+    if window and not causal:
+        raise ValueError("a sliding window needs causal attention (a query sees the window - 1 "
+                         "slots before it); pass causal=True or window=0")

@@ -28,8 +28,10 @@ live prefix must come through device memory once. The kernel is arranged around 
   to the first. A program whose chunk is empty stores nothing.
 
 Semantics (shared with `flash_attention`): query i of sequence b sits at slot start + i and may
-attend key slot j iff j < start + S, kv_valid[b, j], and (not causal or j <= start + i). A query
-with no key to attend gets zeros. Masked K/V slots may hold anything, NaN included: V rows that are
+attend key slot j iff j < start + S, kv_valid[b, j], (not causal or j <= start + i), and
+(window == 0 or j > start + i - window). A query with no key to attend gets zeros. With a sliding
+window the split programs share only the slots from start - window + 1 on: the keys no query
+of the step can see are never read. Masked K/V slots may hold anything, NaN included: V rows that are
 not attended are zeroed on load so they cannot poison the sums.
 """
 
@@ -45,7 +47,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dsc.kernels import l2_prefetch, pdl
-from dsc.kernels.checks import check_device, check_out, sm_count
+from dsc.kernels.checks import check_device, check_out, check_window, sm_count
 from dsc.kernels.online_softmax import LOG2E, online_softmax_step
 
 __all__ = [
@@ -94,14 +96,25 @@ def _chunk(live, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _key_range(start, S, T, WINDOW: tl.constexpr):
+    """(first, live): the slots some query of the step may see are first .. live - 1."""
+    live = tl.minimum(start + S, T)
+    if WINDOW > 0:
+        first = tl.maximum(start - WINDOW + 1, 0)
+    else:
+        first = 0
+    return first, live
+
+
+@triton.jit
 def _prefetch_chunk(k_base, v_base, start_ptr, S, T, num_splits, pid_split, stride_kt, stride_kd,
                     stride_vt, stride_vd, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PREFETCH_KEYS: tl.constexpr, LINE_ELEMS: tl.constexpr):
+                    PREFETCH_KEYS: tl.constexpr, LINE_ELEMS: tl.constexpr, WINDOW: tl.constexpr):
     """Ask L2 for the first PREFETCH_KEYS K and V rows of this program's chunk, one request per
     128-byte line."""
-    live = tl.minimum(tl.load(start_ptr).to(tl.int32) + S, T)
-    chunk = _chunk(live, num_splits, BLOCK_N)
-    n_lo = pid_split * chunk
+    first, live = _key_range(tl.load(start_ptr).to(tl.int32), S, T, WINDOW)
+    chunk = _chunk(live - first, num_splits, BLOCK_N)
+    n_lo = first + pid_split * chunk
     n_hi = tl.minimum(tl.minimum(n_lo + chunk, live), n_lo + PREFETCH_KEYS)
     n = n_lo + tl.arange(0, PREFETCH_KEYS)
     n = tl.minimum(n, tl.maximum(n_hi - 1, 0))  # requests past the chunk repeat its last row
@@ -125,13 +138,14 @@ def _last_to_arrive(counter_ptr, num_splits):
 
 
 @triton.jit
-def _merge_partials(part_acc_ptr, part_ml_ptr, row_id, row_ok, d, d_ok, live, chunk, num_splits,
+def _merge_partials(part_acc_ptr, part_ml_ptr, row_id, row_ok, d, d_ok, span, chunk, num_splits,
                     SPLITS_P2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The normalised attention output of rows row_id from every split's partial (acc, m, l).
+    """The normalised attention output of rows row_id from every split's partial (acc, m, l);
+    `span` slots were shared out in chunks of `chunk`.
     The loads are independent (the split loop is unrolled), so they are in flight together
     rather than one L2 round trip per split; volatile, so no stale L1 line is read."""
     sp = tl.arange(0, SPLITS_P2)
-    sp_ok = (sp < num_splits) & (sp * chunk < live)
+    sp_ok = (sp < num_splits) & (sp * chunk < span)
     slots = row_id.to(tl.int64)[:, None] * num_splits + sp[None, :]
     ok = row_ok[:, None] & sp_ok[None, :]
     m = tl.load(part_ml_ptr + slots * 2, mask=ok, other=float("-inf"), volatile=True)
@@ -142,7 +156,7 @@ def _merge_partials(part_acc_ptr, part_ml_ptr, row_id, row_ok, d, d_ok, live, ch
     l_sum = tl.sum(w * l, axis=1)
     o = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for j in tl.static_range(SPLITS_P2):
-        j_ok = row_ok & (j < num_splits) & (j * chunk < live)
+        j_ok = row_ok & (j < num_splits) & (j * chunk < span)
         part = tl.load(
             part_acc_ptr + (row_id.to(tl.int64) * num_splits + j)[:, None] * BLOCK_D + d[None, :],
             mask=j_ok[:, None] & d_ok[None, :], other=0.0, volatile=True,
@@ -221,6 +235,7 @@ def _decode_split_kernel(
     PREFETCH_W: tl.constexpr,
     PF_LINE_ELEMS: tl.constexpr,
     USE_PDL: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     pid_split = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -243,14 +258,15 @@ def _decode_split_kernel(
         # prefetched, the loop below reads it again after the wait.
         _prefetch_chunk(k_base, v_base, start_ptr, S, T, num_splits, pid_split, stride_kt,
                         stride_kd, stride_vt, stride_vd, BLOCK_N, BLOCK_D, PREFETCH_KEYS,
-                        LINE_ELEMS)
+                        LINE_ELEMS, WINDOW)
     pdl.wait_and_release(USE_PDL)
 
     # The live length comes from device memory (CUDA-graph replay changes it between runs).
     start = tl.load(start_ptr).to(tl.int32)
-    live = tl.minimum(start + S, T)
-    chunk = _chunk(live, num_splits, BLOCK_N)
-    n_lo = pid_split * chunk
+    first, live = _key_range(start, S, T, WINDOW)
+    span = live - first
+    chunk = _chunk(span, num_splits, BLOCK_N)
+    n_lo = first + pid_split * chunk
     n_hi = tl.minimum(n_lo + chunk, live)
 
     # Row r of the block is query token s = r % S of query head kvh * GROUP + r // S.
@@ -334,6 +350,8 @@ def _decode_split_kernel(
         allowed = ok[None, :]
         if CAUSAL:
             allowed = allowed & (n[None, :] <= last_allowed[:, None])
+        if WINDOW > 0:
+            allowed = allowed & (n[None, :] > last_allowed[:, None] - WINDOW)
         qk = tl.where(allowed, qk, float("-inf"))
 
         p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
@@ -372,7 +390,7 @@ def _decode_split_kernel(
         tl.store(part_ml_ptr + slot * 2 + 1, l_i, mask=store_ok)
         if MERGE_IN_SPLIT:
             if _last_to_arrive(arrivals_ptr + pid_bh, num_splits):
-                o = _merge_partials(part_acc_ptr, part_ml_ptr, row_id, row_ok, d, d_ok, live,
+                o = _merge_partials(part_acc_ptr, part_ml_ptr, row_id, row_ok, d, d_ok, span,
                                     chunk, num_splits, SPLITS_P2, BLOCK_R, BLOCK_D)
                 tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_ok)
     else:
@@ -400,18 +418,19 @@ def _decode_combine_kernel(
     BLOCK_D: tl.constexpr,
     SPLITS_P2: tl.constexpr,
     USE_PDL: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     pdl.wait_and_release(USE_PDL)
     row = tl.program_id(0)  # (b * HQ + h) * S + s
     b = row // (HQ * S)
     h = (row // S) % HQ
     s = row % S
-    start = tl.load(start_ptr).to(tl.int32)
-    live = tl.minimum(start + S, T)
+    first, live = _key_range(tl.load(start_ptr).to(tl.int32), S, T, WINDOW)
+    span = live - first
 
     # Only splits whose chunk starts inside the live length wrote partials.
     sp = tl.arange(0, SPLITS_P2)
-    sp_ok = (sp < num_splits) & (sp * _chunk(live, num_splits, BLOCK_N) < live)
+    sp_ok = (sp < num_splits) & (sp * _chunk(span, num_splits, BLOCK_N) < span)
     slot = row.to(tl.int64) * num_splits + sp
     m = tl.load(part_ml_ptr + slot * 2, mask=sp_ok, other=float("-inf"))
     l = tl.load(part_ml_ptr + slot * 2 + 1, mask=sp_ok, other=0.0)
@@ -618,6 +637,7 @@ def decode_attention(
     new_v: Tensor | None = None,
     rotary: tuple[Tensor, Tensor] | None = None,
     prefetch: Tensor | None = None,
+    window: int = 0,
 ) -> Tensor:
     """Attention of S (small) new query tokens over a KV cache; see the module docstring.
 
@@ -632,8 +652,11 @@ def decode_attention(
     rotated as they are loaded (x * cos + rotate_half(x) * sin), sparing the rotary launch.
     `prefetch`: a weight (K contiguous) whose rows' first lines, within DSC_PREFETCH_MB, the
     programs request into L2 before they attend (`dsc.kernels.l2_prefetch`).
+    `window`: a causal sliding window (0: none); the launch is sized for the window + S - 1
+    slots the step can see, not for the whole cache.
     """
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
+    check_window(window, causal)
     if (new_k is None) != (new_v is None):
         raise ValueError("give both new_k and new_v, or neither")
     if new_k is not None:
@@ -662,21 +685,24 @@ def decode_attention(
         cos_strides = (cos.stride(0), cos.stride(2), cos.stride(3))
     batch, hq, s, d = q.shape
     hkv, t = k_cache.shape[1], k_cache.shape[2]
+    # The most slots one step's queries can see: the grid is sized for these (never for start,
+    # so a captured CUDA graph stays valid as the sequence grows).
+    seen = min(t, window + s - 1) if window else t
     group = hq // hkv
     if group * s > _MAX_ROWS:
         raise ValueError(
             f"decode_attention holds (Hq/Hkv)*S = {group * s} query rows per kv head, above "
             f"{_MAX_ROWS}; use flash_attention for S={s}"
         )
-    cfg = config or _config_override() or pick_decode_config(batch, hkv, t, sm_count(q.device))
+    cfg = config or _config_override() or pick_decode_config(batch, hkv, seen, sm_count(q.device))
 
     block_d = max(16, triton.next_power_of_2(d))
     block_r = max(16, triton.next_power_of_2(group * s))
-    blocks = triton.cdiv(t, cfg.block_n)
+    blocks = triton.cdiv(seen, cfg.block_n)
     splits = max(1, min(cfg.num_splits, blocks))
-    # Splits whose chunk would start beyond T at a full cache are dropped (the kernels divide
-    # the live length, which is at most T, over the rest).
-    splits = triton.cdiv(t, triton.cdiv(blocks, splits) * cfg.block_n)
+    # Splits whose chunk would start beyond the slots seen at a full cache are dropped (the
+    # kernels divide the live length, or the window's part of it, over the rest).
+    splits = triton.cdiv(seen, triton.cdiv(blocks, splits) * cfg.block_n)
 
     if out is None:
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -737,6 +763,7 @@ def decode_attention(
         MERGE_IN_SPLIT=merge_in_split,
         V_WITH_K=cfg.v_with_k,
         SPLITS_P2=triton.next_power_of_2(splits),
+        WINDOW=window,
         PREFETCH_KEYS=_prefetch_keys(),
         LINE_ELEMS=min(128 // k_cache.element_size(), block_d),
         **l2_prefetch.launch_args(
@@ -760,6 +787,7 @@ def decode_attention(
             BLOCK_N=cfg.block_n,
             BLOCK_D=block_d,
             SPLITS_P2=triton.next_power_of_2(splits),
+            WINDOW=window,
             num_warps=4,
             **pdl.launch_options(q.device),
         )

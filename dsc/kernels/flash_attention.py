@@ -18,8 +18,11 @@ first reads the padding bytes of the keys it will visit, and if none is padding 
 mask loads are predicated off.
 
 Semantics (shared with `decode_attention`): query i of sequence b sits at slot start + i and may
-attend key slot j iff j < start + S, kv_valid[b, j], and (not causal or j <= start + i). A query
-with no key to attend gets zeros. `start` lives in device memory (an int64 tensor [1]).
+attend key slot j iff j < start + S, kv_valid[b, j], (not causal or j <= start + i), and
+(window == 0 or j > start + i - window). A query with no key to attend gets zeros. `start` lives
+in device memory (an int64 tensor [1]). With a sliding window, key blocks below every row's window
+are skipped like those above the diagonal, and the blocks the window's edge cuts take the
+position masks.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dsc.kernels.checks import check_out
+from dsc.kernels.checks import check_out, check_window
 from dsc.kernels.decode_attention import (
     check_attention_inputs,
     decode_attention,
@@ -103,9 +106,15 @@ def _attend_block(
     PADDED: tl.constexpr,
     FULL_D: tl.constexpr,
     holes,
+    WINDOW: tl.constexpr,
+    seen_from,
 ):
     n = n0 + tl.arange(0, BLOCK_N)
     in_range = n < live
+    if WINDOW > 0 and POSITION_MASK:
+        # Slots below seen_from are behind every row's window: they load as zeros, like padding
+        # (their scores are masked below, and a NaN V row there would survive a zero weight).
+        in_range = in_range & (n >= seen_from)
     if PADDED:
         # Padding mask of these slots (one byte each), as an additive bias: 0 or -inf. Not read
         # at all when this program's keys hold no padding (`holes` = 0).
@@ -132,6 +141,8 @@ def _attend_block(
         allowed = in_range[None, :]
         if CAUSAL:
             allowed = allowed & (n[None, :] <= query_pos[:, None])
+        if WINDOW > 0:
+            allowed = allowed & (n[None, :] > query_pos[:, None] - WINDOW)
         qk = tl.where(allowed, qk, float("-inf"))
 
     p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
@@ -188,6 +199,7 @@ def _flash_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     PADDED: tl.constexpr,
     CHECK_BLOCK: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     # Causal blocks further down the sequence have more keys to visit: start them first so the
     # short ones fill in the tail.
@@ -226,12 +238,24 @@ def _flash_attention_kernel(
     else:
         full_end = (live // BLOCK_N) * BLOCK_N
         hi = live
+    # With a window, keys below lo are visible to no row, and [lo, full_lo) only to some: the
+    # window's edge cuts those blocks as the diagonal cuts [full_end, hi).
+    if WINDOW > 0:
+        last_row_pos = start + tl.minimum(pid_m * BLOCK_M + BLOCK_M, S) - 1
+        seen_from = tl.maximum(first_row_pos - WINDOW + 1, 0)
+        lo = (seen_from // BLOCK_N) * BLOCK_N
+        full_lo = tl.minimum(tl.cdiv(tl.maximum(last_row_pos - WINDOW + 1, 0), BLOCK_N) * BLOCK_N,
+                             full_end)
+    else:
+        seen_from = 0
+        lo = 0
+        full_lo = 0
 
     if PADDED:
         # Is any key this program visits padding? If not, the loop never reads the mask bytes:
         # their loads are predicated off, so no tile waits on them.
         holes = 0
-        for c0 in range(0, hi, CHECK_BLOCK):
+        for c0 in range(lo, hi, CHECK_BLOCK):
             c = c0 + tl.arange(0, CHECK_BLOCK)
             valid_c = tl.load(valid_base + c * stride_mt, mask=c < hi, other=1)
             holes += tl.sum((valid_c == 0).to(tl.int32), axis=0)
@@ -241,17 +265,27 @@ def _flash_attention_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for n0 in range(0, full_end, BLOCK_N):
+    if WINDOW > 0:
+        for n0 in range(lo, full_lo, BLOCK_N):
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok,
+                stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
+                CAUSAL, True, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, holes, WINDOW,
+                seen_from,
+            )  # fmt: skip
+    for n0 in range(full_lo, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok,
             stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
-            CAUSAL, False, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, holes,
+            CAUSAL, False, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, holes, WINDOW,
+            seen_from,
         )  # fmt: skip
     for n0 in range(full_end, hi, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok,
             stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
-            CAUSAL, True, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, holes,
+            CAUSAL, True, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, holes, WINDOW,
+            seen_from,
         )  # fmt: skip
 
     # Normalise; rows that attended nothing have l = 0 and get zeros.
@@ -274,6 +308,7 @@ def flash_attention(
     out: Tensor | None = None,
     config: FlashConfig | None = None,
     padded: bool | None = None,
+    window: int = 0,
 ) -> Tensor:
     """Attention of S query tokens over a KV cache (prefill); see the module docstring.
 
@@ -284,8 +319,10 @@ def flash_attention(
     skips the padding mask and loads whole K/V tiles unmasked below the diagonal. None (the
     default) takes the promise from `keys_unpadded` if the caller is inside one, else assumes
     padding may be present (always correct).
+    `window`: a causal sliding window (0: none).
     """
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
+    check_window(window, causal)
     if padded is None:
         padded = not _UNPADDED.get()
     batch, hq, s, d = q.shape
@@ -298,7 +335,7 @@ def flash_attention(
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     else:
         check_out(out, tuple(q.shape), q)
-    if not padded and config is None and tma_eligible(q, k_cache, v_cache, out):
+    if not padded and not window and config is None and tma_eligible(q, k_cache, v_cache, out):
         return flash_attention_tma(q, k_cache, v_cache, start, causal, scale, out)
     valid = kv_valid.view(torch.uint8)
     grid = (triton.cdiv(s, cfg.block_m), batch * hq)
@@ -327,6 +364,7 @@ def flash_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         PADDED=padded,
         CHECK_BLOCK=1024,
+        WINDOW=window,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -344,6 +382,7 @@ def attention(
     *,
     out: Tensor | None = None,
     padded: bool | None = None,
+    window: int = 0,
 ) -> Tensor:
     """The KV-cache attention op of dsc: decode kernel for a few new tokens, flash otherwise.
 
@@ -352,6 +391,7 @@ def attention(
     """
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
     if uses_decode_kernel(q, k_cache):
-        return decode_attention(q, k_cache, v_cache, kv_valid, start, causal, scale, out=out)
+        return decode_attention(q, k_cache, v_cache, kv_valid, start, causal, scale, out=out,
+                                window=window)
     return flash_attention(q, k_cache, v_cache, kv_valid, start, causal, scale, out=out,
-                           padded=padded)
+                           padded=padded, window=window)

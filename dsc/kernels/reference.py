@@ -125,6 +125,7 @@ def attention_reference(
     causal: bool,
     scale: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    window: int = 0,
 ) -> Tensor:
     """The KV-cache attention op of dsc, written out in full.
 
@@ -132,7 +133,8 @@ def attention_reference(
     k_cache, v_cache [B, Hkv, T, D] (or more sequences, of which the first B are used); query head
     h reads kv head h // (Hq // Hkv).
     Query i of sequence b may attend key slot j iff
-        j < start + S  and  kv_valid[b, j]  and  (not causal or j <= start + i).
+        j < start + S  and  kv_valid[b, j]  and  (not causal or j <= start + i)
+        and  (window == 0 or j > start + i - window).
     A query with no key it may attend gets zeros. Returns [B, Hq, S, D] in q.dtype.
     """
     batch, hq, s, d = q.shape
@@ -151,6 +153,8 @@ def attention_reference(
     allowed = (key[None, :] < first + s).expand(s, t)
     if causal:
         allowed = allowed & (key[None, :] <= query_pos[:, None])
+    if window:
+        allowed = allowed & (key[None, :] > query_pos[:, None] - window)
     allowed = allowed[None, None] & kv_valid.bool()[:, None, None, :]  # [B, 1, S, T]
 
     # Slots past the live length or marked padding may hold anything (NaN too): zero their V rows

@@ -3,7 +3,10 @@ and `dsc::rotary_cached_attention` (the same, rotating the new queries and keys 
 
 One masking rule serves both. Keys live in slots 0..T-1; the S queries sit at slots
 start..start+S-1. Query i of sequence b may attend slot j iff
-    j < start + S  and  valid[b, j]  and  (not causal or j <= start + i).
+    j < start + S  and  valid[b, j]  and  (not causal or j <= start + i)
+    and  (window == 0 or j > start + i - window).
+`window` (causal attention only) is a sliding window: a query sees itself and the window - 1
+slots before it, padding slots included, as HF's sliding-window masks count them.
 A query with no slot it may attend (a padding token at the left edge) gets zeros, never NaN.
 Grouped-query attention: query head h reads key/value head h // (Hq // Hkv).
 """
@@ -13,15 +16,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dsc.kernels.checks import check_window
+
 __all__ = [
     "attention", "cached_attention", "masked_attention_reference", "rotary_cached_attention",
 ]
 
 
 def masked_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, start: int, causal: bool, scale: float
+    q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, start: int, causal: bool, scale: float,
+    window: int = 0,
 ) -> Tensor:
     """The masking rule above in plain torch, fp32 softmax. q [B,Hq,S,D]; k, v [B,Hkv,T,D]."""
+    check_window(window, causal)
     batch, q_heads, seq, _ = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
     if q_heads % kv_heads:
@@ -35,6 +42,8 @@ def masked_attention_reference(
     allowed = (key_slot[None, :] < start + seq).expand(seq, slots)
     if causal:
         allowed = allowed & (key_slot[None, :] <= query_slot[:, None])
+    if window:
+        allowed = allowed & (key_slot[None, :] > query_slot[:, None] - window)
     allowed = allowed[None, None].expand(batch, 1, seq, slots)
     if valid is not None:
         allowed = allowed & valid[:, None, None, :slots].bool()
@@ -48,14 +57,16 @@ def masked_attention_reference(
 
 @torch.library.custom_op("dsc::attention", mutates_args=())
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, causal: bool, scale: float
+    q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, causal: bool, scale: float,
+    window: int = 0,
 ) -> Tensor:
-    """Attention of q [B,Hq,S,D] over k, v [B,Hkv,S,D]; key_valid [B,S] bool marks real tokens."""
-    return masked_attention_reference(q, k, v, key_valid, 0, causal, scale)
+    """Attention of q [B,Hq,S,D] over k, v [B,Hkv,S,D]; key_valid [B,S] bool marks real tokens;
+    window: a causal sliding window (0: none)."""
+    return masked_attention_reference(q, k, v, key_valid, 0, causal, scale, window)
 
 
 @attention.register_fake
-def _(q, k, v, key_valid, causal, scale):
+def _(q, k, v, key_valid, causal, scale, window=0):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
 
 
@@ -71,6 +82,7 @@ def cached_attention(
     causal: bool,
     scale: float,
     prefetch: Tensor | None = None,
+    window: int = 0,
 ) -> Tensor:
     """Write k, v [B,Hkv,S,D] into the cache at slots start..start+S-1, then attend over it.
 
@@ -78,6 +90,7 @@ def cached_attention(
     bool; start: int64 tensor of shape [1] (device memory, so CUDA-graph replays can move it).
     prefetch: a weight the next projection reads, which the GPU's decode kernel pulls toward L2
     while it attends (`prefetch_next_weight`); it never changes the result.
+    window: a causal sliding window (0: none); the cache still holds every slot.
     """
     batch, _, seq, _ = k.shape
     first = int(start.item())
@@ -86,12 +99,12 @@ def cached_attention(
     live = first + seq
     return masked_attention_reference(
         q, k_cache[:batch, :, :live], v_cache[:batch, :, :live], valid[:, :live], first, causal,
-        scale,
+        scale, window,
     )
 
 
 @cached_attention.register_fake
-def _(q, k, v, k_cache, v_cache, valid, start, causal, scale, prefetch=None):
+def _(q, k, v, k_cache, v_cache, valid, start, causal, scale, prefetch=None, window=0):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
 
 
@@ -109,16 +122,17 @@ def rotary_cached_attention(
     causal: bool,
     scale: float,
     prefetch: Tensor | None = None,
+    window: int = 0,
 ) -> Tensor:
     """cached_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, ...): one op, so that the
     decode kernel can rotate the step's queries and keys as it loads them (no rotary launch).
-    prefetch: as in cached_attention."""
+    prefetch, window: as in cached_attention."""
     from dsc.ops.rotary import rotary
 
     return cached_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, k_cache, v_cache, valid,
-                            start, causal, scale)
+                            start, causal, scale, window=window)
 
 
 @rotary_cached_attention.register_fake
-def _(q, k, v, k_cache, v_cache, valid, start, cos, sin, causal, scale, prefetch=None):
+def _(q, k, v, k_cache, v_cache, valid, start, cos, sin, causal, scale, prefetch=None, window=0):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)

@@ -10,6 +10,7 @@ Rewrite to:
     out = dsc.rotary_cached_attention(xq, xk, v, k_cache, v_cache, valid, start, cos, sin,
                                       causal, scale)
 
+Keyword operands of the attention (a sliding `window`) carry over.
 At decode the attention kernel then loads xq and the new keys, rotates them in registers and
 writes the rotated keys into the cache: one launch per layer fewer (the rotary region).
 
@@ -62,7 +63,7 @@ def fold_rotary_into_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.Graph
         with gm.graph.inserting_before(node):
             new = call(gm.graph, dsc_ops.rotary_cached_attention.default,
                        (q.args[0], k.args[0], v, k_cache, v_cache, valid, start, cos, sin,
-                        causal, scale), like=node)
+                        causal, scale), dict(node.kwargs), like=node)
         replace_with(node, new)
         gm.graph.erase_node(q)
         gm.graph.erase_node(k)

@@ -11,6 +11,7 @@ the slot of the first new token):
     kv_valid:  [B, max_seq] bool               cache_start: int64 [1]
     out = dsc.cached_attention(q, k, v, k_cache_i, v_cache_i, kv_valid, cache_start, True, scale)
 
+A sliding window (`window=w`) stays on the new node; the cache still holds max_seq slots.
 The same graph serves both entry points: prefill (S prompt tokens at slots 0..S-1) and decode
 (one token per sequence at slot `cache_start`). Positions come from the `position_ids` input, so a
 left-padded sequence rotates by its own positions, not by the padded index.
@@ -89,7 +90,8 @@ def kv_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         with gm.graph.inserting_after(node):
             new = call(
                 gm.graph, torch.ops.dsc.cached_attention.default,
-                (q, k, v, k_cache, v_cache, valid, start, causal, scale), like=node,
+                (q, k, v, k_cache, v_cache, valid, start, causal, scale), dict(node.kwargs),
+                like=node,
             )
         replace_with(node, new)
     ctx.notes["cache"] = cache_spec(gm)

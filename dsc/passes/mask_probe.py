@@ -2,12 +2,16 @@
 
 HF models build masks from `attention_mask` with long chains of arange/compare/index ops that
 change between releases. Rather than match those chains, the subgraph that computes the mask is
-copied out and run on a padded probe batch; its result is compared with the two masks dsc knows:
+copied out and run on a padded probe batch; its result is compared with the masks dsc knows:
 
     causal:        query i may attend key j  iff  j <= i  and  attention_mask[b, j]
     bidirectional: query i may attend key j  iff  attention_mask[b, j]
+    sliding:       causal, and  i - j < window  (slots counted with padding, as HF counts them)
 
 Rows of padding queries are not compared (HF rewrites them in ways that differ between paths).
+A window only shows on a probe longer than itself: the six-token probe finds short ones, and a
+causal mask is probed again at the length of the window the config names (`ModelInfo
+.sliding_window`), when that window is shorter than the target's `max_seq_len`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch.fx as fx
 
 from dsc.passes.context import PassContext
 from dsc.passes.graph_utils import ancestors
+from dsc.target import MAX_PROBED_WINDOW
 
 __all__ = ["MaskKind", "classify_mask"]
 
@@ -29,15 +34,16 @@ _PROBE_MASK = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1,
 class MaskKind:
     causal: bool
     uses_padding: bool
+    window: int = 0  # a causal sliding window: keys a query sees, itself included (0: none)
 
 
-def _probe_inputs(ctx: PassContext) -> dict[str, torch.Tensor]:
-    batch, seq = _PROBE_MASK.shape
+def _probe_inputs(ctx: PassContext, probe_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    batch, seq = probe_mask.shape
     vocab = ctx.info.vocab_size or 2
     return {
         "input_ids": torch.randint(0, max(vocab - 1, 1), (batch, seq)),
-        "attention_mask": _PROBE_MASK.clone(),
-        "position_ids": (_PROBE_MASK.cumsum(-1) - 1).clamp(min=0),
+        "attention_mask": probe_mask.clone(),
+        "position_ids": (probe_mask.cumsum(-1) - 1).clamp(min=0),
     }
 
 
@@ -66,12 +72,13 @@ def evaluate_subgraph(node: fx.Node, ctx: PassContext, inputs: dict[str, torch.T
     return env[node]
 
 
-def classify_mask(mask: fx.Node, ctx: PassContext) -> MaskKind | None:
-    """The kind of mask `mask` computes, or None when it is neither known kind."""
-    inputs = _probe_inputs(ctx)
+def _allowed(mask: fx.Node, ctx: PassContext, probe_mask: torch.Tensor) -> torch.Tensor | None:
+    """The mask's value on the probe as bool [B, 1|H, L, L] (True: may attend), or None when it
+    does not evaluate or is an additive bias rather than a mask."""
+    batch, seq = probe_mask.shape
     try:
         with torch.no_grad():
-            value = evaluate_subgraph(mask, ctx, inputs)
+            value = evaluate_subgraph(mask, ctx, _probe_inputs(ctx, probe_mask))
     except Exception:  # any op that cannot run on the probe means: not a mask we know
         return None
     if not isinstance(value, torch.Tensor) or value.dim() != 4:
@@ -82,21 +89,77 @@ def classify_mask(mask: fx.Node, ctx: PassContext) -> MaskKind | None:
         allowed = value > -1.0
         if bool((value[allowed] != 0).any()):
             return None  # an additive bias (ALiBi, relative position): not a plain mask
-    batch, seq = _PROBE_MASK.shape
     try:
-        allowed = allowed.expand(batch, allowed.shape[1], seq, seq)
+        return allowed.expand(batch, allowed.shape[1], seq, seq)
     except RuntimeError:
         return None
-    keys = _PROBE_MASK.bool()[:, None, None, :]
-    causal = torch.ones(seq, seq).tril().bool()[None, None]
-    rows = _PROBE_MASK.bool()[:, None, :, None].expand_as(allowed)
-    for kind, expected in (
-        (MaskKind(causal=True, uses_padding=True), causal & keys),
-        (MaskKind(causal=False, uses_padding=True), keys.expand(batch, 1, seq, seq)),
-        (MaskKind(causal=True, uses_padding=False), causal),
-        (MaskKind(causal=False, uses_padding=False), torch.ones(1, 1, seq, seq, dtype=torch.bool)),
+
+
+def _expected(probe_mask: torch.Tensor, causal: bool, window: int) -> torch.Tensor:
+    """[B, 1, L, L] bool: the known mask of that kind on the probe."""
+    seq = probe_mask.shape[1]
+    allowed = probe_mask.bool()[:, None, None, :].expand(-1, 1, seq, seq)
+    i = torch.arange(seq)[:, None]
+    j = torch.arange(seq)[None, :]
+    if causal:
+        allowed = allowed & (j <= i)
+    if window:
+        allowed = allowed & (i - j < window)
+    return allowed
+
+
+def _matches(allowed: torch.Tensor, expected: torch.Tensor, probe_mask: torch.Tensor) -> bool:
+    rows = probe_mask.bool()[:, None, :, None].expand_as(allowed)
+    return bool((allowed == expected.expand_as(allowed))[rows].all())
+
+
+def _window_seen(allowed: torch.Tensor, probe_mask: torch.Tensor, row: int) -> int:
+    """The window a causal mask shows in the last query of a probe row whose padding is on the
+    left: the number of keys it may attend when that is fewer than the row's real tokens, else
+    0 (no window, or one longer than the probe)."""
+    seen = int(allowed[row, 0, -1].sum())
+    return seen if seen < int(probe_mask[row].sum()) else 0
+
+
+def _classify(mask: fx.Node, ctx: PassContext) -> MaskKind | None:
+    allowed = _allowed(mask, ctx, _PROBE_MASK)
+    if allowed is None:
+        return None
+    short_window = _window_seen(allowed, _PROBE_MASK, 1)
+    kind = None
+    for candidate in (
+        MaskKind(causal=True, uses_padding=True, window=short_window),
+        MaskKind(causal=False, uses_padding=True),
+        MaskKind(causal=True, uses_padding=False, window=short_window),
+        MaskKind(causal=False, uses_padding=False),
     ):
-        expected = expected.expand_as(allowed)
-        if bool((allowed == expected)[rows].all()):
-            return kind
-    return None
+        probe = _PROBE_MASK if candidate.uses_padding else torch.ones_like(_PROBE_MASK)
+        if _matches(allowed, _expected(probe, candidate.causal, candidate.window), _PROBE_MASK):
+            kind = candidate
+            break
+    hint = ctx.info.sliding_window
+    if (kind is None or not kind.causal or kind.window or hint is None
+            or not _PROBE_MASK.shape[1] <= hint < ctx.target.max_seq_len):
+        return kind
+    if hint > MAX_PROBED_WINDOW:
+        return None  # Target.check_against refuses such plans before tracing
+    # A window the config names and the six-token probe cannot show: probe one sequence, left-
+    # padded by two like the short probe's first row, whose last query has window + 2 keys.
+    probe = torch.ones(1, hint + 4, dtype=torch.long)
+    probe[0, :2] = 0
+    allowed = _allowed(mask, ctx, probe)
+    if allowed is None:
+        return None
+    window = _window_seen(allowed, probe, 0)
+    padded_probe = probe if kind.uses_padding else torch.ones_like(probe)
+    if not _matches(allowed, _expected(padded_probe, True, window), probe):
+        return None
+    return MaskKind(causal=True, uses_padding=kind.uses_padding, window=window)
+
+
+def classify_mask(mask: fx.Node, ctx: PassContext) -> MaskKind | None:
+    """The kind of mask `mask` computes, or None when it is none of the known kinds. Evaluated
+    once per mask node (layers share their masks)."""
+    if "dsc_mask_kind" not in mask.meta:
+        mask.meta["dsc_mask_kind"] = _classify(mask, ctx)
+    return mask.meta["dsc_mask_kind"]

@@ -14,10 +14,12 @@ Rewrite to:
 
     valid = ne(attention_mask, 0)                      # once per graph, when the mask uses padding
     out   = dsc.attention(q, k, v, valid | None, causal, s)
+    out   = dsc.attention(q, k, v, valid | None, True, s, window=w)   # a sliding-window mask
 
 The mask is classified by `mask_probe.classify_mask` (evaluated, not pattern-matched): causal or
-bidirectional, with or without padding. Does not match: a mask of another kind (sliding window,
-ALiBi or other additive bias), dropout > 0. Ordering: after canonicalize; before kv_cache.
+bidirectional, with or without padding, causal within a sliding window. Does not match: a mask of
+another kind (a window that is not causal, ALiBi or other additive bias), dropout > 0.
+Ordering: after canonicalize; before kv_cache.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ def _rewrite(gm, ctx, node, q, k, v, mask, is_causal, scale) -> bool:
     with gm.graph.inserting_after(node):
         new = call(
             gm.graph, torch.ops.dsc.attention.default,
-            (q, k, v, valid, kind.causal, float(scale)), like=node,
+            (q, k, v, valid, kind.causal, float(scale)),
+            {"window": kind.window} if kind.window else None, like=node,
         )
     replace_with(node, new)
     return True

@@ -64,3 +64,51 @@ def test_a_moe_block_dsc_moe_cannot_express_is_named():
     with pytest.raises(dsc.UnsupportedOpError, match="mixture-of-experts block that "
                                                      "recognize_moe did not turn into dsc.moe"):
         dsc.compile(model, target="cpu")
+
+
+SLIDING = {
+    "mistral": lambda: T.MistralConfig(**SIZES, num_key_value_heads=2, sliding_window=5),
+    "qwen2": lambda: T.Qwen2Config(**SIZES, num_key_value_heads=2, use_sliding_window=True,
+                                   sliding_window=5, max_window_layers=1),
+    "gemma2": lambda: T.Gemma2Config(**SIZES, num_key_value_heads=2, head_dim=16,
+                                     sliding_window=6),
+    "gemma3": lambda: T.Gemma3TextConfig(**SIZES, num_key_value_heads=2, head_dim=16,
+                                         sliding_window=5,
+                                         layer_types=["sliding_attention", "full_attention"]),
+    "cohere2": lambda: T.Cohere2Config(**SIZES, num_key_value_heads=2, sliding_window=8,
+                                       layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+def _windows_in(compiled) -> list[int]:
+    steps = compiled.plan.programs["decode"].steps
+    return [s["kwargs"].get("window", 0) for s in steps if "attention" in s["op"]]
+
+
+@pytest.mark.parametrize("family", SLIDING)
+def test_sliding_window_layers_attend_within_the_window_past_it(family):
+    # Prompts of 11 slots and 12 new tokens run well past each window: logits and greedy tokens
+    # equal HF's only if every windowed layer forgets the slots behind its window (one row
+    # left-padded: the padding counts towards the window, as in HF's masks).
+    torch.manual_seed(0)
+    config = SLIDING[family]()
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    for p in model.parameters():
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=0.2)
+    model.generation_config.eos_token_id = model.config.eos_token_id = None
+    ids = torch.randint(3, 200, (2, 11))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        ref_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                    pad_token_id=0)
+    compiled = dsc.compile(model, dsc.Target(device="cpu", max_seq_len=64))
+    layer_types = getattr(config, "layer_types", None) or ["sliding_attention"] * 2
+    assert _windows_in(compiled) == [config.sliding_window if kind == "sliding_attention" else 0
+                                     for kind in layer_types]
+    real = mask.bool()
+    torch.testing.assert_close(compiled(ids, attention_mask=mask).logits[real], ref[real],
+                               atol=1e-4, rtol=1e-4)
+    assert torch.equal(compiled.generate(ids, attention_mask=mask, max_new_tokens=12), ref_tokens)

@@ -272,6 +272,35 @@ def test_flash_attention_through_descriptors(case, tiles):
     close(out, attention_reference(q, k, v, valid, st, causal, scale))
 
 
+@pytest.mark.parametrize("window", [1, 512, 4096])
+@pytest.mark.parametrize("case", [DECODE_CASES[1], DECODE_CASES[2], DECODE_CASES[4]],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_decode_attention_in_a_sliding_window(case, window):
+    # Slots behind every query's window hold NaN: the programs share out only the window.
+    b, hq, hkv, s, t, d, start = case
+    q, k, v, valid, st = make_cache(b, hq, hkv, s, t, d, start, torch.bfloat16)
+    scale = 1 / math.sqrt(d)
+    want = attention_reference(q, k, v, valid, st, True, scale, window=window)
+    behind = max(start - window + 1, 0)
+    k[:, :, :behind], v[:, :, :behind] = float("nan"), float("nan")
+    out = decode_attention(q, k, v, valid, st, True, scale, out=nan_like(q.shape, q.dtype),
+                           window=window)
+    close(out, want)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("window", [1, 100, 4096])
+@pytest.mark.parametrize("case", [FLASH_CASES[0], FLASH_CASES[1], FLASH_CASES[3]],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_flash_attention_in_a_sliding_window(case, window, padded):
+    b, hq, hkv, s, t, d, start, causal = case
+    q, k, v, valid, st = make_cache(b, hq, hkv, s, t, d, start, torch.bfloat16, seed=s, pad=padded)
+    scale = 1 / math.sqrt(d)
+    out = flash_attention(q, k, v, valid, st, True, scale, out=nan_like(q.shape, q.dtype),
+                          padded=None if padded else False, window=window)
+    close(out, attention_reference(q, k, v, valid, st, True, scale, window=window))
+
+
 @pytest.mark.parametrize("merge_in_split", [False, True])
 def test_decode_attention_replays_in_a_cuda_graph(merge_in_split):
     # The position lives in device memory: one captured graph serves every decode step. Three

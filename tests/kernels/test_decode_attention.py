@@ -281,3 +281,47 @@ def test_v_with_k_comes_from_the_environment(monkeypatch, assert_close):
     monkeypatch.setenv("DSC_DECODE_V_WITH_K", "yes")
     with pytest.raises(ValueError, match="DSC_DECODE_V_WITH_K='yes'"):
         pick_decode_config(batch=16, hkv=32, t=200, sm_count=132)
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("s,start,window", [(1, 12, 4), (3, 9, 5), (2, 15, 40), (1, 20, 1)],
+                         ids=["4@12", "s3-5@9", "wider-than-live", "itself-only"])
+def test_sliding_window_reads_only_the_window(s, start, window, config, assert_close):
+    # Query i sees slots start + i - window + 1 .. start + i. The slots behind every query's
+    # window hold NaN: the programs share out only the window's slots, so none is read.
+    q, k, v, valid, st = make_inputs(s=s, t=23, start=start, seed=5 + start)
+    g = torch.Generator().manual_seed(start)
+    new_k, new_v = torch.randn(2, 2, s, 16, generator=g), torch.randn(2, 2, s, 16, generator=g)
+    valid[:, start : start + s] = True
+    k_ref, v_ref = k.clone(), v.clone()
+    k_ref[:, :, start : start + s], v_ref[:, :, start : start + s] = new_k, new_v
+    behind = max(start - window + 1, 0)
+    k[:, :, :behind] = float("nan")
+    v[:, :, :behind] = float("nan")
+    out = decode_attention(q, k, v, valid, st, True, 0.3, config=config, new_k=new_k,
+                           new_v=new_v, window=window)
+    assert_close(out, attention_reference(q, k_ref, v_ref, valid, st, True, 0.3, window=window))
+
+
+def test_a_window_sizes_the_launch_for_the_slots_it_can_see():
+    # 4096 slots, a 64-slot window: the default configuration is the one of a 64-slot cache,
+    # not of a 4096-slot one (whose split programs would mostly find nothing to read).
+    q, k, v, valid, st = make_inputs(t=4096, start=100)
+    calls = []
+    from dsc.kernels import decode_attention as module
+
+    original = module.pick_decode_config
+    try:
+        module.pick_decode_config = lambda *a: calls.append(a) or original(*a)
+        decode_attention(q, k, v, valid, st, True, 0.3, window=64)
+    finally:
+        module.pick_decode_config = original
+    assert calls and calls[0][2] == 64
+
+
+def test_a_window_needs_causal_attention():
+    q, k, v, valid, st = make_inputs()
+    with pytest.raises(ValueError, match="sliding window needs causal attention"):
+        decode_attention(q, k, v, valid, st, False, 0.3, window=4)
+    with pytest.raises(ValueError, match="window must be 0"):
+        decode_attention(q, k, v, valid, st, True, 0.3, window=-1)

@@ -118,3 +118,32 @@ def test_cpu_tensors_need_cuda(no_interpreter):
     q, k, v, valid, st = make_inputs()
     with pytest.raises(ValueError, match="needs CUDA"):
         flash_attention(q, k, v, valid, st, True, 0.3)
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("s,t,start,window", [(35, 50, 0, 7), (35, 50, 9, 20), (19, 50, 17, 1),
+                                              (5, 13, 8, 40), (40, 50, 3, 16)],
+                         ids=["7", "20@9", "1@17", "wider-than-live", "tile-wide"])
+def test_sliding_window_matches_reference(s, t, start, window, padded, assert_close, poisoned):
+    # Key tiles behind every row's window are skipped, the ones its edge cuts are masked: the
+    # slots no query may see hold NaN and stay unread.
+    q, k, v, valid, st = make_inputs(s=s, t=t, start=start, seed=s + start + window)
+    if not padded:
+        valid[:] = True
+        g = torch.Generator().manual_seed(7)
+        k[:, :, : start + s] = torch.randn(k[:, :, : start + s].shape, generator=g)
+        v[:, :, : start + s] = torch.randn(v[:, :, : start + s].shape, generator=g)
+    ref = attention_reference(q, k, v, valid, st, True, 0.3, window=window)
+    behind = max(start - window + 1, 0)
+    k[:, :, :behind] = float("nan")
+    v[:, :, :behind] = float("nan")
+    out = flash_attention(q, k, v, valid, st, True, 0.3, out=poisoned(q.shape), config=SMALL,
+                          padded=padded, window=window)
+    assert_close(out, ref)
+
+
+def test_attention_entry_passes_the_window_on(assert_close):
+    for s in (2, 35):  # the decode kernel, then flash tiles
+        q, k, v, valid, st = make_inputs(s=s, t=50, start=9, seed=s)
+        out = attention(q, k, v, valid, st, True, 0.3, window=6)
+        assert_close(out, attention_reference(q, k, v, valid, st, True, 0.3, window=6))

@@ -96,11 +96,53 @@ def test_hf_masks_are_classified_by_probe():
     assert len(bert) == 2 and all(n.args[4] is False and n.args[3] is not None for n in bert)
 
 
-def test_sliding_window_mask_does_not_match():
-    # A window of 2 tokens differs from plain causal on the 6-token probe: left as sdpa.
-    model = zoo.build("tiny-mistral", sliding_window=2)
+def _windows(model, max_seq_len=64):
+    """(causal, window) of each recognised attention, or None for one left as aten."""
     traced = trace(model)
-    ctx = PassContext(Target(), traced.weights, traced.info, traced.inputs)
+    ctx = PassContext(Target(max_seq_len=max_seq_len), traced.weights, traced.info, traced.inputs)
     gm = PassManager(ctx).run(traced.gm, ["canonicalize", "recognize_attention"])
-    assert "scaled_dot_product_attention" in ops(gm)
-    assert "attention" not in ops(gm)
+    found = []
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.dsc.attention.default:
+            found.append((node.args[4], node.kwargs.get("window", 0)))
+        elif node.target is torch.ops.aten.scaled_dot_product_attention.default:
+            found.append(None)
+    return found
+
+
+def test_sliding_window_mask_before_expected():
+    # Before: sdpa(q, k, v, mask) with the mask of a 2-token window. Expected: dsc.attention(q,
+    # k, v, valid, True, s, window=2) in both layers (the six-token probe shows the window).
+    assert _windows(zoo.build("tiny-mistral", sliding_window=2)) == [(True, 2), (True, 2)]
+
+
+def test_window_longer_than_the_short_probe_is_found_at_the_configs_length():
+    # Eight keys look causal on six tokens; the probe at the config's window shows them.
+    assert _windows(zoo.build("tiny-mistral", sliding_window=8)) == [(True, 8), (True, 8)]
+    # Sequences that never outgrow the window: it never applies, plain causal attention.
+    assert _windows(zoo.build("tiny-mistral", sliding_window=8), max_seq_len=8) == [
+        (True, 0), (True, 0)]
+
+
+def test_alternating_window_and_full_layers_keep_their_own_masks():
+    import transformers
+
+    config = transformers.Gemma2Config(
+        vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6)
+    assert config.layer_types == ["sliding_attention", "full_attention"]
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    assert _windows(model) == [(True, 6), (True, 0)]
+
+
+def test_window_that_is_not_causal_does_not_match():
+    # ModernBERT's local layers see two tokens on either side: no dsc.attention expresses that,
+    # so they stay sdpa; its global layer is recognised.
+    import transformers
+
+    config = transformers.ModernBertConfig(
+        vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, local_attention=4, global_attn_every_n_layers=3,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    model = transformers.ModernBertModel(config).eval()
+    assert _windows(model) == [(False, 0), None, None]
