@@ -21,10 +21,12 @@ def _tiny(arch: str) -> tuple[str, dict[str, Any]]:
             common, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
         )
-    if arch == "mistral":
+    if arch in ("mistral", "mistral-sliding"):
+        # mistral-sliding: each query sees itself and the 3 slots before it (sliding window).
         return "MistralForCausalLM", dict(
             common, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=8, num_key_value_heads=2, sliding_window=None,
+            num_attention_heads=8, num_key_value_heads=2,
+            sliding_window=4 if arch == "mistral-sliding" else None,
         )
     if arch == "mixtral":
         return "MixtralForCausalLM", dict(
@@ -76,7 +78,7 @@ def _real(name: str) -> tuple[str, dict[str, Any]]:
 
 MODELS: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {
     **{f"tiny-{a}": (lambda a=a: _tiny(a)) for a in
-       ("llama", "mistral", "mixtral", "gpt2", "opt", "bert")},
+       ("llama", "mistral", "mistral-sliding", "mixtral", "gpt2", "opt", "bert")},
     **{n: (lambda n=n: _real(n)) for n in
        ("llama-7b", "llama-1.1b", "llama-70b", "gpt2-xl", "opt-1.3b")},
 }
