@@ -27,6 +27,9 @@ from dsc.target import Target, as_target
 __all__ = ["compile"]
 
 
+aten = torch.ops.aten
+
+
 def _load_passes() -> None:
     """Import every pass module so its @register runs."""
     import importlib
@@ -40,12 +43,27 @@ def _not_a_decoder_because(gm: fx.GraphModule) -> str | None:
     """Why the model cannot generate (None when it can: every recognised attention is causal)."""
     attentions = [n for n in gm.graph.nodes if n.target is torch.ops.dsc.attention.default]
     if not attentions:
-        return ("no attention was recognised in its graph (recognize_attention takes scaled dot "
-                "product attention with a causal or padding mask; a position bias such as ALiBi "
-                "or a sliding window is not matched), so it has no KV cache")
+        return ("no attention was recognised in its graph (recognize_attention takes attention "
+                "with a causal, padding or causal sliding-window mask, and BLOOM's ALiBi bias; "
+                "other position biases are not matched), so it has no KV cache")
     if not all(n.args[4] for n in attentions):
         return "its attention is not causal (an encoder)"
     return None
+
+
+def _positions_only_in_alibi(gm: fx.GraphModule) -> bool:
+    """A model without position_ids can still generate when every attention takes ALiBi slopes
+    (BLOOM): its positions enter only through that bias, which the op measures between cache
+    slots. Nothing else may count positions: no arange left in the graph, and the attention
+    mask read only as the keys' validity."""
+    attentions = [n for n in gm.graph.nodes if n.target is torch.ops.dsc.attention.default]
+    if not attentions or any(n.kwargs.get("alibi") is None for n in attentions):
+        return False
+    if any(n.target in (aten.arange.default, aten.arange.start, aten.arange.start_step)
+           for n in gm.graph.nodes):
+        return False
+    mask = next((n for n in gm.graph.nodes if n.meta.get("dsc_input") == "attention_mask"), None)
+    return mask is None or all(user.meta.get("dsc_key_valid") for user in mask.users)
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -101,7 +119,7 @@ def compile(model: torch.nn.Module, target: Target | str | dict[str, Any] = "cpu
                    "not_stamped_because": traced.not_stamped_because,
                    "not_a_decoder_because": not_a_decoder_because}
     if decoder is not None:
-        if "position_ids" not in traced.inputs:
+        if "position_ids" not in traced.inputs and not _positions_only_in_alibi(decoder):
             raise TraceError(
                 f"{traced.info.name}.forward takes no position_ids, so decode steps cannot be given "
                 "their positions; dsc cannot generate with this model (forward still works)."

@@ -43,6 +43,10 @@ def _tiny(arch: str) -> tuple[str, dict[str, Any]]:
             common, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
             word_embed_proj_dim=64,
         )
+    if arch == "bloom":  # ALiBi instead of position embeddings
+        # Untied: with the embedding as its head a tiny BLOOM repeats the last token forever.
+        return "BloomForCausalLM", dict(vocab_size=211, hidden_size=128, n_layer=2, n_head=4,
+                                        tie_word_embeddings=False)
     if arch == "bert":
         return "BertModel", dict(
             vocab_size=211, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -78,7 +82,7 @@ def _real(name: str) -> tuple[str, dict[str, Any]]:
 
 MODELS: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {
     **{f"tiny-{a}": (lambda a=a: _tiny(a)) for a in
-       ("llama", "mistral", "mistral-sliding", "mixtral", "gpt2", "opt", "bert")},
+       ("llama", "mistral", "mistral-sliding", "mixtral", "gpt2", "opt", "bloom", "bert")},
     **{n: (lambda n=n: _real(n)) for n in
        ("llama-7b", "llama-1.1b", "llama-70b", "gpt2-xl", "opt-1.3b")},
 }

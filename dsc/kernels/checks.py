@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 
 import torch
 import triton
 from torch import Tensor
 
-__all__ = ["check_device", "check_out", "check_window", "sm_count"]
+__all__ = ["check_alibi", "check_device", "check_out", "check_window", "sm_count"]
 
 
 def check_device(*tensors: Tensor) -> None:
@@ -57,3 +59,19 @@ def check_window(window: int, causal: bool) -> None:
     if window and not causal:
         raise ValueError("a sliding window needs causal attention (a query sees the window - 1 "
                          "slots before it); pass causal=True or window=0")
+
+
+def check_alibi(alibi: Sequence[float] | Tensor | None, heads: int, causal: bool) -> None:
+    """Raise ValueError unless `alibi` is None or one finite slope (a sequence of floats or a
+    1-D tensor) per query head of causal attention."""
+    if alibi is None:
+        return
+    count = alibi.numel() if isinstance(alibi, Tensor) else len(alibi)
+    if count != heads or (isinstance(alibi, Tensor) and alibi.dim() != 1):
+        raise ValueError(f"alibi needs one slope per query head: {heads}, got {count}")
+    if not causal:
+        raise ValueError("alibi slopes need causal attention (the bias is the distance back to "
+                         "the key); pass causal=True or alibi=None")
+    # A tensor's values are not read here: that would synchronise with the device.
+    if not isinstance(alibi, Tensor) and not all(math.isfinite(a) for a in alibi):
+        raise ValueError("alibi slopes must be finite")

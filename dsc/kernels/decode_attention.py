@@ -29,7 +29,8 @@ live prefix must come through device memory once. The kernel is arranged around 
 
 Semantics (shared with `flash_attention`): query i of sequence b sits at slot start + i and may
 attend key slot j iff j < start + S, kv_valid[b, j], (not causal or j <= start + i), and
-(window == 0 or j > start + i - window). A query with no key to attend gets zeros. With a sliding
+(window == 0 or j > start + i - window); `alibi` slopes [Hq] add alibi[h] * (j - (start + i))
+to the scores of query head h. A query with no key to attend gets zeros. With a sliding
 window the split programs share only the slots from start - window + 1 on: the keys no query
 of the step can see are never read. Masked K/V slots may hold anything, NaN included: V rows that are
 not attended are zeroed on load so they cannot poison the sums.
@@ -47,12 +48,12 @@ import triton.language as tl
 from torch import Tensor
 
 from dsc.kernels import l2_prefetch, pdl
-from dsc.kernels.checks import check_device, check_out, check_window, sm_count
+from dsc.kernels.checks import check_alibi, check_device, check_out, check_window, sm_count
 from dsc.kernels.online_softmax import LOG2E, online_softmax_step
 
 __all__ = [
-    "DecodeConfig", "check_attention_inputs", "decode_attention", "pick_decode_config",
-    "uses_decode_kernel",
+    "DecodeConfig", "check_attention_inputs", "check_slopes", "decode_attention",
+    "pick_decode_config", "uses_decode_kernel",
 ]
 
 _MAX_HEAD_DIM = 256
@@ -181,6 +182,7 @@ def _decode_split_kernel(
     cos_ptr,
     sin_ptr,
     arrivals_ptr,
+    slopes_ptr,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -236,6 +238,7 @@ def _decode_split_kernel(
     PF_LINE_ELEMS: tl.constexpr,
     USE_PDL: tl.constexpr,
     WINDOW: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     pid_split = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -322,6 +325,9 @@ def _decode_split_kernel(
         tl.debug_barrier()
     valid_base = valid_ptr + b64 * stride_mb
     last_allowed = start + s  # causal limit of each row
+    if ALIBI:
+        # Each row's slope, in the base-2 units of the scores.
+        slope = tl.load(slopes_ptr + head, mask=row_ok, other=0.0) * 1.4426950408889634
 
     m_i = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -347,6 +353,8 @@ def _decode_split_kernel(
                 other=0.0,
             )
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+        if ALIBI:
+            qk += slope[:, None] * (n[None, :] - last_allowed[:, None]).to(tl.float32)
         allowed = ok[None, :]
         if CAUSAL:
             allowed = allowed & (n[None, :] <= last_allowed[:, None])
@@ -510,6 +518,14 @@ def check_attention_inputs(
     check_device(q, k_cache, v_cache, kv_valid, start)
 
 
+def check_slopes(alibi: Tensor | None, q: Tensor, causal: bool) -> None:
+    """ALiBi slopes for a kernel: None, or float32 [Hq] on q's device (causal attention only)."""
+    check_alibi(alibi, q.shape[1], causal)
+    if alibi is not None and (alibi.dtype != torch.float32 or alibi.device != q.device):
+        raise ValueError(f"alibi slopes must be float32 on {q.device}; got {alibi.dtype} on "
+                         f"{alibi.device}")
+
+
 def uses_decode_kernel(q: Tensor, k_cache: Tensor) -> bool:
     """Few new query rows per kv head: the split-key decode kernel, not flash tiles."""
     group = q.shape[1] // k_cache.shape[1]
@@ -638,6 +654,7 @@ def decode_attention(
     rotary: tuple[Tensor, Tensor] | None = None,
     prefetch: Tensor | None = None,
     window: int = 0,
+    alibi: Tensor | None = None,
 ) -> Tensor:
     """Attention of S (small) new query tokens over a KV cache; see the module docstring.
 
@@ -654,9 +671,11 @@ def decode_attention(
     programs request into L2 before they attend (`dsc.kernels.l2_prefetch`).
     `window`: a causal sliding window (0: none); the launch is sized for the window + S - 1
     slots the step can see, not for the whole cache.
+    `alibi`: float32 slopes [Hq] on q's device (BLOOM's linear biases), or None.
     """
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
     check_window(window, causal)
+    check_slopes(alibi, q, causal)
     if (new_k is None) != (new_v is None):
         raise ValueError("give both new_k and new_v, or neither")
     if new_k is not None:
@@ -737,6 +756,7 @@ def decode_attention(
         cos,
         sin,
         arrivals,
+        start if alibi is None else alibi,  # placeholder pointer when unused
         *q.stride(),
         *k_cache.stride(),
         *v_cache.stride(),
@@ -764,6 +784,7 @@ def decode_attention(
         V_WITH_K=cfg.v_with_k,
         SPLITS_P2=triton.next_power_of_2(splits),
         WINDOW=window,
+        ALIBI=alibi is not None,
         PREFETCH_KEYS=_prefetch_keys(),
         LINE_ELEMS=min(128 // k_cache.element_size(), block_d),
         **l2_prefetch.launch_args(

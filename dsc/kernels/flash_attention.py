@@ -19,8 +19,9 @@ mask loads are predicated off.
 
 Semantics (shared with `decode_attention`): query i of sequence b sits at slot start + i and may
 attend key slot j iff j < start + S, kv_valid[b, j], (not causal or j <= start + i), and
-(window == 0 or j > start + i - window). A query with no key to attend gets zeros. `start` lives
-in device memory (an int64 tensor [1]). With a sliding window, key blocks below every row's window
+(window == 0 or j > start + i - window); `alibi` slopes [Hq] add alibi[h] * (j - (start + i))
+to the scores of query head h. A query with no key to attend gets zeros. `start` lives in device
+memory (an int64 tensor [1]). With a sliding window, key blocks below every row's window
 are skipped like those above the diagonal, and the blocks the window's edge cuts take the
 position masks.
 """
@@ -40,6 +41,7 @@ from torch import Tensor
 from dsc.kernels.checks import check_out, check_window
 from dsc.kernels.decode_attention import (
     check_attention_inputs,
+    check_slopes,
     decode_attention,
     uses_decode_kernel,
 )
@@ -108,6 +110,8 @@ def _attend_block(
     holes,
     WINDOW: tl.constexpr,
     seen_from,
+    ALIBI: tl.constexpr,
+    slope,
 ):
     n = n0 + tl.arange(0, BLOCK_N)
     in_range = n < live
@@ -137,6 +141,8 @@ def _attend_block(
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
     if PADDED:
         qk = qk + bias[None, :]
+    if ALIBI:
+        qk += slope * (n[None, :] - query_pos[:, None]).to(tl.float32)
     if POSITION_MASK:
         allowed = in_range[None, :]
         if CAUSAL:
@@ -168,6 +174,7 @@ def _flash_attention_kernel(
     valid_ptr,
     start_ptr,
     out_ptr,
+    slopes_ptr,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -200,6 +207,7 @@ def _flash_attention_kernel(
     PADDED: tl.constexpr,
     CHECK_BLOCK: tl.constexpr,
     WINDOW: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     # Causal blocks further down the sequence have more keys to visit: start them first so the
     # short ones fill in the tail.
@@ -225,6 +233,10 @@ def _flash_attention_kernel(
     q_ptrs = q_ptr + b * stride_qb + h * stride_qh + i[:, None] * stride_qs + d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
+    if ALIBI:
+        slope = tl.load(slopes_ptr + h) * 1.4426950408889634  # base-2 units, like the scores
+    else:
+        slope = 0.0
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
     valid_base = valid_ptr + b * stride_mb
@@ -271,21 +283,21 @@ def _flash_attention_kernel(
                 acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok,
                 stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
                 CAUSAL, True, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, holes, WINDOW,
-                seen_from,
+                seen_from, ALIBI, slope,
             )  # fmt: skip
     for n0 in range(full_lo, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok,
             stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
             CAUSAL, False, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, holes, WINDOW,
-            seen_from,
+            seen_from, ALIBI, slope,
         )  # fmt: skip
     for n0 in range(full_end, hi, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok,
             stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
             CAUSAL, True, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, holes, WINDOW,
-            seen_from,
+            seen_from, ALIBI, slope,
         )  # fmt: skip
 
     # Normalise; rows that attended nothing have l = 0 and get zeros.
@@ -309,6 +321,7 @@ def flash_attention(
     config: FlashConfig | None = None,
     padded: bool | None = None,
     window: int = 0,
+    alibi: Tensor | None = None,
 ) -> Tensor:
     """Attention of S query tokens over a KV cache (prefill); see the module docstring.
 
@@ -319,10 +332,11 @@ def flash_attention(
     skips the padding mask and loads whole K/V tiles unmasked below the diagonal. None (the
     default) takes the promise from `keys_unpadded` if the caller is inside one, else assumes
     padding may be present (always correct).
-    `window`: a causal sliding window (0: none).
+    `window`: a causal sliding window (0: none). `alibi`: float32 slopes [Hq] on q's device.
     """
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
     check_window(window, causal)
+    check_slopes(alibi, q, causal)
     if padded is None:
         padded = not _UNPADDED.get()
     batch, hq, s, d = q.shape
@@ -335,7 +349,8 @@ def flash_attention(
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     else:
         check_out(out, tuple(q.shape), q)
-    if not padded and not window and config is None and tma_eligible(q, k_cache, v_cache, out):
+    if (not padded and not window and alibi is None and config is None
+            and tma_eligible(q, k_cache, v_cache, out)):
         return flash_attention_tma(q, k_cache, v_cache, start, causal, scale, out)
     valid = kv_valid.view(torch.uint8)
     grid = (triton.cdiv(s, cfg.block_m), batch * hq)
@@ -346,6 +361,7 @@ def flash_attention(
         valid,
         start,
         out,
+        start if alibi is None else alibi,  # placeholder pointer when unused
         *q.stride(),
         *k_cache.stride(),
         *v_cache.stride(),
@@ -365,6 +381,7 @@ def flash_attention(
         PADDED=padded,
         CHECK_BLOCK=1024,
         WINDOW=window,
+        ALIBI=alibi is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -383,6 +400,7 @@ def attention(
     out: Tensor | None = None,
     padded: bool | None = None,
     window: int = 0,
+    alibi: Tensor | None = None,
 ) -> Tensor:
     """The KV-cache attention op of dsc: decode kernel for a few new tokens, flash otherwise.
 
@@ -392,6 +410,6 @@ def attention(
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
     if uses_decode_kernel(q, k_cache):
         return decode_attention(q, k_cache, v_cache, kv_valid, start, causal, scale, out=out,
-                                window=window)
+                                window=window, alibi=alibi)
     return flash_attention(q, k_cache, v_cache, kv_valid, start, causal, scale, out=out,
-                           padded=padded, window=window)
+                           padded=padded, window=window, alibi=alibi)

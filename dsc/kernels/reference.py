@@ -126,6 +126,7 @@ def attention_reference(
     scale: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
     window: int = 0,
+    alibi: Tensor | None = None,
 ) -> Tensor:
     """The KV-cache attention op of dsc, written out in full.
 
@@ -135,6 +136,7 @@ def attention_reference(
     Query i of sequence b may attend key slot j iff
         j < start + S  and  kv_valid[b, j]  and  (not causal or j <= start + i)
         and  (window == 0 or j > start + i - window).
+    `alibi` [Hq] (causal only) adds alibi[h] * (j - (start + i)) to the scores of query head h.
     A query with no key it may attend gets zeros. Returns [B, Hq, S, D] in q.dtype.
     """
     batch, hq, s, d = q.shape
@@ -150,6 +152,9 @@ def attention_reference(
 
     key = torch.arange(t, device=q.device)
     query_pos = first + torch.arange(s, device=q.device)
+    if alibi is not None:
+        distance = (key[None, :] - query_pos[:, None]).to(compute_dtype)
+        scores = scores + alibi.to(compute_dtype)[:, None, None] * distance
     allowed = (key[None, :] < first + s).expand(s, t)
     if causal:
         allowed = allowed & (key[None, :] <= query_pos[:, None])

@@ -7,6 +7,8 @@ start..start+S-1. Query i of sequence b may attend slot j iff
     and  (window == 0 or j > start + i - window).
 `window` (causal attention only) is a sliding window: a query sees itself and the window - 1
 slots before it, padding slots included, as HF's sliding-window masks count them.
+`alibi` (causal attention only; BLOOM's linear biases) adds alibi[h] * (j - (start + i)) to the
+scores of query head h: a slope per head times the distance back to the key.
 A query with no slot it may attend (a padding token at the left edge) gets zeros, never NaN.
 Grouped-query attention: query head h reads key/value head h // (Hq // Hkv).
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dsc.kernels.checks import check_window
+from dsc.kernels.checks import check_alibi, check_window
 
 __all__ = [
     "attention", "cached_attention", "masked_attention_reference", "rotary_cached_attention",
@@ -25,10 +27,11 @@ __all__ = [
 
 def masked_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, start: int, causal: bool, scale: float,
-    window: int = 0,
+    window: int = 0, alibi: list[float] | None = None,
 ) -> Tensor:
     """The masking rule above in plain torch, fp32 softmax. q [B,Hq,S,D]; k, v [B,Hkv,T,D]."""
     check_window(window, causal)
+    check_alibi(alibi, q.shape[1], causal)
     batch, q_heads, seq, _ = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
     if q_heads % kv_heads:
@@ -39,6 +42,10 @@ def masked_attention_reference(
     scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
     key_slot = torch.arange(slots, device=q.device)
     query_slot = start + torch.arange(seq, device=q.device)
+    if alibi is not None:
+        slopes = torch.tensor(alibi, dtype=torch.float32, device=q.device)
+        distance = (key_slot[None, :] - query_slot[:, None]).float()
+        scores = scores + slopes[:, None, None] * distance
     allowed = (key_slot[None, :] < start + seq).expand(seq, slots)
     if causal:
         allowed = allowed & (key_slot[None, :] <= query_slot[:, None])
@@ -58,15 +65,15 @@ def masked_attention_reference(
 @torch.library.custom_op("dsc::attention", mutates_args=())
 def attention(
     q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, causal: bool, scale: float,
-    window: int = 0,
+    window: int = 0, alibi: list[float] | None = None,
 ) -> Tensor:
     """Attention of q [B,Hq,S,D] over k, v [B,Hkv,S,D]; key_valid [B,S] bool marks real tokens;
-    window: a causal sliding window (0: none)."""
-    return masked_attention_reference(q, k, v, key_valid, 0, causal, scale, window)
+    window: a causal sliding window (0: none); alibi: a score slope per query head (None: none)."""
+    return masked_attention_reference(q, k, v, key_valid, 0, causal, scale, window, alibi)
 
 
 @attention.register_fake
-def _(q, k, v, key_valid, causal, scale, window=0):
+def _(q, k, v, key_valid, causal, scale, window=0, alibi=None):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
 
 
@@ -83,6 +90,7 @@ def cached_attention(
     scale: float,
     prefetch: Tensor | None = None,
     window: int = 0,
+    alibi: list[float] | None = None,
 ) -> Tensor:
     """Write k, v [B,Hkv,S,D] into the cache at slots start..start+S-1, then attend over it.
 
@@ -91,6 +99,7 @@ def cached_attention(
     prefetch: a weight the next projection reads, which the GPU's decode kernel pulls toward L2
     while it attends (`prefetch_next_weight`); it never changes the result.
     window: a causal sliding window (0: none); the cache still holds every slot.
+    alibi: a score slope per query head (BLOOM's linear biases; None: none).
     """
     batch, _, seq, _ = k.shape
     first = int(start.item())
@@ -99,12 +108,13 @@ def cached_attention(
     live = first + seq
     return masked_attention_reference(
         q, k_cache[:batch, :, :live], v_cache[:batch, :, :live], valid[:, :live], first, causal,
-        scale, window,
+        scale, window, alibi,
     )
 
 
 @cached_attention.register_fake
-def _(q, k, v, k_cache, v_cache, valid, start, causal, scale, prefetch=None, window=0):
+def _(q, k, v, k_cache, v_cache, valid, start, causal, scale, prefetch=None, window=0,
+      alibi=None):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
 
 
@@ -123,16 +133,18 @@ def rotary_cached_attention(
     scale: float,
     prefetch: Tensor | None = None,
     window: int = 0,
+    alibi: list[float] | None = None,
 ) -> Tensor:
     """cached_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, ...): one op, so that the
     decode kernel can rotate the step's queries and keys as it loads them (no rotary launch).
-    prefetch, window: as in cached_attention."""
+    prefetch, window, alibi: as in cached_attention."""
     from dsc.ops.rotary import rotary
 
     return cached_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, k_cache, v_cache, valid,
-                            start, causal, scale, window=window)
+                            start, causal, scale, window=window, alibi=alibi)
 
 
 @rotary_cached_attention.register_fake
-def _(q, k, v, k_cache, v_cache, valid, start, cos, sin, causal, scale, prefetch=None, window=0):
+def _(q, k, v, k_cache, v_cache, valid, start, cos, sin, causal, scale, prefetch=None, window=0,
+      alibi=None):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)

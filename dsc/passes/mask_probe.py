@@ -25,7 +25,7 @@ from dsc.passes.context import PassContext
 from dsc.passes.graph_utils import ancestors
 from dsc.target import MAX_PROBED_WINDOW
 
-__all__ = ["MaskKind", "classify_mask"]
+__all__ = ["MaskKind", "alibi_slopes", "classify_mask"]
 
 _PROBE_MASK = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
 
@@ -163,3 +163,32 @@ def classify_mask(mask: fx.Node, ctx: PassContext) -> MaskKind | None:
     if "dsc_mask_kind" not in mask.meta:
         mask.meta["dsc_mask_kind"] = _classify(mask, ctx)
     return mask.meta["dsc_mask_kind"]
+
+
+def alibi_slopes(bias: fx.Node, ctx: PassContext, heads: int) -> list[float] | None:
+    """One slope per head when `bias` computes ALiBi's score bias, else None.
+
+    Evaluated on the padded probe as [B * heads, 1, L] or [B, heads, 1, L]: in every row, each
+    head's bias over the real keys must grow by its slope per key (HF counts key positions from
+    the row's first real token; softmax does not see a constant per row, so any start is the
+    same attention as dsc's slope * (key slot - query slot)).
+    """
+    batch, seq = _PROBE_MASK.shape
+    try:
+        with torch.no_grad():
+            value = evaluate_subgraph(bias, ctx, _probe_inputs(ctx, _PROBE_MASK))
+    except Exception:  # any op that cannot run on the probe means: not a bias we know
+        return None
+    if not isinstance(value, torch.Tensor) or value.numel() != batch * heads * seq:
+        return None
+    if value.shape[-1] != seq or value.shape[-2] != 1 or value.shape[0] not in (batch, batch * heads):
+        return None  # a bias that varies with the query, or of another layout
+    value = value.double().reshape(batch, heads, seq)
+    slopes = value[1, :, 1] - value[1, :, 0]  # probe row 1 has no padding
+    key = torch.arange(seq, dtype=torch.float64)
+    for row, real in enumerate(_PROBE_MASK.bool()):
+        first = int(real.nonzero()[0])
+        want = value[row, :, first : first + 1] + slopes[:, None] * (key - first)
+        if not torch.allclose(value[row][:, real], want[:, real], rtol=1e-5, atol=1e-6):
+            return None
+    return [float(x) for x in slopes]

@@ -10,15 +10,25 @@ Matches, form 2 (eager attention; casts optional, scale by mul or div):
     p   = softmax(add(mul(matmul(q, transpose(k, -2, -1)), s), mask), -1)
     out = matmul(p, v)
 
+Matches, form 3 (BLOOM: heads merged into the batch, the score bias in a baddbmm):
+
+    s3  = baddbmm(bias, merge(q), transpose(merge(k), -1, -2), beta=b, alpha=s)  # [B*H, S, T]
+    p   = softmax(add(view(s3, [B, H, S, T]), mask), -1)
+    out = view(bmm(view(p, [B*H, S, T]), merge(v)), [B, H, S, D])
+    (merge(x) = _unsafe_view(clone(x), [B*H, S, D]); bmm instead of baddbmm: no bias)
+
 Rewrite to:
 
     valid = ne(attention_mask, 0)                      # once per graph, when the mask uses padding
     out   = dsc.attention(q, k, v, valid | None, causal, s)
     out   = dsc.attention(q, k, v, valid | None, True, s, window=w)   # a sliding-window mask
+    out   = dsc.attention(q, k, v, valid | None, True, s, alibi=[b * slope_h for each head])
 
 The mask is classified by `mask_probe.classify_mask` (evaluated, not pattern-matched): causal or
-bidirectional, with or without padding, causal within a sliding window. Does not match: a mask of
-another kind (a window that is not causal, ALiBi or other additive bias), dropout > 0.
+bidirectional, with or without padding, causal within a sliding window; form 3's bias by
+`mask_probe.alibi_slopes` (also evaluated): a slope per head times the key's position. Does not
+match: a mask of another kind (a window that is not causal, an additive bias in the mask), a
+bias that is not ALiBi's or comes with a mask that is not causal, dropout > 0.
 Ordering: after canonicalize; before kv_cache.
 """
 
@@ -32,7 +42,7 @@ import torch.fx as fx
 from dsc.passes import register
 from dsc.passes.context import PassContext
 from dsc.passes.graph_utils import call, is_op, replace_with, tensor_meta
-from dsc.passes.mask_probe import MaskKind, classify_mask
+from dsc.passes.mask_probe import MaskKind, alibi_slopes, classify_mask
 
 __all__ = ["recognize_attention", "key_valid_node"]
 
@@ -79,9 +89,9 @@ def _kind(mask, is_causal: bool, ctx: PassContext) -> MaskKind | None:
     return classify_mask(mask, ctx)
 
 
-def _rewrite(gm, ctx, node, q, k, v, mask, is_causal, scale) -> bool:
+def _rewrite(gm, ctx, node, q, k, v, mask, is_causal, scale, alibi=None) -> bool:
     kind = _kind(mask, is_causal, ctx)
-    if kind is None:
+    if kind is None or (alibi is not None and not kind.causal):
         return False
     k, v = _strip_repeat_kv(k), _strip_repeat_kv(v)
     qv, kv = tensor_meta(q), tensor_meta(k)
@@ -92,11 +102,13 @@ def _rewrite(gm, ctx, node, q, k, v, mask, is_causal, scale) -> bool:
         return False
     if scale is None:
         scale = 1.0 / math.sqrt(qv.shape[-1])
+    kwargs = {"window": kind.window} if kind.window else {}
+    if alibi is not None:
+        kwargs["alibi"] = alibi
     with gm.graph.inserting_after(node):
         new = call(
             gm.graph, torch.ops.dsc.attention.default,
-            (q, k, v, valid, kind.causal, float(scale)),
-            {"window": kind.window} if kind.window else None, like=node,
+            (q, k, v, valid, kind.causal, float(scale)), kwargs, like=node,
         )
     replace_with(node, new)
     return True
@@ -149,6 +161,65 @@ def _softmax_form(gm: fx.GraphModule, ctx: PassContext, out: fx.Node) -> bool:
     return _rewrite(gm, ctx, out, q, kt.args[0], v, mask, False, scale)
 
 
+_VIEWS = (aten.view, aten._unsafe_view, aten.reshape)
+
+
+def _unmerged_heads(node) -> fx.Node | None:
+    """x [B, H, S, D] when node is view(clone(x), [B*H, S, D]) (clone optional), else None."""
+    if not is_op(node, *_VIEWS):
+        return None
+    x = node.args[0]
+    if is_op(x, aten.clone):
+        x = x.args[0]
+    xv, nv = tensor_meta(x), tensor_meta(node)
+    if xv is None or nv is None or xv.dim() != 4 or nv.dim() != 3 or xv.shape[-1] != nv.shape[-1]:
+        return None
+    return x
+
+
+def _batched_heads_form(gm: fx.GraphModule, ctx: PassContext, out: fx.Node) -> bool:
+    """out = view(bmm(view(softmax(view(baddbmm(bias, q, kᵀ)) + mask)), v), [B, H, S, D])."""
+    if not is_op(out, *_VIEWS) or not is_op(out.args[0], aten.bmm):
+        return False
+    out_val = tensor_meta(out)
+    probs, v3 = out.args[0].args
+    v = _unmerged_heads(v3)
+    if out_val is None or out_val.dim() != 4 or v is None or not is_op(probs, *_VIEWS):
+        return False
+    soft = _strip_casts(probs.args[0])
+    if not is_op(soft, aten.softmax, aten._softmax) or soft.args[1] not in (-1, 3):
+        return False
+    scores = _strip_casts(soft.args[0])
+    mask = None
+    if is_op(scores, aten.add) and isinstance(scores.args[1], fx.Node):
+        scores, mask = scores.args
+    if not is_op(scores, *_VIEWS):
+        return False
+    product = scores.args[0]
+    if is_op(product, aten.baddbmm):
+        bias, q3, kt = product.args[:3]
+        beta = float(product.kwargs.get("beta", 1.0))
+        scale = float(product.kwargs.get("alpha", 1.0))
+    elif is_op(product, aten.bmm):
+        (q3, kt), bias, beta, scale = product.args, None, 1.0, 1.0
+    else:
+        return False
+    if not is_op(kt, aten.transpose) or sorted(kt.args[1:]) not in ([-2, -1], [1, 2]):
+        return False
+    q, k = _unmerged_heads(q3), _unmerged_heads(kt.args[0])
+    if q is None or k is None:
+        return False
+    alibi = None
+    if bias is not None:
+        slopes = alibi_slopes(_strip_casts(bias), ctx, tensor_meta(q).shape[1])
+        if slopes is None:
+            return False
+        alibi = [beta * slope for slope in slopes]
+    if mask is not None and (tensor_meta(mask) is None or tensor_meta(mask).dim() != 4):
+        return False
+    return _rewrite(gm, ctx, out, q, k, v, mask, False, scale, alibi)
+
+
 @register("recognize_attention")
 def recognize_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
@@ -156,5 +227,7 @@ def recognize_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             _sdpa(gm, ctx, node)
         elif is_op(node, aten.matmul):
             _softmax_form(gm, ctx, node)
+        elif is_op(node, *_VIEWS) and is_op(node.args[0], aten.bmm):
+            _batched_heads_form(gm, ctx, node)
     gm.graph.eliminate_dead_code()
     return gm

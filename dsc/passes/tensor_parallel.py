@@ -35,7 +35,8 @@ row. A row's stored bias is added once: rank 0's product carries it, the other r
 in its place (`Cut.zero`); a bias computed in the graph is added after the all_reduce. When
 there are fewer KV heads than ranks each rank keeps the KV head its query heads read
 (replication); the KV cache holds the local heads, so cache placeholders shrink and
-`ctx.notes["cache"]` is rewritten.
+`ctx.notes["cache"]` is rewritten. An attention's ALiBi slopes (one per query head) keep the
+rank's heads' slopes.
 
 Does not match: a projection that feeds a norm, a reduction over the sharded dim or the output
 (it stays replicated); an op outside the rule tables inside a candidate region, an operand that
@@ -560,6 +561,11 @@ def _rewrite_region(region: _Region, tp: int, rank: int, weights: _Weights) -> l
             if any(factor[a] != factor[node] for a in inputs):
                 raise TargetError(f"{node.name}: operands cut in different ways; compile with tp=1")
         f = factor[node]
+        if is_op(node, *_ATTENTION) and node.kwargs.get("alibi"):
+            # ALiBi slopes are per query head: this rank keeps its heads' slopes.
+            slopes = node.kwargs["alibi"]
+            local, part = len(slopes) // f, rank * f // tp
+            node.update_kwarg("alibi", slopes[part * local : (part + 1) * local])
         val = tensor_meta(node)
         if val is not None and val.shape[region.dims[node]] % f:
             raise TargetError(

@@ -29,6 +29,20 @@ def unpadded_keys(promise: bool) -> Iterator[None]:
         yield
 
 
+_slopes: dict[tuple[tuple[float, ...], torch.device], Tensor] = {}
+
+
+def _slopes_on(alibi: list[float] | None, device: torch.device) -> Tensor | None:
+    """The op's ALiBi slopes as a float32 device tensor, made once per plan and device (its
+    first call is the warm-up before any CUDA-graph capture, where no copy could be made)."""
+    if alibi is None:
+        return None
+    key = (tuple(alibi), device)
+    if key not in _slopes:
+        _slopes[key] = torch.tensor(alibi, dtype=torch.float32, device=device)
+    return _slopes[key]
+
+
 def linear_small_batch(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     from dsc.kernels.small_batch_gemm import linear_small_batch as kernel
     from dsc.kernels.small_batch_gemm import small_batch_wins
@@ -54,31 +68,34 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 def cached_attention(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor,
     start: Tensor, causal: bool, scale: float, prefetch: Tensor | None = None, window: int = 0,
+    alibi: list[float] | None = None,
 ) -> Tensor:
     """Write the new keys/values at slots start.. (device index), then attend over the cache
-    (within a sliding `window` when it is not 0). A decode step's kernel also pulls `prefetch`
-    (the next projection's weight) toward L2."""
+    (within a sliding `window` when it is not 0, with `alibi` slopes when given). A decode
+    step's kernel also pulls `prefetch` (the next projection's weight) toward L2."""
     from dsc.kernels.decode_attention import decode_attention, uses_decode_kernel
     from dsc.kernels.flash_attention import attention as kernel
 
     batch, _, seq, _ = k.shape
     out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device,
                       dtype=q.dtype).transpose(1, 2)
+    slopes = _slopes_on(alibi, q.device)
     if uses_decode_kernel(q, k_cache):
         # Decode: the attention kernel writes the new rows itself (no launch per cache tensor).
         return decode_attention(q, k_cache[:batch], v_cache[:batch], valid, start, causal, scale,
-                                out=out, new_k=k, new_v=v, prefetch=prefetch, window=window)
+                                out=out, new_k=k, new_v=v, prefetch=prefetch, window=window,
+                                alibi=slopes)
     slots = start + torch.arange(seq, device=k.device)
     k_cache[:batch].index_copy_(2, slots, k.to(k_cache.dtype))
     v_cache[:batch].index_copy_(2, slots, v.to(v_cache.dtype))
     return kernel(q, k_cache[:batch], v_cache[:batch], valid, start, causal, scale, out=out,
-                  window=window)
+                  window=window, alibi=slopes)
 
 
 def rotary_cached_attention(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor,
     start: Tensor, cos: Tensor, sin: Tensor, causal: bool, scale: float,
-    prefetch: Tensor | None = None, window: int = 0,
+    prefetch: Tensor | None = None, window: int = 0, alibi: list[float] | None = None,
 ) -> Tensor:
     """cached_attention of the rotated q and k: at decode the attention kernel rotates them as it
     loads them; a prompt rotates them first and goes the cached_attention way."""
@@ -86,13 +103,13 @@ def rotary_cached_attention(
 
     if not uses_decode_kernel(q, k_cache):
         return cached_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, k_cache, v_cache,
-                                valid, start, causal, scale, window=window)
+                                valid, start, causal, scale, window=window, alibi=alibi)
     batch = k.shape[0]
     out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device,
                       dtype=q.dtype).transpose(1, 2)
     return decode_attention(q, k_cache[:batch], v_cache[:batch], valid, start, causal, scale,
                             out=out, new_k=k, new_v=v, rotary=(cos, sin), prefetch=prefetch,
-                            window=window)
+                            window=window, alibi=_slopes_on(alibi, q.device))
 
 
 def qkv_cached_attention(
@@ -145,7 +162,7 @@ def _projection(x: Tensor, weight: Tensor, bias: Tensor | None,
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, causal: bool,
-              scale: float, window: int = 0) -> Tensor:
+              scale: float, window: int = 0, alibi: list[float] | None = None) -> Tensor:
     from dsc.kernels.flash_attention import attention as kernel
 
     batch, _, seq, _ = k.shape
@@ -156,7 +173,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, causal:
     start = torch.zeros(1, dtype=torch.int64, device=q.device)
     out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device,
                       dtype=q.dtype).transpose(1, 2)
-    return kernel(q, k, v, key_valid, start, causal, scale, out=out, padded=padded, window=window)
+    return kernel(q, k, v, key_valid, start, causal, scale, out=out, padded=padded, window=window,
+                  alibi=_slopes_on(alibi, q.device))
 
 
 def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

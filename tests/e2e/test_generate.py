@@ -110,18 +110,20 @@ def test_encoder_cannot_generate():
 
 
 def test_unrecognised_attention_says_why_it_cannot_generate():
-    # BLOOM's ALiBi position bias is not an attention dsc recognises: forward still equals HF,
-    # generate() names the reason instead of calling the model no causal LM.
+    # MPT adds its ALiBi bias to eager scores and masks them with masked_fill: not an attention
+    # dsc recognises. Forward still equals HF; generate() names the reason instead of calling
+    # the model no causal LM.
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2)
-    model = transformers.BloomForCausalLM(config).eval()
+    config = transformers.MptConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2,
+                                    max_seq_len=32)
+    model = transformers.MptForCausalLM(config).eval()
     compiled = dsc.compile(model, "cpu")
     ids = torch.randint(0, 64, (1, 5))
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
-    with pytest.raises(TypeError, match="no attention was recognised.*ALiBi"):
+    with pytest.raises(TypeError, match="no attention was recognised.*other position biases"):
         compiled.generate(ids, max_new_tokens=2)
 
 

@@ -301,6 +301,36 @@ def test_flash_attention_in_a_sliding_window(case, window, padded):
     close(out, attention_reference(q, k, v, valid, st, True, scale, window=window))
 
 
+def _bloom_slopes(heads: int) -> torch.Tensor:
+    """BLOOM's ALiBi slopes: 2^(-8 i / n) for the nearest power of two n, then interleaved."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    return build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)[:, 0, 1].cuda()
+
+
+@pytest.mark.parametrize("case", [DECODE_CASES[0], DECODE_CASES[2], DECODE_CASES[4]],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_decode_attention_with_alibi(case):
+    b, hq, hkv, s, t, d, start = case
+    q, k, v, valid, st = make_cache(b, hq, hkv, s, t, d, start, torch.bfloat16)
+    scale, slopes = 1 / math.sqrt(d), _bloom_slopes(hq)
+    out = decode_attention(q, k, v, valid, st, True, scale, out=nan_like(q.shape, q.dtype),
+                           alibi=slopes)
+    close(out, attention_reference(q, k, v, valid, st, True, scale, alibi=slopes))
+
+
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("case", [FLASH_CASES[0], FLASH_CASES[1], FLASH_CASES[3]],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_flash_attention_with_alibi(case, padded):
+    b, hq, hkv, s, t, d, start, causal = case
+    q, k, v, valid, st = make_cache(b, hq, hkv, s, t, d, start, torch.bfloat16, seed=s, pad=padded)
+    scale, slopes = 1 / math.sqrt(d), _bloom_slopes(hq)
+    out = flash_attention(q, k, v, valid, st, True, scale, out=nan_like(q.shape, q.dtype),
+                          padded=None if padded else False, alibi=slopes)
+    close(out, attention_reference(q, k, v, valid, st, True, scale, alibi=slopes))
+
+
 @pytest.mark.parametrize("merge_in_split", [False, True])
 def test_decode_attention_replays_in_a_cuda_graph(merge_in_split):
     # The position lives in device memory: one captured graph serves every decode step. Three

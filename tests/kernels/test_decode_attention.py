@@ -325,3 +325,29 @@ def test_a_window_needs_causal_attention():
         decode_attention(q, k, v, valid, st, False, 0.3, window=4)
     with pytest.raises(ValueError, match="window must be 0"):
         decode_attention(q, k, v, valid, st, True, 0.3, window=-1)
+
+
+SLOPES = torch.tensor([0.5, 0.25, 0.125, 0.0625])  # one per query head of make_inputs
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("s,start,window", [(1, 12, 0), (3, 9, 0), (2, 15, 6)])
+def test_alibi_slopes_bias_the_scores(s, start, window, config, assert_close):
+    # Query head h adds SLOPES[h] * (key slot - query slot): within a sliding window too.
+    q, k, v, valid, st = make_inputs(s=s, t=17, start=start, seed=21 + start)
+    out = decode_attention(q, k, v, valid, st, True, 0.3, config=config, window=window,
+                           alibi=SLOPES)
+    ref = attention_reference(q, k, v, valid, st, True, 0.3, window=window, alibi=SLOPES)
+    assert_close(out, ref)
+    plain = attention_reference(q, k, v, valid, st, True, 0.3, window=window)
+    assert float((ref - plain).norm() / ref.norm()) > 1e-2  # the bias matters
+
+
+def test_alibi_slopes_are_checked():
+    q, k, v, valid, st = make_inputs()
+    with pytest.raises(ValueError, match="one slope per query head: 4, got 3"):
+        decode_attention(q, k, v, valid, st, True, 0.3, alibi=SLOPES[:3])
+    with pytest.raises(ValueError, match="alibi slopes need causal attention"):
+        decode_attention(q, k, v, valid, st, False, 0.3, alibi=SLOPES)
+    with pytest.raises(ValueError, match="must be float32"):
+        decode_attention(q, k, v, valid, st, True, 0.3, alibi=SLOPES.double())

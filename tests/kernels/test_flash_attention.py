@@ -147,3 +147,21 @@ def test_attention_entry_passes_the_window_on(assert_close):
         q, k, v, valid, st = make_inputs(s=s, t=50, start=9, seed=s)
         out = attention(q, k, v, valid, st, True, 0.3, window=6)
         assert_close(out, attention_reference(q, k, v, valid, st, True, 0.3, window=6))
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("s,t,start,window", [(35, 50, 0, 0), (19, 50, 17, 0), (40, 50, 3, 16)],
+                         ids=["35", "19@17", "window-16"])
+def test_alibi_slopes_bias_the_scores(s, t, start, window, padded, assert_close):
+    # Every key block, the unmasked ones below the diagonal too, adds slope * (key - query).
+    q, k, v, valid, st = make_inputs(s=s, t=t, start=start, seed=s + start + 1)
+    if not padded:
+        valid[:] = True
+        g = torch.Generator().manual_seed(7)
+        k[:, :, : start + s] = torch.randn(k[:, :, : start + s].shape, generator=g)
+        v[:, :, : start + s] = torch.randn(v[:, :, : start + s].shape, generator=g)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    out = flash_attention(q, k, v, valid, st, True, 0.3, config=SMALL, padded=padded,
+                          window=window, alibi=slopes)
+    assert_close(out, attention_reference(q, k, v, valid, st, True, 0.3, window=window,
+                                          alibi=slopes))

@@ -13,7 +13,8 @@ TRITON_INTERPRET=1 the kernels are interpreter objects.
 * the small-batch GEMM's push epilogue: the call number read after the PDL wait, the tile sent
   as 64-bit words, no plain store of the output; the receiving all-reduce: no sends;
 * the decode attention's split kernel, whose chunks come from the live length (or the part of
-  it inside a sliding window): its first K/V lines prefetched before the PDL wait, and, merging in the split, the group's arrival ticket;
+  it inside a sliding window; with ALiBi slopes too): its first K/V lines prefetched before
+  the PDL wait, and, merging in the split, the group's arrival ticket;
   with a weight to prefetch, its share of the weight's lines requested before the wait too;
   with V beside K, the V rows requested before the tile's first tensor-core product;
 * the QKV projection with its attention (`qkv_attention`): prefetch, wait, late release, the
@@ -58,7 +59,7 @@ def _compile(name: str) -> str:
     elif name in ("gemv_late", "gemv_push", "gemv_norm", "gemv_norm_rows", "gemv_preload",
                   "decode_split",
                   "decode_split_merge", "decode_split_prefetch", "decode_split_v_with_k",
-                  "decode_split_window"):
+                  "decode_split_window", "decode_split_alibi"):
         from dsc.kernels import decode_attention, small_batch_gemm
 
         if name in ("gemv_late", "gemv_push", "gemv_norm", "gemv_norm_rows", "gemv_preload"):
@@ -83,9 +84,10 @@ def _compile(name: str) -> str:
                 MERGE_IN_SPLIT=name == "decode_split_merge",
                 V_WITH_K=name == "decode_split_v_with_k", SPLITS_P2=4, PREFETCH_KEYS=128,
                 LINE_ELEMS=64, PREFETCH_W=name == "decode_split_prefetch", PF_LINE_ELEMS=64,
-                USE_PDL=True, WINDOW=4096 if name == "decode_split_window" else 0)
+                USE_PDL=True, WINDOW=4096 if name == "decode_split_window" else 0,
+                ALIBI=name == "decode_split_alibi")
             pointers = {"valid_ptr": "*u8", "start_ptr": "*i64", "part_acc_ptr": "*fp32",
-                        "part_ml_ptr": "*fp32", "arrivals_ptr": "*i32"}
+                        "part_ml_ptr": "*fp32", "arrivals_ptr": "*i32", "slopes_ptr": "*fp32"}
         signature = {
             arg: pointers.get(arg, "*bf16") if arg.endswith("_ptr") or arg in pointers
             else "fp32" if arg in ("norm_eps", "scale_log2e") else "i32"
@@ -224,9 +226,11 @@ def test_decode_split_kernel_compiles():
     assert not any(re.search(r"atom\.global", line) for line in lines)
 
 
-def test_decode_split_kernel_with_a_sliding_window_compiles():
-    # WINDOW > 0: the chunks start at the window's first slot; PDL prefetch and wait stay.
-    lines = _ptx("decode_split_window").splitlines()
+@pytest.mark.parametrize("name", ["decode_split_window", "decode_split_alibi"])
+def test_decode_split_kernel_with_a_window_or_alibi_compiles(name):
+    # WINDOW > 0: the chunks start at the window's first slot; ALIBI: a slope per row. The PDL
+    # prefetch and wait stay as they are.
+    lines = _ptx(name).splitlines()
     wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
     prefetch = [i for i, line in enumerate(lines) if "prefetch.global.L2" in line]
     assert prefetch and max(prefetch) < wait

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
-TP2_MODELS = ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-mixtral", "tiny-mistral-sliding"]
+TP2_MODELS = ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-mixtral", "tiny-mistral-sliding",
+              "tiny-bloom"]
 TP4_MODELS = ["tiny-llama"]  # 2 KV heads over 4 ranks: each rank keeps a replicated KV head
 LAYERS = 2  # every tiny model
 

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -146,3 +147,60 @@ def test_window_that_is_not_causal_does_not_match():
         pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
     model = transformers.ModernBertModel(config).eval()
     assert _windows(model) == [(False, 0), None, None]
+
+def _bloom(heads: int = 6):
+    import transformers
+
+    config = transformers.BloomConfig(vocab_size=211, hidden_size=16 * heads, n_layer=2,
+                                      n_head=heads)
+    return transformers.BloomForCausalLM(config).eval()
+
+
+def test_bloom_alibi_form_before_expected():
+    # Before: baddbmm(alibi, q, kᵀ, alpha=1/√D) -> view -> + mask -> softmax -> bmm(p, v) -> view.
+    # Expected: dsc.attention(q, k, v, valid, True, 1/√D, alibi=slopes), the slopes HF builds
+    # (six heads: the interleaved slopes of a count that is not a power of two).
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    model = _bloom(6)
+    traced = trace(model)
+    ctx = PassContext(Target(), traced.weights, traced.info, traced.inputs)
+    gm = PassManager(ctx).run(traced.gm, ["canonicalize", "recognize_attention"])
+    found = [n for n in gm.graph.nodes if n.target is torch.ops.dsc.attention.default]
+    hf_slopes = build_alibi_tensor(torch.ones(1, 2), 6, torch.float32)[:, 0, 1].tolist()
+    assert len(found) == 2
+    for node in found:
+        assert node.args[4] is True and node.args[3] is not None
+        assert math.isclose(node.args[5], 1 / math.sqrt(16))
+        assert node.kwargs["alibi"] == pytest.approx(hf_slopes, rel=1e-6)
+    assert not {"baddbmm", "bmm", "softmax", "cumsum"} & set(ops(gm))
+
+
+def test_bias_that_is_not_linear_in_the_key_position_does_not_match(monkeypatch):
+    # The same graph with a bias quadratic in the key's position: not ALiBi, left as it is.
+    import transformers.models.bloom.modeling_bloom as bloom
+
+    real = bloom.build_alibi_tensor
+    monkeypatch.setattr(bloom, "build_alibi_tensor",
+                        lambda mask, heads, dtype: real(mask, heads, dtype) ** 2)
+    traced = trace(_bloom(4))
+    ctx = PassContext(Target(), traced.weights, traced.info, traced.inputs)
+    gm = PassManager(ctx).run(traced.gm, ["canonicalize", "recognize_attention"])
+    assert ops(gm)["baddbmm"] == 2 and "attention" not in ops(gm)
+
+
+def test_batched_heads_form_without_a_bias():
+    # bmm(q, kᵀ) * s instead of baddbmm, heads merged into the batch: recognised, no slopes.
+    def merged(q, k, v):
+        b, h, s, d = q.shape
+        scores = torch.bmm(q.reshape(b * h, s, d), k.reshape(b * h, s, d).transpose(1, 2))
+        probs = torch.softmax(scores.view(b, h, s, s), dim=-1)
+        return torch.bmm(probs.view(b * h, s, s), v.reshape(b * h, s, d)).view(b, h, s, d)
+
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    gm, weights = export_fn(merged, q, k, v)
+    gm = PassManager(context(weights)).run(gm, ["recognize_attention"])
+    assert ops(gm) == {"attention": 1}
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    assert node.args[4] is False and "alibi" not in node.kwargs
+    torch.testing.assert_close(run(gm, weights, q, k, v)[0], merged(q, k, v))
