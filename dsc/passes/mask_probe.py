@@ -72,19 +72,27 @@ def evaluate_subgraph(node: fx.Node, ctx: PassContext, inputs: dict[str, torch.T
     return env[node]
 
 
-def _allowed(mask: fx.Node, ctx: PassContext, probe_mask: torch.Tensor) -> torch.Tensor | None:
-    """The mask's value on the probe as bool [B, 1|H, L, L] (True: may attend), or None when it
-    does not evaluate or is an additive bias rather than a mask."""
-    batch, seq = probe_mask.shape
+def _evaluate(node: fx.Node, ctx: PassContext, probe_mask: torch.Tensor) -> torch.Tensor | None:
+    """node's value for the probe batch, or None when it is not a tensor computed from it."""
     try:
         with torch.no_grad():
-            value = evaluate_subgraph(mask, ctx, _probe_inputs(ctx, probe_mask))
+            value = evaluate_subgraph(node, ctx, _probe_inputs(ctx, probe_mask))
     except Exception:  # any op that cannot run on the probe means: not a mask we know
         return None
-    if not isinstance(value, torch.Tensor) or value.dim() != 4:
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _allowed(mask: fx.Node, ctx: PassContext, probe_mask: torch.Tensor,
+             inverted: bool = False) -> torch.Tensor | None:
+    """The mask's value on the probe as bool [B, 1|H, L, L] (True: may attend), or None when it
+    does not evaluate or is an additive bias rather than a mask. inverted: a bool mask of the
+    slots that may not be attended (what masked_fill takes)."""
+    batch, seq = probe_mask.shape
+    value = _evaluate(mask, ctx, probe_mask)
+    if value is None or value.dim() != 4 or (inverted and value.dtype != torch.bool):
         return None
     if value.dtype == torch.bool:
-        allowed = value
+        allowed = ~value if inverted else value
     else:
         allowed = value > -1.0
         if bool((value[allowed] != 0).any()):
@@ -121,8 +129,8 @@ def _window_seen(allowed: torch.Tensor, probe_mask: torch.Tensor, row: int) -> i
     return seen if seen < int(probe_mask[row].sum()) else 0
 
 
-def _classify(mask: fx.Node, ctx: PassContext) -> MaskKind | None:
-    allowed = _allowed(mask, ctx, _PROBE_MASK)
+def _classify(mask: fx.Node, ctx: PassContext, inverted: bool) -> MaskKind | None:
+    allowed = _allowed(mask, ctx, _PROBE_MASK, inverted)
     if allowed is None:
         return None
     short_window = _window_seen(allowed, _PROBE_MASK, 1)
@@ -147,7 +155,7 @@ def _classify(mask: fx.Node, ctx: PassContext) -> MaskKind | None:
     # padded by two like the short probe's first row, whose last query has window + 2 keys.
     probe = torch.ones(1, hint + 4, dtype=torch.long)
     probe[0, :2] = 0
-    allowed = _allowed(mask, ctx, probe)
+    allowed = _allowed(mask, ctx, probe, inverted)
     if allowed is None:
         return None
     window = _window_seen(allowed, probe, 0)
@@ -157,33 +165,37 @@ def _classify(mask: fx.Node, ctx: PassContext) -> MaskKind | None:
     return MaskKind(causal=True, uses_padding=kind.uses_padding, window=window)
 
 
-def classify_mask(mask: fx.Node, ctx: PassContext) -> MaskKind | None:
-    """The kind of mask `mask` computes, or None when it is none of the known kinds. Evaluated
-    once per mask node (layers share their masks)."""
-    if "dsc_mask_kind" not in mask.meta:
-        mask.meta["dsc_mask_kind"] = _classify(mask, ctx)
-    return mask.meta["dsc_mask_kind"]
+def classify_mask(mask: fx.Node, ctx: PassContext, inverted: bool = False) -> MaskKind | None:
+    """The kind of mask `mask` computes, or None when it is none of the known kinds; inverted:
+    `mask` is True where attention is not allowed (masked_fill's mask). Evaluated once per mask
+    node (layers share their masks)."""
+    key = "dsc_mask_kind_inverted" if inverted else "dsc_mask_kind"
+    if key not in mask.meta:
+        mask.meta[key] = _classify(mask, ctx, inverted)
+    return mask.meta[key]
 
 
 def alibi_slopes(bias: fx.Node, ctx: PassContext, heads: int) -> list[float] | None:
     """One slope per head when `bias` computes ALiBi's score bias, else None.
 
-    Evaluated on the padded probe as [B * heads, 1, L] or [B, heads, 1, L]: in every row, each
-    head's bias over the real keys must grow by its slope per key (HF counts key positions from
-    the row's first real token; softmax does not see a constant per row, so any start is the
-    same attention as dsc's slope * (key slot - query slot)).
+    Evaluated on the padded probe, one row per sequence and head ([B * heads, 1, L] as BLOOM
+    lays it out, [B, heads, 1, L], or [heads, 1, L] for every sequence as MPT's): in every row,
+    each head's bias over the real keys must grow by its slope per key (BLOOM counts key
+    positions from the row's first real token, MPT back from the last slot; softmax does not
+    see a constant per row, so either is the attention of dsc's slope * (key slot - query
+    slot)).
     """
     batch, seq = _PROBE_MASK.shape
-    try:
-        with torch.no_grad():
-            value = evaluate_subgraph(bias, ctx, _probe_inputs(ctx, _PROBE_MASK))
-    except Exception:  # any op that cannot run on the probe means: not a bias we know
-        return None
-    if not isinstance(value, torch.Tensor) or value.numel() != batch * heads * seq:
-        return None
-    if value.shape[-1] != seq or value.shape[-2] != 1 or value.shape[0] not in (batch, batch * heads):
+    value = _evaluate(bias, ctx, _PROBE_MASK)
+    if value is None or value.dim() < 2 or value.shape[-1] != seq or value.shape[-2] != 1:
         return None  # a bias that varies with the query, or of another layout
-    value = value.double().reshape(batch, heads, seq)
+    if value.numel() == heads * seq:
+        value = value.reshape(1, heads, seq).expand(batch, heads, seq)
+    elif value.numel() == batch * heads * seq:
+        value = value.reshape(batch, heads, seq)
+    else:
+        return None
+    value = value.double()
     slopes = value[1, :, 1] - value[1, :, 0]  # probe row 1 has no padding
     key = torch.arange(seq, dtype=torch.float64)
     for row, real in enumerate(_PROBE_MASK.bool()):

@@ -8,6 +8,7 @@ Matches, form 1 (what export keeps of F.scaled_dot_product_attention):
 Matches, form 2 (eager attention; casts optional, scale by mul or div):
 
     p   = softmax(add(mul(matmul(q, transpose(k, -2, -1)), s), mask), -1)
+    p   = softmax(masked_fill(add(mul(matmul(q, kᵀ), s), bias), masked, -big), -1)   # MPT
     out = matmul(p, v)
 
 Matches, form 3 (BLOOM: heads merged into the batch, the score bias in a baddbmm):
@@ -26,7 +27,8 @@ Rewrite to:
 
 The mask is classified by `mask_probe.classify_mask` (evaluated, not pattern-matched): causal or
 bidirectional, with or without padding, causal within a sliding window; form 3's bias by
-`mask_probe.alibi_slopes` (also evaluated): a slope per head times the key's position. Does not
+`mask_probe.alibi_slopes` (also evaluated): a slope per head times the key's position; MPT's
+bias (form 2 with masked_fill) the same way. Does not
 match: a mask of another kind (a window that is not causal, an additive bias in the mask), a
 bias that is not ALiBi's or comes with a mask that is not causal, dropout > 0.
 Ordering: after canonicalize; before kv_cache.
@@ -81,16 +83,16 @@ def key_valid_node(gm: fx.GraphModule) -> fx.Node | None:
     return valid
 
 
-def _kind(mask, is_causal: bool, ctx: PassContext) -> MaskKind | None:
+def _kind(mask, is_causal: bool, ctx: PassContext, inverted: bool) -> MaskKind | None:
     if mask is None:
         return MaskKind(causal=bool(is_causal), uses_padding=False)
     if is_causal:
         return None  # both a mask and is_causal: unusual, leave it to torch
-    return classify_mask(mask, ctx)
+    return classify_mask(mask, ctx, inverted)
 
 
-def _rewrite(gm, ctx, node, q, k, v, mask, is_causal, scale, alibi=None) -> bool:
-    kind = _kind(mask, is_causal, ctx)
+def _rewrite(gm, ctx, node, q, k, v, mask, is_causal, scale, alibi=None, inverted=False) -> bool:
+    kind = _kind(mask, is_causal, ctx, inverted)
     if kind is None or (alibi is not None and not kind.causal):
         return False
     k, v = _strip_repeat_kv(k), _strip_repeat_kv(v)
@@ -132,18 +134,37 @@ def _strip_casts(node):
     return node
 
 
+def _softmax_operands(probs: fx.Node) -> tuple[fx.Node, fx.Node | None, bool] | None:
+    """(scores, mask, inverted) when probs = softmax(scores + mask) or softmax(masked_fill(
+    scores, mask, -big)) over the last dim (casts allowed; inverted for masked_fill's mask)."""
+    soft = _strip_casts(probs)
+    if not is_op(soft, aten.softmax, aten._softmax) or soft.args[1] not in (-1, 3):
+        return None
+    scores = _strip_casts(soft.args[0])
+    if (is_op(scores, aten.masked_fill) and isinstance(scores.args[1], fx.Node)
+            and isinstance(scores.args[2], (int, float)) and scores.args[2] <= -1e4):
+        return scores.args[0], scores.args[1], True
+    if is_op(scores, aten.add) and isinstance(scores.args[1], fx.Node):
+        return scores.args[0], scores.args[1], False
+    return scores, None, False
+
+
+def _four_dim(mask: fx.Node | None) -> bool:
+    return mask is None or (tensor_meta(mask) is not None and tensor_meta(mask).dim() == 4)
+
+
 def _softmax_form(gm: fx.GraphModule, ctx: PassContext, out: fx.Node) -> bool:
-    """out = matmul(softmax(scores), v) with scores = q kᵀ · s (+ mask)."""
+    """out = matmul(softmax(scores), v) with scores = q kᵀ · s (+ bias) (+ mask)."""
     if not is_op(out, aten.matmul):
         return False
     probs, v = out.args
-    soft = _strip_casts(probs)
-    if not is_op(soft, aten.softmax, aten._softmax) or soft.args[1] not in (-1, 3):
+    found = _softmax_operands(probs)
+    if found is None:
         return False
-    scores = _strip_casts(soft.args[0])
-    mask = None
-    if is_op(scores, aten.add) and isinstance(scores.args[1], fx.Node):
-        scores, mask = scores.args
+    scores, mask, inverted = found
+    bias = None
+    if inverted and is_op(scores, aten.add) and isinstance(scores.args[1], fx.Node):
+        scores, bias = scores.args  # MPT: the ALiBi bias added before masked_fill
     scale = 1.0
     if is_op(scores, aten.mul) and isinstance(scores.args[1], (int, float)):
         scale, scores = float(scores.args[1]), scores.args[0]
@@ -154,11 +175,14 @@ def _softmax_form(gm: fx.GraphModule, ctx: PassContext, out: fx.Node) -> bool:
     q, kt = scores.args
     if not is_op(kt, aten.transpose) or sorted(kt.args[1:]) not in ([-2, -1], [2, 3]):
         return False
-    if mask is not None:
-        mask_val = tensor_meta(mask)
-        if mask_val is None or mask_val.dim() != 4:
+    if not _four_dim(mask):
+        return False
+    alibi = None
+    if bias is not None:
+        alibi = alibi_slopes(bias, ctx, tensor_meta(q).shape[1])
+        if alibi is None:
             return False
-    return _rewrite(gm, ctx, out, q, kt.args[0], v, mask, False, scale)
+    return _rewrite(gm, ctx, out, q, kt.args[0], v, mask, False, scale, alibi, inverted)
 
 
 _VIEWS = (aten.view, aten._unsafe_view, aten.reshape)
@@ -186,13 +210,10 @@ def _batched_heads_form(gm: fx.GraphModule, ctx: PassContext, out: fx.Node) -> b
     v = _unmerged_heads(v3)
     if out_val is None or out_val.dim() != 4 or v is None or not is_op(probs, *_VIEWS):
         return False
-    soft = _strip_casts(probs.args[0])
-    if not is_op(soft, aten.softmax, aten._softmax) or soft.args[1] not in (-1, 3):
+    found = _softmax_operands(probs.args[0])
+    if found is None:
         return False
-    scores = _strip_casts(soft.args[0])
-    mask = None
-    if is_op(scores, aten.add) and isinstance(scores.args[1], fx.Node):
-        scores, mask = scores.args
+    scores, mask, inverted = found
     if not is_op(scores, *_VIEWS):
         return False
     product = scores.args[0]
@@ -215,9 +236,9 @@ def _batched_heads_form(gm: fx.GraphModule, ctx: PassContext, out: fx.Node) -> b
         if slopes is None:
             return False
         alibi = [beta * slope for slope in slopes]
-    if mask is not None and (tensor_meta(mask) is None or tensor_meta(mask).dim() != 4):
+    if not _four_dim(mask):
         return False
-    return _rewrite(gm, ctx, out, q, k, v, mask, False, scale, alibi)
+    return _rewrite(gm, ctx, out, q, k, v, mask, False, scale, alibi, inverted)
 
 
 @register("recognize_attention")

@@ -110,15 +110,17 @@ def test_encoder_cannot_generate():
 
 
 def test_unrecognised_attention_says_why_it_cannot_generate():
-    # MPT adds its ALiBi bias to eager scores and masks them with masked_fill: not an attention
-    # dsc recognises. Forward still equals HF; generate() names the reason instead of calling
-    # the model no causal LM.
+    # Falcon with ALiBi folds the bias into sdpa's float mask: not an attention dsc recognises.
+    # Forward still equals HF; generate() names the reason instead of calling the model no
+    # causal LM.
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.MptConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2,
-                                    max_seq_len=32)
-    model = transformers.MptForCausalLM(config).eval()
+    config = transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, alibi=True,
+                                       new_decoder_architecture=False, multi_query=True,
+                                       parallel_attn=True, bias=False)
+    model = transformers.FalconForCausalLM(config).eval()
     compiled = dsc.compile(model, "cpu")
     ids = torch.randint(0, 64, (1, 5))
     with torch.no_grad():

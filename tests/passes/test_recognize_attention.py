@@ -189,6 +189,25 @@ def test_bias_that_is_not_linear_in_the_key_position_does_not_match(monkeypatch)
     assert ops(gm)["baddbmm"] == 2 and "attention" not in ops(gm)
 
 
+def test_mpt_alibi_in_eager_scores_before_expected():
+    # Before: softmax(masked_fill(matmul(q, kᵀ) * s + alibi[:, :, -S:], masked, -big)) @ v.
+    # Expected: dsc.attention(q, k, v, valid, True, s, alibi=slopes), MPT's slopes.
+    import transformers
+    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+    config = transformers.MptConfig(vocab_size=211, d_model=64, n_layers=2, n_heads=4,
+                                    max_seq_len=128)
+    traced = trace(transformers.MptForCausalLM(config).eval())
+    ctx = PassContext(Target(), traced.weights, traced.info, traced.inputs)
+    gm = PassManager(ctx).run(traced.gm, ["canonicalize", "recognize_attention"])
+    found = [n for n in gm.graph.nodes if n.target is torch.ops.dsc.attention.default]
+    bias = build_mpt_alibi_tensor(4, 128)  # [H, 1, L]: slope * (key - (L - 1))
+    slopes = (bias[:, 0, 1] - bias[:, 0, 0]).tolist()
+    assert len(found) == 2 and all(n.args[4] is True for n in found)
+    assert all(n.kwargs["alibi"] == pytest.approx(slopes, rel=1e-6) for n in found)
+    assert not {"masked_fill", "softmax"} & set(ops(gm))
+
+
 def test_batched_heads_form_without_a_bias():
     # bmm(q, kᵀ) * s instead of baddbmm, heads merged into the batch: recognised, no slopes.
     def merged(q, k, v):
