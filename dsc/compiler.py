@@ -44,8 +44,8 @@ def _not_a_decoder_because(gm: fx.GraphModule) -> str | None:
     attentions = [n for n in gm.graph.nodes if n.target is torch.ops.dsc.attention.default]
     if not attentions:
         return ("no attention was recognised in its graph (recognize_attention takes attention "
-                "with a causal, padding or causal sliding-window mask, and BLOOM's and MPT's "
-                "ALiBi bias; "
+                "with a causal, padding or causal sliding-window mask, and the ALiBi biases of "
+                "BLOOM, MPT and Falcon; "
                 "other position biases are not matched), so it has no KV cache")
     if not all(n.args[4] for n in attentions):
         return "its attention is not causal (an encoder)"

@@ -4,6 +4,7 @@ Matches, form 1 (what export keeps of F.scaled_dot_product_attention):
 
     k_rep = reshape(expand(unsqueeze(k, 2), [B, Hkv, n, S, D]), [B, Hkv*n, S, D])   # GQA, optional
     out   = scaled_dot_product_attention(q, k_rep, v_rep, mask, scale=s)
+    mask  = masked_fill(bias, masked, -big)          # Falcon: the ALiBi bias in a float mask
 
 Matches, form 2 (eager attention; casts optional, scale by mul or div):
 
@@ -28,7 +29,7 @@ Rewrite to:
 The mask is classified by `mask_probe.classify_mask` (evaluated, not pattern-matched): causal or
 bidirectional, with or without padding, causal within a sliding window; form 3's bias by
 `mask_probe.alibi_slopes` (also evaluated): a slope per head times the key's position; MPT's
-bias (form 2 with masked_fill) the same way. Does not
+bias (form 2 with masked_fill) and Falcon's (form 1) the same way. Does not
 match: a mask of another kind (a window that is not causal, an additive bias in the mask), a
 bias that is not ALiBi's or comes with a mask that is not causal, dropout > 0.
 Ordering: after canonicalize; before kv_cache.
@@ -122,9 +123,15 @@ def _sdpa(gm: fx.GraphModule, ctx: PassContext, node: fx.Node) -> bool:
     bound.update(node.kwargs)
     if bound.get("dropout_p", 0.0) not in (0, 0.0):
         return False
+    mask, alibi, inverted = bound.get("attn_mask"), None, False
+    if _is_masked_fill(mask):
+        # Falcon: the ALiBi bias inside the float mask, masked_fill(bias, masked, -big).
+        alibi = alibi_slopes(mask.args[0], ctx, tensor_meta(bound["query"]).shape[1])
+        if alibi is not None:
+            mask, inverted = mask.args[1], True
     return _rewrite(
-        gm, ctx, node, bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
-        bound.get("is_causal", False), bound.get("scale"),
+        gm, ctx, node, bound["query"], bound["key"], bound["value"], mask,
+        bound.get("is_causal", False), bound.get("scale"), alibi, inverted,
     )
 
 
@@ -134,6 +141,14 @@ def _strip_casts(node):
     return node
 
 
+def _is_masked_fill(node) -> bool:
+    """node = masked_fill(x, masked, -big): x where attention is allowed, a large negative
+    number elsewhere."""
+    return (is_op(node, aten.masked_fill) and isinstance(node.args[0], fx.Node)
+            and isinstance(node.args[1], fx.Node) and isinstance(node.args[2], (int, float))
+            and node.args[2] <= -1e4)
+
+
 def _softmax_operands(probs: fx.Node) -> tuple[fx.Node, fx.Node | None, bool] | None:
     """(scores, mask, inverted) when probs = softmax(scores + mask) or softmax(masked_fill(
     scores, mask, -big)) over the last dim (casts allowed; inverted for masked_fill's mask)."""
@@ -141,8 +156,7 @@ def _softmax_operands(probs: fx.Node) -> tuple[fx.Node, fx.Node | None, bool] | 
     if not is_op(soft, aten.softmax, aten._softmax) or soft.args[1] not in (-1, 3):
         return None
     scores = _strip_casts(soft.args[0])
-    if (is_op(scores, aten.masked_fill) and isinstance(scores.args[1], fx.Node)
-            and isinstance(scores.args[2], (int, float)) and scores.args[2] <= -1e4):
+    if _is_masked_fill(scores):
         return scores.args[0], scores.args[1], True
     if is_op(scores, aten.add) and isinstance(scores.args[1], fx.Node):
         return scores.args[0], scores.args[1], False

@@ -110,17 +110,17 @@ def test_encoder_cannot_generate():
 
 
 def test_unrecognised_attention_says_why_it_cannot_generate():
-    # Falcon with ALiBi folds the bias into sdpa's float mask: not an attention dsc recognises.
-    # Forward still equals HF; generate() names the reason instead of calling the model no
-    # causal LM.
+    # GPT-Neo masks its scores twice (a causal buffer through where, then the mask added): not
+    # an attention dsc recognises. Forward still equals HF; generate() names the reason instead
+    # of calling the model no causal LM.
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2, alibi=True,
-                                       new_decoder_architecture=False, multi_query=True,
-                                       parallel_attn=True, bias=False)
-    model = transformers.FalconForCausalLM(config).eval()
+    config = transformers.GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2,
+                                       attention_types=[[["global"], 1]],
+                                       max_position_embeddings=32, bos_token_id=0,
+                                       eos_token_id=0)
+    model = transformers.GPTNeoForCausalLM(config).eval()
     compiled = dsc.compile(model, "cpu")
     ids = torch.randint(0, 64, (1, 5))
     with torch.no_grad():

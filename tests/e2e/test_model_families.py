@@ -29,6 +29,10 @@ FAMILIES = {
     "bloom": lambda: T.BloomConfig(vocab_size=211, hidden_size=96, n_layer=2, n_head=6),  # ALiBi
     "mpt": lambda: T.MptConfig(vocab_size=211, d_model=64, n_layers=2, n_heads=4,
                                max_seq_len=128),  # ALiBi in eager scores, masked_fill
+    "falcon_alibi": lambda: T.FalconConfig(vocab_size=211, hidden_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, alibi=True,
+                                           new_decoder_architecture=False, multi_query=False,
+                                           parallel_attn=False, bias=True),  # ALiBi in sdpa's mask
     "falcon": lambda: T.FalconConfig(vocab_size=211, hidden_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, new_decoder_architecture=False,
                                      multi_query=True, parallel_attn=True, bias=False),

@@ -208,6 +208,25 @@ def test_mpt_alibi_in_eager_scores_before_expected():
     assert not {"masked_fill", "softmax"} & set(ops(gm))
 
 
+def test_falcon_alibi_inside_the_sdpa_mask_before_expected():
+    # Before: sdpa(q, k, v, masked_fill(alibi / √D, masked, -big)). Expected: dsc.attention(q, k,
+    # v, valid, True, s, alibi=slopes / √D) (sdpa adds its mask unscaled).
+    import transformers
+    from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+    config = transformers.FalconConfig(vocab_size=211, hidden_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, alibi=True,
+                                       new_decoder_architecture=False, multi_query=False)
+    traced = trace(transformers.FalconForCausalLM(config).eval())
+    ctx = PassContext(Target(), traced.weights, traced.info, traced.inputs)
+    gm = PassManager(ctx).run(traced.gm, ["canonicalize", "recognize_attention"])
+    found = [n for n in gm.graph.nodes if n.target is torch.ops.dsc.attention.default]
+    slopes = (build_alibi_tensor(torch.ones(1, 2), 4, torch.float32)[:, 0, 1] / 4).tolist()
+    assert len(found) == 2 and all(n.args[4] is True for n in found)
+    assert all(n.kwargs["alibi"] == pytest.approx(slopes, rel=1e-2) for n in found)
+    assert "scaled_dot_product_attention" not in ops(gm)
+
+
 def test_batched_heads_form_without_a_bias():
     # bmm(q, kᵀ) * s instead of baddbmm, heads merged into the batch: recognised, no slopes.
     def merged(q, k, v):
