@@ -98,7 +98,9 @@ def _config_int(config: Any, *names: str) -> int | None:
 def _sliding_window(config: Any) -> int | None:
     """The attention window of the model's sliding-window layers, if it has any: HF configs name
     it `sliding_window`, switched off by `use_sliding_window=False` (Qwen2) or by `layer_types`
-    holding no "sliding_attention" layer."""
+    holding no "sliding_attention" layer; GPT-Neo's local layers take `window_size`."""
+    if "local" in (getattr(config, "attention_layers", None) or []):
+        return _config_int(config, "window_size")
     window = _config_int(config, "sliding_window")
     if window is None or getattr(config, "use_sliding_window", True) is False:
         return None

@@ -10,8 +10,10 @@ copied out and run on a padded probe batch; its result is compared with the mask
 
 Rows of padding queries are not compared (HF rewrites them in ways that differ between paths).
 A window only shows on a probe longer than itself: the six-token probe finds short ones, and a
-causal mask is probed again at the length of the window the config names (`ModelInfo
-.sliding_window`), when that window is shorter than the target's `max_seq_len`.
+causal mask is probed again, at the length of the window the config names (`ModelInfo
+.sliding_window`) when that is shorter than the target's `max_seq_len`, else at `max_seq_len`
+itself (at most the model's positions and `MAX_PROBED_WINDOW`), so a window under any name
+that could apply to the plan's sequences is found.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ def _probe_inputs(ctx: PassContext, probe_mask: torch.Tensor) -> dict[str, torch
     batch, seq = probe_mask.shape
     vocab = ctx.info.vocab_size or 2
     return {
-        "input_ids": torch.randint(0, max(vocab - 1, 1), (batch, seq)),
+        # A generator of its own: compiling leaves the caller's random stream as it was.
+        "input_ids": torch.randint(0, max(vocab - 1, 1), (batch, seq),
+                                   generator=torch.Generator().manual_seed(0)),
         "attention_mask": probe_mask.clone(),
         "position_ids": (probe_mask.cumsum(-1) - 1).clamp(min=0),
     }
@@ -145,19 +149,31 @@ def _classify(mask: fx.Node, ctx: PassContext, inverted: bool) -> MaskKind | Non
         if _matches(allowed, _expected(probe, candidate.causal, candidate.window), _PROBE_MASK):
             kind = candidate
             break
-    hint = ctx.info.sliding_window
-    if (kind is None or not kind.causal or kind.window or hint is None
-            or not _PROBE_MASK.shape[1] <= hint < ctx.target.max_seq_len):
+    if kind is None or not kind.causal or kind.window:
         return kind
-    if hint > MAX_PROBED_WINDOW:
-        return None  # Target.check_against refuses such plans before tracing
-    # A window the config names and the six-token probe cannot show: probe one sequence, left-
-    # padded by two like the short probe's first row, whose last query has window + 2 keys.
-    probe = torch.ones(1, hint + 4, dtype=torch.long)
-    probe[0, :2] = 0
+    hint = ctx.info.sliding_window
+    if hint is not None and _PROBE_MASK.shape[1] <= hint < ctx.target.max_seq_len:
+        if hint > MAX_PROBED_WINDOW:
+            return None  # Target.check_against refuses such plans before tracing
+        # The window the config names: one sequence, left-padded by two like the short probe's
+        # first row, whose last query has window + 2 keys.
+        probe = torch.ones(1, hint + 4, dtype=torch.long)
+        probe[0, :2] = 0
+        named = True
+    else:
+        # Any window shorter than the longest sequence the plan serves, whatever the config
+        # calls it (or if it names none): one unpadded sequence that long.
+        length = min(ctx.target.max_seq_len, ctx.info.max_positions or ctx.target.max_seq_len,
+                     MAX_PROBED_WINDOW)
+        if length <= _PROBE_MASK.shape[1]:
+            return kind
+        probe = torch.ones(1, length, dtype=torch.long)
+        named = False
     allowed = _allowed(mask, ctx, probe, inverted)
     if allowed is None:
-        return None
+        # The mask did not evaluate at that length (a buffer sized for fewer positions): a
+        # window the config names stays unknown; without one, the short probe's kind stands.
+        return None if named else kind
     window = _window_seen(allowed, probe, 0)
     padded_probe = probe if kind.uses_padding else torch.ones_like(probe)
     if not _matches(allowed, _expected(padded_probe, True, window), probe):

@@ -46,6 +46,7 @@ from dsc.passes import register
 from dsc.passes.context import PassContext
 from dsc.passes.graph_utils import call, is_op, replace_with, tensor_meta
 from dsc.passes.mask_probe import MaskKind, alibi_slopes, classify_mask
+from dsc.passes.score_terms import ScoreTerms, score_terms, strip_casts
 
 __all__ = ["recognize_attention", "key_valid_node"]
 
@@ -84,7 +85,7 @@ def key_valid_node(gm: fx.GraphModule) -> fx.Node | None:
     return valid
 
 
-def _kind(mask, is_causal: bool, ctx: PassContext, inverted: bool) -> MaskKind | None:
+def _kind(mask, is_causal: bool, ctx: PassContext, inverted: bool = False) -> MaskKind | None:
     if mask is None:
         return MaskKind(causal=bool(is_causal), uses_padding=False)
     if is_causal:
@@ -92,8 +93,14 @@ def _kind(mask, is_causal: bool, ctx: PassContext, inverted: bool) -> MaskKind |
     return classify_mask(mask, ctx, inverted)
 
 
-def _rewrite(gm, ctx, node, q, k, v, mask, is_causal, scale, alibi=None, inverted=False) -> bool:
-    kind = _kind(mask, is_causal, ctx, inverted)
+def _both(a: MaskKind, b: MaskKind) -> MaskKind:
+    """The mask that allows what both allow: every kind is an `and` of its conditions."""
+    windows = [w for w in (a.window, b.window) if w]
+    return MaskKind(causal=a.causal or b.causal, uses_padding=a.uses_padding or b.uses_padding,
+                    window=min(windows) if windows else 0)
+
+
+def _rewrite(gm, ctx, node, q, k, v, kind: MaskKind | None, scale, alibi=None) -> bool:
     if kind is None or (alibi is not None and not kind.causal):
         return False
     k, v = _strip_repeat_kv(k), _strip_repeat_kv(v)
@@ -124,43 +131,46 @@ def _sdpa(gm: fx.GraphModule, ctx: PassContext, node: fx.Node) -> bool:
     if bound.get("dropout_p", 0.0) not in (0, 0.0):
         return False
     mask, alibi, inverted = bound.get("attn_mask"), None, False
-    if _is_masked_fill(mask):
+    if is_op(mask, aten.masked_fill) and isinstance(mask.args[0], fx.Node):
         # Falcon: the ALiBi bias inside the float mask, masked_fill(bias, masked, -big).
         alibi = alibi_slopes(mask.args[0], ctx, tensor_meta(bound["query"]).shape[1])
         if alibi is not None:
             mask, inverted = mask.args[1], True
-    return _rewrite(
-        gm, ctx, node, bound["query"], bound["key"], bound["value"], mask,
-        bound.get("is_causal", False), bound.get("scale"), alibi, inverted,
-    )
+    kind = _kind(mask, bound.get("is_causal", False), ctx, inverted)
+    return _rewrite(gm, ctx, node, bound["query"], bound["key"], bound["value"], kind,
+                    bound.get("scale"), alibi)
 
 
-def _strip_casts(node):
-    while is_op(node, aten._to_copy) and set(node.kwargs) <= {"dtype"}:
-        node = node.args[0]
-    return node
+def _terms_kind(terms: ScoreTerms, ctx: PassContext, heads: int
+                ) -> tuple[MaskKind, list[float] | None] | None:
+    """The mask all of the terms' masks make together, and the ALiBi slopes of the one added
+    tensor that is not a mask (scaled by what multiplies it after); None for anything else."""
+    kind, alibi = MaskKind(causal=False, uses_padding=False), None
+    masks = [(mask, inverted) for mask, inverted in terms.masks]
+    for added, factor in terms.added:
+        if _four_dim(added) and classify_mask(added, ctx) is not None:
+            masks.append((added, False))
+            continue
+        slopes = alibi_slopes(added, ctx, heads)
+        if slopes is None or alibi is not None:
+            return None
+        alibi = [factor * slope for slope in slopes]
+    for mask, inverted in masks:
+        part = classify_mask(mask, ctx, inverted) if _four_dim(mask) else None
+        if part is None:
+            return None
+        kind = _both(kind, part)
+    return kind, alibi
 
 
-def _is_masked_fill(node) -> bool:
-    """node = masked_fill(x, masked, -big): x where attention is allowed, a large negative
-    number elsewhere."""
-    return (is_op(node, aten.masked_fill) and isinstance(node.args[0], fx.Node)
-            and isinstance(node.args[1], fx.Node) and isinstance(node.args[2], (int, float))
-            and node.args[2] <= -1e4)
-
-
-def _softmax_operands(probs: fx.Node) -> tuple[fx.Node, fx.Node | None, bool] | None:
-    """(scores, mask, inverted) when probs = softmax(scores + mask) or softmax(masked_fill(
-    scores, mask, -big)) over the last dim (casts allowed; inverted for masked_fill's mask)."""
-    soft = _strip_casts(probs)
+def _softmax_input(probs: fx.Node) -> fx.Node | None:
+    """x when probs is softmax(x) over the last dim, behind casts and views."""
+    soft = strip_casts(probs)
+    while is_op(soft, *_VIEWS):
+        soft = strip_casts(soft.args[0])
     if not is_op(soft, aten.softmax, aten._softmax) or soft.args[1] not in (-1, 3):
         return None
-    scores = _strip_casts(soft.args[0])
-    if _is_masked_fill(scores):
-        return scores.args[0], scores.args[1], True
-    if is_op(scores, aten.add) and isinstance(scores.args[1], fx.Node):
-        return scores.args[0], scores.args[1], False
-    return scores, None, False
+    return soft.args[0]
 
 
 def _four_dim(mask: fx.Node | None) -> bool:
@@ -168,35 +178,23 @@ def _four_dim(mask: fx.Node | None) -> bool:
 
 
 def _softmax_form(gm: fx.GraphModule, ctx: PassContext, out: fx.Node) -> bool:
-    """out = matmul(softmax(scores), v) with scores = q kᵀ · s (+ bias) (+ mask)."""
+    """out = matmul(softmax(scores), v), the scores q kᵀ with masks, a scale and a bias around
+    them (`score_terms`)."""
     if not is_op(out, aten.matmul):
         return False
     probs, v = out.args
-    found = _softmax_operands(probs)
-    if found is None:
+    scores = _softmax_input(probs)
+    terms = score_terms(scores, ctx) if scores is not None else None
+    if terms is None or not is_op(terms.product, aten.matmul):
         return False
-    scores, mask, inverted = found
-    bias = None
-    if inverted and is_op(scores, aten.add) and isinstance(scores.args[1], fx.Node):
-        scores, bias = scores.args  # MPT: the ALiBi bias added before masked_fill
-    scale = 1.0
-    if is_op(scores, aten.mul) and isinstance(scores.args[1], (int, float)):
-        scale, scores = float(scores.args[1]), scores.args[0]
-    elif is_op(scores, aten.div) and isinstance(scores.args[1], (int, float)):
-        scale, scores = 1.0 / float(scores.args[1]), scores.args[0]
-    if not is_op(scores, aten.matmul):
-        return False
-    q, kt = scores.args
+    q, kt = terms.product.args
     if not is_op(kt, aten.transpose) or sorted(kt.args[1:]) not in ([-2, -1], [2, 3]):
         return False
-    if not _four_dim(mask):
+    found = _terms_kind(terms, ctx, tensor_meta(q).shape[1])
+    if found is None:
         return False
-    alibi = None
-    if bias is not None:
-        alibi = alibi_slopes(bias, ctx, tensor_meta(q).shape[1])
-        if alibi is None:
-            return False
-    return _rewrite(gm, ctx, out, q, kt.args[0], v, mask, False, scale, alibi, inverted)
+    kind, alibi = found
+    return _rewrite(gm, ctx, out, q, kt.args[0], v, kind, terms.scale, alibi)
 
 
 _VIEWS = (aten.view, aten._unsafe_view, aten.reshape)
@@ -222,15 +220,13 @@ def _batched_heads_form(gm: fx.GraphModule, ctx: PassContext, out: fx.Node) -> b
     out_val = tensor_meta(out)
     probs, v3 = out.args[0].args
     v = _unmerged_heads(v3)
-    if out_val is None or out_val.dim() != 4 or v is None or not is_op(probs, *_VIEWS):
+    if out_val is None or out_val.dim() != 4 or v is None:
         return False
-    found = _softmax_operands(probs.args[0])
-    if found is None:
+    scores = _softmax_input(probs)
+    terms = score_terms(scores, ctx) if scores is not None else None
+    if terms is None or not is_op(terms.product, *_VIEWS):
         return False
-    scores, mask, inverted = found
-    if not is_op(scores, *_VIEWS):
-        return False
-    product = scores.args[0]
+    product = terms.product.args[0]
     if is_op(product, aten.baddbmm):
         bias, q3, kt = product.args[:3]
         beta = float(product.kwargs.get("beta", 1.0))
@@ -244,15 +240,16 @@ def _batched_heads_form(gm: fx.GraphModule, ctx: PassContext, out: fx.Node) -> b
     q, k = _unmerged_heads(q3), _unmerged_heads(kt.args[0])
     if q is None or k is None:
         return False
-    alibi = None
-    if bias is not None:
-        slopes = alibi_slopes(_strip_casts(bias), ctx, tensor_meta(q).shape[1])
-        if slopes is None:
-            return False
-        alibi = [beta * slope for slope in slopes]
-    if not _four_dim(mask):
+    found = _terms_kind(terms, ctx, tensor_meta(q).shape[1])
+    if found is None:
         return False
-    return _rewrite(gm, ctx, out, q, k, v, mask, False, scale, alibi, inverted)
+    kind, alibi = found
+    if bias is not None:
+        slopes = alibi_slopes(strip_casts(bias), ctx, tensor_meta(q).shape[1])
+        if slopes is None or alibi is not None:
+            return False
+        alibi = [terms.scale * beta * slope for slope in slopes]
+    return _rewrite(gm, ctx, out, q, k, v, kind, terms.scale * scale, alibi)
 
 
 @register("recognize_attention")

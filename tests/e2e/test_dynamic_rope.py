@@ -20,6 +20,7 @@ def _model(config_class, **rope):
     for p in model.parameters():
         if p.dim() >= 2:
             torch.nn.init.normal_(p, std=0.3)
+    model.generation_config.eos_token_id = model.config.eos_token_id = None  # every new token
     return model
 
 

@@ -110,23 +110,47 @@ def test_encoder_cannot_generate():
 
 
 def test_unrecognised_attention_says_why_it_cannot_generate():
-    # GPT-Neo masks its scores twice (a causal buffer through where, then the mask added): not
-    # an attention dsc recognises. Forward still equals HF; generate() names the reason instead
-    # of calling the model no causal LM.
-    import transformers
-
+    # A T5-style learned relative-position bias (a table looked up by bucketed distance) is not
+    # an attention dsc recognises: forward still equals the module; generate() names the reason
+    # instead of calling the model no causal LM.
     torch.manual_seed(0)
-    config = transformers.GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2,
-                                       attention_types=[[["global"], 1]],
-                                       max_position_embeddings=32, bos_token_id=0,
-                                       eos_token_id=0)
-    model = transformers.GPTNeoForCausalLM(config).eval()
+    model = _RelativeBiasLM().eval()
     compiled = dsc.compile(model, "cpu")
     ids = torch.randint(0, 64, (1, 5))
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(TypeError, match="no attention was recognised.*other position biases"):
         compiled.generate(ids, max_new_tokens=2)
+
+
+class _RelativeBiasLM(torch.nn.Module):
+    """One causal attention layer whose scores add a learned bias per clamped distance."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 2, buckets: int = 8):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.bias = torch.nn.Embedding(buckets, heads)
+        self.head = torch.nn.Linear(dim, vocab)
+        self.heads, self.buckets = heads, buckets
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        b, s = input_ids.shape
+        x = self.embed(input_ids)
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(s, device=x.device)
+        distance = (pos[:, None] - pos[None, :]).clamp(0, self.buckets - 1)
+        bias = self.bias(distance).permute(2, 0, 1)[None]  # [1, H, S, S]
+        causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5 + bias
+        scores = scores.masked_fill(~causal, float("-inf"))
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, -1)
+        return CausalLMOutput(logits=self.head(out + x))
 
 
 def _fixed_logits(tokens: list[int], vocab: int = 10) -> torch.Tensor:

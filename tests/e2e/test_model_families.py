@@ -29,6 +29,16 @@ FAMILIES = {
     "bloom": lambda: T.BloomConfig(vocab_size=211, hidden_size=96, n_layer=2, n_head=6),  # ALiBi
     "mpt": lambda: T.MptConfig(vocab_size=211, d_model=64, n_layers=2, n_heads=4,
                                max_seq_len=128),  # ALiBi in eager scores, masked_fill
+    "gpt_neo": lambda: T.GPTNeoConfig(vocab_size=211, hidden_size=64, num_layers=2, num_heads=4,
+                                      attention_types=[[["global", "local"], 1]], window_size=4,
+                                      max_position_embeddings=128),  # where(causal) + mask
+    "codegen": lambda: T.CodeGenConfig(vocab_size=211, n_embd=64, n_layer=2, n_head=4,
+                                       rotary_dim=8, n_positions=128),  # (qkᵀ + mask) / √D
+    "xglm": lambda: T.XGLMConfig(vocab_size=211, d_model=64, num_layers=2, attention_heads=4,
+                                 ffn_dim=96, max_position_embeddings=128),  # max(scores, min)
+    "biogpt": lambda: T.BioGptConfig(**SIZES),
+    "gpt_bigcode": lambda: T.GPTBigCodeConfig(vocab_size=211, n_embd=64, n_layer=2, n_head=4,
+                                              n_positions=128),  # multi-query
     "falcon_alibi": lambda: T.FalconConfig(vocab_size=211, hidden_size=64, num_hidden_layers=2,
                                            num_attention_heads=4, alibi=True,
                                            new_decoder_architecture=False, multi_query=False,
@@ -82,6 +92,7 @@ SLIDING = {
     "gemma3": lambda: T.Gemma3TextConfig(**SIZES, num_key_value_heads=2, head_dim=16,
                                          sliding_window=5,
                                          layer_types=["sliding_attention", "full_attention"]),
+    "starcoder2": lambda: T.Starcoder2Config(**SIZES, num_key_value_heads=2, sliding_window=5),
     "cohere2": lambda: T.Cohere2Config(**SIZES, num_key_value_heads=2, sliding_window=8,
                                        layer_types=["sliding_attention", "full_attention"]),
 }

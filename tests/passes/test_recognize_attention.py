@@ -242,3 +242,61 @@ def test_batched_heads_form_without_a_bias():
     node = next(n for n in gm.graph.nodes if n.op == "call_function")
     assert node.args[4] is False and "alibi" not in node.kwargs
     torch.testing.assert_close(run(gm, weights, q, k, v)[0], merged(q, k, v))
+
+
+EAGER_SCORES = {
+    # name: (config, scale, windows) — GPT-Neo: where(causal buffer, qkᵀ, min) + mask, unscaled,
+    # local layers in a window; CodeGen: (qkᵀ + mask) / √D; XGLM: max(view(bmm) + mask, min).
+    "gpt_neo": (lambda T: T.GPTNeoConfig(vocab_size=211, hidden_size=64, num_layers=2,
+                                         num_heads=4, attention_types=[[["global", "local"], 1]],
+                                         window_size=4, max_position_embeddings=128),
+                1.0, [0, 4]),
+    "codegen": (lambda T: T.CodeGenConfig(vocab_size=211, n_embd=64, n_layer=2, n_head=4,
+                                          rotary_dim=8, n_positions=128), 0.25, [0, 0]),
+    "xglm": (lambda T: T.XGLMConfig(vocab_size=211, d_model=64, num_layers=2, attention_heads=4,
+                                    ffn_dim=96, max_position_embeddings=128), 1.0, [0, 0]),
+}
+
+
+@pytest.mark.parametrize("name", EAGER_SCORES)
+def test_scores_wrapped_in_masks_and_scales_before_expected(name):
+    import transformers
+
+    make, scale, windows = EAGER_SCORES[name]
+    model = transformers.AutoModelForCausalLM.from_config(make(transformers)).eval()
+    traced = trace(model)
+    ctx = PassContext(Target(max_seq_len=64), traced.weights, traced.info, traced.inputs)
+    gm = PassManager(ctx).run(traced.gm, ["canonicalize", "recognize_attention"])
+    found = [n for n in gm.graph.nodes if n.target is torch.ops.dsc.attention.default]
+    assert [n.kwargs.get("window", 0) for n in found] == windows
+    assert all(n.args[4] is True and n.args[3] is not None for n in found)
+    assert all(math.isclose(n.args[5], scale) for n in found)
+    assert "softmax" not in ops(gm)
+
+
+def test_where_that_fills_with_zero_is_not_a_mask():
+    def zeroed(q, k, v):
+        scores = q @ k.transpose(-2, -1)
+        return torch.softmax(torch.where(scores > 0, scores, 0.0), dim=-1) @ v
+
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    gm, weights = export_fn(zeroed, q, k, v)
+    gm = PassManager(context(weights)).run(gm, ["recognize_attention"])
+    assert "attention" not in ops(gm) and "softmax" in ops(gm)
+
+
+def test_a_window_the_config_does_not_name_is_found_at_max_seq_len(monkeypatch):
+    # Without a window in the config, a causal mask is probed at max_seq_len: an eight-key
+    # window still shows (and would be missed by the six-token probe alone).
+    import dsc.frontend
+
+    monkeypatch.setattr(dsc.frontend, "_sliding_window", lambda config: None)
+    assert _windows(zoo.build("tiny-mistral", sliding_window=8)) == [(True, 8), (True, 8)]
+
+
+def test_probing_masks_leaves_the_callers_random_stream_alone():
+    traced = trace(zoo.build("tiny-mistral", sliding_window=8))
+    ctx = PassContext(Target(max_seq_len=64), traced.weights, traced.info, traced.inputs)
+    before = torch.random.get_rng_state()
+    PassManager(ctx).run(traced.gm, ["canonicalize", "recognize_attention"])
+    assert torch.equal(torch.random.get_rng_state(), before)
