@@ -359,6 +359,48 @@ def bench_decode(
     return results
 
 
+# Sliding-window decode: (batch, query heads, kv heads, cache slots T, head dim, live, window),
+# Mistral-7B's heads and window on a cache past it, and Gemma-3-like short windows.
+DECODE_WINDOW_CASES = {
+    "B=1 Hq=32 Hkv=8 D=128 T=16384 live=16000 W=4096 (Mistral)": (1, 32, 8, 16384, 128, 16000,
+                                                                  4096),
+    "B=16 Hq=32 Hkv=8 D=128 T=8192 live=8000 W=4096": (16, 32, 8, 8192, 128, 8000, 4096),
+    "B=1 Hq=16 Hkv=8 D=256 T=8192 live=8000 W=1024": (1, 16, 8, 8192, 256, 8000, 1024),
+}
+
+
+def bench_decode_window(copy_bw: float) -> list[Result]:
+    """The decode kernel within a sliding window, against SDPA over a slice of the window's keys
+    (torch's way) and the same cache attended in full (extra.full_cache_ms): the window's
+    programs read only its slots, so the time should follow window / live. Rates are of the
+    bytes the window needs."""
+    results = []
+    for name, (b, hq, hkv, t, d, live, window) in DECODE_WINDOW_CASES.items():
+        window_bytes = 2 * b * hkv * window * d * 2
+        sets = [_cache(b, hq, hkv, t, d, live=live)
+                for _ in range(copies_for(2 * b * hkv * live * d * 2, 2, 8))]
+        scale = 1 / math.sqrt(d)
+        want = attention_reference(*sets[0], True, scale, window=window)
+        t_full, _ = time_calls([partial(decode_attention, *s, True, scale) for s in sets])
+        lo = live - window  # torch's way: SDPA over a slice of the window's keys
+        t_ref, t_ref_nf = time_calls([
+            partial(_sdpa_decode, s[0], s[1][:, :, lo:live], s[2][:, :, lo:live], scale, hq != hkv)
+            for s in sets])
+        err = rel_err(decode_attention(*sets[0], True, scale, window=window), want)
+        t_win, t_win_nf = time_calls(
+            [partial(decode_attention, *s, True, scale, window=window) for s in sets])
+        gbps = window_bytes / t_win / 1e6
+        results.append(Result(
+            kernel="decode_attention [window]", shape=name, ms=t_win, rate=gbps, unit="GB/s",
+            pct_ceiling=100 * gbps / copy_bw, torch_ms=t_ref, target=">=75% copy BW",
+            met=err <= 1e-2 and 100 * gbps / copy_bw >= 75, rel_err=err, ms_no_flush=t_win_nf,
+            torch_ms_no_flush=t_ref_nf,
+            extra={"full_cache_ms": t_full, "window": window, "live": live},
+        ))
+        del sets
+    return results
+
+
 # The small models' QKV projection + attention at one row: (heads, kv heads, D, K, norm, bias,
 # rotary, dtype); caches of 200 slots holding 160 tokens, as in bench/e2e.py mid-generation.
 QKV_ATTENTION_CASES = {
@@ -664,7 +706,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="JSONL output path")
     parser.add_argument("--sweep", action="store_true", help="also sweep launch configurations")
-    parser.add_argument("--only", default="", help="comma list: sbgemm,norms,qkvattn,decode,flash,gemm")
+    parser.add_argument("--only", default="",
+                        help="comma list: sbgemm,norms,qkvattn,decode,decode_window,flash,gemm")
     parser.add_argument("--decode-cases", default="",
                         help="only the decode-attention cases whose name contains this text")
     args = parser.parse_args(argv)
@@ -735,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     section("qkvattn", lambda: record(bench_qkv_attention(copy_bw)))
     section("decode", lambda: record(bench_decode(copy_bw, sm, lambda _pairs: {"default": None},
                                                   args.decode_cases, v_with_k=True)))
+    section("decode_window", lambda: record(bench_decode_window(copy_bw)))
     # As prefill runs it without padding (the runtime promises that once per prefill), and the
     # kernel that must allow for padding.
     section("flash", lambda: record(bench_flash(gemm_rate, {"default": None}, padded=False)))
