@@ -42,6 +42,9 @@ def report(history: list[Any], plan: Any = None) -> str:
                          f"{stamped} stamped from the last of them")
         elif plan.model.get("not_stamped_because"):
             lines.append(f"trace: whole model ({plan.model['not_stamped_because']})")
+        attention = _attention_summary(plan)
+        if attention:
+            lines.append(attention)
         for name, program in plan.programs.items():
             ops: dict[str, int] = {}
             for step in program.steps:
@@ -56,6 +59,26 @@ def report(history: list[Any], plan: Any = None) -> str:
             if chosen:
                 lines.append("  kernels: " + ", ".join(f"{k} x{v}" for k, v in sorted(chosen.items())))
     return "\n".join(lines)
+
+
+def _attention_summary(plan: Any) -> str:
+    """One line on the attention layers of the plan's decode (or forward) program: how many,
+    which attend within a sliding window, which carry ALiBi slopes."""
+    program = plan.programs.get("decode") or plan.programs.get("forward")
+    steps = [s for s in program.steps if "attention" in s["op"]] if program else []
+    if not steps:
+        return ""
+    windows = [s["kwargs"].get("window", 0) for s in steps]
+    parts = [f"attention: {len(steps)} layers"]
+    by_window: dict[int, int] = {}
+    for window in filter(None, windows):
+        by_window[window] = by_window.get(window, 0) + 1
+    parts += [f"{count} within a sliding window of {window}"
+              for window, count in sorted(by_window.items())]
+    alibi = sum(s["kwargs"].get("alibi") is not None for s in steps)
+    if alibi:
+        parts.append(f"{alibi} with ALiBi slopes")
+    return ", ".join(parts)
 
 
 def _mib(nbytes: int) -> str:

@@ -95,6 +95,16 @@ def test_inspect_plan_shows_passes_entry_points_kernels_and_writes_html(
     assert "recognize_attention" in html.read_text()
 
 
+@pytest.mark.parametrize("name,line", [
+    ("tiny-llama", "attention: 2 layers\n"),
+    ("tiny-mistral-sliding", "attention: 2 layers, 2 within a sliding window of 4\n"),
+    ("tiny-bloom", "attention: 2 layers, 2 with ALiBi slopes\n"),
+])
+def test_inspect_says_which_layers_attend_in_a_window_or_with_alibi(name, line, capsys):
+    assert cli.main(["inspect", name, "--max-seq-len", "32"]) == 0
+    assert line in capsys.readouterr().out
+
+
 def test_inspect_source_compiles_first(capsys):
     assert cli.main(["inspect", "tiny-gpt2", "--max-seq-len", "32"]) == 0
     captured = capsys.readouterr()
