@@ -14,6 +14,7 @@ from dsc import passes as _passes  # noqa: F401
 from dsc.codegen.lower import lower
 from dsc.codegen.select import choose_kernels
 from dsc.codegen.triton_codegen import region_sources
+from dsc.decode_check import decode_disagrees
 from dsc.frontend import default_positions, model_info, trace
 from dsc.passes.context import PassContext
 from dsc.passes.manager import PassManager
@@ -144,4 +145,13 @@ def compile(model: torch.nn.Module, target: Target | str | dict[str, Any] = "cpu
         world_size=target.world_size,
     )
     generated.register_sources(plan.kernel_sources)
-    return CompiledModel(plan, history=manager.history)
+    compiled = CompiledModel(plan, history=manager.history)
+    if decoder is not None:
+        why = decode_disagrees(compiled)
+        if why is not None:  # forward only: generate() says why
+            for entry in ("prefill", "decode"):
+                del plan.programs[entry]
+            plan.model.pop("cache")
+            plan.model["not_a_decoder_because"] = why
+            compiled = CompiledModel(plan, history=manager.history)
+    return compiled

@@ -123,6 +123,30 @@ def test_unrecognised_attention_says_why_it_cannot_generate():
         compiled.generate(ids, max_new_tokens=2)
 
 
+def test_state_outside_attention_is_caught_at_compile():
+    # Falcon-H1 runs Mamba layers beside its attention: their state is not in a KV cache, so a
+    # decode step would answer wrongly. compile() finds its decode step does not continue the
+    # forward pass; forward still equals HF, generate() refuses with the reason.
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.FalconH1Config(vocab_size=211, hidden_size=64, intermediate_size=96,
+                                         num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, pad_token_id=0,
+                                         mamba_d_state=8, mamba_chunk_size=8)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    for p in model.parameters():
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=0.2)  # wide enough that the prompt moves the logits
+    compiled = dsc.compile(model, dsc.Target(device="cpu", max_seq_len=32))
+    assert set(compiled.plan.programs) == {"forward"}
+    ids = torch.randint(3, 200, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(TypeError, match="decode step does not continue its forward pass"):
+        compiled.generate(ids, max_new_tokens=2)
+
+
 class _RelativeBiasLM(torch.nn.Module):
     """One causal attention layer whose scores add a learned bias per clamped distance."""
 
