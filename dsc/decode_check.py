@@ -3,10 +3,11 @@
 A plan's decode step sees one new token and the KV cache. That is all a transformer needs, but a
 model that carries other state along the sequence — a state-space (Mamba) or convolution layer
 beside its attention — would decode from a cache that lacks it and answer wrongly without any
-error. So `compile` runs the plan once on a short random prompt: the forward pass over n + 1
-tokens, and the prefill of n tokens followed by one decode step. Their last logits must agree
-(up to the dtype's rounding across kernels); when they do not, the plan keeps its forward entry
-only and `generate` says why.
+error. So `compile` runs the plan once on a short random prompt: the prefill of n + 1 tokens,
+and the prefill of n tokens followed by one decode step. Their last logits must agree (up to the
+dtype's rounding across kernels); when they do not, the plan keeps its forward entry only and
+`generate` says why. (The prefill program, not the forward one: generation needs its kernels
+anyway, so on a GPU the check compiles none that the first `generate` would not.)
 
 Not run for tensor-parallel plans (every rank would have to run it in step) or with weight
 offload (a forward pass would stream every weight from CPU memory or disk).
@@ -36,9 +37,9 @@ def decode_disagrees(compiled: CompiledModel) -> str | None:
     generator = torch.Generator().manual_seed(0)  # the caller's random stream stays as it was
     ids = torch.randint(0, vocab, (1, _PROMPT + 1), generator=generator).to(compiled.device)
     mask = torch.ones_like(ids)
+    positions = torch.arange(_PROMPT + 1, device=compiled.device)[None]
     with torch.no_grad():
-        full = getattr(compiled(ids, mask), compiled.info["output"])[:, -1].float()
-        positions = torch.arange(_PROMPT + 1, device=compiled.device)[None]
+        full = compiled._prefill(ids, mask, positions).float()
         compiled._prefill(ids[:, :_PROMPT], mask[:, :_PROMPT], positions[:, :_PROMPT])
         step = compiled._decode(ids[:, _PROMPT:], positions[:, _PROMPT:], _PROMPT).float()
     error = float((step - full).norm() / full.norm().clamp_min(1e-30))
