@@ -32,8 +32,8 @@ attend key slot j iff j < start + S, kv_valid[b, j], (not causal or j <= start +
 (window == 0 or j > start + i - window); `alibi` slopes [Hq] add alibi[h] * (j - (start + i))
 to the scores of query head h. A query with no key to attend gets zeros. With a sliding
 window the split programs share only the slots from start - window + 1 on: the keys no query
-of the step can see are never read. Masked K/V slots may hold anything, NaN included: V rows that are
-not attended are zeroed on load so they cannot poison the sums.
+of the step can see are never read. Masked K/V slots may hold anything, NaN included: V rows
+that are not attended are zeroed on load so they cannot poison the sums.
 """
 
 from __future__ import annotations

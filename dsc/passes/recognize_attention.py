@@ -11,11 +11,13 @@ Matches, form 2 (eager attention; casts optional, scale by mul or div):
     p   = softmax(add(mul(matmul(q, transpose(k, -2, -1)), s), mask), -1)
     p   = softmax(masked_fill(add(mul(matmul(q, kᵀ), s), bias), masked, -big), -1)   # MPT
     out = matmul(p, v)
+    (any nesting of scales, added masks, masked_fill / where masks, a floor and one added
+    bias around the product: `score_terms`; the masks allow what all of them allow)
 
 Matches, form 3 (BLOOM: heads merged into the batch, the score bias in a baddbmm):
 
     s3  = baddbmm(bias, merge(q), transpose(merge(k), -1, -2), beta=b, alpha=s)  # [B*H, S, T]
-    p   = softmax(add(view(s3, [B, H, S, T]), mask), -1)
+    p   = softmax(add(view(s3, [B, H, S, T]), mask), -1)     # the same terms as form 2
     out = view(bmm(view(p, [B*H, S, T]), merge(v)), [B, H, S, D])
     (merge(x) = _unsafe_view(clone(x), [B*H, S, D]); bmm instead of baddbmm: no bias)
 
