@@ -152,19 +152,24 @@ def _classify(mask: fx.Node, ctx: PassContext, inverted: bool) -> MaskKind | Non
     if kind is None or not kind.causal or kind.window:
         return kind
     hint = ctx.info.sliding_window
-    if hint is not None and _PROBE_MASK.shape[1] <= hint < ctx.target.max_seq_len:
+    positions = ctx.info.max_positions or ctx.target.max_seq_len
+    longest = min(ctx.target.max_seq_len, positions)  # the longest sequence the plan serves
+    if hint is not None and _PROBE_MASK.shape[1] <= hint < longest:
         if hint > MAX_PROBED_WINDOW:
             return None  # Target.check_against refuses such plans before tracing
         # The window the config names: one sequence, left-padded by two like the short probe's
-        # first row, whose last query has window + 2 keys.
-        probe = torch.ones(1, hint + 4, dtype=torch.long)
-        probe[0, :2] = 0
+        # first row, whose last query has window + 2 keys (unpadded, window + 1 tokens, where
+        # that would pass the model's positions).
+        if hint + 4 <= positions:
+            probe = torch.ones(1, hint + 4, dtype=torch.long)
+            probe[0, :2] = 0
+        else:
+            probe = torch.ones(1, hint + 1, dtype=torch.long)
         named = True
     else:
         # Any window shorter than the longest sequence the plan serves, whatever the config
         # calls it (or if it names none): one unpadded sequence that long.
-        length = min(ctx.target.max_seq_len, ctx.info.max_positions or ctx.target.max_seq_len,
-                     MAX_PROBED_WINDOW)
+        length = min(longest, MAX_PROBED_WINDOW)
         if length <= _PROBE_MASK.shape[1]:
             return kind
         probe = torch.ones(1, length, dtype=torch.long)
