@@ -123,18 +123,33 @@ def test_unrecognised_attention_says_why_it_cannot_generate():
         compiled.generate(ids, max_new_tokens=2)
 
 
-def test_state_outside_attention_is_caught_at_compile():
-    # Falcon-H1 runs Mamba layers beside its attention: their state is not in a KV cache, so a
-    # decode step would answer wrongly. compile() finds its decode step does not continue the
-    # forward pass; forward still equals HF, generate() refuses with the reason.
+def _falcon_h1():  # Mamba layers beside its attention
+    import transformers
+
+    return transformers.FalconH1Config(vocab_size=211, hidden_size=64, intermediate_size=96,
+                                       num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, pad_token_id=0, mamba_d_state=8,
+                                       mamba_chunk_size=8)
+
+
+def _lfm2():  # a short causal convolution layer before its attention layer
+    import transformers
+
+    return transformers.Lfm2Config(vocab_size=211, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, pad_token_id=0,
+                                   layer_types=["conv", "full_attention"])
+
+
+@pytest.mark.parametrize("config", [_falcon_h1, _lfm2], ids=["falcon-h1", "lfm2"])
+def test_state_outside_attention_is_caught_at_compile(config):
+    # The layers' state along the sequence is not in a KV cache, so a decode step would answer
+    # wrongly. compile() finds that its decode step does not continue the forward pass; forward
+    # still equals HF, generate() refuses with the reason.
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.FalconH1Config(vocab_size=211, hidden_size=64, intermediate_size=96,
-                                         num_hidden_layers=1, num_attention_heads=4,
-                                         num_key_value_heads=2, pad_token_id=0,
-                                         mamba_d_state=8, mamba_chunk_size=8)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config()).eval()
     for p in model.parameters():
         if p.dim() >= 2:
             torch.nn.init.normal_(p, std=0.2)  # wide enough that the prompt moves the logits
