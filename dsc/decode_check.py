@@ -22,9 +22,10 @@ from dsc.runtime.model import CompiledModel
 __all__ = ["decode_disagrees"]
 
 _PROMPT = 4  # tokens of the prefill before the decode step
-# Relative error of the last logits that different kernels' rounding stays under (decode and
-# forward take different attention kernels); losing a layer's state is an O(1) error.
-_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.1}
+# Relative error of the last logits that rounding stays under: one row's GEMV and five rows'
+# tiles sum in other orders, which in 16-bit activations compounds over the layers. Losing a
+# layer's state is an O(1) error (0.85 and 1.4 in the tests' fp32 models).
+_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.3, torch.float16: 0.3}
 
 
 def decode_disagrees(compiled: CompiledModel) -> str | None:
