@@ -19,7 +19,7 @@ import torch
 
 from dsc.runtime.model import CompiledModel
 
-__all__ = ["decode_disagrees"]
+__all__ = ["decode_disagrees", "decode_error"]
 
 _PROMPT = 4  # tokens of the prefill before the decode step
 # Relative error of the last logits that rounding stays under: one row's GEMV and five rows'
@@ -28,9 +28,9 @@ _PROMPT = 4  # tokens of the prefill before the decode step
 _TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.3, torch.float16: 0.3}
 
 
-def decode_disagrees(compiled: CompiledModel) -> str | None:
-    """Why the decode step does not continue the forward pass, or None when it does (or when
-    the check does not apply: see the module docstring)."""
+def decode_error(compiled: CompiledModel) -> float | None:
+    """Relative error between the last logits of the prefill of n + 1 tokens and of the prefill
+    of n and one decode step; None when the check does not apply (see the module docstring)."""
     target = compiled.target
     if target.world_size > 1 or target.offload or target.max_seq_len <= _PROMPT:
         return None
@@ -43,8 +43,14 @@ def decode_disagrees(compiled: CompiledModel) -> str | None:
         full = compiled._prefill(ids, mask, positions).float()
         compiled._prefill(ids[:, :_PROMPT], mask[:, :_PROMPT], positions[:, :_PROMPT])
         step = compiled._decode(ids[:, _PROMPT:], positions[:, _PROMPT:], _PROMPT).float()
-    error = float((step - full).norm() / full.norm().clamp_min(1e-30))
-    if error <= _TOLERANCE[target.torch_dtype]:
+    return float((step - full).norm() / full.norm().clamp_min(1e-30))
+
+
+def decode_disagrees(compiled: CompiledModel) -> str | None:
+    """Why the decode step does not continue the forward pass, or None when it does (or when
+    the check does not apply)."""
+    error = decode_error(compiled)
+    if error is None or error <= _TOLERANCE[compiled.target.torch_dtype]:
         return None
     return (f"its decode step does not continue its forward pass (last logits {error:.2g} apart "
             f"in relative error): the model carries state along the sequence outside attention "

@@ -151,3 +151,15 @@ def test_sliding_window_model_past_its_window(dtype):
             ref = model(ids).logits.float()
             out = compiled(ids).logits.float()
             assert float((out - ref).norm() / ref.norm()) <= 1e-2
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral", "tiny-bloom"])
+def test_decode_check_rounding_is_far_under_its_tolerance(name):
+    # compile's decode check (dsc/decode_check.py) allows 0.3 relative error in 16-bit plans;
+    # a plan without state outside attention should sit far below it.
+    from dsc.decode_check import decode_error
+
+    model = zoo.build(name, init_std=0.1, seed=1, device="cuda", dtype=torch.bfloat16)
+    compiled = dsc.compile(model, dsc.Target(device="cuda", dtype="bfloat16", max_seq_len=64))
+    assert "decode" in compiled.plan.programs
+    assert decode_error(compiled) < 0.05
