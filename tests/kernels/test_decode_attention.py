@@ -351,3 +351,24 @@ def test_alibi_slopes_are_checked():
         decode_attention(q, k, v, valid, st, False, 0.3, alibi=SLOPES)
     with pytest.raises(ValueError, match="must be float32"):
         decode_attention(q, k, v, valid, st, True, 0.3, alibi=SLOPES.double())
+
+
+def test_sliding_window_with_rotary_and_new_rows(assert_close):
+    # Mistral's decode step on the GPU: rotate q and the new key as they load, write the new
+    # rows, attend within the window (split in three).
+    from dsc.ops.rotary import rotary
+
+    s, start, window = 2, 14, 5
+    q, k, v, valid, st = make_inputs(s=s, t=17, start=start, seed=31)
+    g = torch.Generator().manual_seed(3)
+    new_k, new_v = torch.randn(2, 2, s, 16, generator=g), torch.randn(2, 2, s, 16, generator=g)
+    cos, sin = torch.randn(2, 1, s, 16, generator=g), torch.randn(2, 1, s, 16, generator=g)
+    valid[:, start : start + s] = True
+    k_ref, v_ref = k.clone(), v.clone()
+    k_ref[:, :, start : start + s] = rotary(new_k, cos, sin)
+    v_ref[:, :, start : start + s] = new_v
+    out = decode_attention(q, k, v, valid, st, True, 0.3, config=CONFIGS["three-splits"],
+                           new_k=new_k, new_v=new_v, rotary=(cos, sin), window=window)
+    want = attention_reference(rotary(q, cos, sin), k_ref, v_ref, valid, st, True, 0.3,
+                               window=window)
+    assert_close(out, want)
