@@ -46,8 +46,8 @@ def _not_a_decoder_because(gm: fx.GraphModule) -> str | None:
     if not attentions:
         return ("no attention was recognised in its graph (recognize_attention takes attention "
                 "with a causal, padding or causal sliding-window mask, and the ALiBi biases of "
-                "BLOOM, MPT and Falcon; "
-                "other position biases are not matched), so it has no KV cache")
+                "BLOOM, MPT and Falcon; other position biases are not matched), so it has no KV "
+                "cache")
     if not all(n.args[4] for n in attentions):
         return "its attention is not causal (an encoder)"
     return None

@@ -671,7 +671,7 @@ def decode_attention(
     programs request into L2 before they attend (`dsc.kernels.l2_prefetch`).
     `window`: a causal sliding window (0: none); the launch is sized for the window + S - 1
     slots the step can see, not for the whole cache.
-    `alibi`: float32 slopes [Hq] on q's device (BLOOM's linear biases), or None.
+    `alibi`: float32 slopes [Hq] on q's device (ALiBi), or None.
     """
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
     check_window(window, causal)

@@ -7,7 +7,7 @@ start..start+S-1. Query i of sequence b may attend slot j iff
     and  (window == 0 or j > start + i - window).
 `window` (causal attention only) is a sliding window: a query sees itself and the window - 1
 slots before it, padding slots included, as HF's sliding-window masks count them.
-`alibi` (causal attention only; BLOOM's linear biases) adds alibi[h] * (j - (start + i)) to the
+`alibi` (causal attention only; the linear biases of BLOOM, MPT, Falcon) adds alibi[h] * (j - (start + i)) to the
 scores of query head h: a slope per head times the distance back to the key.
 A query with no slot it may attend (a padding token at the left edge) gets zeros, never NaN.
 Grouped-query attention: query head h reads key/value head h // (Hq // Hkv).
@@ -99,7 +99,7 @@ def cached_attention(
     prefetch: a weight the next projection reads, which the GPU's decode kernel pulls toward L2
     while it attends (`prefetch_next_weight`); it never changes the result.
     window: a causal sliding window (0: none); the cache still holds every slot.
-    alibi: a score slope per query head (BLOOM's linear biases; None: none).
+    alibi: a score slope per query head (ALiBi; None: none).
     """
     batch, _, seq, _ = k.shape
     first = int(start.item())
