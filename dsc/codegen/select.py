@@ -84,6 +84,14 @@ def _gated(node: fx.Node, program: str, target: Target) -> bool:
     )
 
 
+def _moe(node: fx.Node, program: str, target: Target) -> bool:
+    # The kernels read x, gate_up and down in one dtype; the op's activations are all theirs.
+    x, gate_up, down = _val(node.args[0]), _val(node.args[2]), _val(node.args[3])
+    return _on_gpu(node, target) and None not in (x, gate_up, down) and (
+        x.dtype == gate_up.dtype == down.dtype
+    )
+
+
 def _generated_region(node: fx.Node, program: str, target: Target) -> bool:
     # Generated Triton kernels are for GPUs; elsewhere the region runs as its reference op.
     return target.device == "cuda" and triton_codegen.supports(node.args[1])
@@ -105,6 +113,7 @@ CANDIDATES: list[Candidate] = [
     Candidate("cuda::attention", torch.ops.dsc.attention.default, _attention),
     Candidate("cuda::qkv_cached_attention", torch.ops.dsc.qkv_cached_attention.default,
               _qkv_attention),
+    Candidate("cuda::moe", torch.ops.dsc.moe.default, _moe),
     Candidate(_region_kernel, torch.ops.dsc.fused_region.default, _generated_region),
 ]
 

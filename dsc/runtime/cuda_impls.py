@@ -189,6 +189,17 @@ def gated_activation(gate: Tensor, up: Tensor, kind: str) -> Tensor:
     return kernel(gate, up, kind)
 
 
+def moe(x: Tensor, router_weight: Tensor, gate_up: Tensor, down: Tensor, top_k: int,
+        normalize: bool, kind: str) -> Tensor:
+    """Router product, routing kernel, then the experts as two grouped GEMMs: no step waits on
+    the host for how many tokens an expert got, so a decode step's CUDA graph holds it."""
+    from dsc.kernels.moe import moe_experts, route
+
+    tokens = x.reshape(-1, x.shape[-1]).contiguous()
+    weights, experts = route(linear_small_batch(tokens, router_weight), top_k, normalize)
+    return moe_experts(tokens, weights, experts, gate_up, down, kind).view(x.shape)
+
+
 IMPLEMENTATIONS: dict[str, Callable] = {
     "rotary": rotary,
     "gated_activation": gated_activation,
@@ -199,6 +210,7 @@ IMPLEMENTATIONS: dict[str, Callable] = {
     "rotary_cached_attention": rotary_cached_attention,
     "qkv_cached_attention": qkv_cached_attention,
     "attention": attention,
+    "moe": moe,
 }
 
 

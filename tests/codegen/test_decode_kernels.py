@@ -192,9 +192,28 @@ def test_opt_in_decode_step_through_the_chosen_kernels(name, batch, setting, mon
     DSC_ATTN_PREFETCH=1: each attention step names the next projection's weight.
     DSC_GEMV_PRELOAD=1: one-row GEMV tiles take their first weight step before the PDL wait.
     DSC_DECODE_V_WITH_K=1: decode attention loads V beside K."""
+    monkeypatch.setenv(setting, "1")
+    program = _decode_step_through_chosen_kernels(name, batch)
+    fused = any(s["op"] == "cuda::qkv_cached_attention" for s in program.steps)
+    assert fused == (setting == "DSC_QKV_ATTENTION")
+    prefetching = [s for s in program.steps if s["kwargs"].get("prefetch")]
+    assert len(prefetching) == (2 if setting == "DSC_ATTN_PREFETCH" else 0)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mixtral_decode_step_runs_its_experts_through_the_moe_kernels(batch):
+    """Each MoE block of a decode step is one `cuda::moe` step (routing and grouped GEMMs on
+    the device, nothing for a CUDA graph to refuse); the step equals the op-by-op program."""
+    program = _decode_step_through_chosen_kernels("tiny-mixtral", batch)
+    assert sum(s["op"] == "cuda::moe" for s in program.steps) == 2  # one per layer
+    assert not any(s["op"] == "dsc::moe.default" for s in program.steps)
+
+
+def _decode_step_through_chosen_kernels(name: str, batch: int):
+    """One decode step with every kernel the GPU would run, on the interpreter, against the
+    same program run op by op: logits and the cache rows it writes. Returns the program."""
     import dataclasses
 
-    monkeypatch.setenv(setting, "1")
     target = dataclasses.replace(CUDA, max_batch=4, max_seq_len=32)  # a cache the kernel takes
     t = _traced(name, 2)
     graph = fx.Graph()
@@ -204,10 +223,6 @@ def test_opt_in_decode_step_through_the_chosen_kernels(name, batch, setting, mon
                               trunk(target) + cached(target) + backend(target), program="decode")
     program = lower(gm, "decode", choose_kernels(gm, "decode", target))
     generated.register_sources(region_sources([program]))
-    fused = any(s["op"] == "cuda::qkv_cached_attention" for s in program.steps)
-    assert fused == (setting == "DSC_QKV_ATTENTION")
-    prefetching = [s for s in program.steps if s["kwargs"].get("prefetch")]
-    assert len(prefetching) == (2 if setting == "DSC_ATTN_PREFETCH" else 0)
     reference = lower(gm, "decode", {})
     g = torch.Generator().manual_seed(batch)
     start = 9
@@ -228,3 +243,4 @@ def test_opt_in_decode_step_through_the_chosen_kernels(name, batch, setting, mon
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     for key in (spec["name"] for spec in ctx.notes["cache"]):
         torch.testing.assert_close(feeds[key][:batch, :, start], twin[key][:batch, :, start])
+    return program

@@ -18,7 +18,8 @@ TRITON_INTERPRET=1 the kernels are interpreter objects.
   with a weight to prefetch, its share of the weight's lines requested before the wait too;
   with V beside K, the V rows requested before the tile's first tensor-core product;
 * the QKV projection with its attention (`qkv_attention`): prefetch, wait, late release, the
-  kv group's ticket."""
+  kv group's ticket;
+* the MoE routing and the experts' two grouped GEMMs (tensor-core products)."""
 
 import json
 import os
@@ -111,6 +112,21 @@ def _compile(name: str) -> str:
             else "fp32" if arg in ("norm_eps", "scale_log2e") else "i32"
             for arg in kernel.arg_names if arg not in constexprs
         }
+    elif name in ("moe_route", "moe_gate_up", "moe_down"):
+        from dsc.kernels import moe as module
+
+        kernel, warps = {"moe_route": module._route_kernel, "moe_gate_up": module._gate_up_kernel,
+                         "moe_down": module._down_kernel}[name], 4
+        tiles = {"DOT_PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}
+        constexprs = {
+            "moe_route": {"TOP_K": 2, "NORMALIZE": True, "BLOCK_E": 8, "BLOCK_K": 2},
+            "moe_gate_up": {"TOP_K": 2, "HAS_BIAS": True, "ACTIVATION": "silu", **tiles},
+            "moe_down": {"HAS_BIAS": True, **tiles},
+        }[name]
+        pointers = {"logits_ptr": "*bf16", "weights_ptr": "*fp32", "experts_ptr": "*i32",
+                    "pairs_ptr": "*i32", "block_expert_ptr": "*i32", "route_ptr": "*fp32"}
+        signature = {arg: pointers.get(arg, "*bf16") if arg.endswith("_ptr") else "i32"
+                     for arg in kernel.arg_names if arg not in constexprs}
     else:
         from dsc.kernels import flash_attention_tma as module
 
@@ -294,6 +310,13 @@ def test_qkv_attention_compiles_with_its_ticket_and_the_late_release():
 def test_qkv_attention_compiles_with_a_layer_norm_and_a_bias():
     ptx = _ptx("qkv_attention_layer_norm")
     assert "griddepcontrol.wait" in ptx and re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx)
+
+
+@pytest.mark.parametrize("name", ["moe_route", "moe_gate_up", "moe_down"])
+def test_moe_kernels_compile_with_tensor_core_products(name):
+    ptx = _ptx(name)
+    if name != "moe_route":  # the experts' tiles go through the tensor cores
+        assert re.search(r"mma\.sync|wgmma", ptx)
 
 
 if __name__ == "__main__":

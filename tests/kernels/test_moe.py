@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from dsc.kernels.moe import align, moe_experts, route
+from dsc.ops.mlp import apply_activation
+from dsc.ops.moe import moe_reference
+
+
+def _weights(experts=5, hidden=24, ffn=20, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(experts, 2 * ffn, hidden, generator=gen, dtype=dtype) / hidden**0.5
+    down = torch.randn(experts, hidden, ffn, generator=gen, dtype=dtype) / ffn**0.5
+    router = torch.randn(experts, hidden, generator=gen, dtype=dtype)
+    return router, gate_up, down
+
+
+@pytest.mark.parametrize("top_k,normalize", [(1, False), (2, True), (3, False)])
+def test_route_picks_the_top_k_of_the_softmax(top_k, normalize, assert_close):
+    logits = torch.randn(7, 6)
+    weights, experts = route(logits, top_k, normalize)
+    probs, ids = torch.topk(torch.softmax(logits, -1), top_k)
+    if normalize:
+        probs = probs / probs.sum(-1, keepdim=True)
+    assert experts.dtype == torch.int32 and torch.equal(experts.long(), ids)
+    assert_close(weights, probs, tol=1e-6)
+
+
+def test_route_refuses_more_slots_than_experts():
+    with pytest.raises(ValueError, match="top_k must be in 1..4"):
+        route(torch.randn(2, 4), 5, True)
+
+
+def test_align_groups_pairs_by_expert_in_padded_blocks():
+    experts = torch.tensor([[2, 0], [2, 3], [0, 2]])  # pairs 0..5
+    grouped, block_expert = align(experts, num_experts=4, block_m=4)
+    sentinel = 6
+    # Expert 0: pairs 1, 4; expert 2: pairs 0, 2, 5; expert 3: pair 3 (expert 1 gets none).
+    assert grouped.tolist()[:12] == [1, 4, sentinel, sentinel, 0, 2, 5, sentinel,
+                                     3, sentinel, sentinel, sentinel]
+    assert block_expert.tolist() == [0, 2, 3, -1, -1, -1][: block_expert.numel()]
+    assert block_expert.numel() == min(6, 2 + 4)
+    assert (grouped[12:] == sentinel).all()
+
+
+def _reference(x, router, gate_up, down, top_k, normalize, kind):
+    return moe_reference(x, router, gate_up, down, top_k, normalize, kind)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 37])  # 37 * 2 pairs: 64-row blocks
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
+def test_moe_experts_match_the_reference(tokens, kind, assert_close):
+    router, gate_up, down = _weights()
+    x = torch.randn(tokens, 24)
+    weights, experts = route(torch.nn.functional.linear(x, router), 2, True)
+    out = moe_experts(x, weights, experts, gate_up, down, kind)
+    assert_close(out, _reference(x, router, gate_up, down, 2, True, kind))
+
+
+def test_moe_experts_add_the_expert_biases(assert_close):
+    router, gate_up, down = _weights(experts=3, hidden=16, ffn=72)  # F past one 64-column tile
+    gen = torch.Generator().manual_seed(1)
+    gate_up_bias, down_bias = torch.randn(3, 144, generator=gen), torch.randn(3, 16, generator=gen)
+    x = torch.randn(5, 16)
+    weights, experts = route(torch.nn.functional.linear(x, router), 1, False)
+    out = moe_experts(x, weights, experts, gate_up, down, "relu", gate_up_bias=gate_up_bias,
+                      down_bias=down_bias)
+    ref = torch.zeros_like(x)
+    for t in range(5):
+        e = int(experts[t, 0])
+        h = gate_up[e] @ x[t] + gate_up_bias[e]
+        h = apply_activation(h[:72], "relu") * h[72:]
+        ref[t] = weights[t, 0] * (down[e] @ h + down_bias[e])
+    assert_close(out, ref)
+
+
+def test_moe_experts_half_precision(assert_close):
+    # float16: the interpreter's tl.dot on bfloat16 operands returns garbage (numpy has no
+    # bfloat16); the GPU tests run bfloat16.
+    router, gate_up, down = _weights(dtype=torch.float16)
+    x = torch.randn(4, 24, dtype=torch.float16)
+    weights, experts = route(torch.nn.functional.linear(x, router), 2, False)
+    out = moe_experts(x, weights, experts, gate_up, down, "silu")
+    ref = _reference(x.float(), router.float(), gate_up.float(), down.float(), 2, False, "silu")
+    assert_close(out.float(), ref, tol=2e-2)
+
+
+def test_moe_experts_refuse_mismatched_weights():
+    router, gate_up, down = _weights()
+    x = torch.randn(2, 24)
+    weights, experts = route(torch.nn.functional.linear(x, router), 2, True)
+    with pytest.raises(ValueError, match="disagree"):
+        moe_experts(x, weights, experts, gate_up, down.transpose(1, 2), "silu")
+    with pytest.raises(ValueError, match="unknown activation"):
+        moe_experts(x, weights, experts, gate_up, down, "swish")
