@@ -27,7 +27,8 @@ import triton.language as tl
 from torch import Tensor
 
 from dsc.kernels.checks import check_device
-from dsc.kernels.gemm import ACTIVATIONS, _apply_activation
+from dsc.kernels.gemm import _apply_activation
+from dsc.ops.moe import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, EXPERT_ACTIVATIONS
 
 __all__ = ["align", "moe_experts", "route"]
 
@@ -107,6 +108,21 @@ def align(experts: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tens
     return grouped, block_expert
 
 
+LIMIT: tl.constexpr = tl.constexpr(CLAMPED_SWIGLU_LIMIT)
+ALPHA: tl.constexpr = tl.constexpr(CLAMPED_SWIGLU_ALPHA)
+
+
+@triton.jit
+def _expert_activation(gate, up, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "clamped_swiglu":
+        gate = tl.minimum(gate, LIMIT)
+        up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+        h = gate * tl.sigmoid(gate * ALPHA) * (up + 1.0)
+    else:
+        h = _apply_activation(gate, ACTIVATION) * up
+    return h
+
+
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, b_ptr, h_ptr, pairs_ptr, block_expert_ptr,
                     P, F, H, s_xt, s_we, s_wn, s_be, s_hp,
@@ -142,7 +158,7 @@ def _gate_up_kernel(x_ptr, w_ptr, b_ptr, h_ptr, pairs_ptr, block_expert_ptr,
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + expert * s_be + cols).to(tl.float32)[None, :]
         acc_u += tl.load(b_ptr + expert * s_be + F + cols).to(tl.float32)[None, :]
-    h = _apply_activation(acc_g, ACTIVATION) * acc_u
+    h = _expert_activation(acc_g, acc_u, ACTIVATION)
     # Only act(gate) * up of the real rows leaves the chip, in the pair's row.
     mask = real[:, None] & (offs_n < F)[None, :]
     tl.store(h_ptr + pair.to(tl.int64)[:, None] * s_hp + offs_n[None, :],
@@ -185,8 +201,8 @@ def _down_kernel(h_ptr, w_ptr, b_ptr, route_ptr, y_ptr, pairs_ptr, block_expert_
 
 def _check_experts(x: Tensor, gate_up: Tensor, down: Tensor, gate_up_bias: Tensor | None,
                    down_bias: Tensor | None, kind: str) -> None:
-    if kind not in ACTIVATIONS or kind is None:
-        raise ValueError(f"unknown activation {kind!r}; expected one of {ACTIVATIONS[1:]}")
+    if kind not in EXPERT_ACTIVATIONS:
+        raise ValueError(f"unknown activation {kind!r}; expected one of {EXPERT_ACTIVATIONS}")
     if x.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
         raise ValueError(f"x must be [T, H], gate_up [E, 2F, H] and down [E, H, F]; got "
                          f"{tuple(x.shape)}, {tuple(gate_up.shape)}, {tuple(down.shape)}")
@@ -215,7 +231,8 @@ def moe_experts(
     gate_up_bias: Tensor | None = None,
     down_bias: Tensor | None = None,
 ) -> Tensor:
-    """sum over a token's k slots of weight * down_e(act(gate_e x) * up_e x) for its experts e.
+    """sum over a token's k slots of weight * down_e(expert_activation(gate_e x, up_e x)) for
+    its experts e (`dsc.ops.moe.expert_activation`: act(gate) * up, or GPT-OSS's clamped form).
 
     x [T, H]; weights [T, k] (float32) and experts [T, k] (int) from `route`; gate_up
     [E, 2F, H] (gate rows then up rows) and down [E, H, F]; optional biases [E, 2F] and [E, H].

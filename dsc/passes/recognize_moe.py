@@ -2,29 +2,32 @@
 
 Matches (found structurally, then verified numerically):
 
-    logits = linear(x, router_weight)                      # [T, E]
+    logits = linear(x, router_weight[, router_bias])       # [T, E]
     w, idx = topk(softmax(logits, -1), k)                  # or softmax(topk(logits, k).values)
-    ...    any expert computation reading x, w, idx and 3-D expert weights ...
+    ...    any expert computation reading x, w, idx, 3-D expert weights and [E, n] biases ...
     out    = first node after topk that every path from topk passes through, with x's size
              and last dimension (Mixtral in transformers 5: sort/histc/cumsum, grouped_mm x2,
              masked_fill, index_put/index, sum)
 
 Rewrite to (when it computes the same values):
 
-    out = dsc.moe(x, router_weight, gate_up, down, k, normalize, kind)
+    out = dsc.moe(x, router_weight, gate_up, down, k, normalize, kind,
+                  router_bias=.., gate_up_bias=.., down_bias=..)   # the biases the block has
 
 The region between x and out is copied into a small graph and run on random x with the real
 weights; each reading of the block that the shapes allow is run through `dsc.moe`'s reference:
-normalize True/False, kind silu/gelu/gelu_tanh/relu (those the region computes first), expert
-weights as stored, transposed, with gate and up halves swapped or interleaved, or separate gate and
-up tensors concatenated. The first that matches within 1e-4 (relative to the output's size; 3e-2
+normalize True/False, kind silu/gelu/gelu_tanh/relu (those the region computes first) or GPT-OSS's
+clamped_swiglu, expert weights as stored, transposed, with gate and up halves swapped or
+interleaved (their biases likewise), or separate gate and up tensors concatenated. The first that matches within 1e-4 (relative to the output's size; 3e-2
 in half precision) is used; when none does, the block is left alone. A layout other than dsc's
 ([E, 2F, H] gate rows then up rows; [E, H, F]) is copied once into a new weight
-`<name>.dsc_gate_up` / `<name>.dsc_down`, and an original no node reads any more is dropped.
+`<name>.dsc_gate_up` / `<name>.dsc_down` / `<name>.dsc_gate_up_bias`, and an original no node
+reads any more is dropped.
 
-Does not match: a top-k that is not an MoE router (no 3-D expert weights behind it); a router with a
-bias or other weights in the block (a shared expert added inside it); experts that dsc.moe cannot
-express (another activation, a routing scale); a block that reads a tensor other than x.
+Does not match: a top-k that is not an MoE router (no 3-D expert weights behind it); other weights
+in the block (a shared expert added inside it); experts that dsc.moe cannot express (another
+activation, a routing scale, biases beside separate gate and up tensors); a block that reads a
+tensor other than x.
 Ordering: after canonicalize and recognize_rms_norm; before recognize_mlp (which would otherwise
 see the experts' activation) and recognize_residual (which counts dsc.moe as a projection).
 """
@@ -40,8 +43,7 @@ import sympy
 import torch
 from torch import fx
 
-from dsc.ops.mlp import ACTIVATIONS
-from dsc.ops.moe import moe_reference
+from dsc.ops.moe import EXPERT_ACTIVATIONS, moe_reference
 from dsc.passes import register
 from dsc.passes.context import PassContext
 from dsc.passes.graph_utils import call, fake_mode_of, is_op, tensor_meta, weight_name
@@ -78,10 +80,12 @@ class _Block:
     root: fx.Node  # x with views stripped: the region's only tensor input
     moe_input: fx.Node  # x or a view of it with out's shape
     router: fx.Node  # router weight placeholder
+    router_bias: fx.Node | None
     out: fx.Node
     region: list[fx.Node]  # topological order
     externals: list[fx.Node]  # root, weight placeholders, symbolic sizes
     experts: list[fx.Node]  # 3-D weight placeholders
+    biases: list[fx.Node]  # [E, n] weight placeholders
 
 
 @dataclass
@@ -94,6 +98,10 @@ class _Reading:
     down_as_is: fx.Node | None
     gate_up_from: fx.Node  # the placeholder a new gate_up weight is named after
     down_from: fx.Node
+    gate_up_bias: Callable[[dict[fx.Node, torch.Tensor]], torch.Tensor] | None = None
+    gate_up_bias_as_is: fx.Node | None = None
+    gate_up_bias_from: fx.Node | None = None
+    down_bias: fx.Node | None = None  # read as stored
 
 
 def _strip(node, ops) -> fx.Node:
@@ -109,7 +117,8 @@ def _strip_cast(node):
 
 
 def _router(topk: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(router linear, top_k) for softmax -> topk or topk -> softmax over a linear's output."""
+    """(router linear, top_k) for softmax -> topk or topk -> softmax over a linear's output
+    (with or without a stored bias)."""
     if len(topk.args) < 2 or not isinstance(topk.args[1], int):
         return None
     dim = topk.kwargs.get("dim", topk.args[2] if len(topk.args) > 2 else -1)
@@ -124,11 +133,14 @@ def _router(topk: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         values = [u for u in topk.users if is_op(u, operator.getitem) and u.args[1] == 0]
         if not any(is_op(_strip_cast(v), aten.softmax) for u in values for v in u.users):
             return None
-    if not is_op(scores, aten.linear) or len(scores.args) != 2:
+    if not is_op(scores, aten.linear) or len(scores.args) not in (2, 3):
         return None
     weight = scores.args[1]
     val = tensor_meta(weight)
     if weight_name(weight) is None or val is None or val.dim() != 2:
+        return None
+    bias = scores.args[2] if len(scores.args) == 3 else None
+    if bias is not None and (weight_name(bias) is None or tensor_meta(bias).dim() != 1):
         return None
     return scores, topk.args[1]
 
@@ -205,7 +217,8 @@ def _find_block(topk: fx.Node) -> _Block | None:
     if found is None:
         return None
     linear, top_k = found
-    x, router = linear.args
+    x, router = linear.args[:2]
+    router_bias = linear.args[2] if len(linear.args) == 3 else None
     x_val = tensor_meta(x)
     if x_val is None or x_val.dim() < 1:
         return None
@@ -224,13 +237,19 @@ def _find_block(topk: fx.Node) -> _Block | None:
         return None
     region, externals = found_region
     weights = [n for n in externals if weight_name(n) is not None]
-    experts = [n for n in weights if n is not router]
-    if router not in weights or not experts:
+    others = [n for n in weights if n not in (router, router_bias)]
+    if router not in weights or not others:
         return None
     n_experts = tensor_meta(router).shape[0]
-    if any(tensor_meta(w).dim() != 3 or tensor_meta(w).shape[0] != n_experts for w in experts):
+    if any(tensor_meta(w).dim() not in (2, 3) or tensor_meta(w).shape[0] != n_experts
+           for w in others):
         return None
-    return _Block(topk, top_k, x, root, moe_input, router, out, region, externals, experts)
+    experts = [w for w in others if tensor_meta(w).dim() == 3]
+    biases = [w for w in others if tensor_meta(w).dim() == 2]
+    if not experts or len(biases) > 2:
+        return None
+    return _Block(topk, top_k, x, root, moe_input, router, router_bias, out, region, externals,
+                  experts, biases)
 
 
 def _oriented(w: fx.Node, last: int) -> Iterator[tuple[bool, int]]:
@@ -254,8 +273,21 @@ _HALVES = (
 )
 
 
-def _readings(experts: list[fx.Node], hidden: int) -> Iterator[_Reading]:
-    """Every reading of the expert weights as dsc.moe's layout that their shapes allow."""
+def _bias_roles(biases: list[fx.Node], two_f: int,
+                hidden: int) -> Iterator[tuple[fx.Node | None, fx.Node | None]]:
+    """(gate_up bias, down bias) for each way the block's [E, n] biases fit those two roles."""
+    for gate_up_bias, down_bias in itertools.product([None, *biases], repeat=2):
+        taken = [b for b in (gate_up_bias, down_bias) if b is not None]
+        if len(set(taken)) != len(taken) or set(taken) != set(biases):
+            continue
+        if gate_up_bias is not None and tensor_meta(gate_up_bias).shape[1] != two_f:
+            continue
+        if down_bias is None or tensor_meta(down_bias).shape[1] == hidden:
+            yield gate_up_bias, down_bias
+
+
+def _readings(experts: list[fx.Node], biases: list[fx.Node], hidden: int) -> Iterator[_Reading]:
+    """Every reading of the expert weights (and biases) as dsc.moe's layout their shapes allow."""
     if len(experts) == 2:
         for gu, dn in itertools.permutations(experts):
             for gu_t, rows in _oriented(gu, hidden):
@@ -265,17 +297,24 @@ def _readings(experts: list[fx.Node], hidden: int) -> Iterator[_Reading]:
                 for dn_t, dn_rows in _oriented(dn, ffn):
                     if dn_rows != hidden:
                         continue
-                    for reorder in _HALVES:
+                    for reorder, (gu_b, dn_b) in itertools.product(
+                        _HALVES, _bias_roles(biases, rows, hidden)
+                    ):
                         base = _view(gu, gu_t)
 
                         def gate_up(t, base=base, reorder=reorder, ffn=ffn):
                             return base(t) if reorder is None else reorder(base(t), ffn)
 
+                        def gate_up_bias(t, gu_b=gu_b, reorder=reorder, ffn=ffn):
+                            return t[gu_b] if reorder is None else reorder(t[gu_b], ffn)
+
                         as_is = gu if (reorder is None and not gu_t) else None
                         yield _Reading(
-                            gate_up, _view(dn, dn_t), as_is, dn if not dn_t else None, gu, dn
+                            gate_up, _view(dn, dn_t), as_is, dn if not dn_t else None, gu, dn,
+                            gate_up_bias if gu_b is not None else None,
+                            gu_b if reorder is None else None, gu_b, dn_b,
                         )
-    elif len(experts) == 3:
+    elif len(experts) == 3 and not biases:
         for g, u, dn in itertools.permutations(experts):
             for (g_t, g_rows), (u_t, u_rows) in itertools.product(
                 _oriented(g, hidden), _oriented(u, hidden)
@@ -297,9 +336,10 @@ def _kinds(region: list[fx.Node]) -> list[str]:
     hinted = []
     for node in region:
         for op, hint in _KIND_HINTS.items():
-            if is_op(node, op) and (kind := hint(node)) in ACTIVATIONS and kind not in hinted:
+            kind = hint(node) if is_op(node, op) else None
+            if kind in EXPERT_ACTIVATIONS and kind not in hinted:
                 hinted.append(kind)
-    return hinted + [k for k in ACTIVATIONS if k not in hinted]
+    return hinted + [k for k in EXPERT_ACTIVATIONS if k not in hinted]
 
 
 def _concrete(value, sizes: dict) -> int:
@@ -343,6 +383,7 @@ def _probe(block: _Block, ctx: PassContext) -> tuple[_Reading, bool, str] | None
     """The first reading of the block as dsc.moe that computes what the block computes."""
     tensors = {n: ctx.weights[weight_name(n)] for n in block.externals if weight_name(n)}
     router = tensors[block.router]
+    router_bias = tensors[block.router_bias] if block.router_bias is not None else None
     root_val = tensor_meta(block.root)
     try:
         sizes = _probe_sizes(block)
@@ -370,10 +411,14 @@ def _probe(block: _Block, ctx: PassContext) -> tuple[_Reading, bool, str] | None
     tolerance = _TOLERANCE.get(root_val.dtype, _HALF_TOLERANCE) * scale
     kinds = _kinds(block.region)
     with torch.no_grad():
-        for reading in _readings(block.experts, shape[-1]):
+        for reading in _readings(block.experts, block.biases, shape[-1]):
             gate_up, down = reading.gate_up(tensors), reading.down(tensors)
+            biases = (router_bias,
+                      reading.gate_up_bias(tensors) if reading.gate_up_bias else None,
+                      tensors[reading.down_bias] if reading.down_bias is not None else None)
             for normalize, kind in itertools.product((True, False), kinds):
-                got = moe_reference(x, router, gate_up, down, block.top_k, normalize, kind)
+                got = moe_reference(x, router, gate_up, down, block.top_k, normalize, kind,
+                                    *biases)
                 if (got.reshape(-1, shape[-1]).float() - expected).abs().max() <= tolerance:
                     return reading, normalize, kind
     return None
@@ -405,7 +450,7 @@ def _weight_node(
 
 def _rewrite(gm: fx.GraphModule, ctx: PassContext, block: _Block, choice) -> None:
     reading, normalize, kind = choice
-    tensors = {n: ctx.weights[weight_name(n)] for n in block.experts}
+    tensors = {n: ctx.weights[weight_name(n)] for n in block.experts + block.biases}
     with torch.no_grad():
         gate_up = _weight_node(
             gm,
@@ -423,9 +468,22 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, block: _Block, choice) -> Non
             "dsc_down",
             lambda: reading.down(tensors),
         )
+        gate_up_bias = None
+        if reading.gate_up_bias is not None:
+            gate_up_bias = _weight_node(
+                gm,
+                ctx,
+                reading.gate_up_bias_as_is,
+                reading.gate_up_bias_from,
+                "dsc_gate_up_bias",
+                lambda: reading.gate_up_bias(tensors),
+            )
     args = (block.moe_input, block.router, gate_up, down, block.top_k, normalize, kind)
+    biases = {"router_bias": block.router_bias, "gate_up_bias": gate_up_bias,
+              "down_bias": reading.down_bias}
     with gm.graph.inserting_after(block.out):
-        new = call(gm.graph, dsc_ops.moe.default, args, like=block.out)
+        new = call(gm.graph, dsc_ops.moe.default, args,
+                   {k: v for k, v in biases.items() if v is not None}, like=block.out)
     block.out.replace_all_uses_with(new)
 
 
@@ -442,7 +500,7 @@ def recognize_moe(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if choice is None:
             continue
         _rewrite(gm, ctx, block, choice)
-        replaced.update(block.experts)
+        replaced.update(block.experts + block.biases)
         gm.graph.eliminate_dead_code()
     # Weights stored in another layout were copied; the originals go when nothing reads them.
     for node in replaced:

@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from dsc.kernels.moe import align, moe_experts, route
-from dsc.ops.mlp import apply_activation
-from dsc.ops.moe import moe_reference
+from dsc.ops.moe import expert_activation, moe_reference
 
 
 def _weights(experts=5, hidden=24, ffn=20, dtype=torch.float32):
@@ -56,21 +55,38 @@ def test_moe_experts_match_the_reference(tokens, kind, assert_close):
     assert_close(out, _reference(x, router, gate_up, down, 2, True, kind))
 
 
-def test_moe_experts_add_the_expert_biases(assert_close):
+def test_cuda_moe_with_biases_matches_the_op(assert_close):
+    # The runtime's entry: router product (with its bias), routing, experts, on the interpreter.
+    from dsc.runtime.cuda_impls import moe
+
+    router, gate_up, down = _weights()
+    gen = torch.Generator().manual_seed(2)
+    biases = (torch.randn(5, generator=gen), torch.randn(5, 40, generator=gen),
+              torch.randn(5, 24, generator=gen))
+    x = torch.randn(2, 3, 24)
+    out = moe(x, router, gate_up, down, 2, True, "clamped_swiglu", *biases)
+    assert_close(out, moe_reference(x, router, gate_up, down, 2, True, "clamped_swiglu", *biases))
+
+
+@pytest.mark.parametrize("kind", ["relu", "clamped_swiglu"])
+def test_moe_experts_add_the_expert_biases(kind, assert_close):
     router, gate_up, down = _weights(experts=3, hidden=16, ffn=72)  # F past one 64-column tile
     gen = torch.Generator().manual_seed(1)
     gate_up_bias, down_bias = torch.randn(3, 144, generator=gen), torch.randn(3, 16, generator=gen)
-    x = torch.randn(5, 16)
+    x = torch.randn(5, 16) * 8  # some gate and up sums past the clamp's limit of 7
     weights, experts = route(torch.nn.functional.linear(x, router), 1, False)
-    out = moe_experts(x, weights, experts, gate_up, down, "relu", gate_up_bias=gate_up_bias,
+    out = moe_experts(x, weights, experts, gate_up, down, kind, gate_up_bias=gate_up_bias,
                       down_bias=down_bias)
     ref = torch.zeros_like(x)
     for t in range(5):
         e = int(experts[t, 0])
         h = gate_up[e] @ x[t] + gate_up_bias[e]
-        h = apply_activation(h[:72], "relu") * h[72:]
+        h = expert_activation(h[:72], h[72:], kind)
         ref[t] = weights[t, 0] * (down[e] @ h + down_bias[e])
     assert_close(out, ref)
+    if kind == "clamped_swiglu":
+        sums = torch.einsum("efh,th->tef", gate_up, x) + gate_up_bias
+        assert (sums.abs() > 7).any()  # the clamp took effect somewhere
 
 
 def test_moe_experts_half_precision(assert_close):

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from dsc import frontend, zoo
 from dsc.passes.manager import PassManager
 from dsc.passes.recognize_moe import recognize_moe  # noqa: F401  (registers)
+from dsc.passes.graph_utils import weight_name
 from tests.passes.helpers import context, export_fn, ops, run
 
 E, H, FFN, K = 4, 8, 6, 2
@@ -46,6 +47,26 @@ def moe_softmax_after_topk(x, router, gate_up, down):
     return torch.einsum("eth,te->th", y, dense).reshape(x.shape)
 
 
+def moe_gpt_oss(x, router, router_bias, gate_up, gate_up_bias, down, down_bias, limit=7.0):
+    """GPT-OSS: a router bias, softmax over the top-k logits; gate_up [E, H, 2F] with gate and
+    up interleaved, down [E, F, H], each with a bias; the clamped SwiGLU."""
+    t = x.reshape(-1, H)
+    w, idx = torch.topk(F.linear(t, router, router_bias), K)
+    dense = torch.zeros(t.shape[0], E).scatter(1, idx, torch.softmax(w, dim=-1))
+    gu = torch.einsum("th,ehf->etf", t, gate_up) + gate_up_bias[:, None]
+    gate, up = gu[..., ::2].clamp(max=limit), gu[..., 1::2].clamp(-limit, limit)
+    h = gate * torch.sigmoid(gate * 1.702) * (up + 1)
+    y = torch.einsum("etf,efh->eth", h, down) + down_bias[:, None]
+    return torch.einsum("eth,te->th", y, dense).reshape(x.shape)
+
+
+def _gpt_oss_weights():
+    weights = _weights(router=(E, H), router_bias=(E,), gate_up=(E, H, 2 * FFN),
+                       gate_up_bias=(E, 2 * FFN), down=(E, FFN, H), down_bias=(E, H))
+    weights["gate_up"] = weights["gate_up"] * 8  # sums past the clamp's limit
+    return weights
+
+
 def _weights(**shapes):
     gen = torch.Generator().manual_seed(1)
     return {k: torch.randn(s, generator=gen) * 0.5 for k, s in shapes.items()}
@@ -69,7 +90,7 @@ def test_moe_other_layout_before_expected():
     # Expected: view -> dsc.moe -> view; the expert weights re-laid out as dsc wants them.
     assert ops(gm) == {"view": 2, "moe": 1}
     (node,) = _moe_nodes(gm)
-    assert node.args[4:] == (K, True, "silu")
+    assert node.args[4:] == (K, True, "silu") and not node.kwargs  # no biases
     assert sorted(ctx.weights) == ["down.dsc_down", "gate_up.dsc_gate_up", "router"]
     assert ctx.weights["gate_up.dsc_gate_up"].shape == (E, 2 * FFN, H)
     assert ctx.weights["down.dsc_down"].shape == (E, H, FFN)
@@ -81,7 +102,7 @@ def test_moe_separate_gate_up_gelu_no_renormalise():
     weights = _weights(router=(E, H), w_gate=(E, FFN, H), w_up=(E, FFN, H), w_down=(E, H, FFN))
     gm, ctx, x = _recognise(moe_separate_gelu, weights)
     (node,) = _moe_nodes(gm)
-    assert node.args[4:] == (K, False, "gelu")
+    assert node.args[4:7] == (K, False, "gelu")
     # gate and up were concatenated into one new weight; down was already in dsc's layout.
     assert sorted(ctx.weights) == ["router", "w_down", "w_gate.dsc_gate_up"]
     expected = moe_separate_gelu(x, *weights.values())
@@ -93,10 +114,34 @@ def test_moe_softmax_after_topk_keeps_weights():
     gm, ctx, x = _recognise(moe_softmax_after_topk, weights)
     (node,) = _moe_nodes(gm)
     # Softmax over the chosen logits is softmax-then-renormalise.
-    assert node.args[4:] == (K, True, "silu")
+    assert node.args[4:7] == (K, True, "silu")
     assert sorted(ctx.weights) == ["down", "gate_up", "router"]
     expected = moe_softmax_after_topk(x, *weights.values())
     torch.testing.assert_close(run(gm, ctx.weights, x)[0], expected, atol=1e-5, rtol=0)
+
+
+def test_moe_with_biases_and_a_clamped_swiglu_before_expected():
+    weights = _gpt_oss_weights()
+    gm, ctx, x = _recognise(moe_gpt_oss, weights)
+    # Expected: dsc.moe with the router's and the experts' biases; gate_up and its bias
+    # de-interleaved into dsc's gate-then-up order, down transposed.
+    (node,) = _moe_nodes(gm)
+    assert node.args[4:7] == (K, True, "clamped_swiglu")
+    assert {k: weight_name(a) for k, a in node.kwargs.items()} == {
+        "router_bias": "router_bias", "gate_up_bias": "gate_up_bias.dsc_gate_up_bias",
+        "down_bias": "down_bias"}
+    assert sorted(ctx.weights) == ["down.dsc_down", "down_bias", "gate_up.dsc_gate_up",
+                                   "gate_up_bias.dsc_gate_up_bias", "router", "router_bias"]
+    torch.testing.assert_close(run(gm, ctx.weights, x)[0], moe_gpt_oss(x, *weights.values()),
+                               atol=1e-5, rtol=0)
+
+
+def test_a_clamp_at_another_limit_does_not_match():
+    def limit_5(*args):
+        return moe_gpt_oss(*args, limit=5.0)
+
+    gm, ctx, _ = _recognise(limit_5, _gpt_oss_weights())
+    assert not _moe_nodes(gm) and ops(gm)["topk"] == 1
 
 
 def test_topk_without_experts_does_not_match():
