@@ -63,7 +63,7 @@ def report(history: list[Any], plan: Any = None) -> str:
 
 def _attention_summary(plan: Any) -> str:
     """One line on the attention layers of the plan's decode (or forward) program: how many,
-    which attend within a sliding window, which carry ALiBi slopes."""
+    which attend within a sliding window, which carry ALiBi slopes or attention sinks."""
     program = plan.programs.get("decode") or plan.programs.get("forward")
     steps = [s for s in program.steps if "attention" in s["op"]] if program else []
     if not steps:
@@ -78,6 +78,9 @@ def _attention_summary(plan: Any) -> str:
     alibi = sum(s["kwargs"].get("alibi") is not None for s in steps)
     if alibi:
         parts.append(f"{alibi} with ALiBi slopes")
+    sinks = sum(s["kwargs"].get("sinks") is not None for s in steps)
+    if sinks:
+        parts.append(f"{sinks} with attention sinks")
     return ", ".join(parts)
 
 

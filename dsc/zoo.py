@@ -47,6 +47,14 @@ def _tiny(arch: str) -> tuple[str, dict[str, Any]]:
         # Untied: with the embedding as its head a tiny BLOOM repeats the last token forever.
         return "BloomForCausalLM", dict(vocab_size=211, hidden_size=128, n_layer=2, n_head=4,
                                         tie_word_embeddings=False)
+    if arch == "gpt-oss":
+        # Attention sinks, sliding-window layers between full ones, and experts with biases and
+        # a clamped SwiGLU. The real model's YaRN context, so its rope config is consistent.
+        return "GptOssForCausalLM", dict(
+            vocab_size=211, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+            num_experts_per_tok=2, sliding_window=4, max_position_embeddings=131072,
+        )
     if arch == "bert":
         return "BertModel", dict(
             vocab_size=211, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -82,7 +90,8 @@ def _real(name: str) -> tuple[str, dict[str, Any]]:
 
 MODELS: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {
     **{f"tiny-{a}": (lambda a=a: _tiny(a)) for a in
-       ("llama", "mistral", "mistral-sliding", "mixtral", "gpt2", "opt", "bloom", "bert")},
+       ("llama", "mistral", "mistral-sliding", "mixtral", "gpt2", "opt", "bloom", "gpt-oss",
+        "bert")},
     **{n: (lambda n=n: _real(n)) for n in
        ("llama-7b", "llama-1.1b", "llama-70b", "gpt2-xl", "opt-1.3b")},
 }

@@ -10,7 +10,7 @@ import torch
 import triton
 from torch import Tensor
 
-__all__ = ["check_alibi", "check_device", "check_out", "check_window", "sm_count"]
+__all__ = ["check_alibi", "check_device", "check_out", "check_sinks", "check_window", "sm_count"]
 
 
 def check_device(*tensors: Tensor) -> None:
@@ -75,3 +75,13 @@ def check_alibi(alibi: Sequence[float] | Tensor | None, heads: int, causal: bool
     # A tensor's values are not read here: that would synchronise with the device.
     if not isinstance(alibi, Tensor) and not all(math.isfinite(a) for a in alibi):
         raise ValueError("alibi slopes must be finite")
+
+
+def check_sinks(sinks: Tensor | None, heads: int) -> None:
+    """Raise ValueError unless `sinks` is None or a 1-D floating tensor of one logit per query
+    head (attention sinks)."""
+    if sinks is None:
+        return
+    if sinks.dim() != 1 or sinks.shape[0] != heads or not sinks.is_floating_point():
+        raise ValueError(f"sinks needs one floating-point logit per query head: [{heads}], got "
+                         f"{tuple(sinks.shape)} {sinks.dtype}")

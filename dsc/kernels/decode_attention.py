@@ -48,7 +48,9 @@ import triton.language as tl
 from torch import Tensor
 
 from dsc.kernels import l2_prefetch, pdl
-from dsc.kernels.checks import check_alibi, check_device, check_out, check_window, sm_count
+from dsc.kernels.checks import (
+    check_alibi, check_device, check_out, check_sinks, check_window, sm_count,
+)
 from dsc.kernels.online_softmax import LOG2E, online_softmax_step
 
 __all__ = [
@@ -140,11 +142,13 @@ def _last_to_arrive(counter_ptr, num_splits):
 
 @triton.jit
 def _merge_partials(part_acc_ptr, part_ml_ptr, row_id, row_ok, d, d_ok, span, chunk, num_splits,
-                    SPLITS_P2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                    sink, SPLITS_P2: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_D: tl.constexpr, SINKS: tl.constexpr):
     """The normalised attention output of rows row_id from every split's partial (acc, m, l);
     `span` slots were shared out in chunks of `chunk`.
     The loads are independent (the split loop is unrolled), so they are in flight together
-    rather than one L2 round trip per split; volatile, so no stale L1 line is read."""
+    rather than one L2 round trip per split; volatile, so no stale L1 line is read.
+    With SINKS, each row's sink logit (base 2) takes its share of the denominator."""
     sp = tl.arange(0, SPLITS_P2)
     sp_ok = (sp < num_splits) & (sp * chunk < span)
     slots = row_id.to(tl.int64)[:, None] * num_splits + sp[None, :]
@@ -155,6 +159,8 @@ def _merge_partials(part_acc_ptr, part_ml_ptr, row_id, row_ok, d, d_ok, span, ch
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_safe[:, None])
     l_sum = tl.sum(w * l, axis=1)
+    if SINKS:
+        l_sum += tl.exp2(sink - m_safe)
     o = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for j in tl.static_range(SPLITS_P2):
         j_ok = row_ok & (j < num_splits) & (j * chunk < span)
@@ -183,6 +189,7 @@ def _decode_split_kernel(
     sin_ptr,
     arrivals_ptr,
     slopes_ptr,
+    sinks_ptr,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -239,6 +246,7 @@ def _decode_split_kernel(
     USE_PDL: tl.constexpr,
     WINDOW: tl.constexpr,
     ALIBI: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     pid_split = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -328,6 +336,11 @@ def _decode_split_kernel(
     if ALIBI:
         # Each row's slope, in the base-2 units of the scores.
         slope = tl.load(slopes_ptr + head, mask=row_ok, other=0.0) * 1.4426950408889634
+    if SINKS:
+        # Each row's sink logit, in the same units: it joins the softmax's denominator only.
+        sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    else:
+        sink = 0.0
 
     m_i = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -399,10 +412,12 @@ def _decode_split_kernel(
         if MERGE_IN_SPLIT:
             if _last_to_arrive(arrivals_ptr + pid_bh, num_splits):
                 o = _merge_partials(part_acc_ptr, part_ml_ptr, row_id, row_ok, d, d_ok, span,
-                                    chunk, num_splits, SPLITS_P2, BLOCK_R, BLOCK_D)
+                                    chunk, num_splits, sink, SPLITS_P2, BLOCK_R, BLOCK_D, SINKS)
                 tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_ok)
     else:
         # The whole key range was ours: normalise and write; rows with no key get zeros.
+        if SINKS:
+            l_i += tl.exp2(sink - m_i)
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_ok)
 
@@ -413,6 +428,7 @@ def _decode_combine_kernel(
     part_ml_ptr,
     start_ptr,
     out_ptr,
+    sinks_ptr,
     stride_ob,
     stride_oh,
     stride_os,
@@ -427,6 +443,7 @@ def _decode_combine_kernel(
     SPLITS_P2: tl.constexpr,
     USE_PDL: tl.constexpr,
     WINDOW: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     pdl.wait_and_release(USE_PDL)
     row = tl.program_id(0)  # (b * HQ + h) * S + s
@@ -446,6 +463,8 @@ def _decode_combine_kernel(
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_safe)
     l_sum = tl.sum(w * l, axis=0)
+    if SINKS:  # the head's sink logit joins the denominator
+        l_sum += tl.exp2(tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634 - m_safe)
 
     # Weighted sum of the partial accumulators.
     d = tl.arange(0, BLOCK_D)
@@ -655,6 +674,7 @@ def decode_attention(
     prefetch: Tensor | None = None,
     window: int = 0,
     alibi: Tensor | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Attention of S (small) new query tokens over a KV cache; see the module docstring.
 
@@ -672,10 +692,12 @@ def decode_attention(
     `window`: a causal sliding window (0: none); the launch is sized for the window + S - 1
     slots the step can see, not for the whole cache.
     `alibi`: float32 slopes [Hq] on q's device (ALiBi), or None.
+    `sinks`: a logit per query head [Hq] on q's device (attention sinks), or None.
     """
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
     check_window(window, causal)
     check_slopes(alibi, q, causal)
+    check_sinks(sinks, q.shape[1])
     if (new_k is None) != (new_v is None):
         raise ValueError("give both new_k and new_v, or neither")
     if new_k is not None:
@@ -756,7 +778,8 @@ def decode_attention(
         cos,
         sin,
         arrivals,
-        start if alibi is None else alibi,  # placeholder pointer when unused
+        start if alibi is None else alibi,  # placeholder pointers when unused
+        start if sinks is None else sinks,
         *q.stride(),
         *k_cache.stride(),
         *v_cache.stride(),
@@ -785,6 +808,7 @@ def decode_attention(
         SPLITS_P2=triton.next_power_of_2(splits),
         WINDOW=window,
         ALIBI=alibi is not None,
+        SINKS=sinks is not None,
         PREFETCH_KEYS=_prefetch_keys(),
         LINE_ELEMS=min(128 // k_cache.element_size(), block_d),
         **l2_prefetch.launch_args(
@@ -799,6 +823,7 @@ def decode_attention(
             part_ml,
             start,
             out,
+            start if sinks is None else sinks,
             *out.stride(),
             s,
             t,
@@ -809,6 +834,7 @@ def decode_attention(
             BLOCK_D=block_d,
             SPLITS_P2=triton.next_power_of_2(splits),
             WINDOW=window,
+            SINKS=sinks is not None,
             num_warps=4,
             **pdl.launch_options(q.device),
         )

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dsc.kernels.checks import check_out, check_window
+from dsc.kernels.checks import check_out, check_sinks, check_window
 from dsc.kernels.decode_attention import (
     check_attention_inputs,
     check_slopes,
@@ -175,6 +175,7 @@ def _flash_attention_kernel(
     start_ptr,
     out_ptr,
     slopes_ptr,
+    sinks_ptr,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -208,6 +209,7 @@ def _flash_attention_kernel(
     CHECK_BLOCK: tl.constexpr,
     WINDOW: tl.constexpr,
     ALIBI: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     # Causal blocks further down the sequence have more keys to visit: start them first so the
     # short ones fill in the tail.
@@ -300,7 +302,10 @@ def _flash_attention_kernel(
             seen_from, ALIBI, slope,
         )  # fmt: skip
 
-    # Normalise; rows that attended nothing have l = 0 and get zeros.
+    # Normalise; rows that attended nothing have l = 0 and get zeros. An attention sink (a
+    # logit of the head's, base 2 like the scores) only adds its share to the denominator.
+    if SINKS:
+        l_i += tl.exp2(tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634 - m_i)
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     out_ptrs = (
         out_ptr + b * stride_ob + h * stride_oh + i[:, None] * stride_os + d[None, :] * stride_od
@@ -322,6 +327,7 @@ def flash_attention(
     padded: bool | None = None,
     window: int = 0,
     alibi: Tensor | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Attention of S query tokens over a KV cache (prefill); see the module docstring.
 
@@ -333,10 +339,12 @@ def flash_attention(
     default) takes the promise from `keys_unpadded` if the caller is inside one, else assumes
     padding may be present (always correct).
     `window`: a causal sliding window (0: none). `alibi`: float32 slopes [Hq] on q's device.
+    `sinks`: a logit per query head [Hq] on q's device (attention sinks), or None.
     """
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
     check_window(window, causal)
     check_slopes(alibi, q, causal)
+    check_sinks(sinks, q.shape[1])
     if padded is None:
         padded = not _UNPADDED.get()
     batch, hq, s, d = q.shape
@@ -349,7 +357,7 @@ def flash_attention(
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     else:
         check_out(out, tuple(q.shape), q)
-    if (not padded and not window and alibi is None and config is None
+    if (not padded and not window and alibi is None and sinks is None and config is None
             and tma_eligible(q, k_cache, v_cache, out)):
         return flash_attention_tma(q, k_cache, v_cache, start, causal, scale, out)
     valid = kv_valid.view(torch.uint8)
@@ -361,7 +369,8 @@ def flash_attention(
         valid,
         start,
         out,
-        start if alibi is None else alibi,  # placeholder pointer when unused
+        start if alibi is None else alibi,  # placeholder pointers when unused
+        start if sinks is None else sinks,
         *q.stride(),
         *k_cache.stride(),
         *v_cache.stride(),
@@ -382,6 +391,7 @@ def flash_attention(
         CHECK_BLOCK=1024,
         WINDOW=window,
         ALIBI=alibi is not None,
+        SINKS=sinks is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -401,6 +411,7 @@ def attention(
     padded: bool | None = None,
     window: int = 0,
     alibi: Tensor | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """The KV-cache attention op of dsc: decode kernel for a few new tokens, flash otherwise.
 
@@ -410,6 +421,6 @@ def attention(
     check_attention_inputs(q, k_cache, v_cache, kv_valid, start, scale)
     if uses_decode_kernel(q, k_cache):
         return decode_attention(q, k_cache, v_cache, kv_valid, start, causal, scale, out=out,
-                                window=window, alibi=alibi)
+                                window=window, alibi=alibi, sinks=sinks)
     return flash_attention(q, k_cache, v_cache, kv_valid, start, causal, scale, out=out,
-                           padded=padded, window=window, alibi=alibi)
+                           padded=padded, window=window, alibi=alibi, sinks=sinks)

@@ -127,6 +127,7 @@ def attention_reference(
     compute_dtype: torch.dtype = torch.float32,
     window: int = 0,
     alibi: Tensor | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """The KV-cache attention op of dsc, written out in full.
 
@@ -137,6 +138,7 @@ def attention_reference(
         j < start + S  and  kv_valid[b, j]  and  (not causal or j <= start + i)
         and  (window == 0 or j > start + i - window).
     `alibi` [Hq] (causal only) adds alibi[h] * (j - (start + i)) to the scores of query head h.
+    `sinks` [Hq]: a logit of head h beside the keys in each softmax, then dropped.
     A query with no key it may attend gets zeros. Returns [B, Hq, S, D] in q.dtype.
     """
     batch, hq, s, d = q.shape
@@ -167,7 +169,11 @@ def attention_reference(
     key_ok = (key[None, :] < first + s) & kv_valid.bool()  # [B, T]
     v = v.masked_fill(~key_ok[:, None, :, None], 0.0)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        sink = sinks.to(compute_dtype)[None, :, None, None].expand(batch, hq, s, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     # softmax of an all -inf row is NaN; such a row attends nothing and must read as zeros.
     probs = torch.where(allowed.any(-1, keepdim=True), probs, torch.zeros_like(probs))
     return (probs @ v).to(q.dtype)

@@ -9,6 +9,8 @@ start..start+S-1. Query i of sequence b may attend slot j iff
 slots before it, padding slots included, as HF's sliding-window masks count them.
 `alibi` (causal attention only; the linear biases of BLOOM, MPT, Falcon) adds alibi[h] * (j - (start + i)) to the
 scores of query head h: a slope per head times the distance back to the key.
+`sinks` (GPT-OSS's attention sinks): a learned logit per query head that joins each query's
+softmax beside the keys and is then dropped, so the weights of the keys sum to less than one.
 A query with no slot it may attend (a padding token at the left edge) gets zeros, never NaN.
 Grouped-query attention: query head h reads key/value head h // (Hq // Hkv).
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dsc.kernels.checks import check_alibi, check_window
+from dsc.kernels.checks import check_alibi, check_sinks, check_window
 
 __all__ = [
     "attention", "cached_attention", "masked_attention_reference", "rotary_cached_attention",
@@ -27,9 +29,10 @@ __all__ = [
 
 def masked_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, start: int, causal: bool, scale: float,
-    window: int = 0, alibi: list[float] | None = None,
+    window: int = 0, alibi: list[float] | None = None, sinks: Tensor | None = None,
 ) -> Tensor:
-    """The masking rule above in plain torch, fp32 softmax. q [B,Hq,S,D]; k, v [B,Hkv,T,D]."""
+    """The masking rule above in plain torch, fp32 softmax. q [B,Hq,S,D]; k, v [B,Hkv,T,D];
+    sinks [Hq] or None."""
     check_window(window, causal)
     check_alibi(alibi, q.shape[1], causal)
     batch, q_heads, seq, _ = q.shape
@@ -55,7 +58,12 @@ def masked_attention_reference(
     if valid is not None:
         allowed = allowed & valid[:, None, None, :slots].bool()
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if sinks is not None:
+        check_sinks(sinks, q_heads)
+        sink = sinks.float()[None, :, None, None].expand(batch, q_heads, seq, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     out = torch.matmul(probs, v).to(q.dtype)
     # Lay the result out as [B, S, H, D] like F.scaled_dot_product_attention does: traced graphs
     # view the transposed output without a copy and rely on those strides.
@@ -65,15 +73,16 @@ def masked_attention_reference(
 @torch.library.custom_op("dsc::attention", mutates_args=())
 def attention(
     q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, causal: bool, scale: float,
-    window: int = 0, alibi: list[float] | None = None,
+    window: int = 0, alibi: list[float] | None = None, sinks: Tensor | None = None,
 ) -> Tensor:
     """Attention of q [B,Hq,S,D] over k, v [B,Hkv,S,D]; key_valid [B,S] bool marks real tokens;
-    window: a causal sliding window (0: none); alibi: a score slope per query head (None: none)."""
-    return masked_attention_reference(q, k, v, key_valid, 0, causal, scale, window, alibi)
+    window: a causal sliding window (0: none); alibi: a score slope per query head (None: none);
+    sinks: a logit per query head beside the keys (None: none)."""
+    return masked_attention_reference(q, k, v, key_valid, 0, causal, scale, window, alibi, sinks)
 
 
 @attention.register_fake
-def _(q, k, v, key_valid, causal, scale, window=0, alibi=None):
+def _(q, k, v, key_valid, causal, scale, window=0, alibi=None, sinks=None):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
 
 
@@ -91,6 +100,7 @@ def cached_attention(
     prefetch: Tensor | None = None,
     window: int = 0,
     alibi: list[float] | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Write k, v [B,Hkv,S,D] into the cache at slots start..start+S-1, then attend over it.
 
@@ -100,6 +110,7 @@ def cached_attention(
     while it attends (`prefetch_next_weight`); it never changes the result.
     window: a causal sliding window (0: none); the cache still holds every slot.
     alibi: a score slope per query head (ALiBi; None: none).
+    sinks: a logit per query head beside the keys (attention sinks; None: none).
     """
     batch, _, seq, _ = k.shape
     first = int(start.item())
@@ -108,13 +119,13 @@ def cached_attention(
     live = first + seq
     return masked_attention_reference(
         q, k_cache[:batch, :, :live], v_cache[:batch, :, :live], valid[:, :live], first, causal,
-        scale, window, alibi,
+        scale, window, alibi, sinks,
     )
 
 
 @cached_attention.register_fake
 def _(q, k, v, k_cache, v_cache, valid, start, causal, scale, prefetch=None, window=0,
-      alibi=None):
+      alibi=None, sinks=None):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
 
 
@@ -134,17 +145,18 @@ def rotary_cached_attention(
     prefetch: Tensor | None = None,
     window: int = 0,
     alibi: list[float] | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """cached_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, ...): one op, so that the
     decode kernel can rotate the step's queries and keys as it loads them (no rotary launch).
-    prefetch, window, alibi: as in cached_attention."""
+    prefetch, window, alibi, sinks: as in cached_attention."""
     from dsc.ops.rotary import rotary
 
     return cached_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, k_cache, v_cache, valid,
-                            start, causal, scale, window=window, alibi=alibi)
+                            start, causal, scale, window=window, alibi=alibi, sinks=sinks)
 
 
 @rotary_cached_attention.register_fake
 def _(q, k, v, k_cache, v_cache, valid, start, cos, sin, causal, scale, prefetch=None, window=0,
-      alibi=None):
+      alibi=None, sinks=None):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)

@@ -22,8 +22,8 @@ projection's programs attend for their kv group once its last columns are in
 before. Does not match: q, k, v from different projections or out of order, a projection, norm
 or head view read elsewhere too, a head view other than [B, S, H, D] over the projection's rows
 or with another head dimension than the cache's, an RMSNorm whose output dtype is not its
-input's, attention within a sliding window (the fused kernel attends every slot) or with ALiBi
-slopes.
+input's, attention within a sliding window (the fused kernel attends every slot), with ALiBi
+slopes or with attention sinks.
 Ordering: after merge_projections (one projection for q, k and v) and
 fold_rotary_into_attention, before fuse (which would take the norm and the projection into a
 region). Opt-in with DSC_QKV_ATTENTION=1: measured slower than the kernels it replaces on an
@@ -109,7 +109,7 @@ def fuse_qkv_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         rotary = is_op(node, dsc_ops.rotary_cached_attention)
         if not (rotary or is_op(node, dsc_ops.cached_attention)) or node.kwargs.get("window"):
             continue
-        if node.kwargs.get("alibi") is not None:
+        if node.kwargs.get("alibi") is not None or node.kwargs.get("sinks") is not None:
             continue
         views = [_head_view(operand, node) for operand in node.args[:3]]
         if any(v is None for v in views):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.utils._pytree as pytree
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
@@ -72,7 +73,8 @@ def set_meta(node: fx.Node, mode=None) -> fx.Node:
     args = _to_fake(node.args)
     kwargs = {k: _to_fake(v) for k, v in node.kwargs.items()}
     if mode is None:
-        flat = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        leaves = pytree.tree_leaves((args, kwargs))  # cat's list of tensors too
+        flat = [a for a in leaves if isinstance(a, torch.Tensor)]
         mode = detect_fake_mode(flat)
     with mode:
         if node.target is torch.ops.aten.linear.default:

@@ -14,6 +14,9 @@ Matches, form 2 (eager attention; casts optional, scale by mul or div):
     (any nesting of scales, added masks, masked_fill / where masks, a floor and one added
     bias around the product: `score_terms`; the masks allow what all of them allow)
 
+    c   = cat([scores, expand(view(sinks, [1, H, 1, 1]))], -1)       # GPT-OSS: attention sinks
+    p   = slice(softmax(sub(c, max(c, -1).values), -1), -1, 0, -1)   # the shift optional
+
 Matches, form 3 (BLOOM: heads merged into the batch, the score bias in a baddbmm):
 
     s3  = baddbmm(bias, merge(q), transpose(merge(k), -1, -2), beta=b, alpha=s)  # [B*H, S, T]
@@ -27,6 +30,7 @@ Rewrite to:
     out   = dsc.attention(q, k, v, valid | None, causal, s)
     out   = dsc.attention(q, k, v, valid | None, True, s, window=w)   # a sliding-window mask
     out   = dsc.attention(q, k, v, valid | None, True, s, alibi=[b * slope_h for each head])
+    out   = dsc.attention(q, k, v, valid | None, causal, s, sinks=sinks)   # the weight [H]
 
 The mask is classified by `mask_probe.classify_mask` (evaluated, not pattern-matched): causal or
 bidirectional, with or without padding, causal within a sliding window; form 3's bias by
@@ -40,13 +44,14 @@ Ordering: after canonicalize; before kv_cache.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
 
 from dsc.passes import register
 from dsc.passes.context import PassContext
-from dsc.passes.graph_utils import call, is_op, replace_with, tensor_meta
+from dsc.passes.graph_utils import call, is_op, replace_with, tensor_meta, weight_name
 from dsc.passes.mask_probe import MaskKind, alibi_slopes, classify_mask
 from dsc.passes.score_terms import ScoreTerms, score_terms, strip_casts
 
@@ -102,7 +107,8 @@ def _both(a: MaskKind, b: MaskKind) -> MaskKind:
                     window=min(windows) if windows else 0)
 
 
-def _rewrite(gm, ctx, node, q, k, v, kind: MaskKind | None, scale, alibi=None) -> bool:
+def _rewrite(gm, ctx, node, q, k, v, kind: MaskKind | None, scale, alibi=None,
+             sinks=None) -> bool:
     if kind is None or (alibi is not None and not kind.causal):
         return False
     k, v = _strip_repeat_kv(k), _strip_repeat_kv(v)
@@ -117,6 +123,8 @@ def _rewrite(gm, ctx, node, q, k, v, kind: MaskKind | None, scale, alibi=None) -
     kwargs = {"window": kind.window} if kind.window else {}
     if alibi is not None:
         kwargs["alibi"] = alibi
+    if sinks is not None:
+        kwargs["sinks"] = sinks
     with gm.graph.inserting_after(node):
         new = call(
             gm.graph, torch.ops.dsc.attention.default,
@@ -175,6 +183,32 @@ def _softmax_input(probs: fx.Node) -> fx.Node | None:
     return soft.args[0]
 
 
+def _sink_split(probs: fx.Node, heads: int) -> tuple[fx.Node, fx.Node] | None:
+    """(scores, sinks) when probs = softmax(cat([scores, sinks per head], -1))[..., :-1] and
+    sinks is a stored [heads] weight; a shift of the softmax's input by its row max (which
+    changes nothing) may sit between the cat and the softmax."""
+    node = strip_casts(probs)
+    while is_op(node, aten.clone):
+        node = strip_casts(node.args[0])
+    if not is_op(node, aten.slice) or tuple(node.args[1:]) not in ((3, 0, -1), (-1, 0, -1)):
+        return None
+    inner = _softmax_input(node.args[0])
+    if is_op(inner, aten.sub) and is_op(inner.args[1], operator.getitem):
+        peak = inner.args[1].args[0]
+        if is_op(peak, aten.max) and peak.args[0] is inner.args[0]:
+            inner = inner.args[0]
+    if not is_op(inner, aten.cat) or len(inner.args[0]) != 2 or (
+            inner.args[1] if len(inner.args) > 1 else 0) not in (-1, 3):
+        return None
+    scores, sinks = inner.args[0]
+    while is_op(sinks, aten.expand, *_VIEWS):
+        sinks = sinks.args[0]
+    val = tensor_meta(sinks)
+    if weight_name(sinks) is None or val is None or tuple(val.shape) != (heads,):
+        return None
+    return scores, sinks
+
+
 def _four_dim(mask: fx.Node | None) -> bool:
     return mask is None or (tensor_meta(mask) is not None and tensor_meta(mask).dim() == 4)
 
@@ -185,7 +219,9 @@ def _softmax_form(gm: fx.GraphModule, ctx: PassContext, out: fx.Node) -> bool:
     if not is_op(out, aten.matmul):
         return False
     probs, v = out.args
-    scores = _softmax_input(probs)
+    heads = tensor_meta(out).shape[1] if tensor_meta(out) is not None else None
+    split = _sink_split(probs, heads)
+    scores, sinks = split if split is not None else (_softmax_input(probs), None)
     terms = score_terms(scores, ctx) if scores is not None else None
     if terms is None or not is_op(terms.product, aten.matmul):
         return False
@@ -196,7 +232,7 @@ def _softmax_form(gm: fx.GraphModule, ctx: PassContext, out: fx.Node) -> bool:
     if found is None:
         return False
     kind, alibi = found
-    return _rewrite(gm, ctx, out, q, kt.args[0], v, kind, terms.scale, alibi)
+    return _rewrite(gm, ctx, out, q, kt.args[0], v, kind, terms.scale, alibi, sinks)
 
 
 _VIEWS = (aten.view, aten._unsafe_view, aten.reshape)

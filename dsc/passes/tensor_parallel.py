@@ -26,6 +26,7 @@ Rewrite to (rank r of tp; explicit head counts and sizes in view/expand/split ar
     e = all_reduce(masked_fill(embedding(E[lo:hi], masked_fill(ids - lo, out, 0)), out[..., None], 0))
     y = slice(all_gather(linear(x, W_head[lo:hi]), -1), -1, 0, V)
     m = all_reduce(moe(x, router, gate_up[:, r-th F/tp of gate and of up], down[..., r-th F/tp]))
+                   (gate_up's bias cut as gate_up; down's bias on rank 0, zeros elsewhere)
 
 The vocabulary is padded with zero rows to a multiple of tp (rank r holds ceil(V/tp) rows); a
 weight both the embedding and the head read (tied) is cut once, the same way for both. A fused
@@ -566,6 +567,10 @@ def _rewrite_region(region: _Region, tp: int, rank: int, weights: _Weights) -> l
             slopes = node.kwargs["alibi"]
             local, part = len(slopes) // f, rank * f // tp
             node.update_kwarg("alibi", slopes[part * local : (part + 1) * local])
+        if is_op(node, *_ATTENTION) and node.kwargs.get("sinks") is not None:
+            # So are attention sinks (a stored [heads] weight): this rank keeps its heads' rows.
+            sinks = node.kwargs["sinks"]
+            weights.cut(sinks, Cut(0, ((tensor_meta(sinks).shape[0], f, rank * f // tp),)))
         val = tensor_meta(node)
         if val is not None and val.shape[region.dims[node]] % f:
             raise TargetError(
@@ -740,6 +745,12 @@ def _experts(gm: fx.GraphModule, ctx: PassContext, weights: _Weights) -> None:
             )
         weights.cut(gate_up, Cut(1, ((ffn, tp, rank), (ffn, tp, rank))))
         weights.cut(down, Cut(2, ((ffn, tp, rank),)))
+        gate_up_bias, down_bias = node.kwargs.get("gate_up_bias"), node.kwargs.get("down_bias")
+        if gate_up_bias is not None:
+            weights.cut(gate_up_bias, Cut(1, ((ffn, tp, rank), (ffn, tp, rank))))
+        if down_bias is not None:  # added once, by rank 0: the all-reduce sums the ranks
+            hidden = tensor_meta(down_bias).shape[1]
+            weights.cut(down_bias, Cut(1, ((hidden, 1, 0),), zero=rank != 0))
         set_meta(node)
         with graph.inserting_after(node):
             out = call(graph, dsc_ops.all_reduce.default, (node,), like=node)

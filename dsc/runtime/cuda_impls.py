@@ -68,11 +68,12 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 def cached_attention(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor,
     start: Tensor, causal: bool, scale: float, prefetch: Tensor | None = None, window: int = 0,
-    alibi: list[float] | None = None,
+    alibi: list[float] | None = None, sinks: Tensor | None = None,
 ) -> Tensor:
     """Write the new keys/values at slots start.. (device index), then attend over the cache
-    (within a sliding `window` when it is not 0, with `alibi` slopes when given). A decode
-    step's kernel also pulls `prefetch` (the next projection's weight) toward L2."""
+    (within a sliding `window` when it is not 0, with `alibi` slopes and attention `sinks` when
+    given). A decode step's kernel also pulls `prefetch` (the next projection's weight) toward
+    L2."""
     from dsc.kernels.decode_attention import decode_attention, uses_decode_kernel
     from dsc.kernels.flash_attention import attention as kernel
 
@@ -84,18 +85,19 @@ def cached_attention(
         # Decode: the attention kernel writes the new rows itself (no launch per cache tensor).
         return decode_attention(q, k_cache[:batch], v_cache[:batch], valid, start, causal, scale,
                                 out=out, new_k=k, new_v=v, prefetch=prefetch, window=window,
-                                alibi=slopes)
+                                alibi=slopes, sinks=sinks)
     slots = start + torch.arange(seq, device=k.device)
     k_cache[:batch].index_copy_(2, slots, k.to(k_cache.dtype))
     v_cache[:batch].index_copy_(2, slots, v.to(v_cache.dtype))
     return kernel(q, k_cache[:batch], v_cache[:batch], valid, start, causal, scale, out=out,
-                  window=window, alibi=slopes)
+                  window=window, alibi=slopes, sinks=sinks)
 
 
 def rotary_cached_attention(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor,
     start: Tensor, cos: Tensor, sin: Tensor, causal: bool, scale: float,
     prefetch: Tensor | None = None, window: int = 0, alibi: list[float] | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """cached_attention of the rotated q and k: at decode the attention kernel rotates them as it
     loads them; a prompt rotates them first and goes the cached_attention way."""
@@ -103,13 +105,14 @@ def rotary_cached_attention(
 
     if not uses_decode_kernel(q, k_cache):
         return cached_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, k_cache, v_cache,
-                                valid, start, causal, scale, window=window, alibi=alibi)
+                                valid, start, causal, scale, window=window, alibi=alibi,
+                                sinks=sinks)
     batch = k.shape[0]
     out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device,
                       dtype=q.dtype).transpose(1, 2)
     return decode_attention(q, k_cache[:batch], v_cache[:batch], valid, start, causal, scale,
                             out=out, new_k=k, new_v=v, rotary=(cos, sin), prefetch=prefetch,
-                            window=window, alibi=_slopes_on(alibi, q.device))
+                            window=window, alibi=_slopes_on(alibi, q.device), sinks=sinks)
 
 
 def qkv_cached_attention(
@@ -162,7 +165,8 @@ def _projection(x: Tensor, weight: Tensor, bias: Tensor | None,
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, causal: bool,
-              scale: float, window: int = 0, alibi: list[float] | None = None) -> Tensor:
+              scale: float, window: int = 0, alibi: list[float] | None = None,
+              sinks: Tensor | None = None) -> Tensor:
     from dsc.kernels.flash_attention import attention as kernel
 
     batch, _, seq, _ = k.shape
@@ -174,7 +178,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, causal:
     out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device,
                       dtype=q.dtype).transpose(1, 2)
     return kernel(q, k, v, key_valid, start, causal, scale, out=out, padded=padded, window=window,
-                  alibi=_slopes_on(alibi, q.device))
+                  alibi=_slopes_on(alibi, q.device), sinks=sinks)
 
 
 def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -190,14 +194,17 @@ def gated_activation(gate: Tensor, up: Tensor, kind: str) -> Tensor:
 
 
 def moe(x: Tensor, router_weight: Tensor, gate_up: Tensor, down: Tensor, top_k: int,
-        normalize: bool, kind: str) -> Tensor:
+        normalize: bool, kind: str, router_bias: Tensor | None = None,
+        gate_up_bias: Tensor | None = None, down_bias: Tensor | None = None) -> Tensor:
     """Router product, routing kernel, then the experts as two grouped GEMMs: no step waits on
     the host for how many tokens an expert got, so a decode step's CUDA graph holds it."""
     from dsc.kernels.moe import moe_experts, route
 
     tokens = x.reshape(-1, x.shape[-1]).contiguous()
-    weights, experts = route(linear_small_batch(tokens, router_weight), top_k, normalize)
-    return moe_experts(tokens, weights, experts, gate_up, down, kind).view(x.shape)
+    logits = linear_small_batch(tokens, router_weight, router_bias)
+    weights, experts = route(logits, top_k, normalize)
+    return moe_experts(tokens, weights, experts, gate_up, down, kind, gate_up_bias=gate_up_bias,
+                       down_bias=down_bias).view(x.shape)
 
 
 IMPLEMENTATIONS: dict[str, Callable] = {

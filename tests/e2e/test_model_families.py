@@ -43,6 +43,9 @@ FAMILIES = {
                                            num_attention_heads=4, alibi=True,
                                            new_decoder_architecture=False, multi_query=False,
                                            parallel_attn=False, bias=True),  # ALiBi in sdpa's mask
+    "gpt_oss": lambda: T.GptOssConfig(**{**SIZES, "max_position_embeddings": 131072},
+                                      num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                      num_experts_per_tok=2, sliding_window=4),  # sinks, MoE
     "falcon": lambda: T.FalconConfig(vocab_size=211, hidden_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, new_decoder_architecture=False,
                                      multi_query=True, parallel_attn=True, bias=False),

@@ -372,3 +372,26 @@ def test_sliding_window_with_rotary_and_new_rows(assert_close):
     want = attention_reference(rotary(q, cos, sin), k_ref, v_ref, valid, st, True, 0.3,
                                window=window)
     assert_close(out, want)
+
+
+SINKS = torch.tensor([2.0, -1.0, 0.5, 9.0])  # one per query head; 9: a sink that dominates
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("s,start,window", [(1, 12, 0), (3, 9, 0), (2, 15, 6)])
+def test_attention_sinks_join_the_denominator(s, start, window, config, assert_close):
+    # Each head's sink logit takes a share of the softmax and adds nothing: in one split, in
+    # the combine kernel and in the in-split merge alike.
+    q, k, v, valid, st = make_inputs(s=s, t=17, start=start, seed=31 + start)
+    out = decode_attention(q, k, v, valid, st, True, 0.3, config=config, window=window,
+                           sinks=SINKS)
+    ref = attention_reference(q, k, v, valid, st, True, 0.3, window=window, sinks=SINKS)
+    assert_close(out, ref)
+    plain = attention_reference(q, k, v, valid, st, True, 0.3, window=window)
+    assert float((ref - plain).norm() / ref.norm()) > 1e-2  # the sinks matter
+
+
+def test_attention_sinks_are_checked():
+    q, k, v, valid, st = make_inputs()
+    with pytest.raises(ValueError, match="one floating-point logit per query head"):
+        decode_attention(q, k, v, valid, st, True, 0.3, sinks=SINKS[:3])

@@ -165,3 +165,18 @@ def test_alibi_slopes_bias_the_scores(s, t, start, window, padded, assert_close)
                           window=window, alibi=slopes)
     assert_close(out, attention_reference(q, k, v, valid, st, True, 0.3, window=window,
                                           alibi=slopes))
+
+
+@pytest.mark.parametrize("s,t,start,window", [(35, 50, 0, 0), (19, 50, 17, 0), (40, 50, 3, 16)],
+                         ids=["35", "19@17", "window-16"])
+def test_attention_sinks_join_the_denominator(s, t, start, window, assert_close, poisoned):
+    q, k, v, valid, st = make_inputs(s=s, t=t, start=start, seed=s + start + 2)
+    sinks = torch.tensor([2.0, -1.0, 0.5, 9.0])
+    out = flash_attention(q, k, v, valid, st, True, 0.3, out=poisoned(q.shape), config=SMALL,
+                          window=window, sinks=sinks)
+    assert_close(out, attention_reference(q, k, v, valid, st, True, 0.3, window=window,
+                                          sinks=sinks))
+    # The entry point hands them to the decode kernel for a few rows as well.
+    out = attention(q[:, :, :2], k, v, valid, st, True, 0.3, window=window, sinks=sinks)
+    assert_close(out, attention_reference(q[:, :, :2], k, v, valid, st, True, 0.3,
+                                          window=window, sinks=sinks))

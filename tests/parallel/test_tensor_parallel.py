@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
 TP2_MODELS = ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-mixtral", "tiny-mistral-sliding",
-              "tiny-bloom"]
+              "tiny-bloom", "tiny-gpt-oss"]
 TP4_MODELS = ["tiny-llama"]  # 2 KV heads over 4 ranks: each rank keeps a replicated KV head
 LAYERS = 2  # every tiny model
 
@@ -100,7 +100,8 @@ def test_one_all_reduce_per_block_and_one_gather(run_name, name, request):
     # prologues on (the default) a sum added straight to the residual stream takes the add
     # (fuse_all_reduce_residual) — GPT-2's and OPT's too, their row biases riding in rank 0's
     # product; the MoE block's sum and the embedding's stay plain all_reduces.
-    with_residual, with_product = {"tiny-mixtral": (LAYERS, 0)}.get(name, (2 * LAYERS, 0))
+    with_residual, with_product = {"tiny-mixtral": (LAYERS, 0), "tiny-gpt-oss": (LAYERS, 0)}.get(
+        name, (2 * LAYERS, 0))
     for rank in _results(request.getfixturevalue(run_name), name):
         assert rank["all_reduce_residual"] == with_residual
         assert rank["linear_all_reduce"] == with_product

@@ -300,3 +300,51 @@ def test_probing_masks_leaves_the_callers_random_stream_alone():
     before = torch.random.get_rng_state()
     PassManager(ctx).run(traced.gm, ["canonicalize", "recognize_attention"])
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def _with_sinks(q, k, v, sinks, drop_last=True, shift=True):
+    # GPT-OSS's eager attention: a logit per head beside the keys, dropped after the softmax.
+    scores = torch.matmul(q, k.transpose(2, 3)) * 0.35
+    column = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+    combined = torch.cat([scores, column], dim=-1)
+    if shift:
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(combined, dim=-1)
+    return torch.matmul(probs[..., :-1] if drop_last else probs[..., 1:], v)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_attention_sinks_before_expected(shift):
+    # Before: matmul(slice(softmax(cat([q kᵀ s, expand(view(sinks))]) - max), -1, 0, -1), v).
+    # Expected: dsc.attention(q, k, v, None, False, s, sinks=<the sinks weight>).
+    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+    sinks = torch.randn(3)
+
+    def eager(q, k, v, sinks):
+        return _with_sinks(q, k, v, sinks, shift=shift)
+
+    gm, weights = export_fn(eager, q, k, v, weights={"sinks": sinks})
+    gm = PassManager(context(weights)).run(gm, ["canonicalize", "recognize_attention"])
+    assert ops(gm) == {"attention": 1}
+    node = next(n for n in gm.graph.nodes if n.target is torch.ops.dsc.attention.default)
+    assert node.kwargs["sinks"].meta["dsc_weight"] == "sinks"
+    assert node.args[4] is False and math.isclose(node.args[5], 0.35)
+    torch.testing.assert_close(run(gm, weights, q, k, v)[0], eager(q, k, v, sinks))
+
+
+def test_a_column_dropped_from_the_other_end_is_not_a_sink():
+    q, k, v = (torch.randn(1, 2, 4, 4) for _ in range(3))
+
+    def eager(q, k, v, sinks):
+        return _with_sinks(q, k, v, sinks, drop_last=False)
+
+    gm, weights = export_fn(eager, q, k, v, weights={"sinks": torch.randn(2)})
+    gm = PassManager(context(weights)).run(gm, ["canonicalize", "recognize_attention"])
+    assert "attention" not in ops(gm)
+
+
+def test_gpt_oss_attention_takes_its_sinks_and_windows():
+    found = _recognised(zoo.build("tiny-gpt-oss"))
+    assert len(found) == 2
+    assert [n.kwargs.get("window", 0) for n in found] == [4, 0]  # sliding, then full
+    assert all(n.kwargs["sinks"].meta["dsc_weight"].endswith("self_attn.sinks") for n in found)

@@ -56,3 +56,36 @@ def test_partial_rotary_does_not_match():
     # correct match of the inner rotary, and the outer slicing stays.
     out = run(gm, weights, q, cos, sin)[0]
     torch.testing.assert_close(out, partial(q, cos, sin))
+
+
+def half_table_rotary(q, k, cos, sin, backwards=False):
+    # GPT-OSS: the tables are D/2 wide and each half is rotated on its own.
+    def rotate(x):
+        x1, x2 = torch.chunk(x, 2, dim=-1)
+        second = x2 * cos - x1 * sin if backwards else x2 * cos + x1 * sin
+        return torch.cat((x1 * cos - x2 * sin, second), dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+def test_half_width_tables_before_expected():
+    # Before: split(x, D/2) -> cat([x1 cos - x2 sin, x2 cos + x1 sin]) for q and for k.
+    # Expected: the tables doubled once (cat([cos, cos]), cat([sin, sin])), two dsc.rotary.
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
+    cos, sin = torch.randn(2, 1, 5, 4), torch.randn(2, 1, 5, 4)
+    gm, weights = export_fn(half_table_rotary, q, k, cos, sin)
+    gm = PassManager(context(weights)).run(gm, ["recognize_rotary"])
+    assert ops(gm) == {"rotary": 2, "cat": 2}
+    for got, want in zip(run(gm, weights, q, k, cos, sin), half_table_rotary(q, k, cos, sin)):
+        torch.testing.assert_close(got, want)
+
+
+def test_half_width_tables_with_a_wrong_sign_do_not_match():
+    def wrong(q, k, cos, sin):
+        return half_table_rotary(q, k, cos, sin, backwards=True)
+
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    cos, sin = torch.randn(1, 1, 3, 2), torch.randn(1, 1, 3, 2)
+    gm, weights = export_fn(wrong, q, k, cos, sin)
+    gm = PassManager(context(weights)).run(gm, ["recognize_rotary"])
+    assert "rotary" not in ops(gm)
