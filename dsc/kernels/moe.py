@@ -5,10 +5,11 @@ can hold a whole MoE block: every launch is sized by an upper bound known from t
 
 1. `route`: one program per token takes the softmax of the router's E logits (fp32), picks the
    top k by repeated argmax (ties to the lower expert) and renormalises them when asked.
-2. `align`: the T*k (token, slot) pairs sorted by expert; each expert's run is padded to
-   BLOCK_M rows with the sentinel T*k, so every BLOCK_M-row block belongs to one expert. There
-   are at most min(T*k, cdiv(T*k, BLOCK_M) + E) blocks: the grids are launched at that bound and
-   a block past the last one (expert -1) returns at once.
+2. `align`: the T*k (token, slot) pairs sorted by expert (in one program for a decode step's
+   pairs: histogram, sort and scans in registers, one launch instead of a dozen); each expert's
+   run is padded to BLOCK_M rows with the sentinel T*k, so every BLOCK_M-row block belongs to
+   one expert. There are at most min(T*k, cdiv(T*k, BLOCK_M) + E) blocks: the grids are
+   launched at that bound and a block past the last one (expert -1) returns at once.
 3. `_gate_up_kernel`: block b's rows times expert e's gate and up rows, act(gate) * up stored
    per pair ([T*k, F]); each program reads its expert's weight tile once for all its rows.
 4. `_down_kernel`: those rows times expert e's down rows, scaled by the pair's routing weight,
@@ -86,13 +87,58 @@ def _max_blocks(pairs: int, num_experts: int, block_m: int) -> int:
     return min(pairs, triton.cdiv(pairs, block_m) + num_experts)
 
 
+# Up to this many pairs (a decode step's) one program groups them; more go to torch's sort.
+ALIGN_IN_ONE_PROGRAM = 1024
+
+
+@triton.jit
+def _align_kernel(experts_ptr, grouped_ptr, block_expert_ptr, P, E, n_grouped, n_blocks,
+                  BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+                  FILL: tl.constexpr):
+    i = tl.arange(0, BLOCK_P)
+    # Each pair's expert; lanes past P count in bin E, which sorts after every real expert.
+    e = tl.load(experts_ptr + i, mask=i < P, other=E)
+    counts = tl.histogram(e, BLOCK_E)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    starts = tl.cumsum(padded, 0) - padded  # where each expert's padded run begins
+    firsts = tl.cumsum(counts, 0) - counts  # its first pair in expert order
+    # Sorting (expert, pair) keys groups the pairs by expert, in pair order within one.
+    key = tl.sort(e * BLOCK_P + i)
+    expert = key // BLOCK_P
+    pair = key % BLOCK_P
+    slot = tl.gather(starts, expert, 0) + i - tl.gather(firsts, expert, 0)
+    real = expert < E
+    # Sentinels everywhere first; the barrier orders them before the pairs' own stores.
+    for o in range(0, n_grouped, FILL):
+        lanes = o + tl.arange(0, FILL)
+        tl.store(grouped_ptr + lanes, tl.full((FILL,), 0, tl.int32) + P, mask=lanes < n_grouped)
+    for o in range(0, n_blocks, FILL):
+        lanes = o + tl.arange(0, FILL)
+        tl.store(block_expert_ptr + lanes, tl.full((FILL,), -1, tl.int32), mask=lanes < n_blocks)
+    tl.debug_barrier()
+    tl.store(grouped_ptr + slot, pair, mask=real)
+    # Every block holds at least one real pair, and all of a block's pairs share its expert.
+    tl.store(block_expert_ptr + slot // BLOCK_M, expert, mask=real)
+
+
 def align(experts: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor]:
     """(pairs, block_expert): pair ids (token * k + slot) grouped by expert, each expert's run
     padded to a multiple of `block_m` with the sentinel T*k ([blocks * block_m] int32); and the
-    expert of each block, -1 past the last ([blocks] int32). Device ops only (no host sync)."""
-    flat = experts.reshape(-1).long()
-    pairs = flat.numel()
+    expert of each block, -1 past the last ([blocks] int32). Device work only (no host sync):
+    one program for a decode step's pairs, torch's sort and scans past ALIGN_IN_ONE_PROGRAM."""
+    pairs = experts.numel()
     blocks = _max_blocks(pairs, num_experts, block_m)
+    if 0 < pairs <= ALIGN_IN_ONE_PROGRAM:
+        check_device(experts)
+        grouped = torch.empty(blocks * block_m, dtype=torch.int32, device=experts.device)
+        block_expert = torch.empty(blocks, dtype=torch.int32, device=experts.device)
+        _align_kernel[(1,)](
+            experts.reshape(-1).to(torch.int32), grouped, block_expert, pairs, num_experts,
+            grouped.numel(), blocks, BLOCK_M=block_m, BLOCK_P=triton.next_power_of_2(pairs),
+            BLOCK_E=triton.next_power_of_2(num_experts + 1), FILL=1024,
+        )
+        return grouped, block_expert
+    flat = experts.reshape(-1).long()
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m

@@ -19,7 +19,8 @@ TRITON_INTERPRET=1 the kernels are interpreter objects.
   with V beside K, the V rows requested before the tile's first tensor-core product;
 * the QKV projection with its attention (`qkv_attention`): prefetch, wait, late release, the
   kv group's ticket;
-* the MoE routing and the experts' two grouped GEMMs (tensor-core products)."""
+* the MoE routing, the one-program grouping of a decode step's pairs by expert, and the
+  experts' two grouped GEMMs (tensor-core products)."""
 
 import json
 import os
@@ -113,19 +114,22 @@ def _compile(name: str) -> str:
             else "fp32" if arg in ("norm_eps", "scale_log2e") else "i32"
             for arg in kernel.arg_names if arg not in constexprs
         }
-    elif name in ("moe_route", "moe_gate_up", "moe_down"):
+    elif name in ("moe_route", "moe_align", "moe_gate_up", "moe_down"):
         from dsc.kernels import moe as module
 
-        kernel, warps = {"moe_route": module._route_kernel, "moe_gate_up": module._gate_up_kernel,
+        kernel, warps = {"moe_route": module._route_kernel, "moe_align": module._align_kernel,
+                         "moe_gate_up": module._gate_up_kernel,
                          "moe_down": module._down_kernel}[name], 4
         tiles = {"DOT_PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}
         constexprs = {
             "moe_route": {"TOP_K": 2, "NORMALIZE": True, "BLOCK_E": 8, "BLOCK_K": 2},
+            "moe_align": {"BLOCK_M": 16, "BLOCK_P": 32, "BLOCK_E": 16, "FILL": 1024},
             "moe_gate_up": {"TOP_K": 2, "HAS_BIAS": True, "ACTIVATION": "silu", **tiles},
             "moe_down": {"HAS_BIAS": True, **tiles},
         }[name]
         pointers = {"logits_ptr": "*bf16", "weights_ptr": "*fp32", "experts_ptr": "*i32",
-                    "pairs_ptr": "*i32", "block_expert_ptr": "*i32", "route_ptr": "*fp32"}
+                    "pairs_ptr": "*i32", "block_expert_ptr": "*i32", "route_ptr": "*fp32",
+                    "grouped_ptr": "*i32"}
         signature = {arg: pointers.get(arg, "*bf16") if arg.endswith("_ptr") else "i32"
                      for arg in kernel.arg_names if arg not in constexprs}
     else:
@@ -314,10 +318,10 @@ def test_qkv_attention_compiles_with_a_layer_norm_and_a_bias():
     assert "griddepcontrol.wait" in ptx and re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx)
 
 
-@pytest.mark.parametrize("name", ["moe_route", "moe_gate_up", "moe_down"])
+@pytest.mark.parametrize("name", ["moe_route", "moe_align", "moe_gate_up", "moe_down"])
 def test_moe_kernels_compile_with_tensor_core_products(name):
     ptx = _ptx(name)
-    if name != "moe_route":  # the experts' tiles go through the tensor cores
+    if name in ("moe_gate_up", "moe_down"):  # the experts' tiles go through the tensor cores
         assert re.search(r"mma\.sync|wgmma", ptx)
 
 

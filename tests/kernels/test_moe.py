@@ -41,6 +41,29 @@ def test_align_groups_pairs_by_expert_in_padded_blocks():
     assert (grouped[12:] == sentinel).all()
 
 
+@pytest.mark.parametrize("tokens,top_k,experts,block_m", [(1, 2, 8, 16), (16, 2, 8, 16),
+                                                         (13, 4, 32, 16), (500, 2, 5, 64)])
+def test_align_in_one_program_equals_the_sorted_grouping(tokens, top_k, experts, block_m,
+                                                        monkeypatch):
+    from dsc.kernels import moe as module
+
+    gen = torch.Generator().manual_seed(tokens)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    ids = ids.to(torch.int32)
+    one_program = align(ids, experts, block_m)
+    monkeypatch.setattr(module, "ALIGN_IN_ONE_PROGRAM", 0)  # torch's sort and scans
+    by_torch = align(ids, experts, block_m)
+    assert all(torch.equal(a, b) for a, b in zip(one_program, by_torch))
+    grouped, block_expert = one_program
+    real = grouped < tokens * top_k
+    assert sorted(grouped[real].tolist()) == list(range(tokens * top_k))
+    for b, e in enumerate(block_expert.tolist()):  # each block's pairs belong to its expert
+        rows = grouped[b * block_m : (b + 1) * block_m]
+        rows = rows[rows < tokens * top_k].long()
+        assert (e == -1) == (rows.numel() == 0)
+        assert (ids.reshape(-1)[rows] == e).all()
+
+
 def _reference(x, router, gate_up, down, top_k, normalize, kind):
     return moe_reference(x, router, gate_up, down, top_k, normalize, kind)
 
