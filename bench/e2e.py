@@ -2,7 +2,9 @@
 
 Random weights at real shapes; prompt 128 tokens, 64 new tokens, greedy; decode time per token =
 (time for N new tokens - time for 1) / (N - 1), median of 3. The floor is the model's weight bytes
-over the device copy bandwidth measured in this run. `stream` is the same per-token time taken
+over the device copy bandwidth measured in this run; for a mixture-of-experts model, the bytes a
+step must read: every weight outside the experts, and per layer the experts a batch of random
+tokens is expected to reach (k of E for one token; E (1 - (1 - k/E)^batch) for a batch). `stream` is the same per-token time taken
 inside one generation (events as tokens 1 and 63 are handed out, median of 5); `graph` is the
 GPU time of the model's decode step alone, its captured CUDA graph replayed back to back.
 Prints a table; writes JSON lines.
@@ -35,6 +37,8 @@ DTYPES = {
     "gpt2-xl": torch.float16,
     "opt-1.3b": torch.float16,
     "llama-70b": torch.bfloat16,
+    "mixtral-8x7b": torch.bfloat16,
+    "gpt-oss-20b": torch.bfloat16,
 }
 PROMPT, NEW = 128, 64
 
@@ -130,13 +134,30 @@ def hf_generate(model, ids):
     return run
 
 
+def step_weight_bytes(model: torch.nn.Module, batch: int) -> float:
+    """Bytes of weight one decode step reads: all of a dense model; for an MoE model the weights
+    outside its experts plus the expected share of each layer's experts (see the docstring)."""
+    experts = getattr(model.config, "num_local_experts", 0) or 0
+    top_k = getattr(model.config, "num_experts_per_tok", 0) or 0
+    total = in_experts = 0
+    for name, p in model.named_parameters():
+        size = p.numel() * p.element_size()
+        total += size
+        if ".experts." in name:  # HF's expert tensors ([E, ...]) and their biases
+            in_experts += size
+    if not experts or not in_experts:
+        return float(total)
+    reached = experts * (1 - (1 - top_k / experts) ** batch)
+    return total - in_experts + in_experts * reached / experts
+
+
 def bench_model(
     name: str, batch: int, bandwidth: float, with_compile: bool, prefill: bool,
     ab_envs: list[str] = (), max_seq_len: int | None = None,
 ) -> dict:
     dtype = DTYPES[name]
     model = zoo.build(name, dtype=dtype, device="cuda")
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = step_weight_bytes(model, batch)
     floor = weight_bytes / bandwidth
     gen = torch.Generator(device="cuda").manual_seed(0)
     vocab = model.config.vocab_size

@@ -80,6 +80,16 @@ def _real(name: str) -> tuple[str, dict[str, Any]]:
         "gpt2-xl": ("GPT2LMHeadModel", dict(
             vocab_size=50257, n_positions=1024, n_embd=1600, n_layer=48, n_head=25,
         )),
+        "mixtral-8x7b": ("MixtralForCausalLM", dict(
+            vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+            num_experts_per_tok=2, max_position_embeddings=32768, sliding_window=None,
+        )),
+        "gpt-oss-20b": ("GptOssForCausalLM", dict(
+            vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+            num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
+            num_experts_per_tok=4, sliding_window=128, max_position_embeddings=131072,
+        )),
         "opt-1.3b": ("OPTForCausalLM", dict(
             vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24,
             num_attention_heads=32, max_position_embeddings=2048, word_embed_proj_dim=2048,
@@ -93,7 +103,8 @@ MODELS: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {
        ("llama", "mistral", "mistral-sliding", "mixtral", "gpt2", "opt", "bloom", "gpt-oss",
         "bert")},
     **{n: (lambda n=n: _real(n)) for n in
-       ("llama-7b", "llama-1.1b", "llama-70b", "gpt2-xl", "opt-1.3b")},
+       ("llama-7b", "llama-1.1b", "llama-70b", "gpt2-xl", "opt-1.3b", "mixtral-8x7b",
+        "gpt-oss-20b")},
 }
 
 
