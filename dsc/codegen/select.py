@@ -85,10 +85,12 @@ def _gated(node: fx.Node, program: str, target: Target) -> bool:
 
 
 def _moe(node: fx.Node, program: str, target: Target) -> bool:
-    # The kernels read x, gate_up and down in one dtype; the op's activations are all theirs.
+    # The kernels read x, gate_up and down in one dtype; the op's activations are all theirs;
+    # the routing kernel splits the experts into a power-of-two number of groups.
     x, gate_up, down = _val(node.args[0]), _val(node.args[2]), _val(node.args[3])
+    groups = node.kwargs.get("groups", 1)
     return _on_gpu(node, target) and None not in (x, gate_up, down) and (
-        x.dtype == gate_up.dtype == down.dtype
+        x.dtype == gate_up.dtype == down.dtype and groups & (groups - 1) == 0
     )
 
 

@@ -3,8 +3,10 @@
 Nothing here waits for the host to learn how many tokens each expert received, so a CUDA graph
 can hold a whole MoE block: every launch is sized by an upper bound known from the shapes alone.
 
-1. `route`: one program per token takes the softmax of the router's E logits (fp32), picks the
-   top k by repeated argmax (ties to the lower expert) and renormalises them when asked.
+1. `route`: one program per token scores the router's E logits (softmax or sigmoid, fp32),
+   keeps the best groups when routing is group-limited, picks the top k of the scores plus a
+   selection bias by repeated argmax (ties to the lower expert), and renormalises and scales
+   their scores when asked.
 2. `align`: the T*k (token, slot) pairs sorted by expert (in one program for a decode step's
    pairs: histogram, sort and scans in registers, one launch instead of a dozen); each expert's
    run is padded to BLOCK_M rows with the sentinel T*k, so every BLOCK_M-row block belongs to
@@ -29,55 +31,100 @@ from torch import Tensor
 
 from dsc.kernels.checks import check_device
 from dsc.kernels.gemm import _apply_activation
-from dsc.ops.moe import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, EXPERT_ACTIVATIONS
+from dsc.ops.moe import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, EXPERT_ACTIVATIONS, SCORINGS
 
 __all__ = ["align", "moe_experts", "route"]
 
 
 @triton.jit
-def _route_kernel(logits_ptr, weights_ptr, experts_ptr, E, stride_t,
-                  TOP_K: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, E, stride_t, scale,
+                  TOP_K: tl.constexpr, NORMALIZE: tl.constexpr, SIGMOID: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr, GROUP_TOP_K: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     ok = cols < E
-    # The token's logits -> softmax probabilities in fp32 (0 past E).
+    # The token's logits -> scores in fp32: a softmax over the experts, or each one's sigmoid.
     z = tl.load(logits_ptr + token * stride_t + cols, mask=ok, other=float("-inf")).to(tl.float32)
-    p = tl.exp(z - tl.max(z, 0))
-    p = tl.where(ok, p / tl.sum(p, 0), -1.0)  # -1: never chosen
+    if SIGMOID:
+        scores = 1.0 / (1.0 + tl.exp(-z))
+    else:
+        scores = tl.exp(z - tl.max(z, 0))
+        scores = scores / tl.sum(scores, 0)
+    # What the choice is made on: the scores, plus a bias that steers the choice only.
+    choice = scores
+    if HAS_BIAS:
+        choice += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    choice = tl.where(ok, choice, float("-inf"))
+    if GROUPS > 1:
+        # Keep the GROUP_TOP_K groups whose two best experts score highest.
+        size = E // GROUPS
+        group = cols // size
+        g_ids = tl.arange(0, GROUPS)
+        g_score = tl.zeros((GROUPS,), dtype=tl.float32)
+        for j in tl.static_range(GROUPS):
+            mine = ok & (group == j)
+            first = tl.max(tl.where(mine, choice, float("-inf")), 0)
+            at = tl.min(tl.where(mine & (choice == first), cols, BLOCK_E), 0)
+            second = tl.max(tl.where(mine & (cols != at), choice, float("-inf")), 0)
+            second = tl.where(size > 1, second, 0.0)
+            g_score = tl.where(g_ids == j, first + second, g_score)
+        kept = tl.zeros((BLOCK_E,), dtype=tl.int1)
+        for _ in tl.static_range(GROUP_TOP_K):
+            best = tl.max(g_score, 0)
+            g = tl.min(tl.where(g_score == best, g_ids, GROUPS), 0)
+            kept = kept | (group == g)
+            g_score = tl.where(g_ids == g, float("-inf"), g_score)
+        choice = tl.where(kept, choice, float("-inf"))
     slots = tl.arange(0, BLOCK_K)
-    chosen_p = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    chosen_w = tl.zeros((BLOCK_K,), dtype=tl.float32)
     chosen_e = tl.zeros((BLOCK_K,), dtype=tl.int32)
     for slot in tl.static_range(TOP_K):
-        best = tl.max(p, 0)
-        expert = tl.min(tl.where(p == best, cols, BLOCK_E), 0)
-        chosen_p = tl.where(slots == slot, best, chosen_p)
+        best = tl.max(choice, 0)
+        expert = tl.min(tl.where(choice == best, cols, BLOCK_E), 0)
+        expert = tl.minimum(expert, E - 1)  # never an id past the experts, whatever the scores
+        weight = tl.sum(tl.where(cols == expert, scores, 0.0), 0)
+        chosen_w = tl.where(slots == slot, weight, chosen_w)
         chosen_e = tl.where(slots == slot, expert, chosen_e)
-        p = tl.where(cols == expert, -1.0, p)
+        choice = tl.where(cols == expert, float("-inf"), choice)
     if NORMALIZE:
-        chosen_p = chosen_p / tl.sum(chosen_p, 0)
+        chosen_w = chosen_w / tl.sum(chosen_w, 0)
     # Only the k pairs leave the program.
     out = token * TOP_K + slots
-    tl.store(weights_ptr + out, chosen_p, mask=slots < TOP_K)
+    tl.store(weights_ptr + out, chosen_w * scale, mask=slots < TOP_K)
     tl.store(experts_ptr + out, chosen_e, mask=slots < TOP_K)
 
 
-def route(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
-    """softmax(logits) -> top_k (renormalised when `normalize`): weights [T, k] float32 and
-    experts [T, k] int32, highest weight first. logits: [T, E]."""
+def route(logits: Tensor, top_k: int, normalize: bool, *, scoring: str = "softmax",
+          selection_bias: Tensor | None = None, groups: int = 1, group_top_k: int = 1,
+          scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """The experts and weights `dsc.ops.moe.route_reference` gives, in one program per token:
+    weights [T, k] float32 and experts [T, k] int32, highest choice first. logits: [T, E]."""
     if logits.dim() != 2:
         raise ValueError(f"router logits must be [tokens, experts]; got {tuple(logits.shape)}")
     tokens, num_experts = logits.shape
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in 1..{num_experts} (the experts); got {top_k}")
-    check_device(logits)
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r}; expected one of {SCORINGS}")
+    if groups < 1 or num_experts % groups or groups & (groups - 1) or not (
+            1 <= group_top_k <= groups):
+        raise ValueError(f"groups must be a power of two dividing the {num_experts} experts and "
+                         f"group_top_k in 1..groups; got groups={groups}, "
+                         f"group_top_k={group_top_k}")
+    if selection_bias is not None and tuple(selection_bias.shape) != (num_experts,):
+        raise ValueError(f"selection_bias must be [{num_experts}]; got "
+                         f"{tuple(selection_bias.shape)}")
+    check_device(*(t for t in (logits, selection_bias) if t is not None))
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=logits.device)
     experts = torch.empty(tokens, top_k, dtype=torch.int32, device=logits.device)
     if tokens:
         _route_kernel[(tokens,)](
-            logits, weights, experts, num_experts, logits.stride(0),
-            TOP_K=top_k, NORMALIZE=normalize, BLOCK_E=triton.next_power_of_2(num_experts),
-            BLOCK_K=triton.next_power_of_2(top_k),
+            logits, selection_bias if selection_bias is not None else logits, weights, experts,
+            num_experts, logits.stride(0), float(scale),
+            TOP_K=top_k, NORMALIZE=normalize, SIGMOID=scoring == "sigmoid",
+            HAS_BIAS=selection_bias is not None, GROUPS=groups, GROUP_TOP_K=group_top_k,
+            BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_K=triton.next_power_of_2(top_k),
         )
     return weights, experts
 

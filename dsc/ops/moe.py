@@ -7,7 +7,8 @@ from torch import Tensor
 
 from dsc.ops.mlp import ACTIVATIONS, apply_activation
 
-__all__ = ["EXPERT_ACTIVATIONS", "expert_activation", "moe", "moe_reference"]
+__all__ = ["EXPERT_ACTIVATIONS", "SCORINGS", "expert_activation", "moe", "moe_reference",
+           "route_reference"]
 
 # GPT-OSS's experts: gate clamped from above, up clamped both ways, a sharper sigmoid, and up
 # shifted by one: gate * sigmoid(1.702 * gate) * (up + 1).
@@ -26,6 +27,47 @@ def expert_activation(gate: Tensor, up: Tensor, kind: str) -> Tensor:
     return apply_activation(gate, kind) * up
 
 
+#: How router logits become scores: a softmax over the experts, or each expert's sigmoid.
+SCORINGS = ("softmax", "sigmoid")
+
+
+def route_reference(
+    logits: Tensor,
+    top_k: int,
+    normalize: bool,
+    scoring: str = "softmax",
+    selection_bias: Tensor | None = None,
+    groups: int = 1,
+    group_top_k: int = 1,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """(weights [T, k] float32, experts [T, k]) from router logits [T, E].
+
+    scores = softmax or sigmoid of the logits (fp32). The experts are the top_k of
+    scores + selection_bias (the bias steers the choice only: DeepSeek-V3, GLM-4.5, MiniMax-M2,
+    ERNIE 4.5), among the experts of the group_top_k of `groups` equal groups whose two best
+    experts score highest (DeepSeek-V3's group-limited routing). The weights are the chosen
+    experts' scores, renormalised to sum to one when `normalize`, times `scale`.
+    """
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r}; expected one of {SCORINGS}")
+    logits = logits.float()
+    scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
+    choice = scores if selection_bias is None else scores + selection_bias.float()
+    if groups > 1:
+        tokens, experts = choice.shape
+        by_group = choice.view(tokens, groups, experts // groups)
+        best = by_group.topk(min(2, experts // groups), dim=-1).values.sum(-1)
+        kept = torch.zeros_like(best, dtype=torch.bool)
+        kept.scatter_(1, best.topk(group_top_k, dim=-1).indices, True)
+        choice = choice.masked_fill(~kept.repeat_interleave(experts // groups, dim=1), -torch.inf)
+    experts = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, experts)
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights * scale, experts
+
+
 def moe_reference(
     x: Tensor,
     router_weight: Tensor,
@@ -37,19 +79,24 @@ def moe_reference(
     router_bias: Tensor | None = None,
     gate_up_bias: Tensor | None = None,
     down_bias: Tensor | None = None,
+    scoring: str = "softmax",
+    selection_bias: Tensor | None = None,
+    groups: int = 1,
+    group_top_k: int = 1,
+    scale: float = 1.0,
 ) -> Tensor:
     """x [..., H]; router_weight [E, H]; gate_up [E, 2F, H] (gate rows then up rows); down [E, H, F];
     optional biases: router [E], gate_up [E, 2F], down [E, H].
 
-    Each token goes to its top_k experts by softmax(router) probability (renormalised over the
-    chosen k when `normalize`); an expert computes down @ expert_activation(gate @ x, up @ x).
+    Each token goes to top_k experts as `route_reference` picks them from its router logits
+    (by default: the top_k softmax probabilities, renormalised when `normalize`); an expert
+    computes down @ expert_activation(gate @ x, up @ x), scaled by its routing weight.
     """
     shape = x.shape
     tokens = x.reshape(-1, shape[-1])
     logits = torch.nn.functional.linear(tokens, router_weight, router_bias)
-    weights, experts = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
-    if normalize:
-        weights = weights / weights.sum(-1, keepdim=True)
+    weights, experts = route_reference(logits, top_k, normalize, scoring, selection_bias, groups,
+                                       group_top_k, scale)
     weights = weights.to(x.dtype)
     out = torch.zeros_like(tokens)
     ffn = down.shape[-1]
@@ -80,12 +127,19 @@ def moe(
     router_bias: Tensor | None = None,
     gate_up_bias: Tensor | None = None,
     down_bias: Tensor | None = None,
+    scoring: str = "softmax",
+    selection_bias: Tensor | None = None,
+    groups: int = 1,
+    group_top_k: int = 1,
+    scale: float = 1.0,
 ) -> Tensor:
     return moe_reference(x, router_weight, gate_up, down, top_k, normalize, kind, router_bias,
-                         gate_up_bias, down_bias)
+                         gate_up_bias, down_bias, scoring, selection_bias, groups, group_top_k,
+                         scale)
 
 
 @moe.register_fake
 def _(x, router_weight, gate_up, down, top_k, normalize, kind, router_bias=None,
-      gate_up_bias=None, down_bias=None):
+      gate_up_bias=None, down_bias=None, scoring="softmax", selection_bias=None, groups=1,
+      group_top_k=1, scale=1.0):
     return torch.empty_like(x)

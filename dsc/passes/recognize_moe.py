@@ -2,31 +2,43 @@
 
 Matches (found structurally, then verified numerically):
 
-    logits = linear(x, router_weight[, router_bias])       # [T, E]
+    logits = linear(x, router_weight[, router_bias])       # [T, E], casts allowed
     w, idx = topk(softmax(logits, -1), k)                  # or softmax(topk(logits, k).values)
+    s = sigmoid(logits); idx = topk(s + bias, k)[1]        # or a selection bias (MiniMax-M2,
+    w = gather(s, idx)                                     #   ERNIE 4.5: after a softmax) ...
+    g = topk(view(s + bias, [T, G, E/G]), 2).sum(-1)       # ... and group-limited (DeepSeek-V3,
+    idx = topk(masked_fill(s + bias, not in topk(g, kg)), k)[1]   # GLM-4.5), w scaled
     ...    any expert computation reading x, w, idx, 3-D expert weights and [E, n] biases ...
-    out    = first node after topk that every path from topk passes through, with x's size
+    out    = first node after the top-k that every path from it passes through, with x's size
              and last dimension (Mixtral in transformers 5: sort/histc/cumsum, grouped_mm x2,
              masked_fill, index_put/index, sum)
 
 Rewrite to (when it computes the same values):
 
     out = dsc.moe(x, router_weight, gate_up, down, k, normalize, kind,
-                  router_bias=.., gate_up_bias=.., down_bias=..)   # the biases the block has
+                  router_bias=.., gate_up_bias=.., down_bias=..,   # the biases the block has
+                  scoring="sigmoid", selection_bias=.., groups=G, group_top_k=kg, scale=c)
+                  # routing keywords only where they differ from a softmax top-k
 
-The region between x and out is copied into a small graph and run on random x with the real
-weights; each reading of the block that the shapes allow is run through `dsc.moe`'s reference:
-normalize True/False, kind silu/gelu/gelu_tanh/relu (those the region computes first) or GPT-OSS's
-clamped_swiglu, expert weights as stored, transposed, with gate and up halves swapped or
-interleaved (their biases likewise), or separate gate and up tensors concatenated. The first that matches within 1e-4 (relative to the output's size; 3e-2
+The router is the one product of a stored 2-D weight a few steps back from a top-k. The
+region between x and out is copied into a small graph and run on random x with the real
+weights. First the routing: every reading (softmax or sigmoid, with or without the block's
+[E] weight as a selection bias, the groups its views and top-ks allow, the k of each top-k over
+E) whose experts are the ones the block picks. Then each reading of the whole block that the
+shapes allow is run through `dsc.moe`'s reference: those routings, normalize True/False, a
+scale of 1 or a constant the block multiplies by, kind silu/gelu/gelu_tanh/relu (those the
+region computes first) or GPT-OSS's clamped_swiglu, expert weights as stored, transposed, with
+gate and up halves swapped or interleaved (their biases likewise), or separate gate and up
+tensors concatenated. The first that matches within 1e-4 (relative to the output's size; 3e-2
 in half precision) is used; when none does, the block is left alone. A layout other than dsc's
-([E, 2F, H] gate rows then up rows; [E, H, F]) is copied once into a new weight
-`<name>.dsc_gate_up` / `<name>.dsc_down` / `<name>.dsc_gate_up_bias`, and an original no node
-reads any more is dropped.
+([E, 2F, H] gate rows then up rows; [E, H, F]; a selection bias [E]) is copied once into a new
+weight `<name>.dsc_gate_up` / `.dsc_down` / `.dsc_gate_up_bias` / `.dsc_selection_bias`, and
+an original no node reads any more is dropped.
 
 Does not match: a top-k that is not an MoE router (no 3-D expert weights behind it); other weights
 in the block (a shared expert added inside it); experts that dsc.moe cannot express (another
-activation, a routing scale, biases beside separate gate and up tensors); a block that reads a
+activation, biases beside separate gate and up tensors); routing it cannot express (groups
+scored otherwise than by their two best experts, PhiMoE's sparsemixer); a block that reads a
 tensor other than x.
 Ordering: after canonicalize and recognize_rms_norm; before recognize_mlp (which would otherwise
 see the experts' activation) and recognize_residual (which counts dsc.moe as a projection).
@@ -43,7 +55,7 @@ import sympy
 import torch
 from torch import fx
 
-from dsc.ops.moe import EXPERT_ACTIVATIONS, moe_reference
+from dsc.ops.moe import EXPERT_ACTIVATIONS, SCORINGS, moe_reference, route_reference
 from dsc.passes import register
 from dsc.passes.context import PassContext
 from dsc.passes.graph_utils import call, fake_mode_of, is_op, tensor_meta, weight_name
@@ -54,6 +66,7 @@ aten = torch.ops.aten
 dsc_ops = torch.ops.dsc
 
 _VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.clone, aten.alias)
+_ROUTING_STEPS = 16  # how far back from a top-k its router's product may sit
 _SCALARS = (int, torch.SymInt)
 _PROBE_SIZES = (2, 5, 3, 4)  # values for the block's symbolic sizes: tokens 2*5 = 10
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}
@@ -86,6 +99,11 @@ class _Block:
     externals: list[fx.Node]  # root, weight placeholders, symbolic sizes
     experts: list[fx.Node]  # 3-D weight placeholders
     biases: list[fx.Node]  # [E, n] weight placeholders
+    selection_bias: fx.Node | None  # an [E] weight the routing reads besides the router's
+    top_ks: list[int]  # the k of every top-k over the E experts in the block
+    chosen: fx.Node | None  # the experts the block picks (the last such top-k's indices)
+    groups: list[tuple[int, int]]  # (groups, groups kept) the block's views and top-ks allow
+    scales: list[float]  # the constants the block multiplies by, and 1
 
 
 @dataclass
@@ -116,9 +134,10 @@ def _strip_cast(node):
     return node
 
 
-def _router(topk: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(router linear, top_k) for softmax -> topk or topk -> softmax over a linear's output
-    (with or without a stored bias)."""
+def _router(topk: fx.Node) -> fx.Node | None:
+    """The router linear a top-k's scores come from: the only product of a stored 2-D weight
+    (casts allowed) within a few steps back from the top-k's input (through a softmax or
+    sigmoid, an added selection bias, group masks, views), never past a product."""
     if len(topk.args) < 2 or not isinstance(topk.args[1], int):
         return None
     dim = topk.kwargs.get("dim", topk.args[2] if len(topk.args) > 2 else -1)
@@ -126,23 +145,24 @@ def _router(topk: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     scores_val = tensor_meta(topk.args[0])
     if scores_val is None or dim not in (-1, scores_val.dim() - 1) or not largest:
         return None
-    scores = _strip_cast(topk.args[0])
-    if is_op(scores, aten.softmax, aten._softmax):
-        scores = _strip_cast(scores.args[0])
-    else:
-        values = [u for u in topk.users if is_op(u, operator.getitem) and u.args[1] == 0]
-        if not any(is_op(_strip_cast(v), aten.softmax) for u in values for v in u.users):
-            return None
-    if not is_op(scores, aten.linear) or len(scores.args) not in (2, 3):
-        return None
-    weight = scores.args[1]
-    val = tensor_meta(weight)
-    if weight_name(weight) is None or val is None or val.dim() != 2:
-        return None
-    bias = scores.args[2] if len(scores.args) == 3 else None
-    if bias is not None and (weight_name(bias) is None or tensor_meta(bias).dim() != 1):
-        return None
-    return scores, topk.args[1]
+    found: set[fx.Node] = set()
+    seen: set[fx.Node] = set()
+    frontier = [topk.args[0]]
+    for _ in range(_ROUTING_STEPS):
+        step = []
+        for node in frontier:
+            if not isinstance(node, fx.Node) or node in seen or node.op != "call_function":
+                continue
+            seen.add(node)
+            if is_op(node, aten.linear):
+                weight = _strip_cast(node.args[1])
+                val = tensor_meta(weight)
+                if weight_name(weight) is not None and val is not None and val.dim() == 2:
+                    found.add(node)
+                continue
+            step.extend(node.all_input_nodes)
+        frontier = step
+    return found.pop() if len(found) == 1 else None
 
 
 def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -213,12 +233,11 @@ def _region(out: fx.Node, root: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] 
 
 
 def _find_block(topk: fx.Node) -> _Block | None:
-    found = _router(topk)
-    if found is None:
+    linear = _router(topk)
+    if linear is None:
         return None
-    linear, top_k = found
-    x, router = linear.args[:2]
-    router_bias = linear.args[2] if len(linear.args) == 3 else None
+    x, router = _strip_cast(linear.args[0]), _strip_cast(linear.args[1])
+    router_bias = _strip_cast(linear.args[2]) if len(linear.args) == 3 else None
     x_val = tensor_meta(x)
     if x_val is None or x_val.dim() < 1:
         return None
@@ -241,15 +260,50 @@ def _find_block(topk: fx.Node) -> _Block | None:
     if router not in weights or not others:
         return None
     n_experts = tensor_meta(router).shape[0]
+    # A selection bias may be stored [E] or [1, E] (ERNIE 4.5).
+    selection = [w for w in others if tuple(tensor_meta(w).shape) in ((n_experts,),
+                                                                      (1, n_experts))]
     if any(tensor_meta(w).dim() not in (2, 3) or tensor_meta(w).shape[0] != n_experts
-           for w in others):
+           for w in others if w not in selection):
         return None
     experts = [w for w in others if tensor_meta(w).dim() == 3]
-    biases = [w for w in others if tensor_meta(w).dim() == 2]
-    if not experts or len(biases) > 2:
+    biases = [w for w in others if tensor_meta(w).dim() == 2 and w not in selection]
+    topks = [n for n in region if is_op(n, aten.topk) and isinstance(n.args[1], int)
+             and tensor_meta(n.args[0]).shape[-1] == n_experts]
+    if not experts or len(biases) > 2 or len(selection) > 1 or not topks:
         return None
-    return _Block(topk, top_k, x, root, moe_input, router, router_bias, out, region, externals,
-                  experts, biases)
+    chosen = next((u for u in topks[-1].users if is_op(u, operator.getitem) and u.args[1] == 1),
+                  None)
+    return _Block(topk, topks[-1].args[1], x, root, moe_input, router, router_bias, out, region,
+                  externals, experts, biases, selection[0] if selection else None,
+                  sorted({n.args[1] for n in topks}), chosen, _group_options(region, n_experts),
+                  _scales(region))
+
+
+def _group_options(region: list[fx.Node], n_experts: int) -> list[tuple[int, int]]:
+    """(1, 1), then (groups, kept) for each view of the E scores as [groups, E / groups] and
+    each top-k over `groups` values in the block (DeepSeek-V3's group-limited routing)."""
+    groups = set()
+    for node in region:
+        val, src = tensor_meta(node), tensor_meta(node.args[0]) if node.args else None
+        if (is_op(node, aten.view, aten.reshape, aten._unsafe_view) and val is not None
+                and src is not None and src.shape[-1] == n_experts and val.dim() == src.dim() + 1
+                and isinstance(val.shape[-2], int) and val.shape[-2] * val.shape[-1] == n_experts):
+            groups.add(val.shape[-2])
+    kept = {n.args[1] for n in region if is_op(n, aten.topk) and isinstance(n.args[1], int)}
+    return [(1, 1)] + [(g, k) for g in sorted(groups) if g > 1
+                       for k in sorted(kept) if k <= g and (g, k) != (1, 1)]
+
+
+def _scales(region: list[fx.Node]) -> list[float]:
+    """Each constant the block multiplies a tensor by (a routed scaling factor), then 1.0."""
+    found = []
+    for node in region:
+        if is_op(node, aten.mul) and len(node.args) == 2:
+            for arg in node.args:
+                if isinstance(arg, float) and arg not in found and arg != 1.0:
+                    found.append(arg)
+    return found + [1.0]  # the block's own constants first, as with its groups
 
 
 def _oriented(w: fx.Node, last: int) -> Iterator[tuple[bool, int]]:
@@ -371,15 +425,37 @@ def _probe_sizes(block: _Block) -> dict:
 
 
 def _region_module(block: _Block) -> fx.GraphModule:
+    """The block as a graph of its own: (out, the experts it picks, or None)."""
     graph = fx.Graph()
     env = {n: graph.placeholder(n.name) for n in block.externals}
     for node in block.region:
         env[node] = graph.node_copy(node, lambda a: env[a])
-    graph.output(env[block.out])
+    graph.output((env[block.out], env[block.chosen] if block.chosen is not None else None))
     return fx.GraphModule(torch.nn.Module(), graph)
 
 
-def _probe(block: _Block, ctx: PassContext) -> tuple[_Reading, bool, str] | None:
+def _routings(block: _Block, tensors: dict, logits: torch.Tensor,
+              chosen: torch.Tensor | None) -> Iterator[dict]:
+    """dsc.moe's routing keywords for every reading of the block's routing whose choice of
+    experts is the block's own (all of them when the block's choice is not at hand). What the
+    block holds is used first: its selection bias always, its groups before none, so that a
+    probe on which they happen not to change the choice cannot drop them."""
+    bias = block.selection_bias
+    for scoring, (groups, kept), top_k in itertools.product(
+            SCORINGS, block.groups[1:] + block.groups[:1], reversed(block.top_ks)):
+        if top_k > logits.shape[-1] or (groups > 1 and logits.shape[-1] // groups < 1):
+            continue
+        bias_value = tensors[bias].reshape(-1) if bias is not None else None
+        if chosen is not None:
+            picked = route_reference(logits, top_k, False, scoring, bias_value, groups, kept)[1]
+            if picked.shape != chosen.shape or not torch.equal(
+                    picked.sort(-1).values, chosen.long().sort(-1).values):
+                continue
+        yield {"top_k": top_k, "scoring": scoring, "selection_bias": bias, "groups": groups,
+               "group_top_k": kept}
+
+
+def _probe(block: _Block, ctx: PassContext) -> tuple[_Reading, bool, str, dict] | None:
     """The first reading of the block as dsc.moe that computes what the block computes."""
     tensors = {n: ctx.weights[weight_name(n)] for n in block.externals if weight_name(n)}
     router = tensors[block.router]
@@ -399,7 +475,7 @@ def _probe(block: _Block, ctx: PassContext) -> tuple[_Reading, bool, str] | None
             for n in block.externals
         ]
         with torch.no_grad():
-            expected = _region_module(block)(*args)
+            expected, chosen = _region_module(block)(*args)
     # A region that cannot run on its own (an op without a CPU kernel, a size it cannot take)
     # is left alone.
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError, NotImplementedError):
@@ -407,20 +483,28 @@ def _probe(block: _Block, ctx: PassContext) -> tuple[_Reading, bool, str] | None
     expected = expected.reshape(-1, shape[-1]).float()
     if not torch.isfinite(expected).all():
         return None
-    scale = max(1.0, float(expected.abs().max()))
-    tolerance = _TOLERANCE.get(root_val.dtype, _HALF_TOLERANCE) * scale
+    size = max(1.0, float(expected.abs().max()))
+    tolerance = _TOLERANCE.get(root_val.dtype, _HALF_TOLERANCE) * size
     kinds = _kinds(block.region)
     with torch.no_grad():
+        logits = torch.nn.functional.linear(x.reshape(-1, shape[-1]), router, router_bias)
+        if chosen is not None:
+            chosen = chosen.reshape(logits.shape[0], -1)
+        routings = list(_routings(block, tensors, logits, chosen))
         for reading in _readings(block.experts, block.biases, shape[-1]):
             gate_up, down = reading.gate_up(tensors), reading.down(tensors)
             biases = (router_bias,
                       reading.gate_up_bias(tensors) if reading.gate_up_bias else None,
                       tensors[reading.down_bias] if reading.down_bias is not None else None)
-            for normalize, kind in itertools.product((True, False), kinds):
-                got = moe_reference(x, router, gate_up, down, block.top_k, normalize, kind,
-                                    *biases)
+            for routing, normalize, kind, scale in itertools.product(
+                    routings, (True, False), kinds, block.scales):
+                bias = routing["selection_bias"]
+                got = moe_reference(
+                    x, router, gate_up, down, routing["top_k"], normalize, kind, *biases,
+                    routing["scoring"], tensors[bias].reshape(-1) if bias is not None else None,
+                    routing["groups"], routing["group_top_k"], scale)
                 if (got.reshape(-1, shape[-1]).float() - expected).abs().max() <= tolerance:
-                    return reading, normalize, kind
+                    return reading, normalize, kind, {**routing, "scale": scale}
     return None
 
 
@@ -449,7 +533,7 @@ def _weight_node(
 
 
 def _rewrite(gm: fx.GraphModule, ctx: PassContext, block: _Block, choice) -> None:
-    reading, normalize, kind = choice
+    reading, normalize, kind, routing = choice
     tensors = {n: ctx.weights[weight_name(n)] for n in block.experts + block.biases}
     with torch.no_grad():
         gate_up = _weight_node(
@@ -478,12 +562,24 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, block: _Block, choice) -> Non
                 "dsc_gate_up_bias",
                 lambda: reading.gate_up_bias(tensors),
             )
-    args = (block.moe_input, block.router, gate_up, down, block.top_k, normalize, kind)
-    biases = {"router_bias": block.router_bias, "gate_up_bias": gate_up_bias,
-              "down_bias": reading.down_bias}
+        selection = routing["selection_bias"]
+        if selection is not None and tensor_meta(selection).dim() != 1:  # [1, E] -> [E]
+            stored = ctx.weights[weight_name(selection)]
+            selection = _weight_node(gm, ctx, None, selection, "dsc_selection_bias",
+                                     lambda: stored.reshape(-1))
+    args = (block.moe_input, block.router, gate_up, down, routing["top_k"], normalize, kind)
+    # Keywords only where the block differs from the plain softmax top-k without biases.
+    kwargs = {"router_bias": block.router_bias, "gate_up_bias": gate_up_bias,
+              "down_bias": reading.down_bias, "selection_bias": selection}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if routing["scoring"] != "softmax":
+        kwargs["scoring"] = routing["scoring"]
+    if routing["groups"] > 1:
+        kwargs.update(groups=routing["groups"], group_top_k=routing["group_top_k"])
+    if routing["scale"] != 1.0:
+        kwargs["scale"] = routing["scale"]
     with gm.graph.inserting_after(block.out):
-        new = call(gm.graph, dsc_ops.moe.default, args,
-                   {k: v for k, v in biases.items() if v is not None}, like=block.out)
+        new = call(gm.graph, dsc_ops.moe.default, args, kwargs, like=block.out)
     block.out.replace_all_uses_with(new)
 
 
@@ -501,6 +597,8 @@ def recognize_moe(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         _rewrite(gm, ctx, block, choice)
         replaced.update(block.experts + block.biases)
+        if block.selection_bias is not None:
+            replaced.add(block.selection_bias)  # dropped when a reshaped copy took its place
         gm.graph.eliminate_dead_code()
     # Weights stored in another layout were copied; the originals go when nothing reads them.
     for node in replaced:

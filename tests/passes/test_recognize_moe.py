@@ -2,9 +2,9 @@ import torch
 import torch.nn.functional as F
 
 from dsc import frontend, zoo
+from dsc.passes.graph_utils import weight_name
 from dsc.passes.manager import PassManager
 from dsc.passes.recognize_moe import recognize_moe  # noqa: F401  (registers)
-from dsc.passes.graph_utils import weight_name
 from tests.passes.helpers import context, export_fn, ops, run
 
 E, H, FFN, K = 4, 8, 6, 2
@@ -57,6 +57,41 @@ def moe_gpt_oss(x, router, router_bias, gate_up, gate_up_bias, down, down_bias, 
     gate, up = gu[..., ::2].clamp(max=limit), gu[..., 1::2].clamp(-limit, limit)
     h = gate * torch.sigmoid(gate * 1.702) * (up + 1)
     y = torch.einsum("etf,efh->eth", h, down) + down_bias[:, None]
+    return torch.einsum("eth,te->th", y, dense).reshape(x.shape)
+
+
+def moe_grouped_sigmoid(x, router, selection_bias, gate_up, down, group_score="top2"):
+    """DeepSeek-V3 / GLM-4.5 routing: sigmoid scores, a selection bias, 2 groups of which the
+    one with the best two experts (or, group_score="max", the best one) is kept, weights
+    renormalised and scaled by 2.5; experts in dsc's own layout."""
+    t = x.reshape(-1, H)
+    scores = torch.sigmoid(F.linear(t, router))
+    choice = scores + selection_bias
+    by_group = choice.view(-1, 2, E // 2)
+    if group_score == "top2":
+        group_scores = by_group.topk(2, dim=-1)[0].sum(dim=-1)
+    else:
+        group_scores = by_group.max(dim=-1).values
+    keep = torch.zeros_like(group_scores).scatter(1, group_scores.topk(1, dim=-1)[1], 1)
+    mask = keep.unsqueeze(-1).expand(-1, 2, E // 2).reshape(-1, E).bool()
+    idx = choice.masked_fill(~mask, float("-inf")).topk(K, dim=-1)[1]
+    w = scores.gather(1, idx)
+    w = w / (w.sum(-1, keepdim=True) + 1e-20) * 2.5
+    dense = torch.zeros(t.shape[0], E).scatter(1, idx, w)
+    gate, up = torch.einsum("th,efh->etf", t, gate_up).chunk(2, dim=-1)
+    y = torch.einsum("etf,ehf->eth", F.silu(gate) * up, down)
+    return torch.einsum("eth,te->th", y, dense).reshape(x.shape)
+
+
+def moe_softmax_selection_bias(x, router, selection_bias, gate_up, down):
+    """ERNIE 4.5: softmax scores, a [1, E] bias that only steers the choice, renormalised."""
+    t = x.reshape(-1, H)
+    probs = torch.softmax(F.linear(t, router), dim=-1)
+    idx = (probs + selection_bias).topk(K, dim=-1)[1]
+    w = probs.gather(1, idx)
+    dense = torch.zeros(t.shape[0], E).scatter(1, idx, w / w.sum(-1, keepdim=True))
+    gate, up = torch.einsum("th,efh->etf", t, gate_up).chunk(2, dim=-1)
+    y = torch.einsum("etf,ehf->eth", F.silu(gate) * up, down)
     return torch.einsum("eth,te->th", y, dense).reshape(x.shape)
 
 
@@ -140,8 +175,51 @@ def test_a_clamp_at_another_limit_does_not_match():
     def limit_5(*args):
         return moe_gpt_oss(*args, limit=5.0)
 
-    gm, ctx, _ = _recognise(limit_5, _gpt_oss_weights())
+    gm, _, _ = _recognise(limit_5, _gpt_oss_weights())
     assert not _moe_nodes(gm) and ops(gm)["topk"] == 1
+
+
+def test_group_limited_sigmoid_routing_before_expected():
+    # Expected: dsc.moe with scoring="sigmoid", the selection bias, groups=2 (one kept), the
+    # 2.5 scale; renormalised (the 1e-20 in the denominator is below any tolerance).
+    weights = _weights(router=(E, H), selection_bias=(E,), gate_up=(E, 2 * FFN, H),
+                       down=(E, H, FFN))
+    gm, ctx, x = _recognise(moe_grouped_sigmoid, weights)
+    (node,) = _moe_nodes(gm)
+    assert node.args[4:] == (K, True, "silu")
+    assert {k: weight_name(v) if hasattr(v, "meta") else v for k, v in node.kwargs.items()} == {
+        "selection_bias": "selection_bias", "scoring": "sigmoid", "groups": 2,
+        "group_top_k": 1, "scale": 2.5}
+    torch.testing.assert_close(run(gm, ctx.weights, x)[0],
+                               moe_grouped_sigmoid(x, *weights.values()), atol=1e-5, rtol=0)
+
+
+def test_groups_scored_by_their_best_expert_alone_do_not_match():
+    # DeepSeek-V2's group score (the best expert, not the best two): dsc.moe cannot express
+    # it, and the probe finds no routing that picks the block's experts.
+    def by_max(*args):
+        return moe_grouped_sigmoid(*args, group_score="max")
+
+    weights = _weights(router=(E, H), selection_bias=(E,), gate_up=(E, 2 * FFN, H),
+                       down=(E, H, FFN))
+    gm, ctx, x = _recognise(by_max, weights)
+    assert not _moe_nodes(gm)
+    torch.testing.assert_close(run(gm, ctx.weights, x)[0], by_max(x, *weights.values()))
+
+
+def test_a_selection_bias_stored_as_a_row_is_copied_flat():
+    weights = _weights(router=(E, H), selection_bias=(1, E), gate_up=(E, 2 * FFN, H),
+                       down=(E, H, FFN))
+    weights["selection_bias"] = weights["selection_bias"] * 4  # enough to change the choice
+    gm, ctx, x = _recognise(moe_softmax_selection_bias, weights)
+    (node,) = _moe_nodes(gm)
+    assert weight_name(node.kwargs["selection_bias"]) == "selection_bias.dsc_selection_bias"
+    assert "scoring" not in node.kwargs and ctx.weights[
+        "selection_bias.dsc_selection_bias"].shape == (E,)
+    assert "selection_bias" not in ctx.weights  # the [1, E] original is dropped
+    torch.testing.assert_close(run(gm, ctx.weights, x)[0],
+                               moe_softmax_selection_bias(x, *weights.values()),
+                               atol=1e-5, rtol=0)
 
 
 def test_topk_without_experts_does_not_match():
