@@ -122,15 +122,18 @@ def _compile(name: str) -> str:
                          "moe_down": module._down_kernel}[name], 4
         tiles = {"DOT_PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}
         constexprs = {
-            "moe_route": {"TOP_K": 2, "NORMALIZE": True, "BLOCK_E": 8, "BLOCK_K": 2},
+            "moe_route": {"TOP_K": 8, "NORMALIZE": True, "SIGMOID": True, "HAS_BIAS": True,
+                          "GROUPS": 8, "GROUP_TOP_K": 4, "BLOCK_E": 256,
+                          "BLOCK_K": 8},  # DeepSeek-V3's routing
             "moe_align": {"BLOCK_M": 16, "BLOCK_P": 32, "BLOCK_E": 16, "FILL": 1024},
             "moe_gate_up": {"TOP_K": 2, "HAS_BIAS": True, "ACTIVATION": "silu", **tiles},
             "moe_down": {"HAS_BIAS": True, **tiles},
         }[name]
         pointers = {"logits_ptr": "*bf16", "weights_ptr": "*fp32", "experts_ptr": "*i32",
                     "pairs_ptr": "*i32", "block_expert_ptr": "*i32", "route_ptr": "*fp32",
-                    "grouped_ptr": "*i32"}
-        signature = {arg: pointers.get(arg, "*bf16") if arg.endswith("_ptr") else "i32"
+                    "grouped_ptr": "*i32", "bias_ptr": "*fp32"}
+        signature = {arg: pointers.get(arg, "*bf16") if arg.endswith("_ptr")
+                     else "fp32" if arg == "scale" else "i32"
                      for arg in kernel.arg_names if arg not in constexprs}
     else:
         from dsc.kernels import flash_attention_tma as module
