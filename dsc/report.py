@@ -8,6 +8,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from dsc.runtime.cuda_graphs import host_waits
+
 __all__ = ["records", "report", "visualize"]
 
 
@@ -45,6 +47,10 @@ def report(history: list[Any], plan: Any = None) -> str:
         attention = _attention_summary(plan)
         if attention:
             lines.append(attention)
+        waits = host_waits(plan.programs["decode"]) if "decode" in plan.programs else []
+        if plan.target.device == "cuda" and plan.target.cuda_graphs and waits:
+            lines.append(f"decode step not replayed as a CUDA graph: {len(waits)} steps make the "
+                         f"host wait (no kernel takes them), first {waits[0]}")
         for name, program in plan.programs.items():
             ops: dict[str, int] = {}
             for step in program.steps:

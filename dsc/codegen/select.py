@@ -60,8 +60,11 @@ def _norm(node: fx.Node, program: str, target: Target) -> bool:
 
 
 def _attention(node: fx.Node, program: str, target: Target) -> bool:
-    q = _val(node.args[0])
-    return _on_gpu(node, target) and q is not None and q.shape[-1] <= 256
+    # The kernels give queries, keys and values one head size.
+    q, k, v = (_val(a) for a in node.args[:3])
+    return _on_gpu(node, target) and None not in (q, k, v) and q.shape[-1] <= 256 and (
+        q.shape[-1] == k.shape[-1] == v.shape[-1]
+    )
 
 
 def _qkv_attention(node: fx.Node, program: str, target: Target) -> bool:

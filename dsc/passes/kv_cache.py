@@ -80,13 +80,15 @@ def kv_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     start = last = _placeholder(gm, last, "cache_start", start_fake)
     for layer, node in enumerate(attentions):
         q, k, v, _, causal, scale = node.args
-        kv = tensor_meta(k)
+        # Keys and values may differ in head size (DeepSeek's MLA: 192 and 128).
         with mode:
-            fake = torch.empty(
-                (max_batch, kv.shape[1], max_seq, kv.shape[3]), dtype=kv.dtype, device=kv.device
+            k_fake, v_fake = (
+                torch.empty((max_batch, t.shape[1], max_seq, t.shape[3]), dtype=t.dtype,
+                            device=t.device)
+                for t in (tensor_meta(k), tensor_meta(v))
             )
-        k_cache = last = _placeholder(gm, last, f"cache.{layer}.k", fake)
-        v_cache = last = _placeholder(gm, last, f"cache.{layer}.v", fake)
+        k_cache = last = _placeholder(gm, last, f"cache.{layer}.k", k_fake)
+        v_cache = last = _placeholder(gm, last, f"cache.{layer}.v", v_fake)
         with gm.graph.inserting_after(node):
             new = call(
                 gm.graph, torch.ops.dsc.cached_attention.default,

@@ -10,9 +10,25 @@ import torch
 
 from dsc.runtime.executor import Executor
 
-__all__ = ["GraphedProgram"]
+__all__ = ["HOST_WAITS", "GraphedProgram", "host_waits"]
 
 _STEP_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+# Steps whose implementation makes the host wait for a value on the device, which a CUDA graph
+# cannot hold: the reference implementations of the cached attentions read the start slot
+# (they run where no kernel takes the op: head sizes the kernels do not cover), dsc.moe's
+# counts each expert's tokens, and ops whose output size depends on the data.
+HOST_WAITS = frozenset({
+    "dsc::cached_attention.default", "dsc::rotary_cached_attention.default",
+    "dsc::qkv_cached_attention.default", "dsc::moe.default",
+    "aten::nonzero.default", "aten::_local_scalar_dense.default", "aten::item.default",
+    "aten::masked_select.default", "aten::unique.default", "aten::_unique2.default",
+})
+
+
+def host_waits(program) -> list[str]:
+    """The steps of `program` a CUDA graph cannot capture (HOST_WAITS), as 'out (op)'."""
+    return [f"{s['out']} ({s['op']})" for s in program.steps if s["op"] in HOST_WAITS]
 
 
 class GraphedProgram:

@@ -15,7 +15,7 @@ from dsc.runtime import allreduce as _allreduce  # noqa: F401  (registers collec
 from dsc.runtime import distributed
 from dsc.runtime import generated
 from dsc.runtime.cache import KVCache
-from dsc.runtime.cuda_graphs import GraphedProgram
+from dsc.runtime.cuda_graphs import GraphedProgram, host_waits
 from dsc.runtime.cuda_impls import unpadded_keys
 from dsc.runtime.executor import Executor
 from dsc.runtime.generate import GenerationRequest, check_prompt, generate_tokens
@@ -57,6 +57,11 @@ class CompiledModel:
         }
         self.info = plan.model
         self.cache: KVCache | None = None
+        # The decode step replays as a CUDA graph unless a step of it waits on the host.
+        self.graph_blockers = (host_waits(plan.programs["decode"])
+                               if "decode" in plan.programs else [])
+        self._use_graphs = (self.device.type == "cuda" and plan.target.cuda_graphs
+                            and not self.graph_blockers)
         self._graphs: dict[int, GraphedProgram] = {}  # decode step per batch size
         self._greedy_graphs: dict[tuple[int, bool], GreedyStepGraph] = {}  # (batch, eos)
         if "decode" in plan.programs:
@@ -74,8 +79,12 @@ class CompiledModel:
         """The model's decode step for `batch` rows as a CUDA graph that does not advance: each
         replay repeats the step at the cache's current slot, for timing the GPU work alone
         (sampling's step; greedy generation replays a graph that also chooses the token)."""
-        if not (self.device.type == "cuda" and self.target.cuda_graphs):
-            raise RuntimeError("decode_graph needs a CUDA target with cuda_graphs=True")
+        if not self._use_graphs:
+            blockers = ", ".join(self.graph_blockers[:3])
+            raise RuntimeError(
+                "decode_graph needs a CUDA target with cuda_graphs=True"
+                + (f" and a decode step without host waits; this one has {blockers}"
+                   if self.graph_blockers else ""))
         cache = self._require_decoder()
         if batch not in self._graphs:
             slot = min(int(cache.start.item()), self.target.max_seq_len - 1)
@@ -155,7 +164,7 @@ class CompiledModel:
         feed = {"input_ids": token, "attention_mask": torch.ones_like(token),
                 "position_ids": positions, **cache.inputs(token.shape[0], start=slot)}
         feed = {k: feed[k] for k in program.program.inputs}
-        if self.device.type == "cuda" and self.target.cuda_graphs:
+        if self._use_graphs:
             batch = token.shape[0]
             if batch not in self._graphs:
                 self._graphs[batch] = GraphedProgram(program, feed)
@@ -202,7 +211,7 @@ class CompiledModel:
             agree = lambda token: distributed.broadcast_(token, src=0)  # noqa: E731
         greedy_steps = None
         # DSC_GREEDY_GRAPH=0: the host-driven loop for greedy decoding too (for comparisons).
-        if (self.device.type == "cuda" and self.target.cuda_graphs and not do_sample
+        if (self._use_graphs and not do_sample
                 and max_new_tokens > 1 and len(request.eos) <= MAX_EOS_IDS
                 and os.environ.get("DSC_GREEDY_GRAPH", "1") != "0"):
             # Captured before the prefill, which rewrites the cache slots its warm-up wrote.

@@ -244,3 +244,30 @@ def _decode_step_through_chosen_kernels(name: str, batch: int):
     for key in (spec["name"] for spec in ctx.notes["cache"]):
         torch.testing.assert_close(feeds[key][:batch, :, start], twin[key][:batch, :, start])
     return program
+
+
+def _decode_program(model) -> object:
+    _load_passes()
+    t = trace(model, dtype=torch.float32, max_batch=4, max_seq_len=64, position_ids=True)
+    gm, _ = _run(t, trunk(CUDA) + cached(CUDA) + backend(CUDA), "decode")
+    return lower(gm, "decode", choose_kernels(gm, "decode", CUDA))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-mixtral", "tiny-gpt-oss",
+                                  "tiny-bloom", "tiny-mistral-sliding"])
+def test_decode_steps_the_kernels_cover_make_the_host_wait_nowhere(name):
+    # What a CUDA graph needs: every attention and MoE step is a kernel's.
+    from dsc.runtime.cuda_graphs import host_waits
+
+    key = "n_layer" if name == "tiny-gpt2" else "num_hidden_layers"
+    assert host_waits(_decode_program(zoo.build(name, **{key: 1}))) == []
+
+
+def test_a_head_size_no_kernel_takes_is_named_as_a_host_wait():
+    # 288-wide heads: past the attention kernels' 256, so the step runs the op's reference,
+    # which reads the start slot on the host; the runtime replays no graph and says why.
+    from dsc.runtime.cuda_graphs import host_waits
+
+    model = zoo.build("tiny-llama", num_hidden_layers=1, head_dim=288)
+    waits = host_waits(_decode_program(model))
+    assert len(waits) == 1 and "cached_attention.default" in waits[0]

@@ -68,6 +68,11 @@ FAMILIES = {
     "ernie4_5_moe": lambda: T.Ernie4_5_MoeConfig(**SIZES, num_key_value_heads=2,
                                                  moe_intermediate_size=32, moe_num_experts=4,
                                                  moe_k=2),  # softmax + a [1, E] bias
+    "deepseek_v3": lambda: T.DeepseekV3Config(  # MLA (keys 24 wide, values 16), grouped routing
+        **{**SIZES, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, n_shared_experts=1),
     "falcon": lambda: T.FalconConfig(vocab_size=211, hidden_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, new_decoder_architecture=False,
                                      multi_query=True, parallel_attn=True, bias=False),
@@ -75,7 +80,7 @@ FAMILIES = {
 
 
 MOE_FAMILIES = {"gpt_oss", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "minimax_m2",
-                "glm4_moe", "ernie4_5_moe"}
+                "glm4_moe", "ernie4_5_moe", "deepseek_v3"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -164,3 +164,15 @@ def test_decode_check_rounding_is_far_under_its_tolerance(name):
     compiled = dsc.compile(model, dsc.Target(device="cuda", dtype="bfloat16", max_seq_len=64))
     assert "decode" in compiled.plan.programs
     assert decode_error(compiled) < 0.05
+
+
+def test_a_step_that_makes_the_host_wait_runs_without_graphs_and_equals_hf():
+    # 288-wide heads: no attention kernel takes them, so the op's reference runs (it reads the
+    # start slot on the host) and the runtime decodes step by step instead of replaying graphs.
+    model = zoo.build("tiny-llama", init_std=0.3, seed=1, device="cuda", head_dim=288)
+    compiled = dsc.compile(model, dsc.Target(device="cuda", dtype="float32", max_seq_len=64))
+    assert compiled.graph_blockers
+    ids = torch.randint(3, 200, (2, 7), device="cuda")
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=12, eos_token_id=[]), ref)
