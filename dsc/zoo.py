@@ -55,6 +55,15 @@ def _tiny(arch: str) -> tuple[str, dict[str, Any]]:
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
             num_experts_per_tok=2, sliding_window=4, max_position_embeddings=131072,
         )
+    if arch == "glm4-moe":
+        # Sigmoid routing with a selection bias, two groups of which one is kept, a scale, a
+        # shared expert beside the routed ones; the first layer dense.
+        return "Glm4MoeForCausalLM", dict(
+            common, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+            first_k_dense_replace=1, routed_scaling_factor=2.5,
+        )
     if arch == "bert":
         return "BertModel", dict(
             vocab_size=211, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -101,7 +110,7 @@ def _real(name: str) -> tuple[str, dict[str, Any]]:
 MODELS: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {
     **{f"tiny-{a}": (lambda a=a: _tiny(a)) for a in
        ("llama", "mistral", "mistral-sliding", "mixtral", "gpt2", "opt", "bloom", "gpt-oss",
-        "bert")},
+        "glm4-moe", "bert")},
     **{n: (lambda n=n: _real(n)) for n in
        ("llama-7b", "llama-1.1b", "llama-70b", "gpt2-xl", "opt-1.3b", "mixtral-8x7b",
         "gpt-oss-20b")},

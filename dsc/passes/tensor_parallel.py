@@ -185,6 +185,13 @@ def _off_dim(position: int) -> Callable:
     return rule
 
 
+def _cat(node, x, d):
+    """Joining along another dim (a partial rotary's rotated and passed halves) keeps it;
+    `_operands_ok` checks that every part is cut the same way."""
+    k = _dim(node.args[1] if len(node.args) > 1 else 0, tensor_meta(x).dim())
+    return None if k == d else d
+
+
 def _tuple_item(node, x, d):
     return d
 
@@ -212,6 +219,7 @@ _RULES: list[tuple[tuple, Callable]] = [
     ((aten.slice,), _off_dim(1)),  # slicing another dim keeps it
     ((aten.select,), _off_dim(1)),  # selecting on another dim keeps it (shifted)
     (_SPLITS, _off_dim(2)),  # splitting another dim keeps it, in each part
+    ((aten.cat,), _cat),  # joining on another dim keeps it
     ((operator.getitem,), _tuple_item),  # a part of a split
     (_ATTENTION, _heads),  # heads in, heads out
     (_ELEMENTWISE, _elementwise),  # same place from the right
@@ -372,6 +380,8 @@ def _operands_ok(node: fx.Node, dims: dict[fx.Node, int]) -> bool:
             mask = tensor_meta(node.args[3])
             return mask is None or mask.dim() < 3 or _is_one(mask.shape[-3])
         return True
+    if is_op(node, aten.cat):  # every part in the region, cut in the same place
+        return all(part in dims and dims[part] == dims[node] for part in node.args[0])
     if out is None or not is_op(node, *_ELEMENTWISE):
         return True  # single-input layout ops: their input is the region value
     for arg in node.args:

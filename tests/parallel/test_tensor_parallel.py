@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
 TP2_MODELS = ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-mixtral", "tiny-mistral-sliding",
-              "tiny-bloom", "tiny-gpt-oss"]
+              "tiny-bloom", "tiny-gpt-oss", "tiny-glm4-moe"]
 TP4_MODELS = ["tiny-llama"]  # 2 KV heads over 4 ranks: each rank keeps a replicated KV head
 LAYERS = 2  # every tiny model
 
@@ -100,12 +100,16 @@ def test_one_all_reduce_per_block_and_one_gather(run_name, name, request):
     # prologues on (the default) a sum added straight to the residual stream takes the add
     # (fuse_all_reduce_residual) — GPT-2's and OPT's too, their row biases riding in rank 0's
     # product; the MoE block's sum and the embedding's stay plain all_reduces.
-    with_residual, with_product = {"tiny-mixtral": (LAYERS, 0), "tiny-gpt-oss": (LAYERS, 0)}.get(
-        name, (2 * LAYERS, 0))
+    # GLM4-MoE's second layer sums two row products (the routed experts, the shared one) and
+    # its attention's rotary covers half of each head (the rotated and passed halves joined).
+    with_residual, with_product, total = {
+        "tiny-mixtral": (LAYERS, 0, 2 * LAYERS + 1), "tiny-gpt-oss": (LAYERS, 0, 2 * LAYERS + 1),
+        "tiny-glm4-moe": (3, 1, 2 * LAYERS + 2),
+    }.get(name, (2 * LAYERS, 0, 2 * LAYERS + 1))
     for rank in _results(request.getfixturevalue(run_name), name):
         assert rank["all_reduce_residual"] == with_residual
         assert rank["linear_all_reduce"] == with_product
-        assert rank["all_reduce"] + with_residual + with_product == 2 * LAYERS + 1
+        assert rank["all_reduce"] + with_residual + with_product == total
         assert rank["all_gather"] == 1  # the logits
 
 
@@ -136,6 +140,7 @@ def test_kv_heads_replicated_when_fewer_than_ranks(tp4):
 
 def test_kv_cache_holds_local_heads(tp2):
     assert _results(tp2, "tiny-llama")[0]["cache"] == [4, 1, 64, 16]  # 2 KV heads / 2 ranks
+    assert _results(tp2, "tiny-glm4-moe")[0]["cache"] == [4, 1, 64, 16]  # partial rotary too
     assert _results(tp2, "tiny-gpt2")[0]["cache"] == [4, 2, 64, 16]  # 4 heads / 2 ranks
 
 

@@ -168,6 +168,41 @@ def test_fewer_kv_heads_than_ranks_replicates_them():
     torch.testing.assert_close(sum(outputs), fn(x, *weights.values()))
 
 
+def _joined_heads(x, wq, w_out, join_dim=-1):
+    # [B, S, 4 heads, 8] -> each head's first half scaled, joined back to its second half on
+    # the last dim (a partial rotary's shape), or across heads with join_dim=2.
+    h = F.linear(x, wq).view(2, 3, 4, 8)
+    if join_dim == -1:
+        h = torch.cat([h[..., :4] * 2.0, h[..., 4:]], dim=-1)
+    else:
+        h = torch.cat([h[:, :, :2] * 2.0, h[:, :, 2:]], dim=2)
+    return F.linear(h.reshape(2, 3, 32), w_out)
+
+
+def test_a_join_within_each_head_keeps_the_heads_cut():
+    # Before: linear -> view -> slice, mul, slice -> cat(dim=-1) -> view -> linear.
+    # Expected: the same on each rank's 2 heads (view sizes halved), then one all_reduce.
+    x = torch.randn(2, 3, 16)
+    weights = {"wq": torch.randn(32, 16), "w_out": torch.randn(16, 32)}
+    outputs = []
+    for rank in range(2):
+        gm, ctx = _partition(_joined_heads, [x], weights, tp=2, rank=rank)
+        assert ops(gm)["all_reduce"] == 1 and ops(gm)["cat"] == 1
+        assert ctx.weights[f"wq.tp{rank}of2"].shape == (16, 16)
+        outputs.append(run(gm, ctx.weights, x)[0])
+    torch.testing.assert_close(sum(outputs), _joined_heads(x, *weights.values()))
+
+
+def test_a_join_across_heads_does_not_match():
+    def across(x, wq, w_out):
+        return _joined_heads(x, wq, w_out, join_dim=2)
+
+    x = torch.randn(2, 3, 16)
+    weights = {"wq": torch.randn(32, 16), "w_out": torch.randn(16, 32)}
+    gm, ctx = _partition(across, [x], weights, tp=2, rank=0)
+    assert "all_reduce" not in ops(gm) and set(ctx.weights) == {"wq", "w_out"}
+
+
 def test_projection_into_a_norm_does_not_match():
     def normed(x, w1, w2):
         h = F.layer_norm(F.linear(x, w1), (12,))
