@@ -10,7 +10,8 @@ import torch
 import triton
 from torch import Tensor
 
-__all__ = ["check_alibi", "check_device", "check_out", "check_sinks", "check_window", "sm_count"]
+__all__ = ["check_alibi", "check_device", "check_out", "check_ring", "check_sinks", "check_window",
+           "sm_count"]
 
 
 def check_device(*tensors: Tensor) -> None:
@@ -85,3 +86,13 @@ def check_sinks(sinks: Tensor | None, heads: int) -> None:
     if sinks.dim() != 1 or sinks.shape[0] != heads or not sinks.is_floating_point():
         raise ValueError(f"sinks needs one floating-point logit per query head: [{heads}], got "
                          f"{tuple(sinks.shape)} {sinks.dtype}")
+
+
+def check_ring(ring: int, window: int, causal: bool) -> None:
+    """Raise ValueError unless a ring cache of `ring` slots (fewer than the sequence's
+    positions) can serve causal attention within `window`: it keeps only the last `ring`."""
+    if not window or not causal or window > ring:
+        raise ValueError(
+            f"a cache of {ring} slots (fewer than the sequence's) needs causal attention within "
+            f"a sliding window of at most {ring} slots; got window={window}, causal={causal}"
+        )

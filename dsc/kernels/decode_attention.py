@@ -49,7 +49,7 @@ from torch import Tensor
 
 from dsc.kernels import l2_prefetch, pdl
 from dsc.kernels.checks import (
-    check_alibi, check_device, check_out, check_sinks, check_window, sm_count,
+    check_alibi, check_device, check_out, check_ring, check_sinks, check_window, sm_count,
 )
 from dsc.kernels.online_softmax import LOG2E, online_softmax_step
 
@@ -110,9 +110,21 @@ def _key_range(start, S, T, WINDOW: tl.constexpr):
 
 
 @triton.jit
+def _slot(n, ring, RING: tl.constexpr):
+    """The cache row of position n: n itself, or n % ring in a ring cache (a windowed layer's
+    cache of `ring` slots)."""
+    if RING:
+        row = n % ring
+    else:
+        row = n
+    return row
+
+
+@triton.jit
 def _prefetch_chunk(k_base, v_base, start_ptr, S, T, num_splits, pid_split, stride_kt, stride_kd,
-                    stride_vt, stride_vd, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PREFETCH_KEYS: tl.constexpr, LINE_ELEMS: tl.constexpr, WINDOW: tl.constexpr):
+                    stride_vt, stride_vd, ring, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PREFETCH_KEYS: tl.constexpr, LINE_ELEMS: tl.constexpr, WINDOW: tl.constexpr,
+                    RING: tl.constexpr):
     """Ask L2 for the first PREFETCH_KEYS K and V rows of this program's chunk, one request per
     128-byte line."""
     first, live = _key_range(tl.load(start_ptr).to(tl.int32), S, T, WINDOW)
@@ -121,6 +133,7 @@ def _prefetch_chunk(k_base, v_base, start_ptr, S, T, num_splits, pid_split, stri
     n_hi = tl.minimum(tl.minimum(n_lo + chunk, live), n_lo + PREFETCH_KEYS)
     n = n_lo + tl.arange(0, PREFETCH_KEYS)
     n = tl.minimum(n, tl.maximum(n_hi - 1, 0))  # requests past the chunk repeat its last row
+    n = _slot(n, ring, RING)
     line = tl.arange(0, BLOCK_D // LINE_ELEMS) * LINE_ELEMS
     if n_lo < live:
         pdl.prefetch_l2(k_base + n[:, None] * stride_kt + line[None, :] * stride_kd)
@@ -219,6 +232,7 @@ def _decode_split_kernel(
     T,
     HKV,
     num_splits,
+    ring,
     scale_log2e,
     pf_ptr,
     pf_rows,
@@ -247,6 +261,7 @@ def _decode_split_kernel(
     WINDOW: tl.constexpr,
     ALIBI: tl.constexpr,
     SINKS: tl.constexpr,
+    RING: tl.constexpr,
 ):
     pid_split = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -268,8 +283,8 @@ def _decode_split_kernel(
         # pulled toward L2 now. `start` may still be changing; a stale value only moves what is
         # prefetched, the loop below reads it again after the wait.
         _prefetch_chunk(k_base, v_base, start_ptr, S, T, num_splits, pid_split, stride_kt,
-                        stride_kd, stride_vt, stride_vd, BLOCK_N, BLOCK_D, PREFETCH_KEYS,
-                        LINE_ELEMS, WINDOW)
+                        stride_kd, stride_vt, stride_vd, ring, BLOCK_N, BLOCK_D, PREFETCH_KEYS,
+                        LINE_ELEMS, WINDOW, RING)
     pdl.wait_and_release(USE_PDL)
 
     # The live length comes from device memory (CUDA-graph replay changes it between runs).
@@ -326,9 +341,10 @@ def _decode_split_kernel(
             k_row = _rotate(k_row, k_pair, cos_ptr, sin_ptr, b64 * stride_cb, i, d, mine, d_ok,
                             stride_cs, stride_cd, HEAD_D)
         v_row = tl.load(v_new_ptr + new_off + d[None, :] * stride_nd, mask=new_mask)
-        tl.store(k_base + slot_i[:, None] * stride_kt + d[None, :] * stride_kd,
+        row_i = _slot(slot_i, ring, RING)
+        tl.store(k_base + row_i[:, None] * stride_kt + d[None, :] * stride_kd,
                  k_row.to(k_ptr.dtype.element_ty), mask=new_mask)
-        tl.store(v_base + slot_i[:, None] * stride_vt + d[None, :] * stride_vd,
+        tl.store(v_base + row_i[:, None] * stride_vt + d[None, :] * stride_vd,
                  v_row.to(v_ptr.dtype.element_ty), mask=new_mask)
         tl.debug_barrier()
     valid_base = valid_ptr + b64 * stride_mb
@@ -348,12 +364,13 @@ def _decode_split_kernel(
     for n0 in range(n_lo, n_hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         in_range = n < n_hi
-        # Which slots hold real tokens (one byte per slot).
+        # Which positions hold real tokens (one byte per position).
         ok = tl.load(valid_base + n * stride_mt, mask=in_range, other=0) != 0
         ok = ok & in_range
+        row = _slot(n, ring, RING)  # where each position's key and value sit in the cache
         # K tile [BLOCK_N, D]: one pass over these cache rows for every query row of the group.
         k = tl.load(
-            k_base + n[:, None] * stride_kt + d[None, :] * stride_kd,
+            k_base + row[:, None] * stride_kt + d[None, :] * stride_kd,
             mask=in_range[:, None] & d_ok[None, :],
             other=0.0,
         )
@@ -361,7 +378,7 @@ def _decode_split_kernel(
             # Requested now, independent of the valid bytes, so K, V and the mask are in flight
             # together; the rows nobody may attend are zeroed below instead of masked here.
             v = tl.load(
-                v_base + n[:, None] * stride_vt + d[None, :] * stride_vd,
+                v_base + row[:, None] * stride_vt + d[None, :] * stride_vd,
                 mask=in_range[:, None] & d_ok[None, :],
                 other=0.0,
             )
@@ -381,7 +398,7 @@ def _decode_split_kernel(
             v = tl.where(ok[:, None], v, 0.0).to(v_ptr.dtype.element_ty)
         else:
             v = tl.load(
-                v_base + n[:, None] * stride_vt + d[None, :] * stride_vd,
+                v_base + row[:, None] * stride_vt + d[None, :] * stride_vd,
                 mask=ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
@@ -513,8 +530,10 @@ def check_attention_inputs(
         raise ValueError(f"head dim D={d} is above the supported {_MAX_HEAD_DIM}")
     if s > t:
         raise ValueError(f"S={s} new tokens do not fit a cache of T={t} slots")
-    if tuple(kv_valid.shape) != (batch, t):
-        raise ValueError(f"kv_valid must be [B, T] = [{batch}, {t}]; got {tuple(kv_valid.shape)}")
+    # kv_valid is per position: as long as the cache, or longer for a ring cache.
+    if kv_valid.dim() != 2 or kv_valid.shape[0] != batch or kv_valid.shape[1] < t:
+        raise ValueError(f"kv_valid must be [B, T] = [{batch}, {t}] (or [B, T'] with T' > T for "
+                         f"a ring cache); got {tuple(kv_valid.shape)}")
     if kv_valid.dtype != torch.bool:
         raise ValueError(f"kv_valid must be a bool tensor; got {kv_valid.dtype}")
     if not (
@@ -690,7 +709,9 @@ def decode_attention(
     `prefetch`: a weight (K contiguous) whose rows' first lines, within DSC_PREFETCH_MB, the
     programs request into L2 before they attend (`dsc.kernels.l2_prefetch`).
     `window`: a causal sliding window (0: none); the launch is sized for the window + S - 1
-    slots the step can see, not for the whole cache.
+    slots the step can see, not for the whole cache. With a window, k_cache and v_cache may be a
+    ring of R < T slots (T = kv_valid's positions): position p's row is p % R, and a step of S
+    tokens needs R >= window + S - 1.
     `alibi`: float32 slopes [Hq] on q's device (ALiBi), or None.
     `sinks`: a logit per query head [Hq] on q's device (attention sinks), or None.
     """
@@ -725,7 +746,13 @@ def decode_attention(
             cos, sin = cos.contiguous(), sin.contiguous()
         cos_strides = (cos.stride(0), cos.stride(2), cos.stride(3))
     batch, hq, s, d = q.shape
-    hkv, t = k_cache.shape[1], k_cache.shape[2]
+    hkv, ring = k_cache.shape[1], k_cache.shape[2]
+    t = kv_valid.shape[1]  # positions; a ring cache holds fewer slots, position p in p % ring
+    if ring < t:
+        check_ring(ring, window, causal)
+        if s > ring - window + 1:
+            raise ValueError(f"a step of S={s} tokens overwrites the ring of {ring} slots its "
+                             f"window of {window} reads; at most {ring - window + 1} tokens")
     # The most slots one step's queries can see: the grid is sized for these (never for start,
     # so a captured CUDA graph stays valid as the sequence grows).
     seen = min(t, window + s - 1) if window else t
@@ -791,6 +818,7 @@ def decode_attention(
         t,
         hkv,
         splits,
+        ring,
         float(scale) * LOG2E,
         GROUP=group,
         CAUSAL=bool(causal),
@@ -809,6 +837,7 @@ def decode_attention(
         WINDOW=window,
         ALIBI=alibi is not None,
         SINKS=sinks is not None,
+        RING=ring < t,
         PREFETCH_KEYS=_prefetch_keys(),
         LINE_ELEMS=min(128 // k_cache.element_size(), block_d),
         **l2_prefetch.launch_args(

@@ -345,6 +345,10 @@ def flash_attention(
     check_window(window, causal)
     check_slopes(alibi, q, causal)
     check_sinks(sinks, q.shape[1])
+    if kv_valid.shape[1] != k_cache.shape[2]:
+        raise ValueError(f"flash_attention reads a cache of one slot per position; got "
+                         f"{k_cache.shape[2]} slots for {kv_valid.shape[1]} positions (a ring "
+                         "cache: attend over the step's keys, see cuda_impls.cached_attention)")
     if padded is None:
         padded = not _UNPADDED.get()
     batch, hq, s, d = q.shape

@@ -20,10 +20,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dsc.kernels.checks import check_alibi, check_sinks, check_window
+from dsc.kernels.checks import check_alibi, check_ring, check_sinks, check_window
 
 __all__ = [
-    "attention", "cached_attention", "masked_attention_reference", "rotary_cached_attention",
+    "attention", "cached_attention", "masked_attention_reference", "ring_keys", "ring_write",
+    "rotary_cached_attention",
 ]
 
 
@@ -108,12 +109,18 @@ def cached_attention(
     bool; start: int64 tensor of shape [1] (device memory, so CUDA-graph replays can move it).
     prefetch: a weight the next projection reads, which the GPU's decode kernel pulls toward L2
     while it attends (`prefetch_next_weight`); it never changes the result.
-    window: a causal sliding window (0: none); the cache still holds every slot.
+    window: a causal sliding window (0: none).
     alibi: a score slope per query head (ALiBi; None: none).
     sinks: a logit per query head beside the keys (attention sinks; None: none).
+
+    A ring cache: with a window, the caches may hold R < max_seq slots (R >= window), position
+    p living in slot p % R; only the last R positions are kept, all a window reaches.
     """
     batch, _, seq, _ = k.shape
     first = int(start.item())
+    if k_cache.shape[2] < valid.shape[1]:
+        return _ring_attention(q, k, v, k_cache, v_cache, valid, first, causal, scale, window,
+                               alibi, sinks)
     k_cache[:batch, :, first : first + seq] = k.to(k_cache.dtype)
     v_cache[:batch, :, first : first + seq] = v.to(v_cache.dtype)
     live = first + seq
@@ -121,6 +128,37 @@ def cached_attention(
         q, k_cache[:batch, :, :live], v_cache[:batch, :, :live], valid[:, :live], first, causal,
         scale, window, alibi, sinks,
     )
+
+
+def ring_keys(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, first: int,
+              window: int) -> tuple[Tensor, Tensor, int]:
+    """(keys, values, lo): positions lo .. first+S-1 laid out in order, the ones before `first`
+    read back from the ring, the step's own from k and v; lo is where the step's window begins."""
+    batch, seq, ring = k.shape[0], k.shape[2], k_cache.shape[2]
+    lo = max(0, first - window + 1)
+    old = torch.arange(lo, first, device=k.device) % ring
+    keys = torch.cat([k_cache[:batch].index_select(2, old), k.to(k_cache.dtype)], dim=2)
+    values = torch.cat([v_cache[:batch].index_select(2, old), v.to(v_cache.dtype)], dim=2)
+    return keys, values, lo
+
+
+def ring_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, first: int) -> None:
+    """Keep the step's last R positions in the ring (a prompt longer than it keeps its tail)."""
+    batch, seq, ring = k.shape[0], k.shape[2], k_cache.shape[2]
+    kept = min(seq, ring)
+    slots = torch.arange(first + seq - kept, first + seq, device=k.device) % ring
+    k_cache[:batch].index_copy_(2, slots, k[:, :, seq - kept :].to(k_cache.dtype))
+    v_cache[:batch].index_copy_(2, slots, v[:, :, seq - kept :].to(v_cache.dtype))
+
+
+def _ring_attention(q, k, v, k_cache, v_cache, valid, first, causal, scale, window, alibi,
+                    sinks) -> Tensor:
+    check_ring(k_cache.shape[2], window, causal)
+    keys, values, lo = ring_keys(k, v, k_cache, v_cache, first, window)
+    ring_write(k, v, k_cache, v_cache, first)
+    # Positions measured from lo: causality, the window and ALiBi's distances are all relative.
+    return masked_attention_reference(q, keys, values, valid[:, lo : first + k.shape[2]],
+                                      first - lo, causal, scale, window, alibi, sinks)
 
 
 @cached_attention.register_fake

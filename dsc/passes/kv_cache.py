@@ -11,7 +11,9 @@ the slot of the first new token):
     kv_valid:  [B, max_seq] bool               cache_start: int64 [1]
     out = dsc.cached_attention(q, k, v, k_cache_i, v_cache_i, kv_valid, cache_start, True, scale)
 
-A sliding window (`window=w`) stays on the new node; the cache still holds max_seq slots.
+A sliding window (`window=w`) stays on the new node, and its caches hold w slots, not max_seq:
+a ring where position p lives in slot p % w (`dsc.ops.attention.cached_attention`), since no
+query of the layer reads further back. kv_valid stays indexed by position.
 The same graph serves both entry points: prefill (S prompt tokens at slots 0..S-1) and decode
 (one token per sequence at slot `cache_start`). Positions come from the `position_ids` input, so a
 left-padded sequence rotates by its own positions, not by the padded index.
@@ -80,10 +82,13 @@ def kv_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     start = last = _placeholder(gm, last, "cache_start", start_fake)
     for layer, node in enumerate(attentions):
         q, k, v, _, causal, scale = node.args
-        # Keys and values may differ in head size (DeepSeek's MLA: 192 and 128).
+        # Keys and values may differ in head size (DeepSeek's MLA: 192 and 128); a layer
+        # attending within a window keeps that many slots.
+        window = node.kwargs.get("window", 0)
+        slots = window if 0 < window < max_seq else max_seq
         with mode:
             k_fake, v_fake = (
-                torch.empty((max_batch, t.shape[1], max_seq, t.shape[3]), dtype=t.dtype,
+                torch.empty((max_batch, t.shape[1], slots, t.shape[3]), dtype=t.dtype,
                             device=t.device)
                 for t in (tensor_meta(k), tensor_meta(v))
             )

@@ -74,23 +74,46 @@ def cached_attention(
     (within a sliding `window` when it is not 0, with `alibi` slopes and attention `sinks` when
     given). A decode step's kernel also pulls `prefetch` (the next projection's weight) toward
     L2."""
-    from dsc.kernels.decode_attention import decode_attention, uses_decode_kernel
+    from dsc.kernels.decode_attention import decode_attention
     from dsc.kernels.flash_attention import attention as kernel
 
     batch, _, seq, _ = k.shape
     out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device,
                       dtype=q.dtype).transpose(1, 2)
     slopes = _slopes_on(alibi, q.device)
-    if uses_decode_kernel(q, k_cache):
+    if _decode_kernel_takes(q, k_cache, valid, window):
         # Decode: the attention kernel writes the new rows itself (no launch per cache tensor).
         return decode_attention(q, k_cache[:batch], v_cache[:batch], valid, start, causal, scale,
                                 out=out, new_k=k, new_v=v, prefetch=prefetch, window=window,
                                 alibi=slopes, sinks=sinks)
+    if k_cache.shape[2] < valid.shape[1]:
+        # A prompt into a windowed layer's ring cache (prompts run outside CUDA graphs, so the
+        # start slot may be read): the window's earlier keys read back, the step's appended,
+        # attended as one short cache; then the ring keeps the step's last rows.
+        from dsc.ops.attention import ring_keys, ring_write
+
+        first = int(start.item())
+        keys, values, lo = ring_keys(k, v, k_cache, v_cache, first, window)
+        ring_write(k, v, k_cache, v_cache, first)
+        shifted = torch.tensor([first - lo], dtype=torch.int64, device=q.device)
+        return kernel(q, keys, values, valid[:, lo : first + seq], shifted, causal, scale,
+                      out=out, window=window, alibi=slopes, sinks=sinks)
     slots = start + torch.arange(seq, device=k.device)
     k_cache[:batch].index_copy_(2, slots, k.to(k_cache.dtype))
     v_cache[:batch].index_copy_(2, slots, v.to(v_cache.dtype))
     return kernel(q, k_cache[:batch], v_cache[:batch], valid, start, causal, scale, out=out,
                   window=window, alibi=slopes, sinks=sinks)
+
+
+def _decode_kernel_takes(q: Tensor, k_cache: Tensor, valid: Tensor, window: int) -> bool:
+    """A few query rows per kv head go to the decode kernel, unless they would overwrite the
+    part of a ring cache their window reads (a prompt longer than ring - window + 1)."""
+    from dsc.kernels.decode_attention import uses_decode_kernel
+
+    ring = k_cache.shape[2]
+    return uses_decode_kernel(q, k_cache) and (
+        ring == valid.shape[1] or q.shape[2] <= ring - window + 1
+    )
 
 
 def rotary_cached_attention(
@@ -101,9 +124,9 @@ def rotary_cached_attention(
 ) -> Tensor:
     """cached_attention of the rotated q and k: at decode the attention kernel rotates them as it
     loads them; a prompt rotates them first and goes the cached_attention way."""
-    from dsc.kernels.decode_attention import decode_attention, uses_decode_kernel
+    from dsc.kernels.decode_attention import decode_attention
 
-    if not uses_decode_kernel(q, k_cache):
+    if not _decode_kernel_takes(q, k_cache, valid, window):
         return cached_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, k_cache, v_cache,
                                 valid, start, causal, scale, window=window, alibi=alibi,
                                 sinks=sinks)

@@ -209,9 +209,12 @@ def test_mixtral_decode_step_runs_its_experts_through_the_moe_kernels(batch):
     assert not any(s["op"] == "dsc::moe.default" for s in program.steps)
 
 
-def _decode_step_through_chosen_kernels(name: str, batch: int):
-    """One decode step with every kernel the GPU would run, on the interpreter, against the
-    same program run op by op: logits and the cache rows it writes. Returns the program."""
+def _decode_step_through_chosen_kernels(name: str, batch: int, seq: int = 1, start: int = 9,
+                                        entry: str = "decode"):
+    """One step (decode, or a prompt of `seq` tokens at `start`) with every kernel the GPU
+    would run, on the interpreter, against the same program run op by op: logits and the
+    cache rows it writes (slot p % slots of position p: a windowed layer's ring). Returns the
+    program."""
     import dataclasses
 
     target = dataclasses.replace(CUDA, max_batch=4, max_seq_len=32)  # a cache the kernel takes
@@ -221,17 +224,16 @@ def _decode_step_through_chosen_kernels(name: str, batch: int):
     ctx = PassContext(target=target, weights=dict(t.weights), info=t.info, inputs=t.inputs)
     gm = PassManager(ctx).run(fx.GraphModule(torch.nn.Module(), graph),
                               trunk(target) + cached(target) + backend(target), program="decode")
-    program = lower(gm, "decode", choose_kernels(gm, "decode", target))
+    program = lower(gm, entry, choose_kernels(gm, entry, target))
     generated.register_sources(region_sources([program]))
-    reference = lower(gm, "decode", {})
+    reference = lower(gm, entry, {})
     g = torch.Generator().manual_seed(batch)
-    start = 9
     valid = torch.zeros(batch, 32, dtype=torch.bool)
-    valid[:, : start + 1] = True
+    valid[:, : start + seq] = True
     feeds = {
-        "input_ids": torch.randint(3, t.info.vocab_size, (batch, 1), generator=g),
-        "attention_mask": torch.ones(batch, start + 1, dtype=torch.long),
-        "position_ids": torch.full((batch, 1), start),
+        "input_ids": torch.randint(3, t.info.vocab_size, (batch, seq), generator=g),
+        "attention_mask": torch.ones(batch, start + seq, dtype=torch.long),
+        "position_ids": torch.arange(start, start + seq).expand(batch, seq),
         "kv_valid": valid,
         "cache_start": torch.tensor([start]),
         **{spec["name"]: torch.randn(spec["shape"], generator=g) for spec in ctx.notes["cache"]},
@@ -241,9 +243,21 @@ def _decode_step_through_chosen_kernels(name: str, batch: int):
     (out, *_) = Executor(program, ctx.weights, torch.device("cpu"))(**feeds)
     (ref, *_) = Executor(reference, ctx.weights, torch.device("cpu"))(**twin)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    for key in (spec["name"] for spec in ctx.notes["cache"]):
-        torch.testing.assert_close(feeds[key][:batch, :, start], twin[key][:batch, :, start])
+    for spec in ctx.notes["cache"]:
+        slots = torch.arange(start, start + seq) % spec["shape"][2]
+        key = spec["name"]
+        torch.testing.assert_close(feeds[key][:batch, :, slots], twin[key][:batch, :, slots])
     return program
+
+
+@pytest.mark.parametrize("entry,seq,start", [("decode", 1, 9), ("decode", 1, 2),
+                                             ("prefill", 7, 0), ("prefill", 2, 0)])
+def test_a_windowed_layers_ring_cache_through_the_chosen_kernels(entry, seq, start):
+    """tiny-mistral-sliding (window 4): its caches are rings of 4 slots. A decode step (the
+    decode kernel writing and reading the ring), a prompt longer than the ring (its own keys
+    attended, the last 4 kept) and a short one equal the op-by-op program."""
+    program = _decode_step_through_chosen_kernels("tiny-mistral-sliding", 2, seq, start, entry)
+    assert any(s["op"].startswith("cuda::") and "attention" in s["op"] for s in program.steps)
 
 
 def _decode_program(model) -> object:

@@ -395,3 +395,44 @@ def test_attention_sinks_are_checked():
     q, k, v, valid, st = make_inputs()
     with pytest.raises(ValueError, match="one floating-point logit per query head"):
         decode_attention(q, k, v, valid, st, True, 0.3, sinks=SINKS[:3])
+
+
+def _ring_of(full: torch.Tensor, ring: int, upto: int) -> torch.Tensor:
+    """The ring cache holding positions upto - ring .. upto - 1 of `full` (p in slot p % ring);
+    slots for positions before 0 hold NaN (never written, never read)."""
+    out = torch.full((*full.shape[:2], ring, full.shape[3]), float("nan"))
+    for p in range(max(0, upto - ring), upto):
+        out[:, :, p % ring] = full[:, :, p]
+    return out
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("s,start,window,ring", [(1, 12, 4, 4), (1, 2, 5, 5), (2, 9, 5, 6),
+                                                 (1, 20, 6, 9)],
+                         ids=["wrapped", "not-yet-full", "two-rows", "ring-past-window"])
+def test_a_ring_cache_serves_the_window(s, start, window, ring, config, assert_close):
+    # A windowed layer's cache of `ring` slots: position p in slot p % ring. The step writes its
+    # rows there and attends as over the whole cache; the slot it overwrote is behind the window.
+    q, k, v, valid, st = make_inputs(s=s, t=23, start=start, seed=7 + start)
+    g = torch.Generator().manual_seed(start + 1)
+    new_k, new_v = torch.randn(2, 2, s, 16, generator=g), torch.randn(2, 2, s, 16, generator=g)
+    valid[:, start : start + s] = True
+    k_full, v_full = k.clone(), v.clone()
+    k_full[:, :, start : start + s], v_full[:, :, start : start + s] = new_k, new_v
+    k_ring, v_ring = _ring_of(k, ring, start), _ring_of(v, ring, start)
+    out = decode_attention(q, k_ring, v_ring, valid, st, True, 0.3, config=config, new_k=new_k,
+                           new_v=new_v, window=window)
+    assert_close(out, attention_reference(q, k_full, v_full, valid, st, True, 0.3,
+                                          window=window))
+    for i in range(s):  # the step's rows landed in their ring slots
+        assert torch.equal(k_ring[:, :, (start + i) % ring], new_k[:, :, i])
+
+
+def test_a_ring_too_short_for_the_step_is_refused():
+    q, k, v, valid, st = make_inputs(s=3, t=23, start=9)
+    ring_k, ring_v = k[:, :, :5].clone(), v[:, :, :5].clone()
+    with pytest.raises(ValueError, match="at most 1 tokens"):
+        decode_attention(q, ring_k, ring_v, valid, st, True, 0.3, window=5,
+                         new_k=torch.zeros(2, 2, 3, 16), new_v=torch.zeros(2, 2, 3, 16))
+    with pytest.raises(ValueError, match="sliding window of at most 5 slots"):
+        decode_attention(q[:, :, :1], ring_k, ring_v, valid, st, True, 0.3, window=0)

@@ -61,7 +61,8 @@ def _compile(name: str) -> str:
     elif name in ("gemv_late", "gemv_push", "gemv_norm", "gemv_norm_rows", "gemv_preload",
                   "decode_split",
                   "decode_split_merge", "decode_split_prefetch", "decode_split_v_with_k",
-                  "decode_split_window", "decode_split_alibi", "decode_split_sinks"):
+                  "decode_split_window", "decode_split_alibi", "decode_split_sinks",
+                  "decode_split_ring"):
         from dsc.kernels import decode_attention, small_batch_gemm
 
         if name in ("gemv_late", "gemv_push", "gemv_norm", "gemv_norm_rows", "gemv_preload"):
@@ -86,8 +87,10 @@ def _compile(name: str) -> str:
                 MERGE_IN_SPLIT=name == "decode_split_merge",
                 V_WITH_K=name == "decode_split_v_with_k", SPLITS_P2=4, PREFETCH_KEYS=128,
                 LINE_ELEMS=64, PREFETCH_W=name == "decode_split_prefetch", PF_LINE_ELEMS=64,
-                USE_PDL=True, WINDOW=4096 if name == "decode_split_window" else 0,
-                ALIBI=name == "decode_split_alibi", SINKS=name == "decode_split_sinks")
+                USE_PDL=True,
+                WINDOW=4096 if name in ("decode_split_window", "decode_split_ring") else 0,
+                ALIBI=name == "decode_split_alibi", SINKS=name == "decode_split_sinks",
+                RING=name == "decode_split_ring")
             pointers = {"valid_ptr": "*u8", "start_ptr": "*i64", "part_acc_ptr": "*fp32",
                         "part_ml_ptr": "*fp32", "arrivals_ptr": "*i32", "slopes_ptr": "*fp32",
                         "sinks_ptr": "*bf16"}
@@ -250,10 +253,11 @@ def test_decode_split_kernel_compiles():
     assert not any(re.search(r"atom\.global", line) for line in lines)
 
 
-@pytest.mark.parametrize("name", ["decode_split_window", "decode_split_alibi", "decode_split_sinks"])
+@pytest.mark.parametrize("name", ["decode_split_window", "decode_split_alibi", "decode_split_sinks",
+                                  "decode_split_ring"])
 def test_decode_split_kernel_with_a_window_alibi_or_sinks_compiles(name):
     # WINDOW > 0: the chunks start at the window's first slot; ALIBI: a slope per row; SINKS: a
-    # logit per row in the denominator. The PDL
+    # logit per row in the denominator; RING: rows at position % ring. The PDL
     # prefetch and wait stay as they are.
     lines = _ptx(name).splitlines()
     wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
