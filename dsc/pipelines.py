@@ -35,6 +35,8 @@ def cached(target: Target) -> list[str]:
 def partition(target: Target) -> list[str]:
     """Passes that cut each program down to this rank's share: after kv_cache (the cache then
     holds the rank's own KV heads), before backend (which sees the per-rank shapes).
+    `merge_all_reduces` adds a block's two partial sums before one all-reduce (routed and shared
+    experts).
     `fuse_all_reduce_norm` with DSC_FUSED_ALLREDUCE=1, until measured on several GPUs;
     `fuse_all_reduce_residual` while norm prologues are on (the add then needs no launch: the
     norm after it runs in the next GEMM), on CPU too, so the multi-process CPU tests run the
@@ -45,7 +47,8 @@ def partition(target: Target) -> list[str]:
     from dsc.passes.fuse import prologues_enabled
 
     add = ["fuse_all_reduce_residual"] if prologues_enabled() else []
-    return ["tensor_parallel", *(["fuse_all_reduce_norm"] if fused else []), *add]
+    return ["tensor_parallel", "merge_all_reduces", *(["fuse_all_reduce_norm"] if fused else []),
+            *add]
 
 
 def backend(target: Target) -> list[str]:

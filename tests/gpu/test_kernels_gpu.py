@@ -476,3 +476,26 @@ def test_moe_replays_in_a_cuda_graph():
         ref = moe_reference(x.float(), router.float(), gate_up.float(), down.float(), 2, False,
                             "silu")
         close(out.float(), ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_on_a_ring_cache(dtype):
+    # A windowed layer's cache of W slots, position p in slot p % W, wrapped many times.
+    g = torch.Generator("cuda").manual_seed(2)
+    window, start, t = 256, 3000, 4096
+    q = torch.randn(4, 32, 1, 128, device="cuda", generator=g).to(dtype)
+    full_k = torch.randn(4, 8, t, 128, device="cuda", generator=g).to(dtype)
+    full_v = torch.randn(4, 8, t, 128, device="cuda", generator=g).to(dtype)
+    valid = torch.zeros(4, t, dtype=torch.bool, device="cuda")
+    valid[:, : start + 1] = True
+    positions = torch.arange(start - window + 1, start + 1, device="cuda")
+    ring_k = torch.empty(4, 8, window, 128, device="cuda", dtype=dtype)
+    ring_v = torch.empty_like(ring_k)
+    ring_k[:, :, positions % window] = full_k[:, :, positions]
+    ring_v[:, :, positions % window] = full_v[:, :, positions]
+    st = torch.tensor([start], device="cuda")
+    out = decode_attention(q, ring_k, ring_v, valid, st, True, 0.088, window=window,
+                           new_k=full_k[:, :, start : start + 1].clone(),
+                           new_v=full_v[:, :, start : start + 1].clone())
+    ref = attention_reference(q, full_k, full_v, valid, st, True, 0.088, window=window)
+    close(out, ref)

@@ -100,11 +100,11 @@ def test_one_all_reduce_per_block_and_one_gather(run_name, name, request):
     # prologues on (the default) a sum added straight to the residual stream takes the add
     # (fuse_all_reduce_residual) — GPT-2's and OPT's too, their row biases riding in rank 0's
     # product; the MoE block's sum and the embedding's stay plain all_reduces.
-    # GLM4-MoE's second layer sums two row products (the routed experts, the shared one) and
-    # its attention's rotary covers half of each head (the rotated and passed halves joined).
+    # GLM4-MoE's second layer adds its routed and shared experts' partial sums before one
+    # all-reduce (merge_all_reduces); its first layer is dense, so three take the residual add.
     with_residual, with_product, total = {
         "tiny-mixtral": (LAYERS, 0, 2 * LAYERS + 1), "tiny-gpt-oss": (LAYERS, 0, 2 * LAYERS + 1),
-        "tiny-glm4-moe": (3, 1, 2 * LAYERS + 2),
+        "tiny-glm4-moe": (3, 0, 2 * LAYERS + 1),
     }.get(name, (2 * LAYERS, 0, 2 * LAYERS + 1))
     for rank in _results(request.getfixturevalue(run_name), name):
         assert rank["all_reduce_residual"] == with_residual
