@@ -24,7 +24,8 @@ The router is the one product of a stored 2-D weight a few steps back from a top
 region between x and out is copied into a small graph and run on random x with the real
 weights. First the routing: every reading (softmax or sigmoid, with or without the block's
 [E] weight as a selection bias, the groups its views and top-ks allow, the k of each top-k over
-E) whose experts are the ones the block picks. Then each reading of the whole block that the
+E) whose experts are the ones the block picks, on 512 tokens (the routing subgraph alone: a
+reading that differs only now and then must show it). Then each reading of the whole block that the
 shapes allow is run through `dsc.moe`'s reference: those routings, normalize True/False, a
 scale of 1 or a constant the block multiplies by, kind silu/gelu/gelu_tanh/relu (those the
 region computes first) or GPT-OSS's clamped_swiglu, expert weights as stored, transposed, with
@@ -69,6 +70,9 @@ _VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.clone, aten.alias)
 _ROUTING_STEPS = 16  # how far back from a top-k its router's product may sit
 _SCALARS = (int, torch.SymInt)
 _PROBE_SIZES = (2, 5, 3, 4)  # values for the block's symbolic sizes: tokens 2*5 = 10
+# The routing alone is probed on many more tokens (it costs one router product a token): a
+# reading that picks other experts only now and then must show it.
+_ROUTING_PROBE_SIZES = (8, 64, 4, 4)
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}
 _HALF_TOLERANCE = 3e-2  # bf16/fp16: both sides round; a wrong reading is off by O(1)
 
@@ -405,7 +409,7 @@ def _concrete(value, sizes: dict) -> int:
     return int(value)
 
 
-def _probe_sizes(block: _Block) -> dict:
+def _probe_sizes(block: _Block, wanted: tuple[int, ...] = _PROBE_SIZES) -> dict:
     """A value for each symbolic size the block's inputs use, inside the range export allows."""
     values = [*tensor_meta(block.root).shape, *(n.meta["val"] for n in block.externals)]
     symbolic = [v for v in values if isinstance(v, torch.SymInt)]
@@ -414,7 +418,7 @@ def _probe_sizes(block: _Block) -> dict:
         syms += sorted(v.node.expr.free_symbols - set(syms), key=str)
     sizes = {}
     for i, sym in enumerate(syms):
-        want = _PROBE_SIZES[i % len(_PROBE_SIZES)]
+        want = wanted[i % len(wanted)]
         bounds = symbolic[0].node.shape_env.var_to_range.get(sym)
         if bounds is not None:
             want = max(want, int(bounds.lower))
@@ -424,14 +428,39 @@ def _probe_sizes(block: _Block) -> dict:
     return sizes
 
 
-def _region_module(block: _Block) -> fx.GraphModule:
-    """The block as a graph of its own: (out, the experts it picks, or None)."""
+def _region_module(block: _Block, out: fx.Node | None = None) -> fx.GraphModule:
+    """The block as a graph of its own: (out, the experts it picks, or None); with `out`, only
+    what that node needs, returning it."""
+    keep = set(block.region)
+    if out is not None:
+        keep, stack = set(), [out]
+        while stack:
+            node = stack.pop()
+            if node in block.region and node not in keep:
+                keep.add(node)
+                stack.extend(node.all_input_nodes)
     graph = fx.Graph()
     env = {n: graph.placeholder(n.name) for n in block.externals}
     for node in block.region:
-        env[node] = graph.node_copy(node, lambda a: env[a])
-    graph.output((env[block.out], env[block.chosen] if block.chosen is not None else None))
+        if node in keep:
+            env[node] = graph.node_copy(node, lambda a: env[a])
+    if out is not None:
+        graph.output(env[out])
+    else:
+        graph.output((env[block.out], env[block.chosen] if block.chosen is not None else None))
     return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def _probe_args(block: _Block, tensors: dict, wanted: tuple[int, ...], dtype, device
+                ) -> tuple[torch.Tensor, list]:
+    """(x, the region's arguments) for random x at the sizes `wanted` picks."""
+    sizes = _probe_sizes(block, wanted)
+    shape = [_concrete(d, sizes) for d in tensor_meta(block.root).shape]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator).to(device, dtype)
+    args = [x if n is block.root else tensors[n] if n in tensors
+            else _concrete(n.meta["val"], sizes) for n in block.externals]
+    return x, args
 
 
 def _routings(block: _Block, tensors: dict, logits: torch.Tensor,
@@ -462,20 +491,15 @@ def _probe(block: _Block, ctx: PassContext) -> tuple[_Reading, bool, str, dict] 
     router_bias = tensors[block.router_bias] if block.router_bias is not None else None
     root_val = tensor_meta(block.root)
     try:
-        sizes = _probe_sizes(block)
-        shape = [_concrete(d, sizes) for d in root_val.shape]
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(shape, generator=generator).to(router.device, root_val.dtype)
-        args = [
-            x
-            if n is block.root
-            else tensors[n]
-            if n in tensors
-            else _concrete(n.meta["val"], sizes)
-            for n in block.externals
-        ]
+        x, args = _probe_args(block, tensors, _PROBE_SIZES, root_val.dtype, router.device)
+        shape = list(x.shape)
         with torch.no_grad():
-            expected, chosen = _region_module(block)(*args)
+            expected, _ = _region_module(block)(*args)
+            route_x, chosen = x, None
+            if block.chosen is not None:
+                route_x, route_args = _probe_args(block, tensors, _ROUTING_PROBE_SIZES,
+                                                  root_val.dtype, router.device)
+                chosen = _region_module(block, block.chosen)(*route_args)
     # A region that cannot run on its own (an op without a CPU kernel, a size it cannot take)
     # is left alone.
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError, NotImplementedError):
@@ -487,7 +511,7 @@ def _probe(block: _Block, ctx: PassContext) -> tuple[_Reading, bool, str, dict] 
     tolerance = _TOLERANCE.get(root_val.dtype, _HALF_TOLERANCE) * size
     kinds = _kinds(block.region)
     with torch.no_grad():
-        logits = torch.nn.functional.linear(x.reshape(-1, shape[-1]), router, router_bias)
+        logits = torch.nn.functional.linear(route_x.reshape(-1, shape[-1]), router, router_bias)
         if chosen is not None:
             chosen = chosen.reshape(logits.shape[0], -1)
         routings = list(_routings(block, tensors, logits, chosen))

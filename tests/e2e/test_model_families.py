@@ -108,13 +108,29 @@ def test_logits_and_greedy_tokens_equal_hf(family):
     assert torch.equal(compiled.generate(ids, attention_mask=mask, max_new_tokens=8), ref_tokens)
 
 
-def test_a_moe_block_dsc_moe_cannot_express_is_named():
-    # PhiMoE routes with sparsemixer: its experts stay HF's grouped product, which a plan cannot
-    # hold; the error says it is an MoE block that was not recognised, and where it comes from.
+UNEXPRESSED_ROUTING = {
+    # PhiMoE routes with sparsemixer.
+    "phimoe": lambda: T.PhimoeConfig(**SIZES, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2),
+    # DeepSeek-V2 scores a group by its best expert, not its best two: on a few tokens it picks
+    # the experts DeepSeek-V3's routing would, so only the probe of many tokens tells them apart.
+    "deepseek_v2_group_max": lambda: T.DeepseekV2Config(
+        **{**SIZES, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+        topk_method="group_limited_greedy", q_lora_rank=None, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_shared_experts=1),
+}
+
+
+@pytest.mark.parametrize("family", UNEXPRESSED_ROUTING)
+def test_a_moe_block_dsc_moe_cannot_express_is_named(family):
+    # The experts stay HF's grouped product, which a plan cannot hold; the error says it is an
+    # MoE block that was not recognised, and where it comes from — never a near reading.
     torch.manual_seed(0)
-    config = T.PhimoeConfig(**SIZES, num_key_value_heads=2, num_local_experts=4,
-                            num_experts_per_tok=2)
-    model = T.AutoModelForCausalLM.from_config(config).eval()
+    model = T.AutoModelForCausalLM.from_config(UNEXPRESSED_ROUTING[family]()).eval()
+    for p in model.parameters():
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=0.2)
     with pytest.raises(dsc.UnsupportedOpError, match="mixture-of-experts block that "
                                                      "recognize_moe did not turn into dsc.moe"):
         dsc.compile(model, target="cpu")
