@@ -92,7 +92,6 @@ _KIND_HINTS: dict[object, Callable[[fx.Node], str | None]] = {
 @dataclass
 class _Block:
     topk: fx.Node
-    top_k: int
     x: fx.Node  # the router's input
     root: fx.Node  # x with views stripped: the region's only tensor input
     moe_input: fx.Node  # x or a view of it with out's shape
@@ -278,7 +277,7 @@ def _find_block(topk: fx.Node) -> _Block | None:
         return None
     chosen = next((u for u in topks[-1].users if is_op(u, operator.getitem) and u.args[1] == 1),
                   None)
-    return _Block(topk, topks[-1].args[1], x, root, moe_input, router, router_bias, out, region,
+    return _Block(topk, x, root, moe_input, router, router_bias, out, region,
                   externals, experts, biases, selection[0] if selection else None,
                   sorted({n.args[1] for n in topks}), chosen, _group_options(region, n_experts),
                   _scales(region))
