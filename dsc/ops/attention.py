@@ -23,7 +23,7 @@ from torch import Tensor
 from dsc.kernels.checks import check_alibi, check_ring, check_sinks, check_window
 
 __all__ = [
-    "attention", "cached_attention", "masked_attention_reference", "ring_keys", "ring_write",
+    "attention", "cached_attention", "masked_attention_reference", "ring_step",
     "rotary_cached_attention",
 ]
 
@@ -130,8 +130,20 @@ def cached_attention(
     )
 
 
-def ring_keys(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, first: int,
-              window: int) -> tuple[Tensor, Tensor, int]:
+def ring_step(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor, first: int,
+              window: int, causal: bool) -> tuple[Tensor, Tensor, Tensor, int]:
+    """A step of S tokens at position `first` into a ring cache: (keys, values, valid, start)
+    of the short cache it attends — its window's earlier positions read back from the ring, its
+    own appended — after which the ring keeps the step's last rows. Positions count from the
+    window's first one: causality, the window and ALiBi's distances are all relative."""
+    check_ring(k_cache.shape[2], window, causal)
+    keys, values, lo = _ring_keys(k, v, k_cache, v_cache, first, window)
+    _ring_write(k, v, k_cache, v_cache, first)
+    return keys, values, valid[:, lo : first + k.shape[2]], first - lo
+
+
+def _ring_keys(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, first: int,
+               window: int) -> tuple[Tensor, Tensor, int]:
     """(keys, values, lo): positions lo .. first+S-1 laid out in order, the ones before `first`
     read back from the ring, the step's own from k and v; lo is where the step's window begins."""
     batch, seq, ring = k.shape[0], k.shape[2], k_cache.shape[2]
@@ -142,7 +154,7 @@ def ring_keys(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, first: int
     return keys, values, lo
 
 
-def ring_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, first: int) -> None:
+def _ring_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, first: int) -> None:
     """Keep the step's last R positions in the ring (a prompt longer than it keeps its tail)."""
     batch, seq, ring = k.shape[0], k.shape[2], k_cache.shape[2]
     kept = min(seq, ring)
@@ -153,12 +165,9 @@ def ring_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, first: in
 
 def _ring_attention(q, k, v, k_cache, v_cache, valid, first, causal, scale, window, alibi,
                     sinks) -> Tensor:
-    check_ring(k_cache.shape[2], window, causal)
-    keys, values, lo = ring_keys(k, v, k_cache, v_cache, first, window)
-    ring_write(k, v, k_cache, v_cache, first)
-    # Positions measured from lo: causality, the window and ALiBi's distances are all relative.
-    return masked_attention_reference(q, keys, values, valid[:, lo : first + k.shape[2]],
-                                      first - lo, causal, scale, window, alibi, sinks)
+    keys, values, seen, start = ring_step(k, v, k_cache, v_cache, valid, first, window, causal)
+    return masked_attention_reference(q, keys, values, seen, start, causal, scale, window, alibi,
+                                      sinks)
 
 
 @cached_attention.register_fake

@@ -7,7 +7,7 @@ Matches:
 Rewrite to (new graph inputs: one K and one V cache per attention, the cache's slot validity and
 the slot of the first new token):
 
-    k_cache_i: [max_batch, Hkv, max_seq, D]    v_cache_i: same
+    k_cache_i: [max_batch, Hkv, max_seq, Dk]   v_cache_i: [max_batch, Hkv, max_seq, Dv]
     kv_valid:  [B, max_seq] bool               cache_start: int64 [1]
     out = dsc.cached_attention(q, k, v, k_cache_i, v_cache_i, kv_valid, cache_start, True, scale)
 

@@ -88,16 +88,14 @@ def cached_attention(
                                 alibi=slopes, sinks=sinks)
     if k_cache.shape[2] < valid.shape[1]:
         # A prompt into a windowed layer's ring cache (prompts run outside CUDA graphs, so the
-        # start slot may be read): the window's earlier keys read back, the step's appended,
-        # attended as one short cache; then the ring keeps the step's last rows.
-        from dsc.ops.attention import ring_keys, ring_write
+        # start slot may be read): attended as the short cache the op's ring step gives.
+        from dsc.ops.attention import ring_step
 
-        first = int(start.item())
-        keys, values, lo = ring_keys(k, v, k_cache, v_cache, first, window)
-        ring_write(k, v, k_cache, v_cache, first)
-        shifted = torch.tensor([first - lo], dtype=torch.int64, device=q.device)
-        return kernel(q, keys, values, valid[:, lo : first + seq], shifted, causal, scale,
-                      out=out, window=window, alibi=slopes, sinks=sinks)
+        keys, values, seen, first = ring_step(k, v, k_cache, v_cache, valid, int(start.item()),
+                                              window, causal)
+        shifted = torch.tensor([first], dtype=torch.int64, device=q.device)
+        return kernel(q, keys, values, seen, shifted, causal, scale, out=out, window=window,
+                      alibi=slopes, sinks=sinks)
     slots = start + torch.arange(seq, device=k.device)
     k_cache[:batch].index_copy_(2, slots, k.to(k_cache.dtype))
     v_cache[:batch].index_copy_(2, slots, v.to(v_cache.dtype))
