@@ -130,8 +130,8 @@ def cached_attention(
     )
 
 
-def ring_step(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor, first: int,
-              window: int, causal: bool) -> tuple[Tensor, Tensor, Tensor, int]:
+def ring_step(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor,
+              first: int, window: int, causal: bool) -> tuple[Tensor, Tensor, Tensor, int]:
     """A step of S tokens at position `first` into a ring cache: (keys, values, valid, start)
     of the short cache it attends — its window's earlier positions read back from the ring, its
     own appended — after which the ring keeps the step's last rows. Positions count from the
@@ -146,7 +146,7 @@ def _ring_keys(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, first: in
                window: int) -> tuple[Tensor, Tensor, int]:
     """(keys, values, lo): positions lo .. first+S-1 laid out in order, the ones before `first`
     read back from the ring, the step's own from k and v; lo is where the step's window begins."""
-    batch, seq, ring = k.shape[0], k.shape[2], k_cache.shape[2]
+    batch, ring = k.shape[0], k_cache.shape[2]
     lo = max(0, first - window + 1)
     old = torch.arange(lo, first, device=k.device) % ring
     keys = torch.cat([k_cache[:batch].index_select(2, old), k.to(k_cache.dtype)], dim=2)
