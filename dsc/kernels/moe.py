@@ -4,7 +4,7 @@ Nothing here waits for the host to learn how many tokens each expert received, s
 can hold a whole MoE block: every launch is sized by an upper bound known from the shapes alone.
 
 1. `route`: one program per token scores the router's E logits (softmax or sigmoid, fp32),
-   keeps the best groups when routing is group-limited, picks the top k of the scores plus a
+   keeps the best groups when routing is group-limited (by their best two experts or best one), picks the top k of the scores plus a
    selection bias by repeated argmax (ties to the lower expert), and renormalises and scales
    their scores when asked.
 2. `align`: the T*k (token, slot) pairs sorted by expert (in one program for a decode step's
@@ -31,7 +31,8 @@ from torch import Tensor
 
 from dsc.kernels.checks import check_device
 from dsc.kernels.gemm import _apply_activation
-from dsc.ops.moe import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, EXPERT_ACTIVATIONS, SCORINGS
+from dsc.ops.moe import (CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, EXPERT_ACTIVATIONS,
+                         GROUP_SCORINGS, SCORINGS)
 
 __all__ = ["align", "moe_experts", "route"]
 
@@ -40,7 +41,7 @@ __all__ = ["align", "moe_experts", "route"]
 def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, E, stride_t, scale,
                   TOP_K: tl.constexpr, NORMALIZE: tl.constexpr, SIGMOID: tl.constexpr,
                   HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr, GROUP_TOP_K: tl.constexpr,
-                  BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                  GROUP_MAX: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     ok = cols < E
@@ -57,7 +58,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, E, stride_t, s
         choice += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     choice = tl.where(ok, choice, float("-inf"))
     if GROUPS > 1:
-        # Keep the GROUP_TOP_K groups whose two best experts score highest.
+        # Keep the GROUP_TOP_K groups whose two best experts (GROUP_MAX: best one) score highest.
         size = E // GROUPS
         group = cols // size
         g_ids = tl.arange(0, GROUPS)
@@ -67,7 +68,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, E, stride_t, s
             first = tl.max(tl.where(mine, choice, float("-inf")), 0)
             at = tl.min(tl.where(mine & (choice == first), cols, BLOCK_E), 0)
             second = tl.max(tl.where(mine & (cols != at), choice, float("-inf")), 0)
-            second = tl.where(size > 1, second, 0.0)
+            second = tl.where((size > 1) & (not GROUP_MAX), second, 0.0)
             g_score = tl.where(g_ids == j, first + second, g_score)
         kept = tl.zeros((BLOCK_E,), dtype=tl.int1)
         for _ in tl.static_range(GROUP_TOP_K):
@@ -97,7 +98,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, E, stride_t, s
 
 def route(logits: Tensor, top_k: int, normalize: bool, *, scoring: str = "softmax",
           selection_bias: Tensor | None = None, groups: int = 1, group_top_k: int = 1,
-          scale: float = 1.0) -> tuple[Tensor, Tensor]:
+          scale: float = 1.0, group_scoring: str = "top2") -> tuple[Tensor, Tensor]:
     """The experts and weights `dsc.ops.moe.route_reference` gives, in one program per token:
     weights [T, k] float32 and experts [T, k] int32, highest choice first. logits: [T, E]."""
     if logits.dim() != 2:
@@ -107,6 +108,9 @@ def route(logits: Tensor, top_k: int, normalize: bool, *, scoring: str = "softma
         raise ValueError(f"top_k must be in 1..{num_experts} (the experts); got {top_k}")
     if scoring not in SCORINGS:
         raise ValueError(f"unknown scoring {scoring!r}; expected one of {SCORINGS}")
+    if group_scoring not in GROUP_SCORINGS:
+        raise ValueError(f"unknown group_scoring {group_scoring!r}; expected one of "
+                         f"{GROUP_SCORINGS}")
     if groups < 1 or num_experts % groups or groups & (groups - 1) or not (
             1 <= group_top_k <= groups):
         raise ValueError(f"groups must be a power of two dividing the {num_experts} experts and "
@@ -124,7 +128,7 @@ def route(logits: Tensor, top_k: int, normalize: bool, *, scoring: str = "softma
             num_experts, logits.stride(0), float(scale),
             TOP_K=top_k, NORMALIZE=normalize, SIGMOID=scoring == "sigmoid",
             HAS_BIAS=selection_bias is not None, GROUPS=groups, GROUP_TOP_K=group_top_k,
-            BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_K=triton.next_power_of_2(top_k),
+            GROUP_MAX=group_scoring == "max", BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_K=triton.next_power_of_2(top_k),
         )
     return weights, experts
 

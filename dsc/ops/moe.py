@@ -7,8 +7,8 @@ from torch import Tensor
 
 from dsc.ops.mlp import ACTIVATIONS, apply_activation
 
-__all__ = ["EXPERT_ACTIVATIONS", "SCORINGS", "expert_activation", "moe", "moe_reference",
-           "route_reference"]
+__all__ = ["EXPERT_ACTIVATIONS", "GROUP_SCORINGS", "SCORINGS", "expert_activation", "moe",
+           "moe_reference", "route_reference"]
 
 # GPT-OSS's experts: gate clamped from above, up clamped both ways, a sharper sigmoid, and up
 # shifted by one: gate * sigmoid(1.702 * gate) * (up + 1).
@@ -30,6 +30,10 @@ def expert_activation(gate: Tensor, up: Tensor, kind: str) -> Tensor:
 #: How router logits become scores: a softmax over the experts, or each expert's sigmoid.
 SCORINGS = ("softmax", "sigmoid")
 
+#: How group-limited routing ranks a group: by the sum of its two best experts' choice values
+#: (DeepSeek-V3, GLM-4.5) or by its best expert's alone (DeepSeek-V2's group_limited_greedy).
+GROUP_SCORINGS = ("top2", "max")
+
 
 def route_reference(
     logits: Tensor,
@@ -40,24 +44,30 @@ def route_reference(
     groups: int = 1,
     group_top_k: int = 1,
     scale: float = 1.0,
+    group_scoring: str = "top2",
 ) -> tuple[Tensor, Tensor]:
     """(weights [T, k] float32, experts [T, k]) from router logits [T, E].
 
     scores = softmax or sigmoid of the logits (fp32). The experts are the top_k of
     scores + selection_bias (the bias steers the choice only: DeepSeek-V3, GLM-4.5, MiniMax-M2,
-    ERNIE 4.5), among the experts of the group_top_k of `groups` equal groups whose two best
-    experts score highest (DeepSeek-V3's group-limited routing). The weights are the chosen
+    ERNIE 4.5), among the experts of the group_top_k of `groups` equal groups that score highest:
+    by their two best experts (group_scoring "top2": DeepSeek-V3's group-limited routing) or by
+    their best one ("max": DeepSeek-V2's). The weights are the chosen
     experts' scores, renormalised to sum to one when `normalize`, times `scale`.
     """
     if scoring not in SCORINGS:
         raise ValueError(f"unknown scoring {scoring!r}; expected one of {SCORINGS}")
+    if group_scoring not in GROUP_SCORINGS:
+        raise ValueError(f"unknown group_scoring {group_scoring!r}; expected one of "
+                         f"{GROUP_SCORINGS}")
     logits = logits.float()
     scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
     choice = scores if selection_bias is None else scores + selection_bias.float()
     if groups > 1:
         tokens, experts = choice.shape
         by_group = choice.view(tokens, groups, experts // groups)
-        best = by_group.topk(min(2, experts // groups), dim=-1).values.sum(-1)
+        best_of = 1 if group_scoring == "max" else min(2, experts // groups)
+        best = by_group.topk(best_of, dim=-1).values.sum(-1)
         kept = torch.zeros_like(best, dtype=torch.bool)
         kept.scatter_(1, best.topk(group_top_k, dim=-1).indices, True)
         choice = choice.masked_fill(~kept.repeat_interleave(experts // groups, dim=1), -torch.inf)
@@ -84,6 +94,7 @@ def moe_reference(
     groups: int = 1,
     group_top_k: int = 1,
     scale: float = 1.0,
+    group_scoring: str = "top2",
 ) -> Tensor:
     """x [..., H]; router_weight [E, H]; gate_up [E, 2F, H] (gate rows then up rows); down [E, H, F];
     optional biases: router [E], gate_up [E, 2F], down [E, H].
@@ -96,7 +107,7 @@ def moe_reference(
     tokens = x.reshape(-1, shape[-1])
     logits = torch.nn.functional.linear(tokens, router_weight, router_bias)
     weights, experts = route_reference(logits, top_k, normalize, scoring, selection_bias, groups,
-                                       group_top_k, scale)
+                                       group_top_k, scale, group_scoring)
     weights = weights.to(x.dtype)
     out = torch.zeros_like(tokens)
     ffn = down.shape[-1]
@@ -132,14 +143,15 @@ def moe(
     groups: int = 1,
     group_top_k: int = 1,
     scale: float = 1.0,
+    group_scoring: str = "top2",
 ) -> Tensor:
     return moe_reference(x, router_weight, gate_up, down, top_k, normalize, kind, router_bias,
                          gate_up_bias, down_bias, scoring, selection_bias, groups, group_top_k,
-                         scale)
+                         scale, group_scoring)
 
 
 @moe.register_fake
 def _(x, router_weight, gate_up, down, top_k, normalize, kind, router_bias=None,
       gate_up_bias=None, down_bias=None, scoring="softmax", selection_bias=None, groups=1,
-      group_top_k=1, scale=1.0):
+      group_top_k=1, scale=1.0, group_scoring="top2"):
     return torch.empty_like(x)

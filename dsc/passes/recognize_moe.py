@@ -7,7 +7,8 @@ Matches (found structurally, then verified numerically):
     s = sigmoid(logits); idx = topk(s + bias, k)[1]        # or a selection bias (MiniMax-M2,
     w = gather(s, idx)                                     #   ERNIE 4.5: after a softmax) ...
     g = topk(view(s + bias, [T, G, E/G]), 2).sum(-1)       # ... and group-limited (DeepSeek-V3,
-    idx = topk(masked_fill(s + bias, not in topk(g, kg)), k)[1]   # GLM-4.5), w scaled
+    idx = topk(masked_fill(s + bias, not in topk(g, kg)), k)[1]   # GLM-4.5; DeepSeek-V2 takes
+                                                           #   a group's max), w scaled
     ...    any expert computation reading x, w, idx, 3-D expert weights and [E, n] biases ...
     out    = first node after the top-k that every path from it passes through, with x's size
              and last dimension (Mixtral in transformers 5: sort/histc/cumsum, grouped_mm x2,
@@ -17,13 +18,15 @@ Rewrite to (when it computes the same values):
 
     out = dsc.moe(x, router_weight, gate_up, down, k, normalize, kind,
                   router_bias=.., gate_up_bias=.., down_bias=..,   # the biases the block has
-                  scoring="sigmoid", selection_bias=.., groups=G, group_top_k=kg, scale=c)
+                  scoring="sigmoid", selection_bias=.., groups=G, group_top_k=kg, scale=c,
+                  group_scoring="max")
                   # routing keywords only where they differ from a softmax top-k
 
 The router is the one product of a stored 2-D weight a few steps back from a top-k. The
 region between x and out is copied into a small graph and run on random x with the real
 weights. First the routing: every reading (softmax or sigmoid, with or without the block's
-[E] weight as a selection bias, the groups its views and top-ks allow, the k of each top-k over
+[E] weight as a selection bias, the groups its views and top-ks allow, each group ranked by its
+best two experts or its best one, the k of each top-k over
 E) whose experts are the ones the block picks, on 512 tokens (the routing subgraph alone: a
 reading that differs only now and then must show it). Then each reading of the whole block that the
 shapes allow is run through `dsc.moe`'s reference: those routings, normalize True/False, a
@@ -39,7 +42,8 @@ an original no node reads any more is dropped.
 Does not match: a top-k that is not an MoE router (no 3-D expert weights behind it); other weights
 in the block (a shared expert added inside it); experts that dsc.moe cannot express (another
 activation, biases beside separate gate and up tensors); routing it cannot express (groups
-scored otherwise than by their two best experts, PhiMoE's sparsemixer); a block that reads a
+scored otherwise than by their best two experts or best one, PhiMoE's sparsemixer); a block
+that reads a
 tensor other than x.
 Ordering: after canonicalize and recognize_rms_norm; before recognize_mlp (which would otherwise
 see the experts' activation) and recognize_residual (which counts dsc.moe as a projection).
@@ -56,7 +60,8 @@ import sympy
 import torch
 from torch import fx
 
-from dsc.ops.moe import EXPERT_ACTIVATIONS, SCORINGS, moe_reference, route_reference
+from dsc.ops.moe import (EXPERT_ACTIVATIONS, GROUP_SCORINGS, SCORINGS, moe_reference,
+                         route_reference)
 from dsc.passes import register
 from dsc.passes.context import PassContext
 from dsc.passes.graph_utils import call, fake_mode_of, is_op, tensor_meta, weight_name
@@ -105,7 +110,8 @@ class _Block:
     selection_bias: fx.Node | None  # an [E] weight the routing reads besides the router's
     top_ks: list[int]  # the k of every top-k over the E experts in the block
     chosen: fx.Node | None  # the experts the block picks (the last such top-k's indices)
-    groups: list[tuple[int, int]]  # (groups, groups kept) the block's views and top-ks allow
+    # (groups, groups kept, group scoring) the block's views and top-ks allow
+    groups: list[tuple[int, int, str]]
     scales: list[float]  # the constants the block multiplies by, and 1
 
 
@@ -283,9 +289,10 @@ def _find_block(topk: fx.Node) -> _Block | None:
                   _scales(region))
 
 
-def _group_options(region: list[fx.Node], n_experts: int) -> list[tuple[int, int]]:
-    """(1, 1), then (groups, kept) for each view of the E scores as [groups, E / groups] and
-    each top-k over `groups` values in the block (DeepSeek-V3's group-limited routing)."""
+def _group_options(region: list[fx.Node], n_experts: int) -> list[tuple[int, int, str]]:
+    """(1, 1, "top2"), then (groups, kept, scoring) for each view of the E scores as
+    [groups, E / groups], each top-k over `groups` values in the block and each way to rank a
+    group (DeepSeek-V3's and DeepSeek-V2's group-limited routings)."""
     groups = set()
     for node in region:
         val, src = tensor_meta(node), tensor_meta(node.args[0]) if node.args else None
@@ -294,8 +301,8 @@ def _group_options(region: list[fx.Node], n_experts: int) -> list[tuple[int, int
                 and isinstance(val.shape[-2], int) and val.shape[-2] * val.shape[-1] == n_experts):
             groups.add(val.shape[-2])
     kept = {n.args[1] for n in region if is_op(n, aten.topk) and isinstance(n.args[1], int)}
-    return [(1, 1)] + [(g, k) for g in sorted(groups) if g > 1
-                       for k in sorted(kept) if k <= g and (g, k) != (1, 1)]
+    return [(1, 1, "top2")] + [(g, k, by) for g in sorted(groups) if g > 1
+                               for k in sorted(kept) if k <= g for by in GROUP_SCORINGS]
 
 
 def _scales(region: list[fx.Node]) -> list[float]:
@@ -469,18 +476,19 @@ def _routings(block: _Block, tensors: dict, logits: torch.Tensor,
     block holds is used first: its selection bias always, its groups before none, so that a
     probe on which they happen not to change the choice cannot drop them."""
     bias = block.selection_bias
-    for scoring, (groups, kept), top_k in itertools.product(
+    for scoring, (groups, kept, group_scoring), top_k in itertools.product(
             SCORINGS, block.groups[1:] + block.groups[:1], reversed(block.top_ks)):
         if top_k > logits.shape[-1] or (groups > 1 and logits.shape[-1] // groups < 1):
             continue
         bias_value = tensors[bias].reshape(-1) if bias is not None else None
         if chosen is not None:
-            picked = route_reference(logits, top_k, False, scoring, bias_value, groups, kept)[1]
+            picked = route_reference(logits, top_k, False, scoring, bias_value, groups, kept,
+                                     group_scoring=group_scoring)[1]
             if picked.shape != chosen.shape or not torch.equal(
                     picked.sort(-1).values, chosen.long().sort(-1).values):
                 continue
         yield {"top_k": top_k, "scoring": scoring, "selection_bias": bias, "groups": groups,
-               "group_top_k": kept}
+               "group_top_k": kept, "group_scoring": group_scoring}
 
 
 def _probe(block: _Block, ctx: PassContext) -> tuple[_Reading, bool, str, dict] | None:
@@ -525,7 +533,7 @@ def _probe(block: _Block, ctx: PassContext) -> tuple[_Reading, bool, str, dict] 
                 got = moe_reference(
                     x, router, gate_up, down, routing["top_k"], normalize, kind, *biases,
                     routing["scoring"], tensors[bias].reshape(-1) if bias is not None else None,
-                    routing["groups"], routing["group_top_k"], scale)
+                    routing["groups"], routing["group_top_k"], scale, routing["group_scoring"])
                 if (got.reshape(-1, shape[-1]).float() - expected).abs().max() <= tolerance:
                     return reading, normalize, kind, {**routing, "scale": scale}
     return None
@@ -599,6 +607,8 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, block: _Block, choice) -> Non
         kwargs["scoring"] = routing["scoring"]
     if routing["groups"] > 1:
         kwargs.update(groups=routing["groups"], group_top_k=routing["group_top_k"])
+        if routing["group_scoring"] != "top2":
+            kwargs["group_scoring"] = routing["group_scoring"]
     if routing["scale"] != 1.0:
         kwargs["scale"] = routing["scale"]
     with gm.graph.inserting_after(block.out):

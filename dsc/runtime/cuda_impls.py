@@ -218,7 +218,7 @@ def moe(x: Tensor, router_weight: Tensor, gate_up: Tensor, down: Tensor, top_k: 
         normalize: bool, kind: str, router_bias: Tensor | None = None,
         gate_up_bias: Tensor | None = None, down_bias: Tensor | None = None,
         scoring: str = "softmax", selection_bias: Tensor | None = None, groups: int = 1,
-        group_top_k: int = 1, scale: float = 1.0) -> Tensor:
+        group_top_k: int = 1, scale: float = 1.0, group_scoring: str = "top2") -> Tensor:
     """Router product, routing kernel, then the experts as two grouped GEMMs: no step waits on
     the host for how many tokens an expert got, so a decode step's CUDA graph holds it."""
     from dsc.kernels.moe import moe_experts, route
@@ -227,7 +227,7 @@ def moe(x: Tensor, router_weight: Tensor, gate_up: Tensor, down: Tensor, top_k: 
     logits = linear_small_batch(tokens, router_weight, router_bias)
     weights, experts = route(logits, top_k, normalize, scoring=scoring,
                              selection_bias=selection_bias, groups=groups,
-                             group_top_k=group_top_k, scale=scale)
+                             group_top_k=group_top_k, scale=scale, group_scoring=group_scoring)
     return moe_experts(tokens, weights, experts, gate_up, down, kind, gate_up_bias=gate_up_bias,
                        down_bias=down_bias).view(x.shape)
 

@@ -73,6 +73,13 @@ FAMILIES = {
         num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
         v_head_dim=16, n_shared_experts=1),
+    # DeepSeek-V2 ranks a group by its best expert, not its best two: on a few tokens it picks
+    # the experts DeepSeek-V3's routing would, so only the probe of many tokens tells them apart.
+    "deepseek_v2": lambda: T.DeepseekV2Config(
+        **{**SIZES, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+        topk_method="group_limited_greedy", q_lora_rank=None, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_shared_experts=1),
     "falcon": lambda: T.FalconConfig(vocab_size=211, hidden_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, new_decoder_architecture=False,
                                      multi_query=True, parallel_attn=True, bias=False),
@@ -80,7 +87,7 @@ FAMILIES = {
 
 
 MOE_FAMILIES = {"gpt_oss", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "minimax_m2",
-                "glm4_moe", "ernie4_5_moe", "deepseek_v3"}
+                "glm4_moe", "ernie4_5_moe", "deepseek_v3", "deepseek_v2"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -112,13 +119,6 @@ UNEXPRESSED_ROUTING = {
     # PhiMoE routes with sparsemixer.
     "phimoe": lambda: T.PhimoeConfig(**SIZES, num_key_value_heads=2, num_local_experts=4,
                                      num_experts_per_tok=2),
-    # DeepSeek-V2 scores a group by its best expert, not its best two: on a few tokens it picks
-    # the experts DeepSeek-V3's routing would, so only the probe of many tokens tells them apart.
-    "deepseek_v2_group_max": lambda: T.DeepseekV2Config(
-        **{**SIZES, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=8,
-        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
-        topk_method="group_limited_greedy", q_lora_rank=None, kv_lora_rank=16,
-        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_shared_experts=1),
 }
 
 

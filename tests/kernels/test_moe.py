@@ -24,23 +24,26 @@ def test_route_picks_the_top_k_of_the_softmax(top_k, normalize, assert_close):
     assert_close(weights, probs, tol=1e-6)
 
 
-@pytest.mark.parametrize("scoring,biased,groups,group_top_k,normalize,scale", [
-    ("sigmoid", True, 1, 1, True, 1.0),     # MiniMax-M2
-    ("sigmoid", True, 4, 2, True, 2.5),     # DeepSeek-V3, GLM-4.5: groups, a scale
-    ("softmax", True, 1, 1, True, 1.0),     # ERNIE 4.5
-    ("softmax", False, 2, 1, False, 1.0),
+@pytest.mark.parametrize("scoring,biased,groups,group_top_k,normalize,scale,group_scoring", [
+    ("sigmoid", True, 1, 1, True, 1.0, "top2"),     # MiniMax-M2
+    ("sigmoid", True, 4, 2, True, 2.5, "top2"),     # DeepSeek-V3, GLM-4.5: groups, a scale
+    ("softmax", True, 1, 1, True, 1.0, "top2"),     # ERNIE 4.5
+    ("softmax", False, 2, 1, False, 1.0, "top2"),
+    ("softmax", False, 4, 2, False, 16.0, "max"),   # DeepSeek-V2: a group ranked by its best
 ])
 def test_route_with_a_selection_bias_groups_and_a_scale(scoring, biased, groups, group_top_k,
-                                                       normalize, scale, assert_close):
+                                                       normalize, scale, group_scoring,
+                                                       assert_close):
     from dsc.ops.moe import route_reference
 
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(9, 16, generator=gen)
     bias = torch.randn(16, generator=gen) * 0.5 if biased else None
     weights, experts = route(logits, 3, normalize, scoring=scoring, selection_bias=bias,
-                             groups=groups, group_top_k=group_top_k, scale=scale)
+                             groups=groups, group_top_k=group_top_k, scale=scale,
+                             group_scoring=group_scoring)
     ref_w, ref_e = route_reference(logits, 3, normalize, scoring, bias, groups, group_top_k,
-                                   scale)
+                                   scale, group_scoring)
     order, ref_order = experts.long().sort(-1), ref_e.sort(-1)
     assert torch.equal(order.values, ref_order.values)
     assert_close(weights.gather(1, order.indices), ref_w.gather(1, ref_order.indices), tol=1e-6)
@@ -116,11 +119,12 @@ def test_cuda_moe_with_biases_matches_the_op(assert_close):
     assert_close(out, moe_reference(x, router, gate_up, down, 2, True, "clamped_swiglu", *biases))
 
 
-def test_cuda_moe_with_group_limited_sigmoid_routing_matches_the_op(assert_close):
+@pytest.mark.parametrize("group_scoring", ["top2", "max"])
+def test_cuda_moe_with_group_limited_sigmoid_routing_matches_the_op(group_scoring, assert_close):
     router, gate_up, down = _weights(experts=8)
     selection_bias = torch.randn(8, generator=torch.Generator().manual_seed(4))
     routing = {"scoring": "sigmoid", "selection_bias": selection_bias, "groups": 4,
-               "group_top_k": 2, "scale": 2.5}
+               "group_top_k": 2, "scale": 2.5, "group_scoring": group_scoring}
     from dsc.runtime.cuda_impls import moe
 
     x = torch.randn(5, 24)

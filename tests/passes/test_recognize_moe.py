@@ -62,7 +62,8 @@ def moe_gpt_oss(x, router, router_bias, gate_up, gate_up_bias, down, down_bias, 
 
 def moe_grouped_sigmoid(x, router, selection_bias, gate_up, down, group_score="top2"):
     """DeepSeek-V3 / GLM-4.5 routing: sigmoid scores, a selection bias, 2 groups of which the
-    one with the best two experts (or, group_score="max", the best one) is kept, weights
+    one with the best two experts (group_score="max": the best one, DeepSeek-V2; "min": the
+    worst one, which no model does) is kept, weights
     renormalised and scaled by 2.5; experts in dsc's own layout."""
     t = x.reshape(-1, H)
     scores = torch.sigmoid(F.linear(t, router))
@@ -70,8 +71,10 @@ def moe_grouped_sigmoid(x, router, selection_bias, gate_up, down, group_score="t
     by_group = choice.view(-1, 2, E // 2)
     if group_score == "top2":
         group_scores = by_group.topk(2, dim=-1)[0].sum(dim=-1)
-    else:
+    elif group_score == "max":
         group_scores = by_group.max(dim=-1).values
+    else:
+        group_scores = by_group.min(dim=-1).values
     keep = torch.zeros_like(group_scores).scatter(1, group_scores.topk(1, dim=-1)[1], 1)
     mask = keep.unsqueeze(-1).expand(-1, 2, E // 2).reshape(-1, E).bool()
     idx = choice.masked_fill(~mask, float("-inf")).topk(K, dim=-1)[1]
@@ -194,17 +197,34 @@ def test_group_limited_sigmoid_routing_before_expected():
                                moe_grouped_sigmoid(x, *weights.values()), atol=1e-5, rtol=0)
 
 
-def test_groups_scored_by_their_best_expert_alone_do_not_match():
-    # DeepSeek-V2's group score (the best expert, not the best two): dsc.moe cannot express
-    # it, and the probe finds no routing that picks the block's experts.
+def test_groups_scored_by_their_best_expert_alone_before_expected():
+    # DeepSeek-V2's group score (the best expert, not the best two): group_scoring="max". The
+    # two readings pick the same experts on most tokens; the routing probe's many tell them apart.
     def by_max(*args):
         return moe_grouped_sigmoid(*args, group_score="max")
 
     weights = _weights(router=(E, H), selection_bias=(E,), gate_up=(E, 2 * FFN, H),
                        down=(E, H, FFN))
     gm, ctx, x = _recognise(by_max, weights)
+    (node,) = _moe_nodes(gm)
+    assert node.kwargs["groups"] == 2 and node.kwargs["group_scoring"] == "max"
+    torch.testing.assert_close(run(gm, ctx.weights, x)[0], by_max(x, *weights.values()),
+                               atol=1e-5, rtol=0)
+
+
+def test_groups_scored_by_their_worst_expert_do_not_match():
+    # A group ranked by its worst expert: dsc.moe cannot express it, and the probe finds no
+    # routing that picks the block's experts.
+    def by_min(*args):
+        return moe_grouped_sigmoid(*args, group_score="min")
+
+    weights = _weights(router=(E, H), selection_bias=(E,), gate_up=(E, 2 * FFN, H),
+                       down=(E, H, FFN))
+    # Group 1's experts pulled apart: its worst rarely beats group 0's, its sum often does.
+    weights["selection_bias"] = torch.tensor([0.0, 0.0, 0.6, -0.6])
+    gm, ctx, x = _recognise(by_min, weights)
     assert not _moe_nodes(gm)
-    torch.testing.assert_close(run(gm, ctx.weights, x)[0], by_max(x, *weights.values()))
+    torch.testing.assert_close(run(gm, ctx.weights, x)[0], by_min(x, *weights.values()))
 
 
 def test_a_selection_bias_stored_as_a_row_is_copied_flat():
