@@ -31,8 +31,13 @@ from torch import Tensor
 
 from dsc.kernels.checks import check_device
 from dsc.kernels.gemm import _apply_activation
-from dsc.ops.moe import (CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, EXPERT_ACTIVATIONS,
-                         GROUP_SCORINGS, SCORINGS)
+from dsc.ops.moe import (
+    CLAMPED_SWIGLU_ALPHA,
+    CLAMPED_SWIGLU_LIMIT,
+    EXPERT_ACTIVATIONS,
+    GROUP_SCORINGS,
+    SCORINGS,
+)
 
 __all__ = ["align", "moe_experts", "route"]
 

@@ -60,8 +60,7 @@ import sympy
 import torch
 from torch import fx
 
-from dsc.ops.moe import (EXPERT_ACTIVATIONS, GROUP_SCORINGS, SCORINGS, moe_reference,
-                         route_reference)
+from dsc.ops.moe import EXPERT_ACTIVATIONS, GROUP_SCORINGS, SCORINGS, moe_reference, route_reference
 from dsc.passes import register
 from dsc.passes.context import PassContext
 from dsc.passes.graph_utils import call, fake_mode_of, is_op, tensor_meta, weight_name
