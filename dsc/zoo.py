@@ -64,6 +64,16 @@ def _tiny(arch: str) -> tuple[str, dict[str, Any]]:
             n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
             first_k_dense_replace=1, routed_scaling_factor=2.5,
         )
+    if arch == "deepseek-v3":
+        # Multi-head latent attention (queries through a low-rank path; keys 24 wide of which 8
+        # rotate, values 16), group-limited sigmoid routing, a shared expert; first layer dense.
+        return "DeepseekV3ForCausalLM", dict(
+            common, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+            first_k_dense_replace=1, n_shared_experts=1, q_lora_rank=32, kv_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+        )
     if arch == "bert":
         return "BertModel", dict(
             vocab_size=211, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -99,6 +109,16 @@ def _real(name: str) -> tuple[str, dict[str, Any]]:
             num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
             num_experts_per_tok=4, sliding_window=128, max_position_embeddings=131072,
         )),
+        # Latent attention (keys 192 wide, values 128, a 512-wide latent), 64 experts of
+        # which 6 are routed per token plus 2 shared.
+        "deepseek-v2-lite": ("DeepseekV2ForCausalLM", dict(
+            vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_hidden_layers=27,
+            num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
+            moe_intermediate_size=1408, n_routed_experts=64, num_experts_per_tok=6,
+            n_shared_experts=2, first_k_dense_replace=1, topk_method="greedy", n_group=1,
+            topk_group=1, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+            qk_rope_head_dim=64, v_head_dim=128,
+        )),
         "opt-1.3b": ("OPTForCausalLM", dict(
             vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24,
             num_attention_heads=32, max_position_embeddings=2048, word_embed_proj_dim=2048,
@@ -110,10 +130,10 @@ def _real(name: str) -> tuple[str, dict[str, Any]]:
 MODELS: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {
     **{f"tiny-{a}": (lambda a=a: _tiny(a)) for a in
        ("llama", "mistral", "mistral-sliding", "mixtral", "gpt2", "opt", "bloom", "gpt-oss",
-        "glm4-moe", "bert")},
+        "glm4-moe", "deepseek-v3", "bert")},
     **{n: (lambda n=n: _real(n)) for n in
        ("llama-7b", "llama-1.1b", "llama-70b", "gpt2-xl", "opt-1.3b", "mixtral-8x7b",
-        "gpt-oss-20b")},
+        "gpt-oss-20b", "deepseek-v2-lite")},
 }
 
 

@@ -60,10 +60,10 @@ def _norm(node: fx.Node, program: str, target: Target) -> bool:
 
 
 def _attention(node: fx.Node, program: str, target: Target) -> bool:
-    # The kernels give queries, keys and values one head size.
+    # The kernels take queries and keys of one head size up to 256, values of theirs.
     q, k, v = (_val(a) for a in node.args[:3])
-    return _on_gpu(node, target) and None not in (q, k, v) and q.shape[-1] <= 256 and (
-        q.shape[-1] == k.shape[-1] == v.shape[-1]
+    return _on_gpu(node, target) and None not in (q, k, v) and (
+        q.shape[-1] == k.shape[-1] and max(q.shape[-1], v.shape[-1]) <= 256
     )
 
 

@@ -34,6 +34,9 @@ to the scores of query head h. A query with no key to attend gets zeros. With a 
 window the split programs share only the slots from start - window + 1 on: the keys no query
 of the step can see are never read. Masked K/V slots may hold anything, NaN included: V rows
 that are not attended are zeroed on load so they cannot poison the sums.
+
+Values may have a head size of their own (multi-head latent attention: DeepSeek's queries and
+keys are 192 wide, its values 128): the output and the partials take the values' size.
 """
 
 from __future__ import annotations
@@ -123,8 +126,8 @@ def _slot(n, ring, RING: tl.constexpr):
 @triton.jit
 def _prefetch_chunk(k_base, v_base, start_ptr, S, T, num_splits, pid_split, stride_kt, stride_kd,
                     stride_vt, stride_vd, ring, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PREFETCH_KEYS: tl.constexpr, LINE_ELEMS: tl.constexpr, WINDOW: tl.constexpr,
-                    RING: tl.constexpr):
+                    BLOCK_DV: tl.constexpr, PREFETCH_KEYS: tl.constexpr,
+                    LINE_ELEMS: tl.constexpr, WINDOW: tl.constexpr, RING: tl.constexpr):
     """Ask L2 for the first PREFETCH_KEYS K and V rows of this program's chunk, one request per
     128-byte line."""
     first, live = _key_range(tl.load(start_ptr).to(tl.int32), S, T, WINDOW)
@@ -135,9 +138,10 @@ def _prefetch_chunk(k_base, v_base, start_ptr, S, T, num_splits, pid_split, stri
     n = tl.minimum(n, tl.maximum(n_hi - 1, 0))  # requests past the chunk repeat its last row
     n = _slot(n, ring, RING)
     line = tl.arange(0, BLOCK_D // LINE_ELEMS) * LINE_ELEMS
+    v_line = tl.arange(0, BLOCK_DV // LINE_ELEMS) * LINE_ELEMS
     if n_lo < live:
         pdl.prefetch_l2(k_base + n[:, None] * stride_kt + line[None, :] * stride_kd)
-        pdl.prefetch_l2(v_base + n[:, None] * stride_vt + line[None, :] * stride_vd)
+        pdl.prefetch_l2(v_base + n[:, None] * stride_vt + v_line[None, :] * stride_vd)
 
 
 @triton.jit
@@ -225,6 +229,10 @@ def _decode_split_kernel(
     stride_nh,
     stride_ns,
     stride_nd,
+    stride_wb,
+    stride_wh,
+    stride_ws,
+    stride_wd,
     stride_cb,
     stride_cs,
     stride_cd,
@@ -249,6 +257,8 @@ def _decode_split_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    V_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     MERGE_IN_SPLIT: tl.constexpr,
     V_WITH_K: tl.constexpr,
@@ -283,7 +293,8 @@ def _decode_split_kernel(
         # pulled toward L2 now. `start` may still be changing; a stale value only moves what is
         # prefetched, the loop below reads it again after the wait.
         _prefetch_chunk(k_base, v_base, start_ptr, S, T, num_splits, pid_split, stride_kt,
-                        stride_kd, stride_vt, stride_vd, ring, BLOCK_N, BLOCK_D, PREFETCH_KEYS,
+                        stride_kd, stride_vt, stride_vd, ring, BLOCK_N, BLOCK_D, BLOCK_DV,
+                        PREFETCH_KEYS,
                         LINE_ELEMS, WINDOW, RING)
     pdl.wait_and_release(USE_PDL)
 
@@ -306,6 +317,16 @@ def _decode_split_kernel(
         d_ok = tl.full((BLOCK_D,), True, tl.int1)
     else:
         d_ok = d < HEAD_D
+    # The values' lanes: the keys' own, or a head size of their own (latent attention).
+    if V_D == HEAD_D:
+        dv = d
+        dv_ok = d_ok
+    else:
+        dv = tl.arange(0, BLOCK_DV)
+        if V_D == BLOCK_DV:
+            dv_ok = tl.full((BLOCK_DV,), True, tl.int1)
+        else:
+            dv_ok = dv < V_D
 
     # Load the group's query rows once.
     q_ptrs = (
@@ -328,8 +349,8 @@ def _decode_split_kernel(
     if WRITE_NEW:
         # The step's own keys/values go into the cache here, not in a launch of their own: the
         # program whose key chunk holds slot start + i writes new row i, then a barrier makes the
-        # rows visible to the loop below (no other program reads that chunk). new_k/new_v have
-        # the same [B, Hkv, S, D] strides.
+        # rows visible to the loop below (no other program reads that chunk). new_v has new_k's
+        # strides unless its head size differs.
         i = tl.arange(0, BLOCK_S)
         slot_i = start + i
         mine = (i < S) & (slot_i >= n_lo) & (slot_i < n_hi)
@@ -340,12 +361,18 @@ def _decode_split_kernel(
             k_pair = tl.load(k_new_ptr + new_off + partner[None, :] * stride_nd, mask=new_mask)
             k_row = _rotate(k_row, k_pair, cos_ptr, sin_ptr, b64 * stride_cb, i, d, mine, d_ok,
                             stride_cs, stride_cd, HEAD_D)
-        v_row = tl.load(v_new_ptr + new_off + d[None, :] * stride_nd, mask=new_mask)
+        if V_D == HEAD_D:
+            v_row = tl.load(v_new_ptr + new_off + d[None, :] * stride_nd, mask=new_mask)
+            new_v_mask = new_mask
+        else:
+            new_v_mask = mine[:, None] & dv_ok[None, :]
+            v_row = tl.load(v_new_ptr + b64 * stride_wb + kvh.to(tl.int64) * stride_wh
+                            + i[:, None] * stride_ws + dv[None, :] * stride_wd, mask=new_v_mask)
         row_i = _slot(slot_i, ring, RING)
         tl.store(k_base + row_i[:, None] * stride_kt + d[None, :] * stride_kd,
                  k_row.to(k_ptr.dtype.element_ty), mask=new_mask)
-        tl.store(v_base + row_i[:, None] * stride_vt + d[None, :] * stride_vd,
-                 v_row.to(v_ptr.dtype.element_ty), mask=new_mask)
+        tl.store(v_base + row_i[:, None] * stride_vt + dv[None, :] * stride_vd,
+                 v_row.to(v_ptr.dtype.element_ty), mask=new_v_mask)
         tl.debug_barrier()
     valid_base = valid_ptr + b64 * stride_mb
     last_allowed = start + s  # causal limit of each row
@@ -360,7 +387,7 @@ def _decode_split_kernel(
 
     m_i = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_DV), dtype=tl.float32)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         in_range = n < n_hi
@@ -378,8 +405,8 @@ def _decode_split_kernel(
             # Requested now, independent of the valid bytes, so K, V and the mask are in flight
             # together; the rows nobody may attend are zeroed below instead of masked here.
             v = tl.load(
-                v_base + row[:, None] * stride_vt + d[None, :] * stride_vd,
-                mask=in_range[:, None] & d_ok[None, :],
+                v_base + row[:, None] * stride_vt + dv[None, :] * stride_vd,
+                mask=in_range[:, None] & dv_ok[None, :],
                 other=0.0,
             )
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
@@ -398,8 +425,8 @@ def _decode_split_kernel(
             v = tl.where(ok[:, None], v, 0.0).to(v_ptr.dtype.element_ty)
         else:
             v = tl.load(
-                v_base + row[:, None] * stride_vt + d[None, :] * stride_vd,
-                mask=ok[:, None] & d_ok[None, :],
+                v_base + row[:, None] * stride_vt + dv[None, :] * stride_vd,
+                mask=ok[:, None] & dv_ok[None, :],
                 other=0.0,
             )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -410,9 +437,9 @@ def _decode_split_kernel(
         + b64 * stride_ob
         + head[:, None] * stride_oh
         + s[:, None] * stride_os
-        + d[None, :] * stride_od
+        + dv[None, :] * stride_od
     )
-    out_ok = row_ok[:, None] & d_ok[None, :]
+    out_ok = row_ok[:, None] & dv_ok[None, :]
     if IS_SPLIT:
         # Unnormalised partials of this chunk, merged by the combine kernel (or by the group's
         # last split program).
@@ -420,16 +447,16 @@ def _decode_split_kernel(
         slot = row_id.to(tl.int64) * num_splits + pid_split
         store_ok = row_ok & (n_lo < live)
         tl.store(
-            part_acc_ptr + slot[:, None] * BLOCK_D + d[None, :],
+            part_acc_ptr + slot[:, None] * BLOCK_DV + dv[None, :],
             acc,
-            mask=store_ok[:, None] & d_ok[None, :],
+            mask=store_ok[:, None] & dv_ok[None, :],
         )
         tl.store(part_ml_ptr + slot * 2, m_i, mask=store_ok)
         tl.store(part_ml_ptr + slot * 2 + 1, l_i, mask=store_ok)
         if MERGE_IN_SPLIT:
             if _last_to_arrive(arrivals_ptr + pid_bh, num_splits):
-                o = _merge_partials(part_acc_ptr, part_ml_ptr, row_id, row_ok, d, d_ok, span,
-                                    chunk, num_splits, sink, SPLITS_P2, BLOCK_R, BLOCK_D, SINKS)
+                o = _merge_partials(part_acc_ptr, part_ml_ptr, row_id, row_ok, dv, dv_ok, span,
+                                    chunk, num_splits, sink, SPLITS_P2, BLOCK_R, BLOCK_DV, SINKS)
                 tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_ok)
     else:
         # The whole key range was ours: normalise and write; rows with no key get zeros.
@@ -512,9 +539,10 @@ def check_attention_inputs(
         raise ValueError(f"q must be 4-D [B, Hq, S, D]; got shape {tuple(q.shape)}")
     if k_cache.dim() != 4:
         raise ValueError(f"k_cache must be 4-D [B, Hkv, T, D]; got shape {tuple(k_cache.shape)}")
-    if v_cache.shape != k_cache.shape:
+    if v_cache.dim() != 4 or v_cache.shape[:3] != k_cache.shape[:3]:
         raise ValueError(
-            f"v_cache shape {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}"
+            f"v_cache shape {tuple(v_cache.shape)} must be k_cache's {tuple(k_cache.shape)} but "
+            "for its head size: [B, Hkv, T, Dv]"
         )
     batch, hq, s, d = q.shape
     kb, hkv, t, kd = k_cache.shape
@@ -526,8 +554,9 @@ def check_attention_inputs(
         raise ValueError(f"Hq={hq} query heads is not a multiple of Hkv={hkv} kv heads")
     if 0 in q.shape:
         raise ValueError(f"q is empty: shape {tuple(q.shape)}")
-    if d > _MAX_HEAD_DIM:
-        raise ValueError(f"head dim D={d} is above the supported {_MAX_HEAD_DIM}")
+    if max(d, v_cache.shape[3]) > _MAX_HEAD_DIM:
+        raise ValueError(f"head dims D={d}, Dv={v_cache.shape[3]}: above the supported "
+                         f"{_MAX_HEAD_DIM}")
     if s > t:
         raise ValueError(f"S={s} new tokens do not fit a cache of T={t} slots")
     # kv_valid is per position: as long as the cache, or longer for a ring cache.
@@ -697,13 +726,14 @@ def decode_attention(
 ) -> Tensor:
     """Attention of S (small) new query tokens over a KV cache; see the module docstring.
 
-    q [B, Hq, S, D]; k_cache, v_cache [B, Hkv, T, D] (Hq a multiple of Hkv); kv_valid [B, T] bool;
-    start: int64 tensor [1] on the device; returns [B, Hq, S, D] in q.dtype. Any strides.
+    q [B, Hq, S, D]; k_cache [B, Hkv, T, D], v_cache [B, Hkv, T, Dv] (Hq a multiple of Hkv; Dv
+    is D but for latent attention); kv_valid [B, T] bool; start: int64 tensor [1] on the device;
+    returns [B, Hq, S, Dv] in q.dtype. Any strides.
     Needs (Hq // Hkv) * S <= 128 query rows per kv head; longer prompts go to `flash_attention`.
-    `out` (q's shape and dtype, any strides) receives the result if given.
-    `new_k`, `new_v` ([B, Hkv, S, D], one set of strides for both): the step's keys and values,
-    written into the caches at slots start..start+S-1 by the kernel before it attends (one launch
-    instead of a cache write per tensor).
+    `out` ([B, Hq, S, Dv] in q's dtype, any strides) receives the result if given.
+    `new_k` [B, Hkv, S, D], `new_v` [B, Hkv, S, Dv]: the step's keys and values, written into
+    the caches at slots start..start+S-1 by the kernel before it attends (one launch instead of
+    a cache write per tensor).
     `rotary` (cos, sin), broadcastable to [B, 1, S, D]: q and new_k arrive unrotated and are
     rotated as they are loaded (x * cos + rotate_half(x) * sin), sparing the rotary launch.
     `prefetch`: a weight (K contiguous) whose rows' first lines, within DSC_PREFETCH_MB, the
@@ -721,13 +751,15 @@ def decode_attention(
     check_sinks(sinks, q.shape[1])
     if (new_k is None) != (new_v is None):
         raise ValueError("give both new_k and new_v, or neither")
+    d_v = v_cache.shape[3]
     if new_k is not None:
-        want = (q.shape[0], k_cache.shape[1], q.shape[2], q.shape[3])
-        for name, t in (("new_k", new_k), ("new_v", new_v)):
-            if tuple(t.shape) != want or t.device != q.device:
-                raise ValueError(f"{name} must be [B, Hkv, S, D] = {list(want)} on {q.device}; "
-                                 f"got {list(t.shape)} on {t.device}")
-        if new_k.stride() != new_v.stride():
+        want = (q.shape[0], k_cache.shape[1], q.shape[2])
+        for name, t, size in (("new_k", new_k, q.shape[3]), ("new_v", new_v, d_v)):
+            if tuple(t.shape) != (*want, size) or t.device != q.device:
+                raise ValueError(f"{name} must be [B, Hkv, S, {'D' if name == 'new_k' else 'Dv'}]"
+                                 f" = {[*want, size]} on {q.device}; got {list(t.shape)} on "
+                                 f"{t.device}")
+        if d_v == q.shape[3] and new_k.stride() != new_v.stride():
             new_k, new_v = new_k.contiguous(), new_v.contiguous()
     cos = sin = q  # placeholder pointers when unused
     cos_strides = (0, 0, 0)
@@ -765,6 +797,7 @@ def decode_attention(
     cfg = config or _config_override() or pick_decode_config(batch, hkv, seen, sm_count(q.device))
 
     block_d = max(16, triton.next_power_of_2(d))
+    block_dv = max(16, triton.next_power_of_2(d_v))
     block_r = max(16, triton.next_power_of_2(group * s))
     blocks = triton.cdiv(seen, cfg.block_n)
     splits = max(1, min(cfg.num_splits, blocks))
@@ -772,14 +805,15 @@ def decode_attention(
     # kernels divide the live length, or the window's part of it, over the rest).
     splits = triton.cdiv(seen, triton.cdiv(blocks, splits) * cfg.block_n)
 
+    out_shape = (batch, hq, s, d_v)
     if out is None:
-        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        out = torch.empty(out_shape, device=q.device, dtype=q.dtype)
     else:
-        check_out(out, tuple(q.shape), q)
+        check_out(out, out_shape, q)
     merge_in_split = splits > 1 and cfg.merge_in_split and splits <= _MAX_INLINE_SPLITS
     if splits > 1:
         rows = batch * hq * s
-        part_acc = torch.empty((rows, splits, block_d), device=q.device, dtype=torch.float32)
+        part_acc = torch.empty((rows, splits, block_dv), device=q.device, dtype=torch.float32)
         part_ml = torch.empty((rows, splits, 2), device=q.device, dtype=torch.float32)
     else:
         part_acc = part_ml = out
@@ -813,6 +847,7 @@ def decode_attention(
         *valid.stride(),
         *out.stride(),
         *(new_k.stride() if new_k is not None else (0, 0, 0, 0)),
+        *(new_v.stride() if new_v is not None else (0, 0, 0, 0)),
         *cos_strides,
         s,
         t,
@@ -830,6 +865,8 @@ def decode_attention(
         BLOCK_R=block_r,
         BLOCK_N=cfg.block_n,
         BLOCK_D=block_d,
+        V_D=d_v,
+        BLOCK_DV=block_dv,
         DOT_PRECISION=precision,
         MERGE_IN_SPLIT=merge_in_split,
         V_WITH_K=cfg.v_with_k,
@@ -839,7 +876,7 @@ def decode_attention(
         SINKS=sinks is not None,
         RING=ring < t,
         PREFETCH_KEYS=_prefetch_keys(),
-        LINE_ELEMS=min(128 // k_cache.element_size(), block_d),
+        LINE_ELEMS=min(128 // k_cache.element_size(), block_d, block_dv),
         **l2_prefetch.launch_args(
             None if prefetch is None else l2_prefetch.weight_lines(prefetch), q),
         num_warps=cfg.num_warps,
@@ -858,9 +895,9 @@ def decode_attention(
             t,
             hq,
             splits,
-            HEAD_D=d,
+            HEAD_D=d_v,  # the output's head size: the values'
             BLOCK_N=cfg.block_n,
-            BLOCK_D=block_d,
+            BLOCK_D=block_dv,
             SPLITS_P2=triton.next_power_of_2(splits),
             WINDOW=window,
             SINKS=sinks is not None,

@@ -23,7 +23,8 @@ attend key slot j iff j < start + S, kv_valid[b, j], (not causal or j <= start +
 to the scores of query head h. A query with no key to attend gets zeros. `start` lives in device
 memory (an int64 tensor [1]). With a sliding window, key blocks below every row's window
 are skipped like those above the diagonal, and the blocks the window's edge cuts take the
-position masks.
+position masks. Values may have a head size of their own (latent attention); the output
+takes it.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def _attend_block(
     query_pos,
     d,
     d_ok,
+    dv,
+    dv_ok,
     stride_kt,
     stride_kd,
     stride_vt,
@@ -107,6 +110,7 @@ def _attend_block(
     DOT_PRECISION: tl.constexpr,
     PADDED: tl.constexpr,
     FULL_D: tl.constexpr,
+    FULL_DV: tl.constexpr,
     holes,
     WINDOW: tl.constexpr,
     seen_from,
@@ -152,15 +156,15 @@ def _attend_block(
         qk = tl.where(allowed, qk, float("-inf"))
 
     p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
-    # V tile [BLOCK_N, D]; unattendable slots are zeroed so whatever they hold cannot leak in.
-    if PADDED or POSITION_MASK or not FULL_D:
+    # V tile [BLOCK_N, Dv]; unattendable slots are zeroed so whatever they hold cannot leak in.
+    if PADDED or POSITION_MASK or not FULL_DV:
         v = tl.load(
-            v_base + n[:, None] * stride_vt + d[None, :] * stride_vd,
-            mask=load_ok[:, None] & d_ok[None, :],
+            v_base + n[:, None] * stride_vt + dv[None, :] * stride_vd,
+            mask=load_ok[:, None] & dv_ok[None, :],
             other=0.0,
         )
     else:
-        v = tl.load(v_base + n[:, None] * stride_vt + d[None, :] * stride_vd)
+        v = tl.load(v_base + n[:, None] * stride_vt + dv[None, :] * stride_vd)
     # Rescale, then let the tensor cores accumulate P @ V onto it.
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i
@@ -204,6 +208,8 @@ def _flash_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    V_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PADDED: tl.constexpr,
     CHECK_BLOCK: tl.constexpr,
@@ -230,6 +236,16 @@ def _flash_attention_kernel(
         d_ok = tl.full((BLOCK_D,), True, tl.int1)
     else:
         d_ok = d < HEAD_D
+    # The values' lanes: the keys' own, or a head size of their own (latent attention).
+    if V_D == HEAD_D:
+        dv = d
+        dv_ok = d_ok
+    else:
+        dv = tl.arange(0, BLOCK_DV)
+        if V_D == BLOCK_DV:
+            dv_ok = tl.full((BLOCK_DV,), True, tl.int1)
+        else:
+            dv_ok = dv < V_D
 
     # This program's query rows, loaded once.
     q_ptrs = q_ptr + b * stride_qb + h * stride_qh + i[:, None] * stride_qs + d[None, :] * stride_qd
@@ -278,28 +294,28 @@ def _flash_attention_kernel(
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     if WINDOW > 0:
         for n0 in range(lo, full_lo, BLOCK_N):
             acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok,
-                stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
-                CAUSAL, True, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, holes, WINDOW,
-                seen_from, ALIBI, slope,
+                acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok, dv,
+                dv_ok, stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
+                CAUSAL, True, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, V_D == BLOCK_DV,
+                holes, WINDOW, seen_from, ALIBI, slope,
             )  # fmt: skip
     for n0 in range(full_lo, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok,
-            stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
-            CAUSAL, False, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, holes, WINDOW,
-            seen_from, ALIBI, slope,
+            acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok, dv,
+            dv_ok, stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
+            CAUSAL, False, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, V_D == BLOCK_DV,
+            holes, WINDOW, seen_from, ALIBI, slope,
         )  # fmt: skip
     for n0 in range(full_end, hi, BLOCK_N):
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok,
-            stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
-            CAUSAL, True, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, holes, WINDOW,
-            seen_from, ALIBI, slope,
+            acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok, dv,
+            dv_ok, stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
+            CAUSAL, True, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, V_D == BLOCK_DV,
+            holes, WINDOW, seen_from, ALIBI, slope,
         )  # fmt: skip
 
     # Normalise; rows that attended nothing have l = 0 and get zeros. An attention sink (a
@@ -308,9 +324,9 @@ def _flash_attention_kernel(
         l_i += tl.exp2(tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634 - m_i)
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     out_ptrs = (
-        out_ptr + b * stride_ob + h * stride_oh + i[:, None] * stride_os + d[None, :] * stride_od
+        out_ptr + b * stride_ob + h * stride_oh + i[:, None] * stride_os + dv[None, :] * stride_od
     )
-    tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
 
 
 def flash_attention(
@@ -331,9 +347,9 @@ def flash_attention(
 ) -> Tensor:
     """Attention of S query tokens over a KV cache (prefill); see the module docstring.
 
-    q [B, Hq, S, D]; k_cache, v_cache [B, Hkv, T, D] (Hq a multiple of Hkv); kv_valid [B, T] bool;
-    start: int64 tensor [1] on the device; returns [B, Hq, S, D] in q.dtype. Any strides.
-    `out` (q's shape and dtype, any strides) receives the result if given.
+    q [B, Hq, S, D]; k_cache [B, Hkv, T, D], v_cache [B, Hkv, T, Dv] (Hq a multiple of Hkv);
+    kv_valid [B, T] bool; start: int64 tensor [1] on the device; returns [B, Hq, S, Dv] in
+    q.dtype. Any strides. `out` ([B, Hq, S, Dv] in q's dtype) receives the result if given.
     padded=False promises every slot below start + S is valid (no padding): the kernel then
     skips the padding mask and loads whole K/V tiles unmasked below the diagonal. None (the
     default) takes the promise from `keys_unpadded` if the caller is inside one, else assumes
@@ -352,17 +368,18 @@ def flash_attention(
     if padded is None:
         padded = not _UNPADDED.get()
     batch, hq, s, d = q.shape
-    hkv, t = k_cache.shape[1], k_cache.shape[2]
+    hkv, t, d_v = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     cfg = config or FlashConfig()
-    if d > 128 and config is None:
+    if max(d, d_v) > 128 and config is None:
         cfg = FlashConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
 
+    out_shape = (batch, hq, s, d_v)
     if out is None:
-        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        out = torch.empty(out_shape, device=q.device, dtype=q.dtype)
     else:
-        check_out(out, tuple(q.shape), q)
+        check_out(out, out_shape, q)
     if (not padded and not window and alibi is None and sinks is None and config is None
-            and tma_eligible(q, k_cache, v_cache, out)):
+            and d_v == d and tma_eligible(q, k_cache, v_cache, out)):
         return flash_attention_tma(q, k_cache, v_cache, start, causal, scale, out)
     valid = kv_valid.view(torch.uint8)
     grid = (triton.cdiv(s, cfg.block_m), batch * hq)
@@ -390,6 +407,8 @@ def flash_attention(
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_D=max(16, triton.next_power_of_2(d)),
+        V_D=d_v,
+        BLOCK_DV=max(16, triton.next_power_of_2(d_v)),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         PADDED=padded,
         CHECK_BLOCK=1024,

@@ -13,6 +13,8 @@ scores of query head h: a slope per head times the distance back to the key.
 softmax beside the keys and is then dropped, so the weights of the keys sum to less than one.
 A query with no slot it may attend (a padding token at the left edge) gets zeros, never NaN.
 Grouped-query attention: query head h reads key/value head h // (Hq // Hkv).
+Values may be narrower or wider than queries and keys (latent attention: DeepSeek's keys are
+192 wide, its values 128); the output has the values' head size.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ def masked_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, start: int, causal: bool, scale: float,
     window: int = 0, alibi: list[float] | None = None, sinks: Tensor | None = None,
 ) -> Tensor:
-    """The masking rule above in plain torch, fp32 softmax. q [B,Hq,S,D]; k, v [B,Hkv,T,D];
-    sinks [Hq] or None."""
+    """The masking rule above in plain torch, fp32 softmax. q [B,Hq,S,D]; k [B,Hkv,T,D];
+    v [B,Hkv,T,Dv]; sinks [Hq] or None. Returns [B,Hq,S,Dv]."""
     check_window(window, causal)
     check_alibi(alibi, q.shape[1], causal)
     batch, q_heads, seq, _ = q.shape
@@ -84,7 +86,7 @@ def attention(
 
 @attention.register_fake
 def _(q, k, v, key_valid, causal, scale, window=0, alibi=None, sinks=None):
-    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[3]).transpose(1, 2)
 
 
 @torch.library.custom_op("dsc::cached_attention", mutates_args=("k_cache", "v_cache"))
@@ -103,9 +105,10 @@ def cached_attention(
     alibi: list[float] | None = None,
     sinks: Tensor | None = None,
 ) -> Tensor:
-    """Write k, v [B,Hkv,S,D] into the cache at slots start..start+S-1, then attend over it.
+    """Write k [B,Hkv,S,D], v [B,Hkv,S,Dv] into the cache at slots start..start+S-1, then
+    attend over it.
 
-    k_cache, v_cache: [max_batch, Hkv, max_seq, D]; the first B rows are used. valid: [B, max_seq]
+    k_cache, v_cache: [max_batch, Hkv, max_seq, D or Dv]; the first B rows are used. valid: [B, max_seq]
     bool; start: int64 tensor of shape [1] (device memory, so CUDA-graph replays can move it).
     prefetch: a weight the next projection reads, which the GPU's decode kernel pulls toward L2
     while it attends (`prefetch_next_weight`); it never changes the result.
@@ -173,7 +176,7 @@ def _ring_attention(q, k, v, k_cache, v_cache, valid, first, causal, scale, wind
 @cached_attention.register_fake
 def _(q, k, v, k_cache, v_cache, valid, start, causal, scale, prefetch=None, window=0,
       alibi=None, sinks=None):
-    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[3]).transpose(1, 2)
 
 
 @torch.library.custom_op("dsc::rotary_cached_attention", mutates_args=("k_cache", "v_cache"))
@@ -206,4 +209,4 @@ def rotary_cached_attention(
 @rotary_cached_attention.register_fake
 def _(q, k, v, k_cache, v_cache, valid, start, cos, sin, causal, scale, prefetch=None, window=0,
       alibi=None, sinks=None):
-    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[3]).transpose(1, 2)

@@ -78,7 +78,7 @@ def cached_attention(
     from dsc.kernels.flash_attention import attention as kernel
 
     batch, _, seq, _ = k.shape
-    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device,
+    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], v.shape[3], device=q.device,
                       dtype=q.dtype).transpose(1, 2)
     slopes = _slopes_on(alibi, q.device)
     if _decode_kernel_takes(q, k_cache, valid, window):
@@ -129,7 +129,7 @@ def rotary_cached_attention(
                                 valid, start, causal, scale, window=window, alibi=alibi,
                                 sinks=sinks)
     batch = k.shape[0]
-    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device,
+    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], v.shape[3], device=q.device,
                       dtype=q.dtype).transpose(1, 2)
     return decode_attention(q, k_cache[:batch], v_cache[:batch], valid, start, causal, scale,
                             out=out, new_k=k, new_v=v, rotary=(cos, sin), prefetch=prefetch,
@@ -196,7 +196,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, causal:
         key_valid = torch.ones(batch, seq, dtype=torch.bool, device=q.device)
         padded = False  # no mask at all: the unmasked loops are right
     start = torch.zeros(1, dtype=torch.int64, device=q.device)
-    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device,
+    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], v.shape[3], device=q.device,
                       dtype=q.dtype).transpose(1, 2)
     return kernel(q, k, v, key_valid, start, causal, scale, out=out, padded=padded, window=window,
                   alibi=_slopes_on(alibi, q.device), sinks=sinks)

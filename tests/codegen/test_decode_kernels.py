@@ -260,6 +260,15 @@ def test_a_windowed_layers_ring_cache_through_the_chosen_kernels(entry, seq, sta
     assert any(s["op"].startswith("cuda::") and "attention" in s["op"] for s in program.steps)
 
 
+@pytest.mark.parametrize("entry,seq,start", [("decode", 1, 9), ("prefill", 7, 0)])
+def test_latent_attention_through_the_chosen_kernels(entry, seq, start):
+    """tiny-deepseek-v3: keys 24 wide, values 16. The decode kernel writes and reads both
+    caches, the prompt goes through the flash kernel; both equal the op-by-op program."""
+    program = _decode_step_through_chosen_kernels("tiny-deepseek-v3", 2, seq, start, entry)
+    attention = [s["op"] for s in program.steps if "attention" in s["op"]]
+    assert attention and all(op.startswith("cuda::") for op in attention)
+
+
 def _decode_program(model) -> object:
     _load_passes()
     t = trace(model, dtype=torch.float32, max_batch=4, max_seq_len=64, position_ids=True)
@@ -268,7 +277,7 @@ def _decode_program(model) -> object:
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-mixtral", "tiny-gpt-oss",
-                                  "tiny-bloom", "tiny-mistral-sliding"])
+                                  "tiny-bloom", "tiny-mistral-sliding", "tiny-deepseek-v3"])
 def test_decode_steps_the_kernels_cover_make_the_host_wait_nowhere(name):
     # What a CUDA graph needs: every attention and MoE step is a kernel's.
     from dsc.runtime.cuda_graphs import host_waits

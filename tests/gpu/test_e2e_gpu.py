@@ -13,7 +13,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # small-batch GEMM's row tiles (DSC_SMALL_BATCH_ROWS).
 @pytest.mark.parametrize("batch", [1, 2, 4])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-mistral",
-                                  "tiny-bloom", "tiny-mixtral", "tiny-gpt-oss", "tiny-glm4-moe"])
+                                  "tiny-bloom", "tiny-mixtral", "tiny-gpt-oss", "tiny-glm4-moe",
+                                  "tiny-deepseek-v3"])
 def test_fp32_greedy_equals_hf(name, batch):
     model = zoo.build(name, init_std=0.3, seed=1, device="cuda")
     compiled = dsc.compile(model, dsc.Target(device="cuda", dtype="float32", max_seq_len=64))
@@ -30,7 +31,7 @@ def test_fp32_greedy_equals_hf(name, batch):
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral", "tiny-bloom", "tiny-mixtral",
-                                  "tiny-gpt-oss"])
+                                  "tiny-gpt-oss", "tiny-deepseek-v3"])
 def test_bf16_first_step_logits_close_to_hf(name):
     model = zoo.build(name, init_std=0.1, seed=1, device="cuda", dtype=torch.bfloat16)
     compiled = dsc.compile(model, dsc.Target(device="cuda", dtype="bfloat16", max_seq_len=64))

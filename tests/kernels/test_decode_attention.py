@@ -153,7 +153,8 @@ def _bad(**changes):
         ({"q": torch.randn(4, 1, 16)}, "q must be 4-D"),
         ({"q": torch.randn(2, 3, 1, 16)}, "not a multiple of Hkv"),
         ({"q": torch.randn(2, 4, 1, 8)}, "head dim mismatch"),
-        ({"v_cache": torch.randn(2, 2, 12, 16)}, "differs from k_cache"),
+        ({"v_cache": torch.randn(2, 2, 12, 16)}, "must be k_cache's"),
+        ({"v_cache": torch.randn(2, 2, 13, 264)}, "Dv=264: above the supported 256"),
         ({"kv_valid": torch.ones(2, 13, dtype=torch.int64)}, "bool"),
         ({"kv_valid": torch.ones(2, 12, dtype=torch.bool)}, "kv_valid must be"),
         ({"start": 3}, "start must be an int64 tensor"),
@@ -436,3 +437,40 @@ def test_a_ring_too_short_for_the_step_is_refused():
                          new_k=torch.zeros(2, 2, 3, 16), new_v=torch.zeros(2, 2, 3, 16))
     with pytest.raises(ValueError, match="sliding window of at most 5 slots"):
         decode_attention(q[:, :, :1], ring_k, ring_v, valid, st, True, 0.3, window=0)
+
+
+def _values_like(valid: torch.Tensor, hkv: int, d_v: int, live: int, seed: int) -> torch.Tensor:
+    """A value cache of head size d_v with make_inputs' poison: NaN where no query may look."""
+    v = torch.randn(valid.shape[0], hkv, valid.shape[1], d_v,
+                    generator=torch.Generator().manual_seed(seed))
+    v[:, :, live:] = float("nan")
+    return v.masked_fill_(~valid[:, None, :, None], float("nan"))
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("d,d_v", [(24, 16), (16, 40)], ids=["values-narrower", "values-wider"])
+def test_values_of_their_own_head_size(d, d_v, config, assert_close, poisoned):
+    # Latent attention (DeepSeek: keys 192 wide, values 128), in small: keys 24 wide (masked
+    # lanes), values 16, or values wider than the keys. The step's rows are written by the
+    # kernel from separate tensors; the output and the split partials take the values' size.
+    s, start = 2, 6
+    q, k, _, valid, st = make_inputs(s=s, t=17, d=d, start=start, seed=11)
+    valid[:, start : start + s] = True
+    v = _values_like(valid, 2, d_v, start + s, seed=12)
+    g = torch.Generator().manual_seed(13)
+    new_k, new_v = torch.randn(2, 2, s, d, generator=g), torch.randn(2, 2, s, d_v, generator=g)
+    k_ref, v_ref = k.clone(), v.clone()
+    k_ref[:, :, start : start + s], v_ref[:, :, start : start + s] = new_k, new_v
+    out = decode_attention(q, k, v, valid, st, True, 0.3, out=poisoned((2, 4, s, d_v)),
+                           config=config, new_k=new_k, new_v=new_v)
+    assert out.shape == (2, 4, s, d_v)
+    assert_close(out, attention_reference(q, k_ref, v_ref, valid, st, True, 0.3))
+    assert torch.equal(v[:, :, start : start + s], new_v)
+
+
+def test_new_values_need_the_value_head_size():
+    q, k, _, valid, st = make_inputs(d=24)
+    v = torch.randn(2, 2, 13, 16)
+    with pytest.raises(ValueError, match=r"new_v must be \[B, Hkv, S, Dv\] = \[2, 2, 1, 16\]"):
+        decode_attention(q, k, v, valid, st, True, 0.3, new_k=torch.zeros(2, 2, 1, 24),
+                         new_v=torch.zeros(2, 2, 1, 24))

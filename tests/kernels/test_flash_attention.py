@@ -180,3 +180,22 @@ def test_attention_sinks_join_the_denominator(s, t, start, window, assert_close,
     out = attention(q[:, :, :2], k, v, valid, st, True, 0.3, window=window, sinks=sinks)
     assert_close(out, attention_reference(q[:, :, :2], k, v, valid, st, True, 0.3,
                                           window=window, sinks=sinks))
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("d,d_v", [(24, 16), (16, 40)], ids=["values-narrower", "values-wider"])
+def test_values_of_their_own_head_size(d, d_v, padded, assert_close, poisoned):
+    # Latent attention's prefill: keys 24 wide (masked lanes), values 16 — or wider than the
+    # keys; the output takes the values' size. Slots past the live length hold NaN.
+    s, t, start = 19, 40, 7
+    q, k, _, valid, st = make_inputs(s=s, t=t, d=d, start=start, seed=21)
+    if not padded:
+        valid[:] = True
+        k[:, :, : start + s] = torch.randn(k[:, :, : start + s].shape)
+    v = torch.randn(2, 2, t, d_v, generator=torch.Generator().manual_seed(22))
+    v[:, :, start + s :] = float("nan")
+    v.masked_fill_(~valid[:, None, :, None], float("nan"))
+    out = flash_attention(q, k, v, valid, st, True, 0.3, out=poisoned((2, 4, s, d_v)),
+                          config=SMALL, padded=padded)
+    assert out.shape == (2, 4, s, d_v)
+    assert_close(out, attention_reference(q, k, v, valid, st, True, 0.3))

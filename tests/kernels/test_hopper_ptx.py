@@ -13,7 +13,7 @@ TRITON_INTERPRET=1 the kernels are interpreter objects.
 * the small-batch GEMM's push epilogue: the call number read after the PDL wait, the tile sent
   as 64-bit words, no plain store of the output; the receiving all-reduce: no sends;
 * the decode attention's split kernel, whose chunks come from the live length (or the part of
-  it inside a sliding window; with ALiBi slopes too): its first K/V lines prefetched before
+  it inside a sliding window; with ALiBi slopes too; with values of their own head size): its first K/V lines prefetched before
   the PDL wait, and, merging in the split, the group's arrival ticket;
   with a weight to prefetch, its share of the weight's lines requested before the wait too;
   with V beside K, the V rows requested before the tile's first tensor-core product;
@@ -62,7 +62,7 @@ def _compile(name: str) -> str:
                   "decode_split",
                   "decode_split_merge", "decode_split_prefetch", "decode_split_v_with_k",
                   "decode_split_window", "decode_split_alibi", "decode_split_sinks",
-                  "decode_split_ring"):
+                  "decode_split_ring", "decode_split_mla"):
         from dsc.kernels import decode_attention, small_batch_gemm
 
         if name in ("gemv_late", "gemv_push", "gemv_norm", "gemv_norm_rows", "gemv_preload"):
@@ -83,7 +83,8 @@ def _compile(name: str) -> str:
             kernel, warps = decode_attention._decode_split_kernel, 4
             constexprs = dict(
                 GROUP=4, CAUSAL=True, IS_SPLIT=True, WRITE_NEW=True, ROTARY=True, BLOCK_S=1,
-                HEAD_D=128, BLOCK_R=16, BLOCK_N=64, BLOCK_D=128, DOT_PRECISION="tf32",
+                HEAD_D=128, BLOCK_R=16, BLOCK_N=64, BLOCK_D=128, V_D=128, BLOCK_DV=128,
+                DOT_PRECISION="tf32",
                 MERGE_IN_SPLIT=name == "decode_split_merge",
                 V_WITH_K=name == "decode_split_v_with_k", SPLITS_P2=4, PREFETCH_KEYS=128,
                 LINE_ELEMS=64, PREFETCH_W=name == "decode_split_prefetch", PF_LINE_ELEMS=64,
@@ -91,6 +92,8 @@ def _compile(name: str) -> str:
                 WINDOW=4096 if name in ("decode_split_window", "decode_split_ring") else 0,
                 ALIBI=name == "decode_split_alibi", SINKS=name == "decode_split_sinks",
                 RING=name == "decode_split_ring")
+            if name == "decode_split_mla":  # DeepSeek's heads: keys 192 wide, values 128
+                constexprs.update(HEAD_D=192, BLOCK_D=256, ROTARY=False, MERGE_IN_SPLIT=True)
             pointers = {"valid_ptr": "*u8", "start_ptr": "*i64", "part_acc_ptr": "*fp32",
                         "part_ml_ptr": "*fp32", "arrivals_ptr": "*i32", "slopes_ptr": "*fp32",
                         "sinks_ptr": "*bf16"}
@@ -254,11 +257,11 @@ def test_decode_split_kernel_compiles():
 
 
 @pytest.mark.parametrize("name", ["decode_split_window", "decode_split_alibi", "decode_split_sinks",
-                                  "decode_split_ring"])
+                                  "decode_split_ring", "decode_split_mla"])
 def test_decode_split_kernel_with_a_window_alibi_or_sinks_compiles(name):
     # WINDOW > 0: the chunks start at the window's first slot; ALIBI: a slope per row; SINKS: a
-    # logit per row in the denominator; RING: rows at position % ring. The PDL
-    # prefetch and wait stay as they are.
+    # logit per row in the denominator; RING: rows at position % ring; MLA: keys 192 wide
+    # (256 lanes), values 128, merged in the split. The PDL prefetch and wait stay as they are.
     lines = _ptx(name).splitlines()
     wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
     prefetch = [i for i, line in enumerate(lines) if "prefetch.global.L2" in line]
