@@ -39,6 +39,7 @@ DTYPES = {
     "llama-70b": torch.bfloat16,
     "mixtral-8x7b": torch.bfloat16,
     "gpt-oss-20b": torch.bfloat16,
+    "deepseek-v2-lite": torch.bfloat16,
 }
 PROMPT, NEW = 128, 64
 
@@ -137,8 +138,12 @@ def hf_generate(model, ids):
 def step_weight_bytes(model: torch.nn.Module, batch: int) -> float:
     """Bytes of weight one decode step reads: all of a dense model; for an MoE model the weights
     outside its experts plus the expected share of each layer's experts (see the docstring)."""
-    experts = getattr(model.config, "num_local_experts", 0) or 0
-    top_k = getattr(model.config, "num_experts_per_tok", 0) or 0
+    config = model.config
+    # Mixtral and GPT-OSS call them local experts, DeepSeek routed ones, Qwen plain experts.
+    experts = next((getattr(config, key) for key in ("num_local_experts", "n_routed_experts",
+                                                     "num_experts")
+                    if getattr(config, key, None)), 0)
+    top_k = getattr(config, "num_experts_per_tok", 0) or 0
     total = in_experts = 0
     for name, p in model.named_parameters():
         size = p.numel() * p.element_size()
