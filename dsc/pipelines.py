@@ -28,8 +28,9 @@ def trunk(target: Target) -> list[str]:
 
 
 def cached(target: Target) -> list[str]:
-    """Passes that turn the shared graph into the prefill/decode graph."""
-    return ["kv_cache"]
+    """Passes that turn the shared graph into the prefill/decode graph: latent attention first
+    attends over its latent, so that kv_cache gives it a cache of latents."""
+    return ["absorb_latent_attention", "kv_cache"]
 
 
 def partition(target: Target) -> list[str]:

@@ -60,11 +60,18 @@ def _norm(node: fx.Node, program: str, target: Target) -> bool:
 
 
 def _attention(node: fx.Node, program: str, target: Target) -> bool:
-    # The kernels take queries and keys of one head size up to 256, values of theirs.
+    # The kernels take queries and keys of one head size (past 256 lanes by chunks, up to
+    # 1024: absorbed latent attention's 576) and values of their own, up to 512.
     q, k, v = (_val(a) for a in node.args[:3])
     return _on_gpu(node, target) and None not in (q, k, v) and (
-        q.shape[-1] == k.shape[-1] and max(q.shape[-1], v.shape[-1]) <= 256
+        q.shape[-1] == k.shape[-1] <= 1024 and v.shape[-1] <= 512
     )
+
+
+def _rotary_attention(node: fx.Node, program: str, target: Target) -> bool:
+    # The decode kernel rotates whole rows only: keys a single product takes.
+    q = _val(node.args[0])
+    return _attention(node, program, target) and q.shape[-1] <= 256
 
 
 def _qkv_attention(node: fx.Node, program: str, target: Target) -> bool:
@@ -114,7 +121,7 @@ CANDIDATES: list[Candidate] = [
     Candidate("cuda::layer_norm", torch.ops.dsc.layer_norm.default, _norm),
     Candidate("cuda::cached_attention", torch.ops.dsc.cached_attention.default, _attention),
     Candidate("cuda::rotary_cached_attention", torch.ops.dsc.rotary_cached_attention.default,
-              _attention),
+              _rotary_attention),
     Candidate("cuda::attention", torch.ops.dsc.attention.default, _attention),
     Candidate("cuda::qkv_cached_attention", torch.ops.dsc.qkv_cached_attention.default,
               _qkv_attention),

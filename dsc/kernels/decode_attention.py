@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -57,11 +57,15 @@ from dsc.kernels.checks import (
 from dsc.kernels.online_softmax import LOG2E, online_softmax_step
 
 __all__ = [
-    "DecodeConfig", "check_attention_inputs", "check_slopes", "decode_attention",
-    "pick_decode_config", "uses_decode_kernel",
+    "MAX_WHOLE_HEAD_DIM", "QK_CHUNK", "DecodeConfig", "check_attention_inputs", "check_slopes",
+    "decode_attention", "pick_decode_config", "uses_decode_kernel",
 ]
 
-_MAX_HEAD_DIM = 256
+MAX_WHOLE_HEAD_DIM = 256  # keys one dot product takes whole
+_MAX_CHUNKED_HEAD_DIM = 1024  # keys taken QK_CHUNK lanes at a time (latent attention: 576)
+_MAX_VALUE_DIM = 512  # values (latent attention's are its 512-wide latent)
+QK_CHUNK = 64
+_MAX_ACC = 16 * 512  # fp32 accumulator elements a program holds: rows * value lanes
 _MAX_ROWS = 128  # G * S query rows one program can hold
 _MAX_INLINE_SPLITS = 32  # splits the last program merges itself (its loads are unrolled)
 _PREFETCH_KEYS = 128  # K and V rows a program placed early asks L2 for
@@ -259,6 +263,7 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     V_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    QK_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     MERGE_IN_SPLIT: tl.constexpr,
     V_WITH_K: tl.constexpr,
@@ -328,7 +333,9 @@ def _decode_split_kernel(
         else:
             dv_ok = dv < V_D
 
-    # Load the group's query rows once.
+    # Load the group's query rows once (keys too wide for one product: a chunk per product,
+    # read again for each key tile from L1).
+    q_rows = q_ptr + b64 * stride_qb + head * stride_qh + s * stride_qs
     q_ptrs = (
         q_ptr
         + b64 * stride_qb
@@ -336,7 +343,8 @@ def _decode_split_kernel(
         + s[:, None] * stride_qs
         + d[None, :] * stride_qd
     )
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if QK_CHUNK == 0:
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if ROTARY:
         # The step's queries arrive unrotated: x * cos + rotate_half(x) * sin, in fp32, rounded
         # once to q's dtype as the rotary kernel does. rotate_half pairs lane d with d ± D/2.
@@ -395,12 +403,13 @@ def _decode_split_kernel(
         ok = tl.load(valid_base + n * stride_mt, mask=in_range, other=0) != 0
         ok = ok & in_range
         row = _slot(n, ring, RING)  # where each position's key and value sit in the cache
-        # K tile [BLOCK_N, D]: one pass over these cache rows for every query row of the group.
-        k = tl.load(
-            k_base + row[:, None] * stride_kt + d[None, :] * stride_kd,
-            mask=in_range[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        if QK_CHUNK == 0:
+            # K tile [BLOCK_N, D]: one pass over these rows for every query row of the group.
+            k = tl.load(
+                k_base + row[:, None] * stride_kt + d[None, :] * stride_kd,
+                mask=in_range[:, None] & d_ok[None, :],
+                other=0.0,
+            )
         if V_WITH_K:
             # Requested now, independent of the valid bytes, so K, V and the mask are in flight
             # together; the rows nobody may attend are zeroed below instead of masked here.
@@ -409,7 +418,20 @@ def _decode_split_kernel(
                 mask=in_range[:, None] & dv_ok[None, :],
                 other=0.0,
             )
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+        if QK_CHUNK == 0:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+        else:
+            # Keys wider than one product: their scores summed over QK_CHUNK lanes at a time.
+            qk = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+            for c in tl.static_range(0, HEAD_D, QK_CHUNK):
+                dc = c + tl.arange(0, QK_CHUNK)
+                dc_ok = dc < HEAD_D
+                q_c = tl.load(q_rows[:, None] + dc[None, :] * stride_qd,
+                              mask=row_ok[:, None] & dc_ok[None, :], other=0.0)
+                k_c = tl.load(k_base + row[:, None] * stride_kt + dc[None, :] * stride_kd,
+                              mask=in_range[:, None] & dc_ok[None, :], other=0.0)
+                qk += tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PRECISION)
+            qk = qk * scale_log2e
         if ALIBI:
             qk += slope[:, None] * (n[None, :] - last_allowed[:, None]).to(tl.float32)
         allowed = ok[None, :]
@@ -554,9 +576,9 @@ def check_attention_inputs(
         raise ValueError(f"Hq={hq} query heads is not a multiple of Hkv={hkv} kv heads")
     if 0 in q.shape:
         raise ValueError(f"q is empty: shape {tuple(q.shape)}")
-    if max(d, v_cache.shape[3]) > _MAX_HEAD_DIM:
+    if d > _MAX_CHUNKED_HEAD_DIM or v_cache.shape[3] > _MAX_VALUE_DIM:
         raise ValueError(f"head dims D={d}, Dv={v_cache.shape[3]}: above the supported "
-                         f"{_MAX_HEAD_DIM}")
+                         f"{_MAX_CHUNKED_HEAD_DIM} (keys) and {_MAX_VALUE_DIM} (values)")
     if s > t:
         raise ValueError(f"S={s} new tokens do not fit a cache of T={t} slots")
     # kv_valid is per position: as long as the cache, or longer for a ring cache.
@@ -597,6 +619,20 @@ def uses_decode_kernel(q: Tensor, k_cache: Tensor) -> bool:
     """Few new query rows per kv head: the split-key decode kernel, not flash tiles."""
     group = q.shape[1] // k_cache.shape[1]
     return q.shape[2] <= 16 and group * q.shape[2] <= _MAX_ROWS
+
+
+def _heads_per_launch(hq: int, hkv: int, s: int, d_v: int) -> int:
+    """Query heads one launch takes: all of them, unless values past 256 lanes would give a
+    program more than _MAX_ACC accumulator elements — then, over one kv head, as many as fit."""
+    block_dv = max(16, triton.next_power_of_2(d_v))
+    rows = hq // hkv * s
+    block_r = max(16, triton.next_power_of_2(rows))
+    if block_dv <= MAX_WHOLE_HEAD_DIM or block_r * block_dv <= _MAX_ACC:
+        return hq
+    if hkv != 1:
+        raise ValueError(f"values {d_v} wide need one kv head (latent attention) when a kv head "
+                         f"has {rows} query rows; got {hkv} kv heads")
+    return max(1, _MAX_ACC // block_dv // s)
 
 
 def pick_decode_config(batch: int, hkv: int, t: int, sm_count: int) -> DecodeConfig:
@@ -761,11 +797,29 @@ def decode_attention(
                                  f"{t.device}")
         if d_v == q.shape[3] and new_k.stride() != new_v.stride():
             new_k, new_v = new_k.contiguous(), new_v.contiguous()
+    heads = _heads_per_launch(q.shape[1], k_cache.shape[1], q.shape[2], d_v)
+    if heads < q.shape[1]:
+        # Wide values over one kv head (latent attention): the query heads a few at a time, so
+        # a program's accumulator fits its registers; each launch reads the same latent rows.
+        out = torch.empty((*q.shape[:3], d_v), device=q.device, dtype=q.dtype) if out is None \
+            else out
+        for h0 in range(0, q.shape[1], heads):
+            h = slice(h0, h0 + heads)
+            decode_attention(q[:, h], k_cache, v_cache, kv_valid, start, causal, scale,
+                             out=out[:, h], config=config, new_k=new_k, new_v=new_v,
+                             prefetch=prefetch if h0 == 0 else None, window=window,
+                             alibi=None if alibi is None else alibi[h],
+                             sinks=None if sinks is None else sinks[h])
+        return out
+    qk_chunk = QK_CHUNK if q.shape[3] > MAX_WHOLE_HEAD_DIM else 0
     cos = sin = q  # placeholder pointers when unused
     cos_strides = (0, 0, 0)
     if rotary is not None:
         if new_k is None:
             raise ValueError("rotary needs new_k and new_v: the kernel rotates the keys it writes")
+        if qk_chunk:
+            raise ValueError(f"rotary needs a head dimension of at most {MAX_WHOLE_HEAD_DIM}; got "
+                             f"{q.shape[3]} (rotate q and the new keys first)")
         if q.shape[-1] % 2:
             raise ValueError(f"rotary needs an even head dimension, got {q.shape[-1]}")
         want = (q.shape[0], 1, q.shape[2], q.shape[3])
@@ -795,6 +849,11 @@ def decode_attention(
             f"{_MAX_ROWS}; use flash_attention for S={s}"
         )
     cfg = config or _config_override() or pick_decode_config(batch, hkv, seen, sm_count(q.device))
+    if config is None and (qk_chunk or d_v > MAX_WHOLE_HEAD_DIM):
+        # Wide rows (latent attention: 576-wide keys by chunks, a [16, 512] accumulator): 16-key
+        # tiles at 8 warps compile for sm_90 without spilling registers (ptxas -v; 32-key
+        # tiles spill 232 bytes at 8 warps, 5.9 KB at 4).
+        cfg = replace(cfg, block_n=16, num_warps=8)
 
     block_d = max(16, triton.next_power_of_2(d))
     block_dv = max(16, triton.next_power_of_2(d_v))
@@ -867,6 +926,7 @@ def decode_attention(
         BLOCK_D=block_d,
         V_D=d_v,
         BLOCK_DV=block_dv,
+        QK_CHUNK=qk_chunk,
         DOT_PRECISION=precision,
         MERGE_IN_SPLIT=merge_in_split,
         V_WITH_K=cfg.v_with_k,

@@ -41,6 +41,8 @@ from torch import Tensor
 
 from dsc.kernels.checks import check_out, check_sinks, check_window
 from dsc.kernels.decode_attention import (
+    MAX_WHOLE_HEAD_DIM,
+    QK_CHUNK,
     check_attention_inputs,
     check_slopes,
     decode_attention,
@@ -116,6 +118,11 @@ def _attend_block(
     seen_from,
     ALIBI: tl.constexpr,
     slope,
+    q_rows,
+    row_ok,
+    stride_qd,
+    HEAD_D: tl.constexpr,
+    QK_CHUNK: tl.constexpr,
 ):
     n = n0 + tl.arange(0, BLOCK_N)
     in_range = n < live
@@ -133,16 +140,30 @@ def _attend_block(
         load_ok = in_range
     # K tile [BLOCK_N, D]; padding rows read as zeros (their scores get the -inf bias, and a
     # NaN there would survive the addition).
-    if PADDED or POSITION_MASK or not FULL_D:
-        k = tl.load(
-            k_base + n[:, None] * stride_kt + d[None, :] * stride_kd,
-            mask=load_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-    else:  # a block inside the live length with no padding: every row is real
-        k = tl.load(k_base + n[:, None] * stride_kt + d[None, :] * stride_kd)
-    # Scores in base 2 with the padding bias folded into the same multiply-add.
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+    if QK_CHUNK > 0:
+        # Keys too wide for one product: scores summed over QK_CHUNK lanes at a time, the
+        # query's chunk read again from L1 for each key block.
+        qk = tl.zeros((q_rows.shape[0], BLOCK_N), dtype=tl.float32)
+        for c in tl.static_range(0, HEAD_D, QK_CHUNK):
+            dc = c + tl.arange(0, QK_CHUNK)
+            dc_ok = dc < HEAD_D
+            q_c = tl.load(q_rows[:, None] + dc[None, :] * stride_qd,
+                          mask=row_ok[:, None] & dc_ok[None, :], other=0.0)
+            k_c = tl.load(k_base + n[:, None] * stride_kt + dc[None, :] * stride_kd,
+                          mask=load_ok[:, None] & dc_ok[None, :], other=0.0)
+            qk += tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PRECISION)
+        qk = qk * scale_log2e
+    else:
+        if PADDED or POSITION_MASK or not FULL_D:
+            k = tl.load(
+                k_base + n[:, None] * stride_kt + d[None, :] * stride_kd,
+                mask=load_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+        else:  # a block inside the live length with no padding: every row is real
+            k = tl.load(k_base + n[:, None] * stride_kt + d[None, :] * stride_kd)
+        # Scores in base 2 with the padding bias folded into the same multiply-add.
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
     if PADDED:
         qk = qk + bias[None, :]
     if ALIBI:
@@ -210,6 +231,7 @@ def _flash_attention_kernel(
     BLOCK_D: tl.constexpr,
     V_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    QK_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PADDED: tl.constexpr,
     CHECK_BLOCK: tl.constexpr,
@@ -247,9 +269,13 @@ def _flash_attention_kernel(
         else:
             dv_ok = dv < V_D
 
-    # This program's query rows, loaded once.
-    q_ptrs = q_ptr + b * stride_qb + h * stride_qh + i[:, None] * stride_qs + d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # This program's query rows, loaded once (keys too wide for one product: by chunks).
+    q_rows = q_ptr + b * stride_qb + h * stride_qh + i * stride_qs
+    if QK_CHUNK > 0:
+        q = 0.0
+    else:
+        q_ptrs = q_rows[:, None] + d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     if ALIBI:
         slope = tl.load(slopes_ptr + h) * 1.4426950408889634  # base-2 units, like the scores
@@ -301,21 +327,24 @@ def _flash_attention_kernel(
                 acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok, dv,
                 dv_ok, stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
                 CAUSAL, True, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, V_D == BLOCK_DV,
-                holes, WINDOW, seen_from, ALIBI, slope,
+                holes, WINDOW, seen_from, ALIBI, slope, q_rows, row_ok, stride_qd, HEAD_D,
+                QK_CHUNK,
             )  # fmt: skip
     for n0 in range(full_lo, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok, dv,
             dv_ok, stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
             CAUSAL, False, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, V_D == BLOCK_DV,
-            holes, WINDOW, seen_from, ALIBI, slope,
+            holes, WINDOW, seen_from, ALIBI, slope, q_rows, row_ok, stride_qd, HEAD_D,
+            QK_CHUNK,
         )  # fmt: skip
     for n0 in range(full_end, hi, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, k_base, v_base, valid_base, n0, live, query_pos, d, d_ok, dv,
             dv_ok, stride_kt, stride_kd, stride_vt, stride_vd, stride_mt, scale_log2e,
             CAUSAL, True, BLOCK_N, DOT_PRECISION, PADDED, HEAD_D == BLOCK_D, V_D == BLOCK_DV,
-            holes, WINDOW, seen_from, ALIBI, slope,
+            holes, WINDOW, seen_from, ALIBI, slope, q_rows, row_ok, stride_qd, HEAD_D,
+            QK_CHUNK,
         )  # fmt: skip
 
     # Normalise; rows that attended nothing have l = 0 and get zeros. An attention sink (a
@@ -370,8 +399,13 @@ def flash_attention(
     batch, hq, s, d = q.shape
     hkv, t, d_v = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     cfg = config or FlashConfig()
+    qk_chunk = QK_CHUNK if d > MAX_WHOLE_HEAD_DIM else 0
     if max(d, d_v) > 128 and config is None:
         cfg = FlashConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    if max(d, d_v) > MAX_WHOLE_HEAD_DIM and config is None:
+        # Latent attention's 576-wide keys and 512-wide values: of the tiles tried with ptxas -v
+        # for sm_90, 32 rows by 16 keys at 8 warps spill the least (0.8 KB; 32 by 32: 1.6 KB).
+        cfg = FlashConfig(block_m=32, block_n=16, num_warps=8, num_stages=2)
 
     out_shape = (batch, hq, s, d_v)
     if out is None:
@@ -409,6 +443,7 @@ def flash_attention(
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         V_D=d_v,
         BLOCK_DV=max(16, triton.next_power_of_2(d_v)),
+        QK_CHUNK=qk_chunk,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         PADDED=padded,
         CHECK_BLOCK=1024,

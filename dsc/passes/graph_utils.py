@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 __all__ = [
+    "add_weight",
     "all_reduce_into_residual",
     "is_op",
     "only_user",
@@ -93,6 +94,24 @@ def call(graph: fx.Graph, target: Callable, args: tuple, kwargs: dict | None = N
     if like is not None and "stack_trace" in like.meta:
         node.meta["stack_trace"] = like.meta["stack_trace"]
     return set_meta(node)
+
+
+def add_weight(gm: fx.GraphModule, ctx, name: str, make: Callable[[], torch.Tensor]) -> fx.Node:
+    """The placeholder of weight `name`, made from `make()` (contiguous) on first use: once
+    into ctx.weights for every program of the compile, once into this graph, ahead of the
+    first placeholder."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and weight_name(node) == name:
+            return node
+    if name not in ctx.weights:  # another program of this compile may have made it already
+        ctx.weights[name] = make().contiguous()
+    tensor = ctx.weights[name]
+    first = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_before(first):
+        node = gm.graph.placeholder(name.replace(".", "_").replace(":", "_"))
+    node.meta["dsc_weight"] = name
+    node.meta["val"] = fake_mode_of(gm).from_tensor(tensor, static_shapes=True)
+    return node
 
 
 def replace_with(old: fx.Node, new: fx.Node) -> None:

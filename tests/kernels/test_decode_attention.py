@@ -154,7 +154,8 @@ def _bad(**changes):
         ({"q": torch.randn(2, 3, 1, 16)}, "not a multiple of Hkv"),
         ({"q": torch.randn(2, 4, 1, 8)}, "head dim mismatch"),
         ({"v_cache": torch.randn(2, 2, 12, 16)}, "must be k_cache's"),
-        ({"v_cache": torch.randn(2, 2, 13, 264)}, "Dv=264: above the supported 256"),
+        ({"v_cache": torch.randn(2, 2, 13, 520)}, "Dv=520: above the supported 1024 \\(keys\\) "
+                                                  "and 512"),
         ({"kv_valid": torch.ones(2, 13, dtype=torch.int64)}, "bool"),
         ({"kv_valid": torch.ones(2, 12, dtype=torch.bool)}, "kv_valid must be"),
         ({"start": 3}, "start must be an int64 tensor"),
@@ -474,3 +475,45 @@ def test_new_values_need_the_value_head_size():
     with pytest.raises(ValueError, match=r"new_v must be \[B, Hkv, S, Dv\] = \[2, 2, 1, 16\]"):
         decode_attention(q, k, v, valid, st, True, 0.3, new_k=torch.zeros(2, 2, 1, 24),
                          new_v=torch.zeros(2, 2, 1, 24))
+
+
+@pytest.mark.parametrize("config", [CONFIGS["one-split"], CONFIGS["three-splits-merged-in-split"],
+                                    CONFIGS["three-splits-v-with-k"]],
+                         ids=["one-split", "merged-in-split", "v-with-k"])
+@pytest.mark.parametrize("s", [1, 3])
+def test_keys_past_256_lanes_are_scored_by_chunks(s, config, assert_close, poisoned):
+    # Absorbed latent attention: queries and keys 576 wide (the latent and its rotary part),
+    # values 512, one kv head. Here 320 and 288: five 64-lane chunks, the last one masked.
+    start = 5
+    q, k, _, valid, st = make_inputs(hq=4, hkv=1, s=s, t=15, d=320, start=start, seed=31)
+    valid[:, start : start + s] = True
+    v = _values_like(valid, 1, 288, start + s, seed=32)
+    g = torch.Generator().manual_seed(33)
+    new_k, new_v = torch.randn(2, 1, s, 320, generator=g), torch.randn(2, 1, s, 288, generator=g)
+    k_ref, v_ref = k.clone(), v.clone()
+    k_ref[:, :, start : start + s], v_ref[:, :, start : start + s] = new_k, new_v
+    out = decode_attention(q, k, v, valid, st, True, 0.05, out=poisoned((2, 4, s, 288)),
+                           config=config, new_k=new_k, new_v=new_v)
+    assert_close(out, attention_reference(q, k_ref, v_ref, valid, st, True, 0.05))
+
+
+def test_many_heads_over_wide_values_go_a_few_heads_a_launch(assert_close):
+    # 32 query heads on one kv head with 512-wide values: a program would hold a [32, 512]
+    # accumulator; the heads go 16 at a time, each launch with its heads' sinks.
+    q, k, _, valid, st = make_inputs(b=1, hq=32, hkv=1, s=1, t=9, d=576, start=6, seed=41)
+    v = _values_like(valid, 1, 512, 7, seed=42)
+    sinks = torch.randn(32, generator=torch.Generator().manual_seed(43))
+    out = decode_attention(q, k, v, valid, st, True, 0.04, config=CONFIGS["one-split"],
+                           sinks=sinks)
+    assert_close(out, attention_reference(q, k, v, valid, st, True, 0.04, sinks=sinks))
+
+
+def test_wide_keys_refuse_rotary_and_wide_values_need_one_kv_head():
+    q, k, v, valid, st = make_inputs(hkv=1, d=320)
+    new = torch.zeros(2, 1, 1, 320)
+    with pytest.raises(ValueError, match="rotary needs a head dimension of at most 256"):
+        decode_attention(q, k, v, valid, st, True, 0.3, new_k=new, new_v=new,
+                         rotary=(torch.ones(1, 1, 1, 320), torch.zeros(1, 1, 1, 320)))
+    q, k, _, valid, st = make_inputs(hq=64, hkv=2, d=16)
+    with pytest.raises(ValueError, match="need one kv head"):
+        decode_attention(q, k, torch.randn(2, 2, 13, 512), valid, st, True, 0.3)

@@ -199,3 +199,20 @@ def test_values_of_their_own_head_size(d, d_v, padded, assert_close, poisoned):
                           config=SMALL, padded=padded)
     assert out.shape == (2, 4, s, d_v)
     assert_close(out, attention_reference(q, k, v, valid, st, True, 0.3))
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+def test_keys_past_256_lanes_are_scored_by_chunks(padded, assert_close, poisoned):
+    # Absorbed latent attention's prompt: queries and keys 576 wide on one kv head, values
+    # 512; here 320 (five 64-lane chunks, the last masked) and 288.
+    s, t, start = 19, 30, 4
+    q, k, _, valid, st = make_inputs(hq=4, hkv=1, s=s, t=t, d=320, start=start, seed=51)
+    if not padded:
+        valid[:] = True
+        k[:, :, : start + s] = torch.randn(k[:, :, : start + s].shape)
+    v = torch.randn(2, 1, t, 288, generator=torch.Generator().manual_seed(52))
+    v[:, :, start + s :] = float("nan")
+    v.masked_fill_(~valid[:, None, :, None], float("nan"))
+    out = flash_attention(q, k, v, valid, st, True, 0.05, out=poisoned((2, 4, s, 288)),
+                          config=SMALL, padded=padded)
+    assert_close(out, attention_reference(q, k, v, valid, st, True, 0.05))

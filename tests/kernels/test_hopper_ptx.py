@@ -62,7 +62,7 @@ def _compile(name: str) -> str:
                   "decode_split",
                   "decode_split_merge", "decode_split_prefetch", "decode_split_v_with_k",
                   "decode_split_window", "decode_split_alibi", "decode_split_sinks",
-                  "decode_split_ring", "decode_split_mla"):
+                  "decode_split_ring", "decode_split_mla", "decode_split_latent"):
         from dsc.kernels import decode_attention, small_batch_gemm
 
         if name in ("gemv_late", "gemv_push", "gemv_norm", "gemv_norm_rows", "gemv_preload"):
@@ -84,7 +84,7 @@ def _compile(name: str) -> str:
             constexprs = dict(
                 GROUP=4, CAUSAL=True, IS_SPLIT=True, WRITE_NEW=True, ROTARY=True, BLOCK_S=1,
                 HEAD_D=128, BLOCK_R=16, BLOCK_N=64, BLOCK_D=128, V_D=128, BLOCK_DV=128,
-                DOT_PRECISION="tf32",
+                QK_CHUNK=0, DOT_PRECISION="tf32",
                 MERGE_IN_SPLIT=name == "decode_split_merge",
                 V_WITH_K=name == "decode_split_v_with_k", SPLITS_P2=4, PREFETCH_KEYS=128,
                 LINE_ELEMS=64, PREFETCH_W=name == "decode_split_prefetch", PF_LINE_ELEMS=64,
@@ -94,6 +94,9 @@ def _compile(name: str) -> str:
                 RING=name == "decode_split_ring")
             if name == "decode_split_mla":  # DeepSeek's heads: keys 192 wide, values 128
                 constexprs.update(HEAD_D=192, BLOCK_D=256, ROTARY=False, MERGE_IN_SPLIT=True)
+            if name == "decode_split_latent":  # its latent: keys 576 wide by chunks, values 512
+                constexprs.update(GROUP=16, HEAD_D=576, BLOCK_D=1024, V_D=512, BLOCK_DV=512,
+                                  QK_CHUNK=64, BLOCK_N=32, ROTARY=False)
             pointers = {"valid_ptr": "*u8", "start_ptr": "*i64", "part_acc_ptr": "*fp32",
                         "part_ml_ptr": "*fp32", "arrivals_ptr": "*i32", "slopes_ptr": "*fp32",
                         "sinks_ptr": "*bf16"}

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
 TP2_MODELS = ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-mixtral", "tiny-mistral-sliding",
-              "tiny-bloom", "tiny-gpt-oss", "tiny-glm4-moe"]
+              "tiny-bloom", "tiny-gpt-oss", "tiny-glm4-moe", "tiny-deepseek-v3"]
 TP4_MODELS = ["tiny-llama"]  # 2 KV heads over 4 ranks: each rank keeps a replicated KV head
 LAYERS = 2  # every tiny model
 
@@ -102,9 +102,12 @@ def test_one_all_reduce_per_block_and_one_gather(run_name, name, request):
     # product; the MoE block's sum and the embedding's stay plain all_reduces.
     # GLM4-MoE's second layer adds its routed and shared experts' partial sums before one
     # all-reduce (merge_all_reduces); its first layer is dense, so three take the residual add.
+    # DeepSeek-V3's latent attention stays whole on every rank (its absorbed per-head weights
+    # are bmm operands, which no rule cuts): only the dense MLP's, the MoE block's and the
+    # embedding's sums.
     with_residual, with_product, total = {
         "tiny-mixtral": (LAYERS, 0, 2 * LAYERS + 1), "tiny-gpt-oss": (LAYERS, 0, 2 * LAYERS + 1),
-        "tiny-glm4-moe": (3, 0, 2 * LAYERS + 1),
+        "tiny-glm4-moe": (3, 0, 2 * LAYERS + 1), "tiny-deepseek-v3": (1, 0, 3),
     }.get(name, (2 * LAYERS, 0, 2 * LAYERS + 1))
     for rank in _results(request.getfixturevalue(run_name), name):
         assert rank["all_reduce_residual"] == with_residual
