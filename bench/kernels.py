@@ -361,6 +361,43 @@ def bench_decode(
 
 # Sliding-window decode: (batch, query heads, kv heads, cache slots T, head dim, live, window),
 # Mistral-7B's heads and window on a cache past it, and Gemma-3-like short windows.
+# Absorbed latent attention (DeepSeek-V2-Lite: 16 heads over one latent of 512 + 64 lanes):
+# (batch, query heads, cache slots T, live keys).
+DECODE_LATENT_CASES = {
+    "B=1 Hq=16 latent 576/512 T=4096": (1, 16, 4096, 4096),
+    "B=16 Hq=16 latent 576/512 T=2048": (16, 16, 2048, 2048),
+}
+
+
+def bench_decode_latent(copy_bw: float) -> list[Result]:
+    """The decode kernel over a latent cache: keys 576 wide scored by chunks, values the keys'
+    first 512 lanes (one tensor, as the runtime lays it out). The floor reads the latent once;
+    SDPA gets the same tensors with the one kv head expanded."""
+    results = []
+    for name, (b, hq, t, live) in DECODE_LATENT_CASES.items():
+        cache_bytes = b * live * 576 * 2
+        sets = []
+        for _ in range(copies_for(cache_bytes, 2, 8)):
+            q, k, _, valid, start = _cache(b, hq, 1, t, 576, live)
+            sets.append((q, k, k[..., :512], valid, start))
+        scale = 1 / math.sqrt(192)
+        want = attention_reference(*sets[0], True, scale)
+        err = rel_err(decode_attention(*sets[0], True, scale), want)
+        t_ref, t_ref_nf = time_calls(
+            [partial(_sdpa_decode, s[0], s[1][:, :, :live], s[2][:, :, :live], scale, True)
+             for s in sets])
+        t_mine, t_mine_nf = time_calls(
+            [partial(decode_attention, *s, True, scale) for s in sets])
+        gbps = cache_bytes / t_mine / 1e6
+        results.append(Result(
+            kernel="decode_attention [latent]", shape=name, ms=t_mine, rate=gbps, unit="GB/s",
+            pct_ceiling=100 * gbps / copy_bw, torch_ms=t_ref, target=">=75% copy BW",
+            met=err <= 1e-2 and gbps >= 0.75 * copy_bw, rel_err=err, ms_no_flush=t_mine_nf,
+            torch_ms_no_flush=t_ref_nf))
+        del sets
+    return results
+
+
 DECODE_WINDOW_CASES = {
     "B=1 Hq=32 Hkv=8 D=128 T=16384 live=16000 W=4096 (Mistral)": (1, 32, 8, 16384, 128, 16000,
                                                                   4096),
@@ -726,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSONL output path")
     parser.add_argument("--sweep", action="store_true", help="also sweep launch configurations")
     parser.add_argument("--only", default="",
-                        help="comma list: sbgemm,norms,qkvattn,decode,decode_window,flash,gemm")
+                        help="comma list: sbgemm,norms,qkvattn,decode,decode_window,decode_latent,"
+                             "flash,gemm")
     parser.add_argument("--decode-cases", default="",
                         help="only the decode-attention cases whose name contains this text")
     args = parser.parse_args(argv)
@@ -798,6 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     section("decode", lambda: record(bench_decode(copy_bw, sm, lambda _pairs: {"default": None},
                                                   args.decode_cases, v_with_k=True)))
     section("decode_window", lambda: record(bench_decode_window(copy_bw)))
+    section("decode_latent", lambda: record(bench_decode_latent(copy_bw)))
     # As prefill runs it without padding (the runtime promises that once per prefill), and the
     # kernel that must allow for padding.
     section("flash", lambda: record(bench_flash(gemm_rate, {"default": None}, padded=False)))

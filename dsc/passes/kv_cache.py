@@ -11,6 +11,9 @@ the slot of the first new token):
     kv_valid:  [B, max_seq] bool               cache_start: int64 [1]
     out = dsc.cached_attention(q, k, v, k_cache_i, v_cache_i, kv_valid, cache_start, True, scale)
 
+When the values are the keys' first lanes (absorbed latent attention: k = cat([c, k_rot]),
+v = c), the value cache is those lanes of the key cache (`view_of` in the cache spec): one
+latent row a token, not two.
 A sliding window (`window=w`) stays on the new node, and its caches hold w slots, not max_seq:
 a ring where position p lives in slot p % w (`dsc.ops.attention.cached_attention`), since no
 query of the layer reads further back. kv_valid stays indexed by position.
@@ -47,14 +50,29 @@ def _placeholder(gm: fx.GraphModule, after: fx.Node, name: str, fake) -> fx.Node
 
 
 def cache_spec(gm: fx.GraphModule) -> list[dict]:
-    """[{name, shape, dtype}] of the cache inputs a cached graph takes, in placeholder order."""
+    """[{name, shape, dtype[, view_of]}] of the cache inputs a cached graph takes, in
+    placeholder order; `view_of` names the cache whose first lanes this one is."""
     spec = []
     for node in gm.graph.nodes:
         name = node.meta.get("dsc_input", "") if node.op == "placeholder" else ""
         if name.startswith("cache."):
             val = node.meta["val"]
-            spec.append({"name": name, "shape": list(val.shape), "dtype": str(val.dtype)})
+            entry = {"name": name, "shape": list(val.shape), "dtype": str(val.dtype)}
+            if "dsc_cache_view_of" in node.meta:
+                entry["view_of"] = node.meta["dsc_cache_view_of"]
+            spec.append(entry)
     return spec
+
+
+def _values_lead_the_keys(k: fx.Node, v: fx.Node) -> bool:
+    """k = cat([v, ...], -1) with v of k's batch, heads and length: v's cache can be k's
+    first lanes."""
+    if not is_op(k, aten.cat) or k.args[0][0] is not v:
+        return False
+    dim = k.args[1] if len(k.args) > 1 else 0
+    kv, vv = tensor_meta(k), tensor_meta(v)
+    return kv is not None and vv is not None and dim in (-1, kv.dim() - 1) and (
+        [str(s) for s in kv.shape[:-1]] == [str(s) for s in vv.shape[:-1]])
 
 
 @register("kv_cache")
@@ -94,6 +112,8 @@ def kv_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             )
         k_cache = last = _placeholder(gm, last, f"cache.{layer}.k", k_fake)
         v_cache = last = _placeholder(gm, last, f"cache.{layer}.v", v_fake)
+        if _values_lead_the_keys(k, v):
+            v_cache.meta["dsc_cache_view_of"] = f"cache.{layer}.k"
         with gm.graph.inserting_after(node):
             new = call(
                 gm.graph, torch.ops.dsc.cached_attention.default,

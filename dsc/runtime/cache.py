@@ -10,9 +10,11 @@ __all__ = ["KVCache", "cache_bytes", "check_fits"]
 
 
 def cache_bytes(spec: list[dict]) -> int:
-    """Bytes the cache tensors of `spec` take."""
+    """Bytes the cache tensors of `spec` take (a view of another cache takes none)."""
     total = 0
     for entry in spec:
+        if "view_of" in entry:
+            continue
         dtype = getattr(torch, entry["dtype"].removeprefix("torch."))
         count = 1
         for size in entry["shape"]:
@@ -47,14 +49,19 @@ class KVCache:
             check_fits(cache_bytes(spec), free, max_batch, max_seq)
         for entry in spec:
             dtype = getattr(torch, entry["dtype"].removeprefix("torch."))
-            self.tensors[entry["name"]] = torch.zeros(entry["shape"], dtype=dtype, device=device)
+            if "view_of" in entry:  # the first lanes of another cache (latent attention)
+                self.tensors[entry["name"]] = self.tensors[entry["view_of"]][
+                    ..., : entry["shape"][-1]]
+            else:
+                self.tensors[entry["name"]] = torch.zeros(entry["shape"], dtype=dtype,
+                                                          device=device)
         self.valid = torch.zeros(max_batch, max_seq, dtype=torch.bool, device=device)
         self.start = torch.zeros(1, dtype=torch.int64, device=device)
         self.batch = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return cache_bytes(self.spec)
 
     def reset(self, mask: torch.Tensor) -> None:
         """Begin a batch: its prompt occupies slots 0..S-1, real where mask is 1."""

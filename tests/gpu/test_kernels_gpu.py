@@ -499,3 +499,27 @@ def test_decode_attention_on_a_ring_cache(dtype):
                            new_v=full_v[:, :, start : start + 1].clone())
     ref = attention_reference(q, full_k, full_v, valid, st, True, 0.088, window=window)
     close(out, ref)
+
+
+@pytest.mark.parametrize("heads", [16, 32])  # 32: two launches of 16 heads
+@pytest.mark.parametrize("b,s,t,start", [(1, 1, 4096, 3000), (16, 1, 600, 500), (2, 4, 300, 90)])
+def test_decode_attention_over_an_absorbed_latent(b, s, t, start, heads):
+    """DeepSeek's absorbed latent attention: one kv head, keys [latent 512 | rotary 64] scored
+    by 64-lane chunks, values the latent — the key cache's first 512 lanes, as the runtime
+    lays them out."""
+    q, k, _, valid, st = make_cache(b, heads, 1, s, t, 576, start, torch.bfloat16)
+    v = k[..., :512]
+    scale = 1 / math.sqrt(192)
+    out = decode_attention(q, k, v, valid, st, True, scale,
+                           out=nan_like((b, heads, s, 512), torch.bfloat16))
+    close(out, attention_reference(q, k, v, valid, st, True, scale))
+
+
+@pytest.mark.parametrize("b,s,t,start", [(1, 512, 512, 0), (2, 100, 300, 57)])
+def test_flash_attention_over_an_absorbed_latent(b, s, t, start):
+    q, k, _, valid, st = make_cache(b, 16, 1, s, t, 576, start, torch.bfloat16)
+    v = k[..., :512]
+    scale = 1 / math.sqrt(192)
+    out = flash_attention(q, k, v, valid, st, True, scale,
+                          out=nan_like((b, 16, s, 512), torch.bfloat16))
+    close(out, attention_reference(q, k, v, valid, st, True, scale))

@@ -101,3 +101,19 @@ def test_does_not_match(change):
     assert _attention(gm).args[0].meta["val"].shape[-1] == NOPE + ROT
     assert "bmm" not in ops(gm)
     torch.testing.assert_close(run(gm, ctx.weights, x), expected)
+
+
+@pytest.mark.parametrize("name,aliased", [("tiny-deepseek-v3", True), ("tiny-llama", False)])
+def test_kv_cache_gives_the_latent_one_cache(name, aliased):
+    # After the rewrite the values are the keys' first lanes: kv_cache makes the value cache a
+    # view of the key cache (`view_of`). Keys and values of their own keep two caches.
+    from tests.passes.helpers import decode_graph
+
+    manager, _ = decode_graph(name, ["absorb_latent_attention", "kv_cache"])
+    spec = manager.ctx.notes["cache"]
+    values = [entry for entry in spec if entry["name"].endswith(".v")]
+    if aliased:
+        assert all(entry["view_of"] == entry["name"][:-1] + "k" for entry in values)
+        assert spec[0]["shape"][1] == 1  # one kv head: the latent
+    else:
+        assert not any("view_of" in entry for entry in spec)
