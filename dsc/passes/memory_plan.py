@@ -45,13 +45,24 @@ def _nbytes(val, subs: dict, memo: dict) -> int:
             expr = dim.node.expr
             if expr not in memo:  # a graph has few distinct sizes; sympy substitution is slow
                 value = expr.xreplace(subs)
-                # A size not derived from the inputs' batch or length: its traced example value.
+                # A size not derived from the inputs' batch or length: its traced example
+                # value, or for a data-dependent size (how many tokens an expert got) without
+                # one, the most the inputs allow it: every token of the step.
                 memo[expr] = (int(value) if isinstance(value, int) or value.is_number
-                              else int(dim.node.hint))
+                              else _example_or_tokens(dim, subs))
             count *= memo[expr]
         else:
             count *= int(dim)
     return count * val.element_size()
+
+
+def _example_or_tokens(dim: torch.SymInt, subs: dict) -> int:
+    if dim.node.hint is not None:
+        return int(dim.node.hint)
+    tokens = 1
+    for value in subs.values():
+        tokens *= int(value)
+    return tokens
 
 
 def _last_uses(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:

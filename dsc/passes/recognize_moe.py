@@ -426,11 +426,20 @@ def _probe_sizes(block: _Block, wanted: tuple[int, ...] = _PROBE_SIZES) -> dict:
         want = wanted[i % len(wanted)]
         bounds = symbolic[0].node.shape_env.var_to_range.get(sym)
         if bounds is not None:
-            want = max(want, int(bounds.lower))
-            if bounds.upper.is_finite:
-                want = min(want, int(bounds.upper))
+            # A data-dependent size's range may be open at either end (torch's int infinity).
+            lower, upper = _finite(bounds.lower), _finite(bounds.upper)
+            want = max(want, lower) if lower is not None else want
+            want = min(want, upper) if upper is not None else want
         sizes[sym] = sympy.Integer(want)
     return sizes
+
+
+def _finite(bound) -> int | None:
+    """A range end as an int, or None where the range is open."""
+    try:
+        return int(bound) if bound.is_number and bound.is_finite is not False else None
+    except (OverflowError, TypeError, AttributeError, ValueError):
+        return None
 
 
 def _region_module(block: _Block, out: fx.Node | None = None) -> fx.GraphModule:

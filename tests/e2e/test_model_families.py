@@ -80,6 +80,10 @@ FAMILIES = {
         num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
         topk_method="group_limited_greedy", q_lora_rank=None, kv_lora_rank=16,
         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_shared_experts=1),
+    # JetMoE: its experts' token counts are data-dependent sizes with no traced example value
+    # (memory_plan counts them as every token of the step).
+    "jetmoe": lambda: T.JetMoeConfig(**{**SIZES, "num_key_value_heads": 2}, num_local_experts=4,
+                                     num_experts_per_tok=2, kv_channels=16),
     "falcon": lambda: T.FalconConfig(vocab_size=211, hidden_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, new_decoder_architecture=False,
                                      multi_query=True, parallel_attn=True, bias=False),
@@ -113,6 +117,36 @@ def test_logits_and_greedy_tokens_equal_hf(family):
     torch.testing.assert_close(compiled(ids, attention_mask=mask).logits[real], ref[real],
                                atol=1e-4, rtol=1e-4)
     assert torch.equal(compiled.generate(ids, attention_mask=mask, max_new_tokens=8), ref_tokens)
+
+
+# State carried along the sequence outside attention: the forward compiles and equals HF,
+# generate() is refused with the reason.
+STATEFUL = {
+    # Gated delta-net layers beside full attention; its MoE block's probe meets sizes whose
+    # range is open at the top.
+    "qwen3_next": lambda: T.Qwen3NextConfig(
+        **{**SIZES, "num_key_value_heads": 2}, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        layer_types=["linear_attention", "full_attention"], linear_key_head_dim=16,
+        linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4),
+}
+
+
+@pytest.mark.parametrize("family", STATEFUL)
+def test_a_model_with_state_outside_attention_compiles_its_forward(family):
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(STATEFUL[family]()).eval()
+    for p in model.parameters():
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=0.2)
+    ids = torch.randint(3, 200, (2, 7))
+    with torch.no_grad():
+        ref = model(ids).logits
+    compiled = dsc.compile(model, target="cpu")
+    torch.testing.assert_close(compiled(ids).logits, ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(TypeError, match="cannot generate: its decode step does not continue "
+                                        "its forward pass"):
+        compiled.generate(ids, max_new_tokens=2)
 
 
 UNEXPRESSED_ROUTING = {

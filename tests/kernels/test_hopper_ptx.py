@@ -132,7 +132,7 @@ def _compile(name: str) -> str:
         tiles = {"DOT_PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}
         constexprs = {
             "moe_route": {"TOP_K": 8, "NORMALIZE": True, "SIGMOID": True, "HAS_BIAS": True,
-                          "GROUPS": 8, "GROUP_TOP_K": 4, "BLOCK_E": 256,
+                          "GROUPS": 8, "GROUP_TOP_K": 4, "GROUP_MAX": False, "BLOCK_E": 256,
                           "BLOCK_K": 8},  # DeepSeek-V3's routing
             "moe_align": {"BLOCK_M": 16, "BLOCK_P": 32, "BLOCK_E": 16, "FILL": 1024},
             "moe_gate_up": {"TOP_K": 2, "HAS_BIAS": True, "ACTIVATION": "silu", **tiles},
