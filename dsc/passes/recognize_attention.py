@@ -183,6 +183,16 @@ def _softmax_input(probs: fx.Node) -> fx.Node | None:
     return soft.args[0]
 
 
+def _unshifted(scores: fx.Node | None) -> fx.Node | None:
+    """x when scores is x - max(x, -1, keepdim) (a shift the softmax does not see: MiMo,
+    GPT-OSS), else scores."""
+    if is_op(scores, aten.sub) and is_op(scores.args[1], operator.getitem):
+        peak = scores.args[1].args[0]
+        if is_op(peak, aten.max) and peak.args[0] is scores.args[0]:
+            return scores.args[0]
+    return scores
+
+
 def _sink_split(probs: fx.Node, heads: int) -> tuple[fx.Node, fx.Node] | None:
     """(scores, sinks) when probs = softmax(cat([scores, sinks per head], -1))[..., :-1] and
     sinks is a stored [heads] weight; a shift of the softmax's input by its row max (which
@@ -192,11 +202,7 @@ def _sink_split(probs: fx.Node, heads: int) -> tuple[fx.Node, fx.Node] | None:
         node = strip_casts(node.args[0])
     if not is_op(node, aten.slice) or tuple(node.args[1:]) not in ((3, 0, -1), (-1, 0, -1)):
         return None
-    inner = _softmax_input(node.args[0])
-    if is_op(inner, aten.sub) and is_op(inner.args[1], operator.getitem):
-        peak = inner.args[1].args[0]
-        if is_op(peak, aten.max) and peak.args[0] is inner.args[0]:
-            inner = inner.args[0]
+    inner = _unshifted(_softmax_input(node.args[0]))
     if not is_op(inner, aten.cat) or len(inner.args[0]) != 2 or (
             inner.args[1] if len(inner.args) > 1 else 0) not in (-1, 3):
         return None
@@ -221,7 +227,7 @@ def _softmax_form(gm: fx.GraphModule, ctx: PassContext, out: fx.Node) -> bool:
     probs, v = out.args
     heads = tensor_meta(out).shape[1] if tensor_meta(out) is not None else None
     split = _sink_split(probs, heads)
-    scores, sinks = split if split is not None else (_softmax_input(probs), None)
+    scores, sinks = split if split is not None else (_unshifted(_softmax_input(probs)), None)
     terms = score_terms(scores, ctx) if scores is not None else None
     if terms is None or not is_op(terms.product, aten.matmul):
         return False

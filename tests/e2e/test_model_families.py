@@ -80,6 +80,13 @@ FAMILIES = {
         num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
         topk_method="group_limited_greedy", q_lora_rank=None, kv_lora_rank=16,
         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_shared_experts=1),
+    # MiMo-V2-Flash: queries and keys 24 wide, values 16; its scores shifted by their row max
+    # before the softmax in every layer; the sliding layers with attention sinks.
+    "mimo_v2_flash": lambda: T.MiMoV2FlashConfig(
+        **SIZES, num_key_value_heads=2, head_dim=24, v_head_dim=16, n_routed_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, sliding_window=4, n_group=1,
+        topk_group=1, layer_types=["full_attention", "sliding_attention"],
+        mlp_layer_types=["dense", "sparse"]),
     # JetMoE: its experts' token counts are data-dependent sizes with no traced example value
     # (memory_plan counts them as every token of the step).
     "jetmoe": lambda: T.JetMoeConfig(**{**SIZES, "num_key_value_heads": 2}, num_local_experts=4,
@@ -91,7 +98,7 @@ FAMILIES = {
 
 
 MOE_FAMILIES = {"gpt_oss", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "minimax_m2",
-                "glm4_moe", "ernie4_5_moe", "deepseek_v3", "deepseek_v2"}
+                "glm4_moe", "ernie4_5_moe", "deepseek_v3", "deepseek_v2", "mimo_v2_flash"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -62,6 +62,37 @@ def test_merge_projections_does_not_merge_different_inputs():
     assert all(len([u for u in n.args[0].users if u.target is n.target]) == 1 for n in outs)
 
 
+def test_merge_projections_keeps_the_views_a_slice_allows():
+    # Llama's q / k / v become slices of the merged product; splitting their last dim into
+    # heads works on a slice, so those stay views (no copy).
+    manager, gm = _recognised("tiny-llama")
+    before = ops(gm)
+    gm = manager.run(gm, ["merge_projections"])
+    assert ops(gm)["view"] == before["view"] and "reshape" not in ops(gm) - before
+
+
+def test_merge_projections_turns_a_view_a_slice_cannot_take_into_a_reshape():
+    # Before: a = linear(x, Wa) [B, S, 8] viewed [B, S, 2, 4] then [B*S*2, 4] (fine on a
+    # contiguous output); b = linear(x, Wb). Expected: one linear; a's second view, which a
+    # strided slice cannot take, a reshape; the first one a view still; results unchanged.
+    from tests.passes.helpers import context, export_fn, run
+
+    def fn(x, w_a, w_b):
+        a = torch.nn.functional.linear(x, w_a)
+        a = a.view(x.shape[0], x.shape[1], 2, 4).view(-1, 4)
+        return a * 2, torch.nn.functional.linear(x, w_b)
+
+    weights = {"w_a": torch.randn(8, 6), "w_b": torch.randn(5, 6)}
+    x = torch.randn(2, 3, 6)
+    gm, weights = export_fn(fn, x, weights=weights)
+    expected = run(gm, weights, x)
+    ctx = context(weights)
+    gm = PassManager(ctx).run(gm, ["merge_projections"])
+    assert ops(gm)["linear"] == 1 and ops(gm)["reshape"] == 1 and ops(gm)["view"] == 1
+    for got, want in zip(run(gm, ctx.weights, x), expected):
+        torch.testing.assert_close(got, want)
+
+
 def test_compiled_model_with_merged_projections_equals_eager():
     model = zoo.build("tiny-llama", init_std=0.2)
     compiled = dsc.compile(model, "cpu")

@@ -73,6 +73,21 @@ def test_softmax_form_before_expected():
     torch.testing.assert_close(run(gm, weights, q, k, v)[0], eager(q, k, v))
 
 
+def test_scores_shifted_by_their_row_max_before_expected():
+    # MiMo-V2-Flash: softmax(s - max(s, -1, keepdim)) with values narrower than the keys.
+    # Expected: dsc.attention(q, k, v, None, False, 0.3) — the shift changes nothing.
+    def eager(q, k, v):
+        scores = torch.matmul(q, k.transpose(-2, -1)) * 0.3
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+    q, k, v = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 3)
+    gm, weights = export_fn(eager, q, k, v)
+    gm = PassManager(context(weights)).run(gm, ["recognize_attention"])
+    assert ops(gm) == {"attention": 1}
+    torch.testing.assert_close(run(gm, weights, q, k, v)[0], eager(q, k, v))
+
+
 def test_dropout_does_not_match():
     def dropped(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, is_causal=True)
