@@ -54,6 +54,18 @@ def test_round_trip_keeps_history_and_report(saved):
     assert "recognize_attention" in loaded.report()
 
 
+def test_round_trip_latent_attention_and_grouped_routing(tmp_path):
+    # DeepSeek-V3's plan: absorbed weights, a value cache that is a view of the key cache, and
+    # dsc.moe's routing keywords all come back.
+    compiled = dsc.compile(zoo.build("tiny-deepseek-v3", init_std=0.3),
+                           target=dsc.Target(max_batch=2, max_seq_len=32))
+    loaded = dsc.load(compiled.save(tmp_path / "deepseek"))
+    assert loaded.plan.model["cache"] == compiled.plan.model["cache"]
+    assert loaded.plan.model["cache"][1]["view_of"] == "cache.0.k"
+    kw = {"max_new_tokens": 8, "eos_token_id": []}
+    assert torch.equal(loaded.generate(IDS, **kw), compiled.generate(IDS, **kw))
+
+
 def test_round_trip_encoder(tmp_path):
     compiled = dsc.compile(zoo.build("tiny-bert"), target=dsc.Target(max_batch=1, max_seq_len=16))
     loaded = dsc.load(compiled.save(tmp_path / "bert"))
