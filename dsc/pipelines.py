@@ -23,14 +23,16 @@ RECOGNISE = [
 
 
 def trunk(target: Target) -> list[str]:
-    """Passes every program shares."""
-    return list(RECOGNISE)
+    """Passes every program shares. With tp > 1 latent attention attends over its latent in
+    every program (the forward one too), so that all cut its weights the same way."""
+    return [*RECOGNISE, *(["absorb_latent_attention"] if target.tp > 1 else [])]
 
 
 def cached(target: Target) -> list[str]:
     """Passes that turn the shared graph into the prefill/decode graph: latent attention first
-    attends over its latent, so that kv_cache gives it a cache of latents."""
-    return ["absorb_latent_attention", "kv_cache"]
+    attends over its latent (on one GPU the forward program keeps the per-head form, cheaper
+    without a cache to shrink), so that kv_cache gives it a cache of latents."""
+    return [*(["absorb_latent_attention"] if target.tp == 1 else []), "kv_cache"]
 
 
 def partition(target: Target) -> list[str]:

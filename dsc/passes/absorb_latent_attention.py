@@ -30,8 +30,10 @@ when nothing else reads it; the two absorbed weights are W's bytes again.
 Does not match: W with a bias (its key part would add a per-head term the latent cannot hold),
 a rotary key per head, query or key pieces of other widths, values from another projection than
 the keys' first part, a q_nope / k_nope width that differs.
-Ordering: in the cached programs, before kv_cache (so the cache holds the latent). The forward
-program keeps the per-head form: without a cache to shrink, its attention is the cheaper one.
+Ordering: in the cached programs, before kv_cache (so the cache holds the latent). On one GPU
+the forward program keeps the per-head form (without a cache to shrink, its attention is the
+cheaper one); with tp > 1 every program takes the latent form, so that tensor_parallel cuts
+W_uk, W_uv and the query and output projections by heads the same way in all of them.
 """
 
 from __future__ import annotations

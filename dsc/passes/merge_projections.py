@@ -76,7 +76,8 @@ def _example_sizes(node: fx.Node, bump: int) -> dict:
     env = next((d.node.shape_env for d in val.shape if isinstance(d, torch.SymInt)), None)
     if env is None:
         return {}
-    return {sym: max(2, int(v)) + bump for sym, v in env.var_to_val.items()}
+    examples = getattr(env, "backed_var_to_val", None) or env.var_to_val
+    return {sym: max(2, int(v)) + bump for sym, v in examples.items()}
 
 
 def _concrete(arg, sizes: dict):

@@ -37,7 +37,10 @@ in its place (`Cut.zero`); a bias computed in the graph is added after the all_r
 there are fewer KV heads than ranks each rank keeps the KV head its query heads read
 (replication); the KV cache holds the local heads, so cache placeholders shrink and
 `ctx.notes["cache"]` is rewritten. An attention's ALiBi slopes (one per query head) keep the
-rank's heads' slopes.
+rank's heads' slopes. Absorbed latent attention (`absorb_latent_attention`): its queries are
+cut by heads through bmm(q_nope by head, W_uk) — W_uk and W_uv [H, n, m] are cut on their head
+dim — while its one kv head (the latent) is read by every query head and stays whole, cache
+and projection, on every rank.
 
 Does not match: a projection that feeds a norm, a reduction over the sharded dim or the output
 (it stays replicated); an op outside the rule tables inside a candidate region, an operand that
@@ -209,6 +212,15 @@ def _heads(node, x, d):
     return 1 if _position(node, x) in (0, 1, 2) and d == 1 else None
 
 
+def _per_head_product(node, x, d):
+    """bmm(x [H, M, n], W [H, n, m]) with W a stored weight (absorbed latent attention's W_uk,
+    W_uv): heads in dim 0, cut in W as in x."""
+    w = tensor_meta(node.args[1])
+    if _position(node, x) != 0 or d != 0 or weight_name(node.args[1]) is None or w is None:
+        return None
+    return 0 if w.dim() == 3 and w.shape[0] == tensor_meta(x).shape[0] else None
+
+
 _RULES: list[tuple[tuple, Callable]] = [
     (_RESHAPES, _reshape),  # view / reshape: the dim holding the same block
     ((aten.transpose,), _transpose),  # the two dims swap
@@ -222,6 +234,7 @@ _RULES: list[tuple[tuple, Callable]] = [
     ((aten.cat,), _cat),  # joining on another dim keeps it
     ((operator.getitem,), _tuple_item),  # a part of a split
     (_ATTENTION, _heads),  # heads in, heads out
+    ((aten.bmm,), _per_head_product),  # heads as the batch of a product by a per-head weight
     (_ELEMENTWISE, _elementwise),  # same place from the right
 ]
 
@@ -303,6 +316,8 @@ def _explore(piece: _Piece) -> bool:
             if _is_row(user, value, d):
                 piece.rows.add(user)
                 continue
+            if is_op(user, aten.sym_size) and _dim(user.args[1], tensor_meta(value).dim()) != d:
+                continue  # the size of another dim: the cut does not change it
             rule = _rule(user)
             out = rule(user, value, d) if rule is not None else None
             if out is None or piece.dims.get(user, out) != out:
@@ -374,7 +389,11 @@ def _operands_ok(node: fx.Node, dims: dict[fx.Node, int]) -> bool:
     """Every tensor operand of a region node is in the region or broadcast over the sharded dim."""
     out = tensor_meta(node)
     if is_op(node, *_ATTENTION):
-        if not all(node.args[i] in dims for i in range(3)):
+        # Keys and values in the region, or one kv head every query head reads (absorbed latent
+        # attention's latent: replicated on every rank).
+        if node.args[0] not in dims or not all(
+                node.args[i] in dims or _is_one(tensor_meta(node.args[i]).shape[1])
+                for i in (1, 2)):
             return False
         if is_op(node, aten.scaled_dot_product_attention) and len(node.args) > 3:
             mask = tensor_meta(node.args[3])
@@ -587,6 +606,9 @@ def _rewrite_region(region: _Region, tp: int, rank: int, weights: _Weights) -> l
                 f"{node.name}: dim {region.dims[node]} of size {val.shape[region.dims[node]]} "
                 f"cannot be split in {f}; choose another tp."
             )
+        if is_op(node, aten.bmm):  # this rank's heads of a per-head weight
+            w = node.args[1]
+            weights.cut(w, Cut(0, ((tensor_meta(w).shape[0], f, rank * f // tp),)))
         if is_op(node, *_RESHAPES, aten.expand):
             x = node.args[0]
             shape = list(node.args[1])
@@ -595,6 +617,8 @@ def _rewrite_region(region: _Region, tp: int, rank: int, weights: _Weights) -> l
             node.args = (x, shape, *node.args[2:])
         if is_op(node, dsc_ops.cached_attention):
             for kv, cache in zip(node.args[1:3], node.args[3:5]):
+                if kv not in factor:
+                    continue  # one kv head outside the region: the whole cache on every rank
                 old = cache.meta["val"]
                 shape = list(old.shape)
                 shape[1] //= factor[kv]

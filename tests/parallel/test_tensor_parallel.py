@@ -102,12 +102,11 @@ def test_one_all_reduce_per_block_and_one_gather(run_name, name, request):
     # product; the MoE block's sum and the embedding's stay plain all_reduces.
     # GLM4-MoE's second layer adds its routed and shared experts' partial sums before one
     # all-reduce (merge_all_reduces); its first layer is dense, so three take the residual add.
-    # DeepSeek-V3's latent attention stays whole on every rank (its absorbed per-head weights
-    # are bmm operands, which no rule cuts): only the dense MLP's, the MoE block's and the
-    # embedding's sums.
+    # DeepSeek-V3's latent attention is cut by heads (its latent replicated) like any attention;
+    # its MoE block's sum stays a plain all_reduce.
     with_residual, with_product, total = {
         "tiny-mixtral": (LAYERS, 0, 2 * LAYERS + 1), "tiny-gpt-oss": (LAYERS, 0, 2 * LAYERS + 1),
-        "tiny-glm4-moe": (3, 0, 2 * LAYERS + 1), "tiny-deepseek-v3": (1, 0, 3),
+        "tiny-glm4-moe": (3, 0, 2 * LAYERS + 1), "tiny-deepseek-v3": (3, 0, 2 * LAYERS + 1),
     }.get(name, (2 * LAYERS, 0, 2 * LAYERS + 1))
     for rank in _results(request.getfixturevalue(run_name), name):
         assert rank["all_reduce_residual"] == with_residual

@@ -286,3 +286,36 @@ def test_whole_model_rank_shapes_and_collectives(name, rank):
         )
         assert ctx.weights["transformer.h.0.mlp.c_proj.weight" + shard].shape == (128, 64)
         assert ctx.weights["lm_head.weight" + shard].shape == (106, 64)  # tied with wte
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_latent_attention_cuts_its_heads_and_keeps_the_latent_whole(rank):
+    # tiny-deepseek-v3 at tp=2: the query projection by heads, W_uk and W_uv (bmm operands)
+    # by their head dim, the output projection by rows; the latent cache and its projection
+    # whole on every rank (one kv head every query head reads).
+    from dsc import zoo
+    from dsc.compiler import _load_passes
+    from dsc.frontend import trace
+    from dsc.passes.context import PassContext
+    from dsc.pipelines import cached, trunk
+    from dsc.target import Target
+
+    _load_passes()
+    target = Target(tp=2, max_batch=4, max_seq_len=32)
+    traced = trace(zoo.build("tiny-deepseek-v3"), max_batch=4, max_seq_len=32,
+                   position_ids=True)
+    ctx = PassContext(target=target, weights=traced.weights, info=traced.info,
+                      inputs=traced.inputs, rank=rank)
+    manager = PassManager(ctx)
+    gm = manager.run(traced.gm, trunk(target) + cached(target) + ["tensor_parallel"])
+    layer, shard = "model.layers.0.self_attn.", f".tp{rank}of2"
+    kv_b = layer + "kv_b_proj.weight"
+    assert ctx.weights[kv_b + ".dsc_key_absorbed" + shard].shape == (2, 16, 16)  # [H/2, dn, r]
+    assert ctx.weights[kv_b + ".dsc_value_absorbed" + shard].shape == (2, 16, 16)  # [H/2, r, dv]
+    assert ctx.weights[layer + "q_b_proj.weight" + shard].shape == (2 * 24, 32)
+    assert ctx.weights[layer + "o_proj.weight" + shard].shape == (64, 2 * 16)
+    assert ctx.weights[layer + "kv_a_proj_with_mqa.weight"].shape == (24, 64)  # replicated
+    assert ctx.notes["cache"][0]["shape"] == [4, 1, 32, 24]
+    # Each attention, the dense MLP, the routed and the shared experts (merge_all_reduces adds
+    # those two later), the embedding.
+    assert ops(gm)["all_reduce"] == 2 + 1 + 2 + 1
