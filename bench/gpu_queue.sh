@@ -36,8 +36,9 @@ moe)
     ;;
 deepseek)
     log="bench/results/e2e-deepseek-$gpu-$day.jsonl"
+    # The latent cache against every head's keys and values, alternating in one process.
     python bench/e2e.py --models deepseek-v2-lite:1,deepseek-v2-lite:16 --prefill "" \
-        --no-compile --out "$log"
+        --no-compile --ab-env DSC_ABSORB_LATENT=0 --out "$log"
     keep "$log"
     ;;
 *)

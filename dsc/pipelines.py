@@ -22,17 +22,23 @@ RECOGNISE = [
 ]
 
 
+def _absorb() -> bool:
+    """DSC_ABSORB_LATENT=0 keeps latent attention per head in every program (the cache then
+    holds every head's keys and values): the A/B of the latent cache."""
+    return os.environ.get("DSC_ABSORB_LATENT", "1") != "0"
+
+
 def trunk(target: Target) -> list[str]:
     """Passes every program shares. With tp > 1 latent attention attends over its latent in
     every program (the forward one too), so that all cut its weights the same way."""
-    return [*RECOGNISE, *(["absorb_latent_attention"] if target.tp > 1 else [])]
+    return [*RECOGNISE, *(["absorb_latent_attention"] if target.tp > 1 and _absorb() else [])]
 
 
 def cached(target: Target) -> list[str]:
     """Passes that turn the shared graph into the prefill/decode graph: latent attention first
     attends over its latent (on one GPU the forward program keeps the per-head form, cheaper
     without a cache to shrink), so that kv_cache gives it a cache of latents."""
-    return [*(["absorb_latent_attention"] if target.tp == 1 else []), "kv_cache"]
+    return [*(["absorb_latent_attention"] if target.tp == 1 and _absorb() else []), "kv_cache"]
 
 
 def partition(target: Target) -> list[str]:

@@ -117,3 +117,13 @@ def test_kv_cache_gives_the_latent_one_cache(name, aliased):
         assert spec[0]["shape"][1] == 1  # one kv head: the latent
     else:
         assert not any("view_of" in entry for entry in spec)
+
+
+def test_the_latent_form_can_be_turned_off_for_an_ab(monkeypatch):
+    from dsc.pipelines import cached, trunk
+    from dsc.target import Target
+
+    assert "absorb_latent_attention" in cached(Target())
+    assert "absorb_latent_attention" in trunk(Target(tp=2))
+    monkeypatch.setenv("DSC_ABSORB_LATENT", "0")
+    assert "absorb_latent_attention" not in cached(Target()) + trunk(Target(tp=2))
