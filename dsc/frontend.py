@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from dsc.dynamic_rope import rope_switch_length, traceable_dynamic_rope
 from dsc.errors import TraceError
+from dsc.hub_functions import dsc_sequence_mixers
 from dsc.repeat_layers import (
     TRACED_LAYERS,
     NotRepeatable,
@@ -36,6 +37,8 @@ __all__ = ["TracedModel", "ModelInfo", "trace", "default_positions", "model_info
 USER_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 _EXAMPLE_BATCH, _EXAMPLE_SEQ = 2, 5
+# The longer sequence a traced graph is checked on: past two 64-token chunks.
+_PROBE_SEQ = 2 * 64 + 3
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +211,7 @@ def trace(
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     seq = min(_EXAMPLE_SEQ, max_seq_len)
-    example = {
-        "input_ids": torch.randint(0, max(2, (info.vocab_size or 2) - 1), (_EXAMPLE_BATCH, seq)),
-        "attention_mask": torch.ones(_EXAMPLE_BATCH, seq, dtype=torch.long),
-        "position_ids": torch.arange(seq).expand(_EXAMPLE_BATCH, seq).contiguous(),
-    }
-    args = tuple(example[name].to(device) for name in inputs)
+    args = _example(info, inputs, seq, device)
     batch_dim = torch.export.Dim("batch", min=1, max=max(max_batch, _EXAMPLE_BATCH))
     max_seq = max(max_seq_len, seq + 1)
     if info.max_positions:
@@ -229,7 +227,9 @@ def trace(
                 exported = _export(model, wrapper, args, dynamic, inputs, dtype)
             gm, weights = _lift_weights(exported, inputs, dtype)
             stamp_layers(gm, weights, stack, dtype)
-            _check_against_model(gm, weights, model, wrapper, args, dtype)
+            why = _differs_from_model(gm, weights, model, wrapper, args, dtype)
+            if why is not None:
+                raise NotRepeatable(f"the stamped graph {why}")
             stamped = len(stack.layers) - TRACED_LAYERS
         except Exception as why:  # noqa: BLE001 — any failure here only costs the shortcut
             # NotRepeatable says why the layers differ; a model whose code insists on its full
@@ -248,6 +248,7 @@ def trace(
             f"{type(model).__name__} traced only for input shape {tuple(ids_val.shape)} (its code "
             "branches on the batch or sequence length); dsc needs a shape-generic graph."
         )
+    _check_length(gm, weights, model, wrapper, inputs, info, max_seq, dtype, device)
     return TracedModel(gm=gm, weights=weights, inputs=inputs, info=info, stamped_layers=stamped,
                        not_stamped_because=refused)
 
@@ -262,7 +263,8 @@ def _export(
 ) -> torch.export.ExportedProgram:
     """torch.export of the wrapper with dynamic batch and sequence, decomposed to aten."""
     try:
-        with _cast_parameters(model, dtype), torch.no_grad(), traceable_dynamic_rope(model):
+        with (_cast_parameters(model, dtype), torch.no_grad(), traceable_dynamic_rope(model),
+              dsc_sequence_mixers(model)):
             try:
                 exported = torch.export.export(wrapper, args, dynamic_shapes=(dynamic,),
                                                strict=False)
@@ -284,31 +286,70 @@ def _export(
         ) from exc
 
 
-def _check_against_model(
+def _differs_from_model(
     gm: fx.GraphModule,
     weights: dict[str, torch.Tensor],
     model: torch.nn.Module,
     wrapper: torch.nn.Module,
     args: tuple[torch.Tensor, ...],
     dtype: torch.dtype | None,
-) -> None:
-    """Run a stamped graph once on the example input; it must give the model's own output."""
+) -> str | None:
+    """How the traced graph's output on `args` differs from the model's own ("differs from the
+    model by ...", "fails: ...", "gives shape ..."), or None when it does not (beyond rounding)
+    or when the model itself cannot run them (a length past positions it does not name)."""
     user = iter(args)
     feed = [weights[n.meta["dsc_weight"]] if "dsc_weight" in n.meta else next(user)
             for n in gm.graph.nodes if n.op == "placeholder"]
     with _cast_parameters(model, dtype), torch.no_grad():
-        want = wrapper(*args)
-        got = gm(*feed)
+        try:
+            want = wrapper(*args)
+        except Exception:  # noqa: BLE001 — nothing to compare with
+            return None
+        try:
+            got = gm(*feed)
+        except Exception as exc:  # noqa: BLE001 — a graph that cannot run differs
+            return f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     got = got[0] if isinstance(got, (tuple, list)) else got
     if got.shape != want.shape:
-        raise NotRepeatable(
-            f"stamped graph gives shape {tuple(got.shape)}, the model {tuple(want.shape)}")
+        return f"gives shape {tuple(got.shape)}, the model {tuple(want.shape)}"
     # The same ops run in both; only rounding may differ, at the output's own precision.
     tolerance = 1e-4 if want.dtype == torch.float32 else 2e-2
     want, got = want.float(), got.float()
     error = float((got - want).norm() / want.norm().clamp(min=1e-12))
-    if not error <= tolerance:
-        raise NotRepeatable(f"stamped graph differs from the model by {error:.2e} (relative)")
+    return None if error <= tolerance else f"differs from the model by {error:.2e} (relative)"
+
+
+def _example(info: ModelInfo, inputs: list[str], seq: int,
+             device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A batch of _EXAMPLE_BATCH unpadded random sequences of `seq` tokens, as `inputs`."""
+    generator = torch.Generator().manual_seed(seq)  # the caller's random stream stays as it was
+    example = {
+        "input_ids": torch.randint(0, max(2, (info.vocab_size or 2) - 1), (_EXAMPLE_BATCH, seq),
+                                   generator=generator),
+        "attention_mask": torch.ones(_EXAMPLE_BATCH, seq, dtype=torch.long),
+        "position_ids": torch.arange(seq).expand(_EXAMPLE_BATCH, seq).contiguous(),
+    }
+    return tuple(example[name].to(device) for name in inputs)
+
+
+def _check_length(gm: fx.GraphModule, weights: dict[str, torch.Tensor], model: torch.nn.Module,
+                  wrapper: torch.nn.Module, inputs: list[str], info: ModelInfo, longest: int,
+                  dtype: torch.dtype | None, device: torch.device) -> None:
+    """The graph, traced on a few tokens, must answer as the model does on a longer sequence:
+    a Python loop over chunks of the sequence (a state-space layer's scan) runs at trace time
+    as often as the example needs, and the graph would keep that count for every length."""
+    seq = min(_PROBE_SEQ, longest)
+    if seq <= _EXAMPLE_SEQ:
+        return
+    why = _differs_from_model(gm, weights, model, wrapper, _example(info, inputs, seq, device),
+                              dtype)
+    if why is not None:
+        raise TraceError(
+            f"{type(model).__name__} traced on {_EXAMPLE_SEQ} tokens does not answer as the model "
+            f"does on {seq} (the graph {why}): its code fixes something to the traced length, such as a "
+            "loop over chunks of the sequence in a state-space or linear-attention layer whose "
+            "function dsc does not trace as its own op (dsc.hub_functions lists those it "
+            "does). dsc cannot compile it.")
 
 
 def _lift_weights(

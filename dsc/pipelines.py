@@ -37,8 +37,10 @@ def trunk(target: Target) -> list[str]:
 def cached(target: Target) -> list[str]:
     """Passes that turn the shared graph into the prefill/decode graph: latent attention first
     attends over its latent (on one GPU the forward program keeps the per-head form, cheaper
-    without a cache to shrink), so that kv_cache gives it a cache of latents."""
-    return [*(["absorb_latent_attention"] if target.tp == 1 and _absorb() else []), "kv_cache"]
+    without a cache to shrink), so that kv_cache gives it a cache of latents; linear-attention
+    layers then get their state beside the cache."""
+    return [*(["absorb_latent_attention"] if target.tp == 1 and _absorb() else []), "kv_cache",
+            "recurrent_state"]
 
 
 def partition(target: Target) -> list[str]:

@@ -6,7 +6,7 @@ Importing this package registers them all; the runtime imports it, passes and co
 """
 
 from dsc.ops import (  # noqa: F401
-    attention, collectives, fused, mlp, moe, norms, qkv_attention, residual, rotary,
+    attention, collectives, fused, mlp, moe, norms, qkv_attention, recurrent, residual, rotary,
 )
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "moe",
     "norms",
     "qkv_attention",
+    "recurrent",
     "residual",
     "rotary",
     "direct",
@@ -33,8 +34,8 @@ def direct(name: str):
     import torch
 
     op = getattr(getattr(torch.ops, "dsc"), name)
-    for module in (attention, collectives, fused, mlp, moe, norms, qkv_attention, residual,
-                   rotary):
+    for module in (attention, collectives, fused, mlp, moe, norms, qkv_attention, recurrent,
+                   residual, rotary):
         opdef = getattr(module, name, None)
         fn = getattr(opdef, "_init_fn", None)
         if callable(fn):

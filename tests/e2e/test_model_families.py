@@ -126,9 +126,9 @@ def test_logits_and_greedy_tokens_equal_hf(family):
     assert torch.equal(compiled.generate(ids, attention_mask=mask, max_new_tokens=8), ref_tokens)
 
 
-# State carried along the sequence outside attention: the forward compiles and equals HF,
-# generate() is refused with the reason.
-STATEFUL = {
+# State carried along the sequence outside attention, in HF functions dsc traces as its own ops
+# (dsc.hub_functions): the state lives beside the KV cache (recurrent_state), so these generate.
+LINEAR_ATTENTION = {
     # Gated delta-net layers beside full attention; its MoE block's probe meets sizes whose
     # range is open at the top.
     "qwen3_next": lambda: T.Qwen3NextConfig(
@@ -136,24 +136,61 @@ STATEFUL = {
         moe_intermediate_size=32, shared_expert_intermediate_size=32,
         layer_types=["linear_attention", "full_attention"], linear_key_head_dim=16,
         linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4),
+    "qwen3_5": lambda: T.Qwen3_5TextConfig(
+        **{**SIZES, "num_key_value_heads": 2}, head_dim=16,
+        layer_types=["linear_attention", "full_attention"], linear_key_head_dim=16,
+        linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4),
+    "olmo_hybrid": lambda: T.OlmoHybridConfig(
+        **{**SIZES, "num_key_value_heads": 2}, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        layer_types=["linear_attention", "full_attention"]),
+    # LFM2: short gated convolutions beside attention, no delta rule.
+    "lfm2": lambda: T.Lfm2Config(**{**SIZES, "num_key_value_heads": 2}, pad_token_id=0,
+                                 eos_token_id=1, bos_token_id=2,
+                                 layer_types=["conv", "full_attention"]),
 }
 
 
-@pytest.mark.parametrize("family", STATEFUL)
-def test_a_model_with_state_outside_attention_compiles_its_forward(family):
+@pytest.mark.parametrize("family", LINEAR_ATTENTION)
+def test_linear_attention_layers_generate_as_hf(family):
     torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(STATEFUL[family]()).eval()
+    model = T.AutoModelForCausalLM.from_config(LINEAR_ATTENTION[family]()).eval()
     for p in model.parameters():
         if p.dim() >= 2:
             torch.nn.init.normal_(p, std=0.2)
-    ids = torch.randint(3, 200, (2, 7))
-    with torch.no_grad():
-        ref = model(ids).logits
+    model.generation_config.eos_token_id = model.config.eos_token_id = None  # all 8 tokens
     compiled = dsc.compile(model, target="cpu")
-    torch.testing.assert_close(compiled(ids).logits, ref, atol=1e-4, rtol=1e-4)
-    with pytest.raises(TypeError, match="cannot generate: its decode step does not continue "
-                                        "its forward pass"):
-        compiled.generate(ids, max_new_tokens=2)
+    assert compiled.plan.model["not_a_decoder_because"] is None
+    steps = compiled.plan.programs["decode"].steps
+    assert any(s["op"].startswith("dsc::cached_causal_conv1d") for s in steps)
+    # Past two of the delta rule's 64-token chunks: the forward serves every length.
+    ids = torch.randint(3, 200, (2, 70))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-4,
+                                   rtol=1e-4)
+    ids = torch.randint(3, 200, (2, 7))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0  # the first row left-padded
+    with torch.no_grad():
+        ref_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                    pad_token_id=0)
+    assert torch.equal(compiled.generate(ids, attention_mask=mask, max_new_tokens=8), ref_tokens)
+
+
+# A scan dsc does not trace as its own op keeps the trip count of the traced length: compile
+# refuses the model, naming why, rather than answer longer prompts wrongly.
+UNTRACED_SCANS = {
+    "mamba2": lambda: T.Mamba2Config(vocab_size=211, hidden_size=64, num_hidden_layers=2,
+                                     state_size=8, num_heads=8, head_dim=16, chunk_size=16,
+                                     n_groups=1, pad_token_id=0, eos_token_id=1, bos_token_id=2),
+}
+
+
+@pytest.mark.parametrize("family", UNTRACED_SCANS)
+def test_a_scan_fixed_to_the_traced_length_is_refused(family):
+    model = T.AutoModelForCausalLM.from_config(UNTRACED_SCANS[family]()).eval()
+    with pytest.raises(dsc.TraceError, match="traced on 5 tokens does not answer as the model "
+                                             "does on 131"):
+        dsc.compile(model, target="cpu")
 
 
 UNEXPRESSED_ROUTING = {

@@ -1,0 +1,87 @@
+"""HF's swappable sequence-mixing functions, traced as dsc ops.
+
+HF's linear-attention layers call their sequence mixers through module-level functions it marks
+as replaceable by kernels (`use_kernel_func_from_hub_with_fallback`: chunk_gated_delta_rule,
+causal_conv1d_fn). Their torch fallbacks do not trace to a graph that serves every length: the
+delta rule loops over 64-token chunks in Python, so export keeps one iteration — the length it
+saw — and a longer prompt would be answered wrongly. While dsc traces, those functions are dsc
+ops instead (`dsc.ops.recurrent`): one node each, whose state the `recurrent_state` pass gives a
+buffer for generation. A call whose arguments the op does not take runs HF's function as before.
+
+    torch_chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=l2)
+        -> (dsc.gated_delta_rule(q, k, v, g, beta, l2), None)
+    causal_conv1d_fn(x, weight, bias, activation="silu")
+        -> dsc.causal_conv1d(x, weight, bias, "silu")
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+
+from dsc.ops.recurrent import ACTIVATIONS
+
+__all__ = ["REPLACED", "dsc_sequence_mixers"]
+
+
+# Options of HF's functions that pack several sequences into one row; the ops take none.
+_PACKING = ("cu_seqlens", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k")
+
+
+def _no_extras(kwargs: dict[str, Any]) -> bool:
+    """No sequences packed into a row (the rest of kwargs are the model's forward flags, which
+    HF's functions drop too)."""
+    return all(kwargs.get(name) is None for name in _PACKING)
+
+
+def _gated_delta_rule(original: Callable) -> Callable:
+    def traced(query, key, value, g, beta, chunk_size=64, initial_state=None,
+               output_final_state=False, use_qk_l2norm_in_kernel=False, **kwargs):
+        heads = query.shape[:3] == key.shape[:3] == value.shape[:3] == g.shape == beta.shape
+        if initial_state is not None or output_final_state or not heads or not _no_extras(kwargs):
+            return original(query, key, value, g=g, beta=beta, chunk_size=chunk_size,
+                             initial_state=initial_state, output_final_state=output_final_state,
+                             use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
+        out = torch.ops.dsc.gated_delta_rule(query, key, value, g, beta,
+                                             bool(use_qk_l2norm_in_kernel))
+        return out, None
+
+    return traced
+
+
+def _causal_conv1d(original: Callable) -> Callable:
+    def traced(hidden_states, weight, bias=None, activation=None, **kwargs):
+        kind = {None: "", "silu": "silu", "swish": "silu"}.get(activation)
+        if kind not in ACTIVATIONS or weight.dim() != 2 or not _no_extras(kwargs):
+            return original(hidden_states, weight, bias, activation=activation, **kwargs)
+        return torch.ops.dsc.causal_conv1d(hidden_states, weight, bias, kind)
+
+    return traced
+
+
+# The module-level name HF's layers call -> what dsc traces in its place.
+REPLACED: dict[str, Callable[[Callable], Callable]] = {
+    "torch_chunk_gated_delta_rule": _gated_delta_rule,
+    "causal_conv1d_fn": _causal_conv1d,
+}
+
+
+@contextmanager
+def dsc_sequence_mixers(model: torch.nn.Module) -> Iterator[None]:
+    """While inside, the modules that define `model`'s layers call dsc ops for REPLACED."""
+    modules = {sys.modules.get(type(m).__module__) for m in model.modules()} - {None}
+    saved = []
+    for module in modules:
+        for name, replacement in REPLACED.items():
+            original = getattr(module, name, None)
+            if callable(original):
+                saved.append((module, name, original))
+                setattr(module, name, replacement(original))
+    try:
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
