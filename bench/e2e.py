@@ -40,6 +40,7 @@ DTYPES = {
     "mixtral-8x7b": torch.bfloat16,
     "gpt-oss-20b": torch.bfloat16,
     "deepseek-v2-lite": torch.bfloat16,
+    "qwen3.5": torch.bfloat16,
 }
 PROMPT, NEW = 128, 64
 

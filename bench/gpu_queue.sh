@@ -7,6 +7,7 @@
 #   bash bench/gpu_queue.sh kernels   # ring window, latent decode, flash tiles without spills
 #   bash bench/gpu_queue.sh moe       # Mixtral 8x7B, GPT-OSS 20B end to end
 #   bash bench/gpu_queue.sh deepseek  # DeepSeek-V2-Lite end to end (latent cache)
+#   bash bench/gpu_queue.sh linear    # Qwen3.5 (gated delta-net) end to end
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -20,7 +21,7 @@ case "${1:-}" in
 tests)
     log="bench/results/gpu-tests-$gpu-$day-queue.txt"
     python -m pytest -q -x tests/gpu -k "moe or mixtral or gpt_oss or glm4 or host_wait or ring \
-        or latent or deepseek" 2>&1 | tee "$log" | tail -30
+        or latent or deepseek or linear_attention or qwen35" 2>&1 | tee "$log" | tail -30
     keep "$log"
     ;;
 kernels)
@@ -41,8 +42,13 @@ deepseek)
         --no-compile --ab-env DSC_ABSORB_LATENT=0 --out "$log"
     keep "$log"
     ;;
+linear)
+    log="bench/results/e2e-linear-$gpu-$day.jsonl"
+    python bench/e2e.py --models qwen3.5:1,qwen3.5:16 --prefill "" --no-compile --out "$log"
+    keep "$log"
+    ;;
 *)
-    echo "usage: bash bench/gpu_queue.sh tests|kernels|moe|deepseek" >&2
+    echo "usage: bash bench/gpu_queue.sh tests|kernels|moe|deepseek|linear" >&2
     exit 2
     ;;
 esac

@@ -74,6 +74,15 @@ def _tiny(arch: str) -> tuple[str, dict[str, Any]]:
             first_k_dense_replace=1, n_shared_experts=1, q_lora_rank=32, kv_lora_rank=16,
             qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
         )
+    if arch == "qwen3.5":
+        # Gated delta-net layers (keys 16 wide in 2 heads repeated to 4 value heads, a 4-tap
+        # causal convolution) before one full-attention layer with a gated output.
+        return "Qwen3_5ForCausalLM", dict(
+            common, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            layer_types=["linear_attention", "full_attention"], linear_key_head_dim=16,
+            linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        )
     if arch == "bert":
         return "BertModel", dict(
             vocab_size=211, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -119,6 +128,9 @@ def _real(name: str) -> tuple[str, dict[str, Any]]:
             topk_group=1, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
             qk_rope_head_dim=64, v_head_dim=128,
         )),
+        # HF's Qwen3_5TextConfig defaults: 32 layers, three in four gated delta-net (32 value
+        # heads of 128 lanes, 16 key heads), every fourth full attention (16 heads of 256, 4 KV).
+        "qwen3.5": ("Qwen3_5ForCausalLM", {}),
         "opt-1.3b": ("OPTForCausalLM", dict(
             vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24,
             num_attention_heads=32, max_position_embeddings=2048, word_embed_proj_dim=2048,
@@ -130,10 +142,10 @@ def _real(name: str) -> tuple[str, dict[str, Any]]:
 MODELS: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {
     **{f"tiny-{a}": (lambda a=a: _tiny(a)) for a in
        ("llama", "mistral", "mistral-sliding", "mixtral", "gpt2", "opt", "bloom", "gpt-oss",
-        "glm4-moe", "deepseek-v3", "bert")},
+        "glm4-moe", "deepseek-v3", "qwen3.5", "bert")},
     **{n: (lambda n=n: _real(n)) for n in
        ("llama-7b", "llama-1.1b", "llama-70b", "gpt2-xl", "opt-1.3b", "mixtral-8x7b",
-        "gpt-oss-20b", "deepseek-v2-lite")},
+        "gpt-oss-20b", "deepseek-v2-lite", "qwen3.5")},
 }
 
 

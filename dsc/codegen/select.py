@@ -104,6 +104,11 @@ def _moe(node: fx.Node, program: str, target: Target) -> bool:
     )
 
 
+def _recurrent(node: fx.Node, program: str, target: Target) -> bool:
+    # The step kernels take one token of any head sizes; a prompt runs the op's torch form.
+    return _on_gpu(node, target)
+
+
 def _generated_region(node: fx.Node, program: str, target: Target) -> bool:
     # Generated Triton kernels are for GPUs; elsewhere the region runs as its reference op.
     return target.device == "cuda" and triton_codegen.supports(node.args[1])
@@ -126,6 +131,10 @@ CANDIDATES: list[Candidate] = [
     Candidate("cuda::qkv_cached_attention", torch.ops.dsc.qkv_cached_attention.default,
               _qkv_attention),
     Candidate("cuda::moe", torch.ops.dsc.moe.default, _moe),
+    Candidate("cuda::cached_causal_conv1d", torch.ops.dsc.cached_causal_conv1d.default,
+              _recurrent),
+    Candidate("cuda::cached_gated_delta_rule", torch.ops.dsc.cached_gated_delta_rule.default,
+              _recurrent),
     Candidate(_region_kernel, torch.ops.dsc.fused_region.default, _generated_region),
 ]
 

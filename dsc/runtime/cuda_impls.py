@@ -13,6 +13,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+import dsc.ops
+
 __all__ = ["IMPLEMENTATIONS", "resolve", "unpadded_keys"]
 
 
@@ -232,6 +234,26 @@ def moe(x: Tensor, router_weight: Tensor, gate_up: Tensor, down: Tensor, top_k: 
                        down_bias=down_bias).view(x.shape)
 
 
+def cached_causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor,
+                         start: Tensor, activation: str = "") -> Tensor:
+    """A decode step's token in one kernel; a prompt through the op's torch form."""
+    if x.shape[-1] != 1:
+        return dsc.ops.direct("cached_causal_conv1d")(x, weight, bias, state, start, activation)
+    from dsc.kernels.recurrent import causal_conv1d_step
+
+    return causal_conv1d_step(x, weight, bias, state, start, activation)
+
+
+def cached_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                            state: Tensor, start: Tensor, l2norm: bool = True) -> Tensor:
+    """A decode step's token in one kernel; a prompt through the op's chunked torch form."""
+    if q.shape[1] != 1:
+        return dsc.ops.direct("cached_gated_delta_rule")(q, k, v, g, beta, state, start, l2norm)
+    from dsc.kernels.recurrent import delta_rule_step
+
+    return delta_rule_step(q, k, v, g, beta, state, start, l2norm)
+
+
 IMPLEMENTATIONS: dict[str, Callable] = {
     "rotary": rotary,
     "gated_activation": gated_activation,
@@ -243,6 +265,8 @@ IMPLEMENTATIONS: dict[str, Callable] = {
     "qkv_cached_attention": qkv_cached_attention,
     "attention": attention,
     "moe": moe,
+    "cached_causal_conv1d": cached_causal_conv1d,
+    "cached_gated_delta_rule": cached_gated_delta_rule,
 }
 
 

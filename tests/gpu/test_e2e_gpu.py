@@ -177,3 +177,29 @@ def test_a_step_that_makes_the_host_wait_runs_without_graphs_and_equals_hf():
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)
     assert torch.equal(compiled.generate(ids, max_new_tokens=12, eos_token_id=[]), ref)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_linear_attention_model_generates_as_hf(dtype):
+    # Qwen3.5's gated delta-net: a prompt past one 64-token chunk (the op's chunked form), then
+    # decode steps in the step kernels inside CUDA graphs.
+    torch_dtype = getattr(torch, dtype)
+    model = zoo.build("tiny-qwen3.5", init_std=0.3 if dtype == "float32" else 0.1, seed=1,
+                      device="cuda", dtype=torch_dtype)
+    compiled = dsc.compile(model, dsc.Target(device="cuda", dtype=dtype, max_seq_len=128))
+    ops = {s["op"] for s in compiled.plan.programs["decode"].steps}
+    assert {"cuda::cached_gated_delta_rule", "cuda::cached_causal_conv1d"} <= ops
+    assert not compiled.graph_blockers
+    ids = torch.randint(3, 200, (2, 70), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        if dtype == "float32":
+            ref = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)
+            assert torch.equal(compiled.generate(ids, max_new_tokens=24, eos_token_id=[]), ref)
+        else:
+            ref = model(ids).logits.float()
+            out = compiled(ids).logits.float()
+            assert float((out - ref).norm() / ref.norm()) <= 1e-2
+            gen = compiled.generate(ids, max_new_tokens=4, eos_token_id=[])
+            full = model(gen[:, :-1]).logits[:, -1].float()
+            assert float((full.argmax(-1) == gen[:, -1]).float().mean()) >= 0.5

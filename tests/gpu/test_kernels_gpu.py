@@ -523,3 +523,40 @@ def test_flash_attention_over_an_absorbed_latent(b, s, t, start):
     out = flash_attention(q, k, v, valid, st, True, scale,
                           out=nan_like((b, 16, s, 512), torch.bfloat16))
     close(out, attention_reference(q, k, v, valid, st, True, scale))
+
+
+# Linear attention's decode steps at Qwen3.5's sizes (32 value heads of 128 lanes; a 4-tap
+# convolution over 8192 channels), bf16 inputs, against the ops' torch form on the GPU.
+@pytest.mark.parametrize("begun", [True, False])
+def test_delta_rule_step_at_qwen35_sizes(begun):
+    import dsc.ops  # noqa: F401
+    from dsc.kernels.recurrent import delta_rule_step
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(4, 1, 32, 128, device="cuda", generator=gen).bfloat16()
+               for _ in range(3))
+    g = -torch.nn.functional.softplus(torch.randn(4, 1, 32, device="cuda", generator=gen))
+    beta = torch.rand(4, 1, 32, device="cuda", generator=gen).bfloat16()
+    state = torch.randn(8, 32, 128, 128, device="cuda", generator=gen)
+    start = torch.tensor([9 if begun else 0], device="cuda")
+    ref_state = state.clone()
+    ref = torch.ops.dsc.cached_gated_delta_rule(q, k, v, g, beta, ref_state, start, True)
+    out = delta_rule_step(q, k, v, g, beta, state, start, True)
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+    assert float((state - ref_state).norm() / ref_state.norm()) < 1e-5
+
+
+def test_causal_conv1d_step_at_qwen35_sizes():
+    import dsc.ops  # noqa: F401
+    from dsc.kernels.recurrent import causal_conv1d_step
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(4, 8192, 1, device="cuda", generator=gen).bfloat16()
+    weight = torch.randn(8192, 4, device="cuda", generator=gen).bfloat16()
+    state = torch.randn(8, 8192, 3, device="cuda", generator=gen).bfloat16()
+    start = torch.tensor([5], device="cuda")
+    ref_state = state.clone()
+    ref = torch.ops.dsc.cached_causal_conv1d(x, weight, None, ref_state, start, "silu")
+    out = causal_conv1d_step(x, weight, None, state, start, "silu")
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+    assert torch.equal(state, ref_state)

@@ -20,7 +20,8 @@ TRITON_INTERPRET=1 the kernels are interpreter objects.
 * the QKV projection with its attention (`qkv_attention`): prefetch, wait, late release, the
   kv group's ticket;
 * the MoE routing, the one-program grouping of a decode step's pairs by expert, and the
-  experts' two grouped GEMMs (tensor-core products)."""
+  experts' two grouped GEMMs (tensor-core products);
+* the decode steps of linear attention (the gated delta rule, the causal convolution)."""
 
 import json
 import os
@@ -141,6 +142,21 @@ def _compile(name: str) -> str:
         pointers = {"logits_ptr": "*bf16", "weights_ptr": "*fp32", "experts_ptr": "*i32",
                     "pairs_ptr": "*i32", "block_expert_ptr": "*i32", "route_ptr": "*fp32",
                     "grouped_ptr": "*i32", "bias_ptr": "*fp32"}
+        signature = {arg: pointers.get(arg, "*bf16") if arg.endswith("_ptr")
+                     else "fp32" if arg == "scale" else "i32"
+                     for arg in kernel.arg_names if arg not in constexprs}
+    elif name in ("delta_rule_step", "causal_conv1d_step"):
+        from dsc.kernels import recurrent as module
+
+        if name == "delta_rule_step":  # Qwen3.5's heads: 128 key and value lanes
+            kernel, warps = module._delta_step_kernel, 4
+            constexprs = {"L2NORM": True, "BLOCK_DK": 128, "BLOCK_DV": 32, "USE_PDL": True}
+        else:
+            kernel, warps = module._conv_step_kernel, 4
+            constexprs = {"HAS_BIAS": False, "SILU": True, "BLOCK_C": 128, "BLOCK_K": 4,
+                          "USE_PDL": True}
+        pointers = {"state_ptr": "*fp32" if name == "delta_rule_step" else "*bf16",
+                    "start_ptr": "*i64"}
         signature = {arg: pointers.get(arg, "*bf16") if arg.endswith("_ptr")
                      else "fp32" if arg == "scale" else "i32"
                      for arg in kernel.arg_names if arg not in constexprs}
@@ -336,6 +352,12 @@ def test_moe_kernels_compile_with_tensor_core_products(name):
     ptx = _ptx(name)
     if name in ("moe_gate_up", "moe_down"):  # the experts' tiles go through the tensor cores
         assert re.search(r"mma\.sync|wgmma", ptx)
+
+
+@pytest.mark.parametrize("name", ["delta_rule_step", "causal_conv1d_step"])
+def test_linear_attention_step_kernels_compile(name):
+    ptx = _ptx(name)
+    assert "griddepcontrol.wait" in ptx and "ld.global" in ptx and "st.global" in ptx
 
 
 if __name__ == "__main__":
