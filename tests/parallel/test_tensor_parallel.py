@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
 TP2_MODELS = ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-mixtral", "tiny-mistral-sliding",
-              "tiny-bloom", "tiny-gpt-oss", "tiny-glm4-moe", "tiny-deepseek-v3"]
+              "tiny-bloom", "tiny-gpt-oss", "tiny-glm4-moe", "tiny-deepseek-v3", "tiny-qwen3.5"]
 TP4_MODELS = ["tiny-llama"]  # 2 KV heads over 4 ranks: each rank keeps a replicated KV head
 LAYERS = 2  # every tiny model
 
@@ -104,7 +104,11 @@ def test_one_all_reduce_per_block_and_one_gather(run_name, name, request):
     # all-reduce (merge_all_reduces); its first layer is dense, so three take the residual add.
     # DeepSeek-V3's latent attention is cut by heads (its latent replicated) like any attention;
     # its MoE block's sum stays a plain all_reduce.
+    # Qwen3.5's linear-attention block and its gated attention (query and output gate
+    # interleaved by head in one projection) stay whole on every rank: only the two MLPs
+    # are cut.
     with_residual, with_product, total = {
+        "tiny-qwen3.5": (2, 0, 3),
         "tiny-mixtral": (LAYERS, 0, 2 * LAYERS + 1), "tiny-gpt-oss": (LAYERS, 0, 2 * LAYERS + 1),
         "tiny-glm4-moe": (3, 0, 2 * LAYERS + 1), "tiny-deepseek-v3": (3, 0, 2 * LAYERS + 1),
     }.get(name, (2 * LAYERS, 0, 2 * LAYERS + 1))
