@@ -40,12 +40,14 @@ there are fewer KV heads than ranks each rank keeps the KV head its query heads 
 rank's heads' slopes. Absorbed latent attention (`absorb_latent_attention`): its queries are
 cut by heads through bmm(q_nope by head, W_uk) — W_uk and W_uv [H, n, m] are cut on their head
 dim — while its one kv head (the latent) is read by every query head and stays whole, cache
-and projection, on every rank.
+and projection, on every rank. A norm within each head (Qwen3's q and k norms) keeps the cut of
+the heads dim.
 
-Does not match: a projection that feeds a norm, a reduction over the sharded dim or the output
+Does not match: a projection that feeds a norm over the sharded dim, a reduction over the sharded dim or the output
 (it stays replicated); an op outside the rule tables inside a candidate region, an operand that
 is neither in the region nor broadcast over the sharded dim, a weight another node also reads
-(replicated). The propagation rules are the table `_RULES`; attention may be dsc.attention,
+(replicated), such as a linear-attention layer's projections (its convolution and delta rule
+are not in the tables). The propagation rules are the table `_RULES`; attention may be dsc.attention,
 dsc.cached_attention or an unrecognised scaled_dot_product_attention.
 Raises TargetError when a dimension cannot be split: heads, KV heads, MLP features or experts'
 features not divisible by tp (KV heads may instead divide tp).
@@ -101,6 +103,7 @@ _ELEMENTWISE = (
     aten.erf,
     aten.exp,
     aten._to_copy,
+    aten.type_as,
     aten.clone,
     aten.alias,
     dsc_ops.activation,
@@ -212,6 +215,12 @@ def _heads(node, x, d):
     return 1 if _position(node, x) in (0, 1, 2) and d == 1 else None
 
 
+def _norm_within_heads(node, x, d):
+    """A norm over the last dim (Qwen3's per-head q and k norms) keeps a cut of another dim."""
+    last = tensor_meta(x).dim() - 1
+    return d if _position(node, x) == 0 and d != last else None
+
+
 def _per_head_product(node, x, d):
     """bmm(x [H, M, n], W [H, n, m]) with W a stored weight (absorbed latent attention's W_uk,
     W_uv): heads in dim 0, cut in W as in x."""
@@ -235,6 +244,7 @@ _RULES: list[tuple[tuple, Callable]] = [
     ((operator.getitem,), _tuple_item),  # a part of a split
     (_ATTENTION, _heads),  # heads in, heads out
     ((aten.bmm,), _per_head_product),  # heads as the batch of a product by a per-head weight
+    ((dsc_ops.rms_norm, dsc_ops.layer_norm), _norm_within_heads),  # a norm within each head
     (_ELEMENTWISE, _elementwise),  # same place from the right
 ]
 

@@ -104,11 +104,11 @@ def test_one_all_reduce_per_block_and_one_gather(run_name, name, request):
     # all-reduce (merge_all_reduces); its first layer is dense, so three take the residual add.
     # DeepSeek-V3's latent attention is cut by heads (its latent replicated) like any attention;
     # its MoE block's sum stays a plain all_reduce.
-    # Qwen3.5's linear-attention block and its gated attention (query and output gate
-    # interleaved by head in one projection) stay whole on every rank: only the two MLPs
-    # are cut.
+    # Qwen3.5's gated attention (query and output gate interleaved by head in one projection,
+    # a norm within each head) is cut like any attention; its linear-attention block stays
+    # whole on every rank (no all-reduce), its MLP is cut.
     with_residual, with_product, total = {
-        "tiny-qwen3.5": (2, 0, 3),
+        "tiny-qwen3.5": (3, 0, 4),
         "tiny-mixtral": (LAYERS, 0, 2 * LAYERS + 1), "tiny-gpt-oss": (LAYERS, 0, 2 * LAYERS + 1),
         "tiny-glm4-moe": (3, 0, 2 * LAYERS + 1), "tiny-deepseek-v3": (3, 0, 2 * LAYERS + 1),
     }.get(name, (2 * LAYERS, 0, 2 * LAYERS + 1))

@@ -215,6 +215,44 @@ def test_projection_into_a_norm_does_not_match():
     assert set(ctx.weights) == {"w1", "w2"}  # both stay whole on every rank
 
 
+def _normed_heads(x, wq, norm_w, w_out, over_heads=False):
+    # [B, S, 4 heads, 8], each head RMS-normalised (Qwen3's q norm), as dsc.rms_norm; or the
+    # norm over all heads' features at once.
+    h = F.linear(x, wq)
+    if over_heads:
+        return F.linear(torch.ops.dsc.rms_norm(h, None, 1e-6, h.dtype), w_out)
+    h = h.view(2, 3, 4, 8)
+    h = torch.ops.dsc.rms_norm(h, norm_w, 1e-6, h.dtype).type_as(h)  # as HF's norms end
+    return F.linear(h.reshape(2, 3, 32), w_out)
+
+
+def test_a_norm_within_each_head_keeps_the_heads_cut():
+    # Before: linear -> view -> rms_norm -> type_as -> view -> linear.
+    # Expected: the same on each rank's 2 heads (the norm's weight whole), one all_reduce.
+    x = torch.randn(2, 3, 16)
+    weights = {"wq": torch.randn(32, 16), "norm_w": torch.randn(8), "w_out": torch.randn(16, 32)}
+    before, _ = export_fn(_normed_heads, x, weights=weights)
+    assert ops(before)["rms_norm"] == 1
+    outputs = []
+    for rank in range(2):
+        gm, ctx = _partition(_normed_heads, [x], weights, tp=2, rank=rank)
+        assert ops(gm)["all_reduce"] == 1 and ops(gm)["rms_norm"] == 1
+        assert ctx.weights[f"wq.tp{rank}of2"].shape == (16, 16)
+        assert ctx.weights["norm_w"].shape == (8,)
+        outputs.append(run(gm, ctx.weights, x)[0])
+    torch.testing.assert_close(sum(outputs), _normed_heads(x, *weights.values()))
+
+
+def test_a_norm_across_the_heads_does_not_match():
+    def over_heads(x, wq, norm_w, w_out):
+        return _normed_heads(x, wq, norm_w, w_out, over_heads=True)
+
+    x = torch.randn(2, 3, 16)
+    weights = {"wq": torch.randn(32, 16), "norm_w": torch.randn(8), "w_out": torch.randn(16, 32)}
+    gm, ctx = _partition(over_heads, [x], weights, tp=2, rank=0)
+    assert "all_reduce" not in ops(gm) and {"wq", "w_out"} <= set(ctx.weights)
+
+
 def test_features_not_divisible_by_tp_is_a_target_error():
     x = torch.randn(2, 3, 8)
     weights = {"w1": torch.randn(6, 8), "w2": torch.randn(8, 6)}
