@@ -1,8 +1,8 @@
 """HF's swappable sequence-mixing functions, traced as dsc ops.
 
-HF's linear-attention layers call their sequence mixers through module-level functions it marks
-as replaceable by kernels (`use_kernel_func_from_hub_with_fallback`: chunk_gated_delta_rule,
-causal_conv1d_fn). Their torch fallbacks do not trace to a graph that serves every length: the
+HF's linear-attention and Mamba-2 layers call their sequence mixers through module-level
+functions it marks as replaceable by kernels (`use_kernel_func_from_hub_with_fallback`:
+chunk_gated_delta_rule, causal_conv1d_fn, mamba_chunk_scan_combined). Their torch fallbacks do not trace to a graph that serves every length: the
 delta rule loops over 64-token chunks in Python, so export keeps one iteration — the length it
 saw — and a longer prompt would be answered wrongly. While dsc traces, those functions are dsc
 ops instead (`dsc.ops.recurrent`): one node each, whose state the `recurrent_state` pass gives a
@@ -12,6 +12,8 @@ buffer for generation. A call whose arguments the op does not take runs HF's fun
         -> (dsc.gated_delta_rule(q, k, v, g, beta, l2), None)
     causal_conv1d_fn(x, weight, bias, activation="silu")
         -> dsc.causal_conv1d(x, weight, bias, "silu")
+    mamba2_chunk_scan(x, dt, A, B, C, chunk, D, dt_bias, dt_softplus=True, dt_limit=(lo, hi))
+        -> dsc.ssm_scan(x, dt, A, B, C, D, dt_bias, True, lo, hi)
 """
 
 from __future__ import annotations
@@ -62,10 +64,27 @@ def _causal_conv1d(original: Callable) -> Callable:
     return traced
 
 
+def _mamba2_chunk_scan(original: Callable) -> Callable:
+    def traced(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None,
+               dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False,
+               **kwargs):
+        if (initial_states is not None or return_final_states or kwargs.get("z") is not None
+                or not _no_extras(kwargs) or A.dim() != 1 or (D is not None and D.dim() != 1)):
+            return original(hidden_states, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
+                            initial_states=initial_states, dt_softplus=dt_softplus,
+                            dt_limit=dt_limit, return_final_states=return_final_states,
+                            **kwargs)
+        return torch.ops.dsc.ssm_scan(hidden_states, dt, A, B, C, D, dt_bias, bool(dt_softplus),
+                                      float(dt_limit[0]), float(dt_limit[1]))
+
+    return traced
+
+
 # The module-level name HF's layers call -> what dsc traces in its place.
 REPLACED: dict[str, Callable[[Callable], Callable]] = {
     "torch_chunk_gated_delta_rule": _gated_delta_rule,
     "causal_conv1d_fn": _causal_conv1d,
+    "mamba2_chunk_scan": _mamba2_chunk_scan,
 }
 
 

@@ -1,6 +1,7 @@
 """Sequence mixers that carry state along the sequence outside attention (linear-attention layers).
 
-A gated delta-net layer (Qwen3-Next, Qwen3.5, OLMo-Hybrid) mixes tokens twice without attention:
+A gated delta-net layer (Qwen3-Next, Qwen3.5, OLMo-Hybrid) or a Mamba-2 layer (Granite 4,
+Falcon-H1, Nemotron-H, Bamba, Zamba2) mixes tokens twice without attention:
 
     causal_conv1d:     y[b, c, t] = act(sum_j w[c, j] * x[b, c, t - K + 1 + j] + bias[c])
                        (a depthwise convolution over the K - 1 tokens before t and t itself)
@@ -9,6 +10,9 @@ A gated delta-net layer (Qwen3-Next, Qwen3.5, OLMo-Hybrid) mixes tokens twice wi
                        S <- S + k_t (beta_t * (v_t - S^T k_t))^T
                        o_t = S^T (q_t / sqrt(Dk))
                        (q and k first L2-normalised when l2norm is set)
+    ssm_scan:          Mamba-2's selective state space, per head a state S [N, P]:
+                       dt_t = clamp(softplus(dt_t + dt_bias)), S <- exp(dt_t A) S + B_t (dt_t x_t)^T
+                       y_t = S^T C_t + D x_t   (B and C shared by the heads of a group)
 
 The forward ops start from a zero state. Their cached forms read the state a previous step left
 in a buffer the runtime owns (rows of the batch, like the KV cache) and write back the state at
@@ -28,7 +32,7 @@ from torch import Tensor
 
 __all__ = [
     "ACTIVATIONS", "CHUNK", "causal_conv1d", "cached_causal_conv1d", "gated_delta_rule",
-    "cached_gated_delta_rule", "delta_rule_by_token",
+    "cached_gated_delta_rule", "delta_rule_by_token", "ssm_scan", "cached_ssm_scan",
 ]
 
 ACTIVATIONS = ("", "silu")  # "" : none
@@ -198,3 +202,96 @@ def cached_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Te
 @cached_gated_delta_rule.register_fake
 def _(q, k, v, g, beta, state, start, l2norm=True):
     return v.new_empty(v.shape, dtype=q.dtype)
+
+
+def _linear_attention_by_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
+                               state: Tensor) -> tuple[Tensor, Tensor]:
+    """Per head S <- e^g_t S + k_t v_t^T, o_t = S^T q_t over fp32 [B, H, L, D] inputs (g [B, H,
+    L]), CHUNK tokens at a time: within a chunk o = (q k^T * e^(G_t - G_s), s <= t) v +
+    e^G q S0, and S = e^G_C S0 + (k e^(G_C - G))^T v."""
+    batch, heads, length, _ = k.shape
+    pad = -length % CHUNK
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    g = F.pad(g, (0, pad))  # zero tokens at the end neither move nor decay the state
+    chunks = (length + pad) // CHUNK
+    q, k, v = (t.reshape(batch, heads, chunks, CHUNK, t.shape[-1]) for t in (q, k, v))
+    G = g.reshape(batch, heads, chunks, CHUNK).cumsum(-1)
+    later = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).triu(1)
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(later, float("-inf")).exp()
+    scores = (q @ k.transpose(-1, -2)) * decay
+    q_read = q * G.exp()[..., None]
+    k_write = k * (G[..., -1:] - G).exp()[..., None]
+    chunk_decay = G[..., -1].exp()[..., None, None]
+    outs = []
+    for c in range(chunks):
+        outs.append(q_read[:, :, c] @ state + scores[:, :, c] @ v[:, :, c])
+        state = state * chunk_decay[:, :, c] + k_write[:, :, c].transpose(-1, -2) @ v[:, :, c]
+    out = torch.stack(outs, 2).reshape(batch, heads, chunks * CHUNK, -1)
+    return out[:, :, :length], state
+
+
+def _ssm(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, state):
+    """y [B, L, H, P] fp32 and the final state [B, H, N, P] of the scan from `state`."""
+    heads, groups = x.shape[2], B.shape[2]
+    dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0.0)
+    dt = F.softplus(dt) if dt_softplus else dt
+    dt = dt.clamp(dt_min, dt_max).transpose(1, 2)  # [B, H, L]
+    xf = x.float().transpose(1, 2)  # [B, H, L, P]
+    k, q = (t.float().repeat_interleave(heads // groups, 2).transpose(1, 2) for t in (B, C))
+    v = xf * dt[..., None]
+    g = dt * A.float()[None, :, None]
+    if x.shape[1] <= 2:  # a decode step: the recurrence itself
+        outs = []
+        for t in range(x.shape[1]):
+            state = state * g[:, :, t, None, None].exp() + k[:, :, t, :, None] * v[:, :, t, None]
+            outs.append((state * q[:, :, t, :, None]).sum(-2))
+        y = torch.stack(outs, 2)
+    else:
+        y, state = _linear_attention_by_chunk(q, k, v, g, state)
+    if D is not None:
+        y = y + D.float()[None, :, None, None] * xf
+    return y.transpose(1, 2).contiguous(), state
+
+
+def _check_ssm(x: Tensor, dt: Tensor, B: Tensor, C: Tensor) -> None:
+    batch, length, heads, _ = x.shape
+    if not (dt.shape == (batch, length, heads) and B.shape == C.shape
+            and B.shape[:2] == (batch, length) and heads % B.shape[2] == 0):
+        raise ValueError(
+            f"ssm_scan takes x [B, L, H, P], dt [B, L, H], B and C [B, L, G, N] with G dividing "
+            f"H; got x {tuple(x.shape)}, dt {tuple(dt.shape)}, B {tuple(B.shape)}, "
+            f"C {tuple(C.shape)}")
+
+
+@torch.library.custom_op("dsc::ssm_scan", mutates_args=())
+def ssm_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+             dt_bias: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float) -> Tensor:
+    """Mamba-2's scan from a zero state: x [B, L, H, P], dt [B, L, H], A, D, dt_bias [H], B and
+    C [B, L, G, N] -> y [B, L, H, P] in fp32 (as the layers' own torch form returns it)."""
+    _check_ssm(x, dt, B, C)
+    state = x.new_zeros(x.shape[0], x.shape[2], B.shape[3], x.shape[3], dtype=torch.float32)
+    return _ssm(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, state)[0]
+
+
+@ssm_scan.register_fake
+def _(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("dsc::cached_ssm_scan", mutates_args=("state",))
+def cached_ssm_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                    dt_bias: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float,
+                    state: Tensor, start: Tensor) -> Tensor:
+    """ssm_scan continuing from state [Bmax, H, N, P] (fp32; ignored when start is 0), which
+    then holds the state after the step's last token."""
+    _check_ssm(x, dt, B, C)
+    batch = x.shape[0]
+    before = torch.where(start > 0, state[:batch], torch.zeros_like(state[:batch]))
+    y, after = _ssm(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, before)
+    state[:batch].copy_(after)
+    return y
+
+
+@cached_ssm_scan.register_fake
+def _(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, state, start):
+    return x.new_empty(x.shape, dtype=torch.float32)

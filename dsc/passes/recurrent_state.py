@@ -1,20 +1,23 @@
 """recurrent_state: linear-attention layers keep their state in buffers the runtime owns.
 
-A gated delta-net layer carries two states along the sequence: the last K - 1 inputs of its
-causal convolution and the delta rule's matrix per head. A decode step needs both, as attention
+A gated delta-net or Mamba-2 layer carries two states along the sequence: the last K - 1 inputs
+of its causal convolution and the delta rule's (or the scan's) matrix per head. A decode step needs both, as attention
 needs its KV cache. Matches (ops the frontend traces for HF's sequence mixers, see
 `dsc.hub_functions`):
 
     y = dsc.causal_conv1d(x, w, bias, act)          x [B, C, L], w [C, K]
     o = dsc.gated_delta_rule(q, k, v, g, beta, l2)  q, k [B, L, H, Dk], v [B, L, H, Dv]
+    y = dsc.ssm_scan(x, dt, A, B, C, D, ...)        x [B, L, H, P], B [B, L, G, N]
 
 Rewrite to (new graph inputs, one state per op, named as cache entries so the runtime
 allocates them with the KV cache; cache_start is the one kv_cache added):
 
     cache.conv_i:  [max_batch, C, K - 1]   (x's dtype)
     cache.delta_i: [max_batch, H, Dk, Dv]  (fp32, as the rule accumulates)
+    cache.ssm_i:   [max_batch, H, N, P]    (fp32)
     y = dsc.cached_causal_conv1d(x, w, bias, cache.conv_i, cache_start, act)
     o = dsc.cached_gated_delta_rule(q, k, v, g, beta, cache.delta_i, cache_start, l2)
+    y = dsc.cached_ssm_scan(x, dt, A, B, C, D, ..., cache.ssm_i, cache_start)
 
 Both continue from their state unless cache_start is 0 (a prompt begins a sequence) and leave
 the state at the step's last token, so prefill and decode share the graph as attention's do.
@@ -58,12 +61,12 @@ def _arg(node: fx.Node, index: int, name: str, default):
 def recurrent_state(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     start = next((n for n in gm.graph.nodes if n.meta.get("dsc_input") == "cache_start"), None)
     mixers = [n for n in gm.graph.nodes
-              if is_op(n, dsc_ops.causal_conv1d, dsc_ops.gated_delta_rule)]
+              if is_op(n, dsc_ops.causal_conv1d, dsc_ops.gated_delta_rule, dsc_ops.ssm_scan)]
     if start is None or not mixers:
         return gm
     max_batch = ctx.target.max_batch
     last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
-    convs = rules = 0
+    convs = rules = scans = 0
     for node in mixers:
         if is_op(node, dsc_ops.causal_conv1d):
             x, weight = node.args[:2]
@@ -75,6 +78,14 @@ def recurrent_state(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             convs += 1
             target = dsc_ops.cached_causal_conv1d.default
             args = (x, weight, bias, state, start, activation)
+        elif is_op(node, dsc_ops.ssm_scan):
+            xv, bv = tensor_meta(node.args[0]), tensor_meta(node.args[3])
+            state = last = _state_input(gm, last, f"cache.ssm_{scans}",
+                                        (max_batch, xv.shape[2], bv.shape[3], xv.shape[3]),
+                                        torch.float32, xv.device)
+            scans += 1
+            target = dsc_ops.cached_ssm_scan.default
+            args = (*node.args, state, start)
         else:
             q, k, v, g, beta = node.args[:5]
             l2norm = _arg(node, 5, "l2norm", True)

@@ -1,5 +1,6 @@
-"""dsc's linear-attention ops against the recurrences they define, written out here token by token
-with one matrix per head; and their cached forms continuing a sequence step by step."""
+"""dsc's linear-attention and Mamba-2 ops against the recurrences they define, written out here
+token by token with one matrix per head; and their cached forms continuing a sequence step by
+step."""
 
 import pytest
 import torch
@@ -94,3 +95,58 @@ def test_cached_causal_conv1d_continues_across_steps():
 def test_causal_conv1d_names_an_activation_it_lacks():
     with pytest.raises(ValueError, match="activation 'gelu'"):
         ops.causal_conv1d(torch.randn(1, 2, 3), torch.randn(2, 2), None, "gelu")
+
+
+def _ssm_loop(x, dt, A, B, C, D, dt_bias):
+    """Mamba-2's scan as written: per row and head, dt = softplus(dt + bias), S <- e^(dt A) S +
+    dt x B^T (S [P, N]), y = S C + D x; B and C of the head's group."""
+    batch, length, heads, p = x.shape
+    per_group = heads // B.shape[2]
+    y = torch.zeros(batch, length, heads, p, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            state = torch.zeros(p, B.shape[3], dtype=torch.float64)
+            for t in range(length):
+                step = F.softplus(dt[b, t, h].double() + dt_bias[h].double())
+                bt, ct = B[b, t, h // per_group].double(), C[b, t, h // per_group].double()
+                xt = x[b, t, h].double()
+                state = state * torch.exp(step * A[h].double()) + step * torch.outer(xt, bt)
+                y[b, t, h] = state @ ct + D[h].double() * xt
+    return y
+
+
+def _ssm_inputs(batch, length, heads, p, groups, n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, heads, p, generator=gen)
+    dt = torch.randn(batch, length, heads, generator=gen)
+    A = -torch.rand(heads, generator=gen) * 2
+    B, C = (torch.randn(batch, length, groups, n, generator=gen) for _ in range(2))
+    return x, dt, A, B, C, torch.randn(heads, generator=gen), torch.randn(heads, generator=gen)
+
+
+@pytest.mark.parametrize("length", [1, 6, 131])
+def test_ssm_scan_is_the_recurrence(length):
+    x, dt, A, B, C, D, bias = _ssm_inputs(2, length, 4, 3, 2, 5)
+    y = ops.ssm_scan(x, dt, A, B, C, D, bias, True, 0.0, float("inf"))
+    assert y.dtype == torch.float32 and y.is_contiguous()
+    torch.testing.assert_close(y.double(), _ssm_loop(x, dt, A, B, C, D, bias), atol=1e-4,
+                               rtol=1e-4)
+
+
+def test_cached_ssm_scan_continues_across_steps():
+    x, dt, A, B, C, D, bias = _ssm_inputs(2, 70, 4, 3, 1, 5, seed=1)
+    args = (True, 0.0, float("inf"))
+    whole = ops.ssm_scan(x, dt, A, B, C, D, bias, *args)
+    state, start = torch.full((3, 4, 5, 3), 2.0), torch.zeros(1, dtype=torch.int64)
+    outs = []
+    for lo, hi in [(0, 66), (66, 67), (67, 70)]:
+        start.fill_(lo)
+        outs.append(ops.cached_ssm_scan(x[:, lo:hi], dt[:, lo:hi], A, B[:, lo:hi], C[:, lo:hi],
+                                        D, bias, *args, state, start))
+    torch.testing.assert_close(torch.cat(outs, 1), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_ssm_scan_names_groups_that_do_not_divide_the_heads():
+    x, dt, A, B, C, D, bias = _ssm_inputs(1, 3, 4, 3, 3, 5)
+    with pytest.raises(ValueError, match="G dividing H"):
+        ops.ssm_scan(x, dt, A, B, C, D, bias, True, 0.0, float("inf"))

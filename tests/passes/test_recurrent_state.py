@@ -76,6 +76,28 @@ def test_recurrent_state_graph_continues_a_prompt_with_a_step():
         torch.testing.assert_close(torch.cat(got, -1 if part == 0 else 1), whole[part])
 
 
+def _scan(x, dt, B, C, start, A, D):
+    return dsc_ops.ssm_scan(x, dt, A, B, C, D, None, True, 0.0, float("inf"))
+
+
+def test_recurrent_state_gives_a_mamba_scan_its_state():
+    gen = torch.Generator().manual_seed(3)
+    x, dt = torch.randn(2, 5, 4, 3, generator=gen), torch.randn(2, 5, 4, generator=gen)
+    B, C = (torch.randn(2, 5, 2, 6, generator=gen) for _ in range(2))
+    start = torch.zeros(1, dtype=torch.int64)
+    weights = {"A": -torch.rand(4, generator=gen), "D": torch.randn(4, generator=gen)}
+    gm, weights = export_fn(_scan, x, dt, B, C, start, weights=weights)
+    [node for node in gm.graph.nodes if node.meta.get("dsc_input") == "x4"][0].meta[
+        "dsc_input"] = "cache_start"
+    assert ops(gm)["ssm_scan"] == 1
+    ctx = context(weights, max_batch=3)
+    gm = PassManager(ctx).run(gm, ["recurrent_state"], program="decode")
+    assert ops(gm)["cached_ssm_scan"] == 1 and "ssm_scan" not in ops(gm)
+    # [max_batch, heads, N, P]: the scan's state per head, fp32.
+    assert ctx.notes["cache"] == [
+        {"name": "cache.ssm_0", "shape": [3, 4, 6, 3], "dtype": "torch.float32"}]
+
+
 def test_recurrent_state_leaves_a_graph_without_a_cache_alone():
     # No cache_start: kv_cache found no causal attention, so nothing generates.
     gm, weights = _graph(with_start=False)
