@@ -21,7 +21,7 @@ case "${1:-}" in
 tests)
     log="bench/results/gpu-tests-$gpu-$day-queue.txt"
     python -m pytest -q -x tests/gpu -k "moe or mixtral or gpt_oss or glm4 or host_wait or ring \
-        or latent or deepseek or linear_attention or qwen35" 2>&1 | tee "$log" | tail -30
+        or latent or deepseek or linear_attention or qwen35 or granite4" 2>&1 | tee "$log" | tail -30
     keep "$log"
     ;;
 kernels)

@@ -83,6 +83,16 @@ def _tiny(arch: str) -> tuple[str, dict[str, Any]]:
             layer_types=["linear_attention", "full_attention"], linear_key_head_dim=16,
             linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
         )
+    if arch == "granite-4":
+        # A Mamba-2 layer (4 heads of 32 lanes, an 8-wide state, 16-token chunks) before an
+        # attention layer; MoE experts in both.
+        return "GraniteMoeHybridForCausalLM", dict(
+            common, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, layer_types=["mamba", "attention"],
+            mamba_d_state=8, mamba_n_heads=4, mamba_d_head=32, mamba_chunk_size=16,
+            num_local_experts=4, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1,
+            bos_token_id=2,
+        )
     if arch == "bert":
         return "BertModel", dict(
             vocab_size=211, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -142,7 +152,7 @@ def _real(name: str) -> tuple[str, dict[str, Any]]:
 MODELS: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {
     **{f"tiny-{a}": (lambda a=a: _tiny(a)) for a in
        ("llama", "mistral", "mistral-sliding", "mixtral", "gpt2", "opt", "bloom", "gpt-oss",
-        "glm4-moe", "deepseek-v3", "qwen3.5", "bert")},
+        "glm4-moe", "deepseek-v3", "qwen3.5", "granite-4", "bert")},
     **{n: (lambda n=n: _real(n)) for n in
        ("llama-7b", "llama-1.1b", "llama-70b", "gpt2-xl", "opt-1.3b", "mixtral-8x7b",
         "gpt-oss-20b", "deepseek-v2-lite", "qwen3.5")},

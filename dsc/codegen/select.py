@@ -135,6 +135,7 @@ CANDIDATES: list[Candidate] = [
               _recurrent),
     Candidate("cuda::cached_gated_delta_rule", torch.ops.dsc.cached_gated_delta_rule.default,
               _recurrent),
+    Candidate("cuda::cached_ssm_scan", torch.ops.dsc.cached_ssm_scan.default, _recurrent),
     Candidate(_region_kernel, torch.ops.dsc.fused_region.default, _generated_region),
 ]
 

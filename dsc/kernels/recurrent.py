@@ -10,6 +10,8 @@ products and sums over the [Dk, Dv] state — each a round trip through memory. 
     delta_rule_step: a program per (row, head, block of value lanes) loads the state's columns
         [Dk, BLOCK_DV] once, decays them, writes the token's correction and reads the output.
         Every program of a head needs all of q and k (Dk lanes): it normalises them itself.
+    ssm_step: Mamba-2's scan the same way, state [N, BLOCK_P] of a head: decay by exp(dt A),
+        add B (dt x)^T, read along C, add D x.
 
 Both take cache_start from device memory: 0 means a sequence begins, so the state read is zero
 (a new batch needs no reset, and a CUDA-graph replay no host read). Step inputs may have any
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from dsc.kernels import pdl
 
-__all__ = ["causal_conv1d_step", "delta_rule_step"]
+__all__ = ["causal_conv1d_step", "delta_rule_step", "ssm_step"]
 
 
 @triton.jit
@@ -149,5 +151,70 @@ def delta_rule_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, st
         v.stride(0), v.stride(2), v.stride(3), g.stride(0), g.stride(2), beta.stride(0),
         beta.stride(2), out.stride(0), out.stride(2), out.stride(3),
         L2NORM=l2norm, BLOCK_DK=block_dk, BLOCK_DV=block_dv, **pdl.launch_options(q.device),
+    )
+    return out
+
+
+@triton.jit
+def _ssm_step_kernel(
+    x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, state_ptr, start_ptr, out_ptr,
+    H, HEADS_PER_GROUP, N, P, dt_min, dt_max,
+    sxb, sxh, sxp, sdb, sdh, sbb, sbg, sbn, scb, scg, scn, sob, soh, sop,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    pdl.wait_and_release(USE_PDL)
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    group = h // HEADS_PER_GROUP
+    n = tl.arange(0, BLOCK_N)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n_ok, p_ok = n < N, p < P
+    step = tl.load(dt_ptr + b * sdb + h * sdh).to(tl.float32)
+    if HAS_BIAS:
+        step += tl.load(bias_ptr + h).to(tl.float32)
+    if SOFTPLUS:  # as torch's softplus: linear past 20
+        step = tl.where(step > 20.0, step, tl.log(1.0 + tl.exp(step)))
+    step = tl.minimum(tl.maximum(step, dt_min), dt_max)
+    decay = tl.exp(step * tl.load(a_ptr + h).to(tl.float32))
+    x = tl.load(x_ptr + b * sxb + h * sxh + p * sxp, mask=p_ok, other=0.0).to(tl.float32)
+    k = tl.load(b_ptr + b * sbb + group * sbg + n * sbn, mask=n_ok, other=0.0).to(tl.float32)
+    q = tl.load(c_ptr + b * scb + group * scg + n * scn, mask=n_ok, other=0.0).to(tl.float32)
+    # The head's state columns [N, BLOCK_P], zero when the sequence begins.
+    cols = state_ptr + (b * H + h) * N * P + n[:, None] * P + p[None, :]
+    ok = n_ok[:, None] & p_ok[None, :]
+    begun = tl.load(start_ptr) > 0
+    s = tl.load(cols, mask=ok & begun, other=0.0) * decay + k[:, None] * (step * x)[None, :]
+    tl.store(cols, s, mask=ok)
+    y = tl.sum(s * q[:, None], axis=0)
+    if HAS_D:
+        y += tl.load(d_ptr + h).to(tl.float32) * x
+    tl.store(out_ptr + b * sob + h * soh + p * sop, y, mask=p_ok)
+
+
+def ssm_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+             dt_bias: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float,
+             state: Tensor, start: Tensor) -> Tensor:
+    """dsc.cached_ssm_scan for one token: x [B, 1, H, P], dt [B, 1, H], B and C [B, 1, G, N],
+    state [Bmax, H, N, P] (fp32, contiguous) -> y [B, 1, H, P] in fp32."""
+    batch, steps, heads, p = x.shape
+    groups, n = B.shape[2], B.shape[3]
+    if steps != 1 or state.dtype != torch.float32 or not state.is_contiguous() or (
+            state.shape[1:] != (heads, n, p)) or heads % groups:
+        raise ValueError(f"ssm_step takes one token (x [B, 1, H, P], B [B, 1, G, N], G dividing "
+                         f"H) and a contiguous fp32 state [Bmax, H, N, P]; got x "
+                         f"{tuple(x.shape)}, B {tuple(B.shape)}, state {tuple(state.shape)} "
+                         f"{state.dtype}")
+    out = torch.empty(batch, 1, heads, p, dtype=torch.float32, device=x.device)
+    block_n = triton.next_power_of_2(n)
+    block_p = max(1, min(triton.next_power_of_2(p), 4096 // block_n))  # as delta_rule_step
+    _ssm_step_kernel[(batch * heads, triton.cdiv(p, block_p))](
+        x, dt, A, B, C, D if D is not None else A, dt_bias if dt_bias is not None else A, state,
+        start, out, heads, heads // groups, n, p, dt_min, min(dt_max, 3.0e38),
+        x.stride(0), x.stride(2), x.stride(3), dt.stride(0), dt.stride(2),
+        B.stride(0), B.stride(2), B.stride(3), C.stride(0), C.stride(2), C.stride(3),
+        out.stride(0), out.stride(2), out.stride(3),
+        HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        BLOCK_N=block_n, BLOCK_P=block_p, **pdl.launch_options(x.device),
     )
     return out

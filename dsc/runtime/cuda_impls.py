@@ -254,6 +254,18 @@ def cached_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Te
     return delta_rule_step(q, k, v, g, beta, state, start, l2norm)
 
 
+def cached_ssm_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                    dt_bias: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float,
+                    state: Tensor, start: Tensor) -> Tensor:
+    """A decode step's token in one kernel; a prompt through the op's chunked torch form."""
+    args = (x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, state, start)
+    if x.shape[1] != 1:
+        return dsc.ops.direct("cached_ssm_scan")(*args)
+    from dsc.kernels.recurrent import ssm_step
+
+    return ssm_step(*args)
+
+
 IMPLEMENTATIONS: dict[str, Callable] = {
     "rotary": rotary,
     "gated_activation": gated_activation,
@@ -267,6 +279,7 @@ IMPLEMENTATIONS: dict[str, Callable] = {
     "moe": moe,
     "cached_causal_conv1d": cached_causal_conv1d,
     "cached_gated_delta_rule": cached_gated_delta_rule,
+    "cached_ssm_scan": cached_ssm_scan,
 }
 
 

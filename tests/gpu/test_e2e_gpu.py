@@ -180,15 +180,17 @@ def test_a_step_that_makes_the_host_wait_runs_without_graphs_and_equals_hf():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_linear_attention_model_generates_as_hf(dtype):
-    # Qwen3.5's gated delta-net: a prompt past one 64-token chunk (the op's chunked form), then
-    # decode steps in the step kernels inside CUDA graphs.
+@pytest.mark.parametrize("name,mixer", [("tiny-qwen3.5", "cuda::cached_gated_delta_rule"),
+                                        ("tiny-granite-4", "cuda::cached_ssm_scan")])
+def test_linear_attention_model_generates_as_hf(name, mixer, dtype):
+    # Qwen3.5's gated delta-net, Granite 4's Mamba-2: a prompt past one chunk (the ops'
+    # chunked form), then decode steps in the step kernels inside CUDA graphs.
     torch_dtype = getattr(torch, dtype)
-    model = zoo.build("tiny-qwen3.5", init_std=0.3 if dtype == "float32" else 0.1, seed=1,
+    model = zoo.build(name, init_std=0.3 if dtype == "float32" else 0.1, seed=1,
                       device="cuda", dtype=torch_dtype)
     compiled = dsc.compile(model, dsc.Target(device="cuda", dtype=dtype, max_seq_len=128))
     ops = {s["op"] for s in compiled.plan.programs["decode"].steps}
-    assert {"cuda::cached_gated_delta_rule", "cuda::cached_causal_conv1d"} <= ops
+    assert {mixer, "cuda::cached_causal_conv1d"} <= ops
     assert not compiled.graph_blockers
     ids = torch.randint(3, 200, (2, 70), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))

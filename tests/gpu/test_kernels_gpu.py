@@ -560,3 +560,24 @@ def test_causal_conv1d_step_at_qwen35_sizes():
     out = causal_conv1d_step(x, weight, None, state, start, "silu")
     assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
     assert torch.equal(state, ref_state)
+
+
+def test_ssm_step_at_granite4_sizes():
+    # Granite 4's Mamba-2 heads: 128 heads of 64 lanes, a 128-wide state in one group.
+    import dsc.ops  # noqa: F401
+    from dsc.kernels.recurrent import ssm_step
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(4, 1, 128, 64, device="cuda", generator=gen).bfloat16()
+    dt = torch.randn(4, 1, 128, device="cuda", generator=gen).bfloat16()
+    A = -torch.rand(128, device="cuda", generator=gen) * 8
+    B, C = (torch.randn(4, 1, 1, 128, device="cuda", generator=gen).bfloat16() for _ in range(2))
+    D, bias = (torch.randn(128, device="cuda", generator=gen) for _ in range(2))
+    state = torch.randn(8, 128, 128, 64, device="cuda", generator=gen)
+    start = torch.tensor([5], device="cuda")
+    ref_state = state.clone()
+    ref = torch.ops.dsc.cached_ssm_scan(x, dt, A, B, C, D, bias, True, 0.0, float("inf"),
+                                        ref_state, start)
+    out = ssm_step(x, dt, A, B, C, D, bias, True, 0.0, float("inf"), state, start)
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
+    assert float((state - ref_state).norm() / ref_state.norm()) < 1e-5

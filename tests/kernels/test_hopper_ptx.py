@@ -21,7 +21,8 @@ TRITON_INTERPRET=1 the kernels are interpreter objects.
   kv group's ticket;
 * the MoE routing, the one-program grouping of a decode step's pairs by expert, and the
   experts' two grouped GEMMs (tensor-core products);
-* the decode steps of linear attention (the gated delta rule, the causal convolution)."""
+* the decode steps of linear attention and Mamba-2 (the gated delta rule, the causal
+  convolution, the selective scan)."""
 
 import json
 import os
@@ -145,20 +146,25 @@ def _compile(name: str) -> str:
         signature = {arg: pointers.get(arg, "*bf16") if arg.endswith("_ptr")
                      else "fp32" if arg == "scale" else "i32"
                      for arg in kernel.arg_names if arg not in constexprs}
-    elif name in ("delta_rule_step", "causal_conv1d_step"):
+    elif name in ("delta_rule_step", "causal_conv1d_step", "ssm_step"):
         from dsc.kernels import recurrent as module
 
         if name == "delta_rule_step":  # Qwen3.5's heads: 128 key and value lanes
             kernel, warps = module._delta_step_kernel, 4
             constexprs = {"L2NORM": True, "BLOCK_DK": 128, "BLOCK_DV": 32, "USE_PDL": True}
+        elif name == "ssm_step":  # Granite 4's Mamba heads: a 128-wide state, 64 lanes
+            kernel, warps = module._ssm_step_kernel, 4
+            constexprs = {"HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "BLOCK_N": 128,
+                          "BLOCK_P": 32, "USE_PDL": True}
         else:
             kernel, warps = module._conv_step_kernel, 4
             constexprs = {"HAS_BIAS": False, "SILU": True, "BLOCK_C": 128, "BLOCK_K": 4,
                           "USE_PDL": True}
-        pointers = {"state_ptr": "*fp32" if name == "delta_rule_step" else "*bf16",
-                    "start_ptr": "*i64"}
+        pointers = {"state_ptr": "*bf16" if name == "causal_conv1d_step" else "*fp32",
+                    "start_ptr": "*i64", "out_ptr": "*fp32" if name == "ssm_step" else "*bf16",
+                    "a_ptr": "*fp32"}
         signature = {arg: pointers.get(arg, "*bf16") if arg.endswith("_ptr")
-                     else "fp32" if arg == "scale" else "i32"
+                     else "fp32" if arg in ("scale", "dt_min", "dt_max") else "i32"
                      for arg in kernel.arg_names if arg not in constexprs}
     else:
         from dsc.kernels import flash_attention_tma as module
@@ -354,7 +360,7 @@ def test_moe_kernels_compile_with_tensor_core_products(name):
         assert re.search(r"mma\.sync|wgmma", ptx)
 
 
-@pytest.mark.parametrize("name", ["delta_rule_step", "causal_conv1d_step"])
+@pytest.mark.parametrize("name", ["delta_rule_step", "causal_conv1d_step", "ssm_step"])
 def test_linear_attention_step_kernels_compile(name):
     ptx = _ptx(name)
     assert "griddepcontrol.wait" in ptx and "ld.global" in ptx and "st.global" in ptx

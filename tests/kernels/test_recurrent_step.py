@@ -63,3 +63,25 @@ def test_causal_conv1d_step_is_the_op(channels, taps, activation, begun, assert_
     no_bias = ops.cached_causal_conv1d(x, weight, None, state.clone(), start, activation)
     assert_close(causal_conv1d_step(x, weight, None, state.clone(), start, activation), no_bias,
                  tol=1e-5)
+
+
+# (heads, groups, P, N): a group per head or shared by two; head and state sizes that are no
+# power of two; P wider than its tile (N 40 -> 64 lanes, P 100 -> tiles of 64).
+@pytest.mark.parametrize("heads,groups,p,n", [(4, 2, 3, 5), (2, 1, 100, 40), (3, 3, 8, 16)])
+@pytest.mark.parametrize("begun", [True, False])
+def test_ssm_step_is_the_op(heads, groups, p, n, begun, assert_close):
+    from dsc.kernels.recurrent import ssm_step
+
+    gen = torch.Generator().manual_seed(heads * p + n)
+    x = torch.randn(2, 1, heads, p, generator=gen)
+    dt = torch.randn(2, 1, heads, generator=gen) * 3  # some past softplus's linear point
+    A, D, bias = (torch.randn(heads, generator=gen) for _ in range(3))
+    B, C = (torch.randn(2, 1, groups, n, generator=gen) for _ in range(2))
+    state = torch.randn(3, heads, n, p, generator=gen)
+    start = torch.tensor([3 if begun else 0])
+    for d, b, limit in [(D, bias, (0.0, float("inf"))), (None, None, (0.1, 2.0))]:
+        ref_state, got_state = state.clone(), state.clone()
+        ref = ops.cached_ssm_scan(x, dt, -A.abs(), B, C, d, b, True, *limit, ref_state, start)
+        out = ssm_step(x, dt, -A.abs(), B, C, d, b, True, *limit, got_state, start)
+        assert_close(out, ref, tol=1e-5)
+        assert_close(got_state, ref_state, tol=1e-5)
