@@ -39,6 +39,8 @@ USER_INPUTS = ("input_ids", "attention_mask", "position_ids")
 _EXAMPLE_BATCH, _EXAMPLE_SEQ = 2, 5
 # The longer sequence a traced graph is checked on: past two 64-token chunks.
 _PROBE_SEQ = 2 * 64 + 3
+# Parameters x tokens past which the check is not run on the CPU (about a 1B model).
+_CPU_PROBE_BUDGET = 1.5e11
 
 log = logging.getLogger(__name__)
 
@@ -337,19 +339,22 @@ def _check_length(gm: fx.GraphModule, weights: dict[str, torch.Tensor], model: t
                   dtype: torch.dtype | None, device: torch.device) -> None:
     """The graph, traced on a few tokens, must answer as the model does on a longer sequence:
     a Python loop over chunks of the sequence (a state-space layer's scan) runs at trace time
-    as often as the example needs, and the graph would keep that count for every length."""
+    as often as the example needs, and the graph would keep that count for every length.
+    Skipped for a large model held on the CPU, where the two forward passes would take
+    minutes (on a GPU they take milliseconds)."""
     seq = min(_PROBE_SEQ, longest)
-    if seq <= _EXAMPLE_SEQ:
+    parameters = sum(p.numel() for p in model.parameters())
+    if seq <= _EXAMPLE_SEQ or (device.type == "cpu" and parameters * seq > _CPU_PROBE_BUDGET):
         return
     why = _differs_from_model(gm, weights, model, wrapper, _example(info, inputs, seq, device),
                               dtype)
     if why is not None:
         raise TraceError(
-            f"{type(model).__name__} traced on {_EXAMPLE_SEQ} tokens does not answer as the model "
-            f"does on {seq} (the graph {why}): its code fixes something to the traced length, such as a "
-            "loop over chunks of the sequence in a state-space or linear-attention layer whose "
-            "function dsc does not trace as its own op (dsc.hub_functions lists those it "
-            "does). dsc cannot compile it.")
+            f"{type(model).__name__} traced on {_EXAMPLE_SEQ} tokens does not answer as the "
+            f"model does on {seq} (the graph {why}): its code fixes something to the traced "
+            "length, such as a loop over chunks of the sequence in a state-space or "
+            "linear-attention layer whose function dsc does not trace as its own op "
+            "(dsc.hub_functions lists those it does). dsc cannot compile it.")
 
 
 def _lift_weights(

@@ -2,11 +2,12 @@
 
 HF's linear-attention and Mamba-2 layers call their sequence mixers through module-level
 functions it marks as replaceable by kernels (`use_kernel_func_from_hub_with_fallback`:
-chunk_gated_delta_rule, causal_conv1d_fn, mamba_chunk_scan_combined). Their torch fallbacks do not trace to a graph that serves every length: the
-delta rule loops over 64-token chunks in Python, so export keeps one iteration — the length it
-saw — and a longer prompt would be answered wrongly. While dsc traces, those functions are dsc
-ops instead (`dsc.ops.recurrent`): one node each, whose state the `recurrent_state` pass gives a
-buffer for generation. A call whose arguments the op does not take runs HF's function as before.
+chunk_gated_delta_rule, causal_conv1d_fn, mamba_chunk_scan_combined). Their torch fallbacks do
+not trace to a graph that serves every length: they loop over chunks of the sequence in
+Python, so export keeps the iterations the length it saw needed, and a longer prompt would be
+answered wrongly. While dsc traces, those functions are dsc ops instead (`dsc.ops.recurrent`):
+one node each, whose state the `recurrent_state` pass gives a buffer for generation. A call
+whose arguments the op does not take runs HF's function as before.
 
     torch_chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=l2)
         -> (dsc.gated_delta_rule(q, k, v, g, beta, l2), None)

@@ -154,7 +154,8 @@ def _delta_rule_by_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tenso
 
 
 def _delta_rule(q, k, v, g, beta, state, l2norm) -> tuple[Tensor, Tensor]:
-    """o [B, L, H, Dv] (contiguous) in q's dtype and the final fp32 state, from fp32 state [B, H, Dk, Dv]."""
+    """o [B, L, H, Dv] (contiguous) in q's dtype and the final fp32 state, from the fp32
+    state [B, H, Dk, Dv]."""
     dtype = q.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta, l2norm)
     run = delta_rule_by_token if q.shape[2] <= 2 else _delta_rule_by_chunk

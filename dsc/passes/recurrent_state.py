@@ -1,8 +1,9 @@
-"""recurrent_state: linear-attention layers keep their state in buffers the runtime owns.
+"""recurrent_state: linear-attention and Mamba-2 layers keep their state in buffers the runtime
+owns.
 
 A gated delta-net or Mamba-2 layer carries two states along the sequence: the last K - 1 inputs
-of its causal convolution and the delta rule's (or the scan's) matrix per head. A decode step needs both, as attention
-needs its KV cache. Matches (ops the frontend traces for HF's sequence mixers, see
+of its causal convolution and the delta rule's (or the scan's) matrix per head. A decode step
+needs both, as attention needs its KV cache. Matches (ops the frontend traces for HF's sequence mixers, see
 `dsc.hub_functions`):
 
     y = dsc.causal_conv1d(x, w, bias, act)          x [B, C, L], w [C, K]
