@@ -2,7 +2,7 @@
 
 HF's linear-attention and Mamba-2 layers call their sequence mixers through module-level
 functions it marks as replaceable by kernels (`use_kernel_func_from_hub_with_fallback`:
-chunk_gated_delta_rule, causal_conv1d_fn, mamba_chunk_scan_combined). Their torch fallbacks do
+chunk_gated_delta_rule, chunk_kda, causal_conv1d_fn, mamba_chunk_scan_combined). Their torch fallbacks do
 not trace to a graph that serves every length: they loop over chunks of the sequence in
 Python, so export keeps the iterations the length it saw needed, and a longer prompt would be
 answered wrongly. While dsc traces, those functions are dsc ops instead (`dsc.ops.recurrent`):
@@ -10,6 +10,7 @@ one node each, whose state the `recurrent_state` pass gives a buffer for generat
 whose arguments the op does not take runs HF's function as before.
 
     torch_chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=l2)
+    chunk_kimi_delta_attention(q, k, v, g, beta, use_qk_l2norm_in_kernel=l2)
         -> (dsc.gated_delta_rule(q, k, v, g, beta, l2), None)
     causal_conv1d_fn(x, weight, bias, activation="silu")
         -> dsc.causal_conv1d(x, weight, bias, "silu")
@@ -43,7 +44,8 @@ def _no_extras(kwargs: dict[str, Any]) -> bool:
 def _gated_delta_rule(original: Callable) -> Callable:
     def traced(query, key, value, g, beta, chunk_size=64, initial_state=None,
                output_final_state=False, use_qk_l2norm_in_kernel=False, **kwargs):
-        heads = query.shape[:3] == key.shape[:3] == value.shape[:3] == g.shape == beta.shape
+        heads = query.shape[:3] == key.shape[:3] == value.shape[:3] == beta.shape and (
+            g.shape in (beta.shape, key.shape))
         if initial_state is not None or output_final_state or not heads or not _no_extras(kwargs):
             return original(query, key, value, g=g, beta=beta, chunk_size=chunk_size,
                              initial_state=initial_state, output_final_state=output_final_state,
@@ -84,6 +86,7 @@ def _mamba2_chunk_scan(original: Callable) -> Callable:
 # The module-level name HF's layers call -> what dsc traces in its place.
 REPLACED: dict[str, Callable[[Callable], Callable]] = {
     "torch_chunk_gated_delta_rule": _gated_delta_rule,
+    "chunk_kimi_delta_attention": _gated_delta_rule,  # its decay per key lane
     "causal_conv1d_fn": _causal_conv1d,
     "mamba2_chunk_scan": _mamba2_chunk_scan,
 }

@@ -96,8 +96,9 @@ def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, state: Te
 def _delta_step_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, start_ptr, out_ptr,
     H, DK, DV, scale,
-    sqb, sqh, sqd, skb, skh, skd, svb, svh, svd, sgb, sgh, sbb, sbh, sob, soh, sod,
-    L2NORM: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    sqb, sqh, sqd, skb, skh, skd, svb, svh, svd, sgb, sgh, sgd, sbb, sbh, sob, soh, sod,
+    L2NORM: tl.constexpr, G_PER_LANE: tl.constexpr, BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl.wait_and_release(USE_PDL)
@@ -113,7 +114,11 @@ def _delta_step_kernel(
         k = k / tl.sqrt(tl.sum(k * k) + 1e-6)
     q = q * scale
     v = tl.load(v_ptr + b * svb + h * svh + e * svd, mask=e_ok, other=0.0).to(tl.float32)
-    decay = tl.exp(tl.load(g_ptr + b * sgb + h * sgh).to(tl.float32))
+    if G_PER_LANE:  # Kimi's delta attention: a decay per key lane, one per state row
+        g = tl.load(g_ptr + b * sgb + h * sgh + i * sgd, mask=i_ok, other=0.0)
+        decay = tl.exp(g.to(tl.float32))[:, None]
+    else:
+        decay = tl.exp(tl.load(g_ptr + b * sgb + h * sgh).to(tl.float32))
     beta = tl.load(beta_ptr + b * sbb + h * sbh).to(tl.float32)
     # The head's state columns [Dk, BLOCK_DV], zero when the sequence begins.
     cols = state_ptr + (b * H + h) * DK * DV + i[:, None] * DV + e[None, :]
@@ -130,8 +135,9 @@ def _delta_step_kernel(
 
 def delta_rule_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor,
                     start: Tensor, l2norm: bool = True) -> Tensor:
-    """dsc.cached_gated_delta_rule for one token: q, k [B, 1, H, Dk], v [B, 1, H, Dv], g and
-    beta [B, 1, H], state [Bmax, H, Dk, Dv] (fp32, contiguous) -> o [B, 1, H, Dv]."""
+    """dsc.cached_gated_delta_rule for one token: q, k [B, 1, H, Dk], v [B, 1, H, Dv], beta
+    [B, 1, H], g [B, 1, H] or [B, 1, H, Dk], state [Bmax, H, Dk, Dv] (fp32, contiguous)
+    -> o [B, 1, H, Dv]."""
     batch, steps, heads, dk = q.shape
     dv = v.shape[-1]
     if steps != 1 or state.dtype != torch.float32 or not state.is_contiguous() or (
@@ -148,9 +154,9 @@ def delta_rule_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, st
     _delta_step_kernel[(batch * heads, triton.cdiv(dv, block_dv))](
         q, k, v, g, beta, state, start, out, heads, dk, dv, dk ** -0.5,
         q.stride(0), q.stride(2), q.stride(3), k.stride(0), k.stride(2), k.stride(3),
-        v.stride(0), v.stride(2), v.stride(3), g.stride(0), g.stride(2), beta.stride(0),
-        beta.stride(2), out.stride(0), out.stride(2), out.stride(3),
-        L2NORM=l2norm, BLOCK_DK=block_dk, BLOCK_DV=block_dv, **pdl.launch_options(q.device),
+        v.stride(0), v.stride(2), v.stride(3), g.stride(0), g.stride(2),
+        g.stride(3) if g.dim() == 4 else 0, beta.stride(0), beta.stride(2), out.stride(0),
+        out.stride(2), out.stride(3), L2NORM=l2norm, G_PER_LANE=g.dim() == 4, BLOCK_DK=block_dk, BLOCK_DV=block_dv, **pdl.launch_options(q.device),
     )
     return out
 

@@ -6,7 +6,7 @@ Falcon-H1, Nemotron-H, Bamba, Zamba2) mixes tokens twice without attention:
     causal_conv1d:     y[b, c, t] = act(sum_j w[c, j] * x[b, c, t - K + 1 + j] + bias[c])
                        (a depthwise convolution over the K - 1 tokens before t and t itself)
     gated_delta_rule:  per head, a state S [Dk, Dv] that every token t updates and reads:
-                       S <- exp(g_t) * S
+                       S <- exp(g_t) * S    (g_t per head, or per key lane: exp(g_t)[:, None] * S)
                        S <- S + k_t (beta_t * (v_t - S^T k_t))^T
                        o_t = S^T (q_t / sqrt(Dk))
                        (q and k first L2-normalised when l2norm is set)
@@ -89,7 +89,8 @@ def _(x, weight, bias, state, start, activation=""):
 
 
 def _prepare(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, l2norm: bool):
-    """[B, L, H, D] inputs as fp32 [B, H, L, D] (g, beta [B, H, L]); q scaled by 1/sqrt(Dk)."""
+    """[B, L, H, D] inputs as fp32 [B, H, L, D] (beta [B, H, L], g [B, H, L] or [B, H, L, Dk]);
+    q scaled by 1/sqrt(Dk)."""
     q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
     g, beta = (t.transpose(1, 2).float() for t in (g, beta))
     if l2norm:  # as the reference kernels do: x / sqrt(sum x^2 + 1e-6)
@@ -104,7 +105,8 @@ def delta_rule_by_token(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor
     final state [B, H, Dk, Dv]). Cheapest for a decode step's one token."""
     outs = []
     for t in range(q.shape[2]):
-        state = state * g[:, :, t, None, None].exp()
+        decay = g[:, :, t].exp()  # [B, H] or, per key lane, [B, H, Dk]
+        state = state * (decay[..., None, None] if decay.dim() == 2 else decay[..., None])
         read = (state * k[:, :, t, :, None]).sum(-2)
         delta = (v[:, :, t] - read) * beta[:, :, t, None]
         state = state + k[:, :, t, :, None] * delta[:, :, None, :]
@@ -118,32 +120,43 @@ def _delta_rule_by_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tenso
     g from its start and S0 the state entering it, each token's write u_t = beta_t (v_t - S'^T
     k_t) depends on the earlier writes of the chunk through a unit lower-triangular system:
 
-        (I + A) U = diag(beta) V - diag(beta e^G) K S0,   A[t, s] = beta_t e^(G_t - G_s) k_t.k_s
-        o_t = e^G_t S0^T q_t + sum_{s <= t} e^(G_t - G_s) (q_t.k_s) u_s
-        S   = e^G_C S0 + sum_s e^(G_C - G_s) k_s u_s^T
+        (I + A) U = diag(beta) V - diag(beta) (K * e^G) S0
+        A[t, s] = beta_t k_t.(e^(G_t - G_s) k_s)  (s < t)
+        o_t = (q_t * e^G_t)^T S0 + sum_{s <= t} q_t.(e^(G_t - G_s) k_s) u_s
+        S   = e^G_C S0 + sum_s (e^(G_C - G_s) k_s) u_s^T
 
+    with e^G a scalar per head and token, or a vector over the key lanes (per-channel decay).
     The solves run for every chunk at once; only the S0 terms go chunk after chunk."""
     batch, heads, length, dk = k.shape
+    per_channel = g.dim() == 4
     pad = -length % CHUNK
     # Zero tokens at the end (k = v = beta = g = 0) neither move nor decay the state.
     q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    g, beta = (F.pad(t, (0, pad)) for t in (g, beta))
+    g = F.pad(g, (0, 0, 0, pad) if per_channel else (0, pad))
+    beta = F.pad(beta, (0, pad))
     chunks = (length + pad) // CHUNK
     q, k, v = (t.reshape(batch, heads, chunks, CHUNK, t.shape[-1]) for t in (q, k, v))
-    g, beta = (t.reshape(batch, heads, chunks, CHUNK) for t in (g, beta))
-    G = g.cumsum(-1)
+    beta = beta.reshape(batch, heads, chunks, CHUNK)
+    # G [..., CHUNK, Dk or 1]: the decay as a lane vector either way.
+    G = g.reshape(batch, heads, chunks, CHUNK, -1 if per_channel else 1).cumsum(-2)
     later = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).triu(1)
-    decay = (G[..., :, None] - G[..., None, :]).masked_fill(later, float("-inf")).exp()
+    pair = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(later[..., None], float("-inf"))
+    def decayed(a: Tensor, b: Tensor) -> Tensor:
+        """[..., t, s] = a_t.(e^(G_t - G_s) b_s), zero for s > t."""
+        if per_channel:  # each lane weighed by its own decay: [..., t, s, lane]
+            return (a[..., :, None, :] * b[..., None, :, :] * pair.exp()).sum(-1)
+        return (a @ b.transpose(-1, -2)) * pair[..., 0].exp()
+
     # The diagonal is ignored (unitriangular), so A + I needs no identity added.
-    system = ((k @ k.transpose(-1, -2)) * decay * beta[..., None]).tril(-1)
+    system = (decayed(k, k) * beta[..., None]).tril(-1)
     solve = lambda rhs: torch.linalg.solve_triangular(system, rhs, upper=False,  # noqa: E731
                                                       unitriangular=True)
     u_from_v = solve(v * beta[..., None])
-    u_per_state = solve(k * (beta * G.exp())[..., None])  # U = u_from_v - u_per_state @ S0
-    scores = (q @ k.transpose(-1, -2)) * decay
-    q_read = q * G.exp()[..., None]
-    k_write = k * (G[..., -1:] - G).exp()[..., None]
-    chunk_decay = G[..., -1].exp()[..., None, None]
+    u_per_state = solve(k * G.exp() * beta[..., None])  # U = u_from_v - u_per_state @ S0
+    scores = decayed(q, k)
+    q_read = q * G.exp()
+    k_write = k * (G[..., -1:, :] - G).exp()
+    chunk_decay = G[..., -1, :, None].exp()  # [..., Dk or 1, 1]
     outs = []
     for c in range(chunks):
         u = u_from_v[:, :, c] - u_per_state[:, :, c] @ state
@@ -164,10 +177,12 @@ def _delta_rule(q, k, v, g, beta, state, l2norm) -> tuple[Tensor, Tensor]:
 
 
 def _check_heads(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> None:
-    if not (q.shape[:3] == k.shape[:3] == v.shape[:3] == g.shape == beta.shape):
+    if not (q.shape[:3] == k.shape[:3] == v.shape[:3] == beta.shape and (
+            g.shape == beta.shape or g.shape == k.shape)):
         raise ValueError(
-            f"gated_delta_rule takes q, k [B, L, H, Dk], v [B, L, H, Dv], g and beta [B, L, H] "
-            f"with one H (repeat key heads to the value heads first); got q {tuple(q.shape)}, "
+            f"gated_delta_rule takes q, k [B, L, H, Dk], v [B, L, H, Dv], beta [B, L, H] and g "
+            f"[B, L, H] or [B, L, H, Dk] with one H (repeat key heads to the value heads "
+            f"first); got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
             f"beta {tuple(beta.shape)}")
 
@@ -175,8 +190,9 @@ def _check_heads(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> No
 @torch.library.custom_op("dsc::gated_delta_rule", mutates_args=())
 def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
                      l2norm: bool = True) -> Tensor:
-    """q, k [B, L, H, Dk], v [B, L, H, Dv], g (log decay, <= 0) and beta [B, L, H]
-    -> o [B, L, H, Dv], from a zero state."""
+    """q, k [B, L, H, Dk], v [B, L, H, Dv], beta [B, L, H], g (log decay, <= 0) [B, L, H] or
+    per key lane [B, L, H, Dk] (Kimi's delta attention) -> o [B, L, H, Dv], from a zero
+    state."""
     _check_heads(q, k, v, g, beta)
     state = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
     return _delta_rule(q, k, v, g, beta, state, l2norm)[0]

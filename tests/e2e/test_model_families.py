@@ -158,6 +158,12 @@ LINEAR_ATTENTION = {
         **{**SIZES, "num_key_value_heads": 2}, pad_token_id=0, eos_token_id=1, bos_token_id=2,
         mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=16,
         head_dim=16),
+    # Kimi Linear: the delta rule with a decay per key lane (KDA) beside latent attention.
+    "kimi_linear": lambda: T.KimiLinearConfig(
+        **{**SIZES, "num_key_value_heads": 4}, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        layer_types=["linear_attention", "full_attention"], kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, linear_head_dim=16,
+        num_experts=4, num_experts_per_token=2, moe_intermediate_size=32),
     "nemotron_h": lambda: T.NemotronHConfig(
         **{**SIZES, "num_key_value_heads": 2, "num_hidden_layers": 3}, pad_token_id=0,
         eos_token_id=1, bos_token_id=2, hybrid_override_pattern="M*-", mamba_num_heads=4,
@@ -226,8 +232,7 @@ class _ChunkLoopLM(torch.nn.Module):
 
 
 def test_a_scan_fixed_to_the_traced_length_is_refused():
-    # A scan dsc does not trace as its own op (Kimi Linear's delta attention, for one) keeps
-    # the trip count of the traced length: compile refuses the model, naming why, rather than
+    # A scan dsc does not trace as its own op keeps the trip count of the traced length: compile refuses the model, naming why, rather than
     # answer longer prompts wrongly.
     torch.manual_seed(0)
     with pytest.raises(dsc.TraceError, match="traced on 5 tokens does not answer as the model "

@@ -151,7 +151,8 @@ def _compile(name: str) -> str:
 
         if name == "delta_rule_step":  # Qwen3.5's heads: 128 key and value lanes
             kernel, warps = module._delta_step_kernel, 4
-            constexprs = {"L2NORM": True, "BLOCK_DK": 128, "BLOCK_DV": 32, "USE_PDL": True}
+            constexprs = {"L2NORM": True, "G_PER_LANE": False, "BLOCK_DK": 128, "BLOCK_DV": 32,
+                          "USE_PDL": True}
         elif name == "ssm_step":  # Granite 4's Mamba heads: a 128-wide state, 64 lanes
             kernel, warps = module._ssm_step_kernel, 4
             constexprs = {"HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "BLOCK_N": 128,

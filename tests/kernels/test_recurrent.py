@@ -22,7 +22,8 @@ def _delta_rule_loop(q, k, v, g, beta):
             for t in range(length):
                 qt, kt = (x[b, t, h].double() for x in (q, k))
                 qt, kt = qt / (qt.norm() ** 2 + 1e-6).sqrt(), kt / (kt.norm() ** 2 + 1e-6).sqrt()
-                state = state * torch.exp(g[b, t, h].double())
+                decay = torch.exp(g[b, t, h].double())  # a scalar, or one per key lane
+                state = state * (decay[:, None] if decay.dim() else decay)
                 delta = beta[b, t, h].double() * (v[b, t, h].double() - state.T @ kt)
                 state = state + torch.outer(kt, delta)
                 out[b, t, h] = state.T @ (qt / dk**0.5)
@@ -45,6 +46,15 @@ def test_gated_delta_rule_is_the_recurrence(length):
     q, k, v, g, beta = _inputs(2, length, 3, 8, 5)
     out = ops.gated_delta_rule(q, k, v, g, beta, True)
     assert out.shape == v.shape and out.is_contiguous()
+    torch.testing.assert_close(out.double(), _delta_rule_loop(q, k, v, g, beta),
+                               atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("length", [3, 131])
+def test_gated_delta_rule_with_a_decay_per_key_lane_is_the_recurrence(length):
+    q, k, v, _, beta = _inputs(2, length, 2, 6, 4)
+    g = -F.softplus(torch.randn(2, length, 2, 6, generator=torch.Generator().manual_seed(4)))
+    out = ops.gated_delta_rule(q, k, v, g, beta, True)
     torch.testing.assert_close(out.double(), _delta_rule_loop(q, k, v, g, beta),
                                atol=2e-5, rtol=2e-5)
 

@@ -24,8 +24,11 @@ def _token(batch, heads, dk, dv, seed):
 @pytest.mark.parametrize("heads,dk,dv", [(3, 12, 5), (2, 40, 200), (1, 24, 8)])
 @pytest.mark.parametrize("begun", [True, False])
 @pytest.mark.parametrize("l2norm", [True, False])
-def test_delta_rule_step_is_the_op(heads, dk, dv, begun, l2norm, assert_close):
+@pytest.mark.parametrize("per_lane", [False, True])  # Kimi's decay per key lane
+def test_delta_rule_step_is_the_op(heads, dk, dv, begun, l2norm, per_lane, assert_close):
     q, k, v, g, beta = _token(2, heads, dk, dv, seed=dk + dv)
+    if per_lane:
+        g = -F.softplus(torch.randn(2, 1, heads, dk, generator=torch.Generator().manual_seed(5)))
     state = torch.randn(3, heads, dk, dv, generator=torch.Generator().manual_seed(1))
     start = torch.tensor([4 if begun else 0])
     ref_state = state.clone()
