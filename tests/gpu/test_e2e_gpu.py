@@ -21,6 +21,8 @@ def test_fp32_greedy_equals_hf(name, batch):
     # GQA models keep their KV heads in the cache (a CUDA trace spells repeat_kv differently).
     config = model.config
     kv_heads = getattr(config, "num_key_value_heads", None) or compiled.plan.model["num_heads"]
+    if name == "tiny-deepseek-v3":  # absorbed latent attention caches one head: the latent
+        kv_heads = 1
     assert {entry["shape"][1] for entry in compiled.plan.model["cache"]} == {kv_heads}
     ids = torch.randint(3, 200, (batch, 7), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
