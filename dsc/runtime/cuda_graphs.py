@@ -13,6 +13,9 @@ from dsc.runtime.executor import Executor
 __all__ = ["HOST_WAITS", "GraphedProgram", "host_waits"]
 
 _STEP_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# Cache inputs a step advances rather than writes (linear-attention and Mamba-2 states, named by
+# the recurrent_state pass): running a step twice moves them twice, unlike a K/V slot.
+_ADVANCED_STATES = ("cache.conv_", "cache.delta_", "cache.ssm_")
 
 # Steps whose implementation makes the host wait for a value on the device, which a CUDA graph
 # cannot hold: the reference implementations of the cached attentions read the start slot
@@ -36,12 +39,17 @@ class GraphedProgram:
         self.executor = executor
         self.static = {k: feed[k].clone() for k in _STEP_INPUTS if k in feed}
         self.feed = {**feed, **self.static}
+        # The warm-up runs are the step itself: the states they advance are put back, so the
+        # first replay is the step's only effect on them.
+        saved = [(t, t.clone()) for name, t in feed.items() if name.startswith(_ADVANCED_STATES)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # compile kernels and create handles outside the capture
             for _ in range(warmup):
                 executor(**self.feed)
         torch.cuda.current_stream().wait_stream(stream)
+        for t, value in saved:
+            t.copy_(value)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.outputs = executor(**self.feed)
